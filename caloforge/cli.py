@@ -1,0 +1,84 @@
+"""The one CLI: ``caloforge <command> ...``.
+
+Each component owns its subcommands in a small ``cli`` module exposing ``register(subparsers)``; heavy
+imports (torch, ray, mlflow) happen inside the handlers, so ``caloforge --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+# Quiet and local by default (users can still override these in their environment).
+DEFAULT_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "ORT_DISABLE_TELEMETRY": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+# Modules registering subcommands, in the order shown by --help.
+COMMAND_MODULES = (
+    "caloforge.datasets.cli",
+    "caloforge.training.cli",
+    "caloforge.quickstart",
+)
+
+
+def apply_default_env() -> None:
+    for key, value in DEFAULT_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """The standard trio of a config-driven command: --config, --set KEY=VALUE (repeatable), --dry-run."""
+    parser.add_argument("--config", default=default, help="YAML config file" + (f" (default {default})" if default else ""))
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+        help="override a config value (repeatable), e.g. --set optim.lr=1e-4",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="caloforge",
+        description="CaloForge: pretrain, adapt, evaluate and serve calorimeter-shower generative models.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    apply_default_env()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:  # user mistakes carry a message naming file/key/value
+        logging.getLogger("caloforge").debug("error", exc_info=True)
+        print(f"caloforge: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
