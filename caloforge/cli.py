@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -25,6 +26,9 @@ DEFAULT_ENV = {
 COMMAND_MODULES = (
     "caloforge.datasets.cli",
     "caloforge.training.cli",
+    "caloforge.pretrain.cli",
+    "caloforge.evaluation.cli",
+    "caloforge.registry.cli",
     "caloforge.quickstart",
 )
 
@@ -60,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+        if importlib.util.find_spec(name) is not None:  # components register themselves as they land
+            importlib.import_module(name).register(sub)
     return parser
 
 
