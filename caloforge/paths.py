@@ -25,3 +25,17 @@ def runs_dir() -> Path:
 
 def mlflow_dir() -> Path:
     return home() / "mlflow"
+
+
+def mlflow_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` when set (e.g. a deployed ``mlflow server``), else the local sqlite store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    mlflow_dir().mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{mlflow_dir() / 'mlflow.db'}"
+
+
+def mlflow_artifact_root() -> Path:
+    """Artifact root for experiments created against the default local store."""
+    return mlflow_dir() / "artifacts"
