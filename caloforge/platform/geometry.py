@@ -242,6 +242,22 @@ class DetectorSpec:
             bad = [i for i in self.dead_layers.indices if not 0 <= i < self.mesh.n_z]
             if bad:
                 raise ValueError(f"dead_layers.indices out of range [0, {self.mesh.n_z}): {bad}")
+            if len(set(self.dead_layers.indices)) != len(self.dead_layers.indices):
+                raise ValueError(f"dead_layers.indices has duplicates: {self.dead_layers.indices}")
+            if self.dead_layers.extra_x0 < 0:
+                raise ValueError(f"dead_layers.extra_x0 must be >= 0, got {self.dead_layers.extra_x0}")
+        if self.sampling_term_sqrt_gev < 0 or (self.active is not None and self.sampling_term_sqrt_gev == 0):
+            raise ValueError(
+                f"sampling_term_sqrt_gev must be > 0 for a sampling detector (>= 0 if homogeneous), "
+                f"got {self.sampling_term_sqrt_gev}"
+            )
+        for name in ("hadronic_sampling_term_sqrt_gev", "constant_term", "front_dead_x0", "readout_threshold_mev"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.plate_modulation < 1:
+            raise ValueError(f"plate_modulation must be in [0, 1), got {self.plate_modulation}")
+        if self.calo_inner_radius_mm <= 0:
+            raise ValueError(f"calo_inner_radius_mm must be > 0, got {self.calo_inner_radius_mm}")
         from caloforge.platform.conditioning import pdg_of
 
         for p in self.particles:
@@ -276,8 +292,9 @@ class DetectorSpec:
 
     @property
     def depth_x0(self) -> float:
-        """Total depth of the mesh in X0 at normal incidence."""
-        return self.mesh.n_z * self.material.pitch_cm / self.material.x0_cm
+        """Total depth of the mesh in X0 at normal incidence (dead-layer material included)."""
+        dead = len(self.dead_layers.indices) * self.dead_layers.extra_x0 if self.dead_layers else 0.0
+        return self.mesh.n_z * self.material.pitch_cm / self.material.x0_cm + dead
 
 
 DETECTORS_DIR = Path(__file__).resolve().parents[2] / "configs" / "detectors"
