@@ -40,9 +40,15 @@ def apply_default_env() -> None:
 
 def add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     """The standard trio of a config-driven command: --config, --set KEY=VALUE (repeatable), --dry-run."""
-    parser.add_argument("--config", default=default, help="YAML config file" + (f" (default {default})" if default else ""))
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+        "--config", default=default, help="YAML config file" + (f" (default {default})" if default else "")
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
         help="override a config value (repeatable), e.g. --set optim.lr=1e-4",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")

@@ -93,7 +93,9 @@ def _convert(value: Any, tp: Any, source: str, path: str) -> Any:
             return tuple(_convert(v, args[0], source, f"{path}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{_where(source, path)}: expected {len(args)} items, got {len(value)}")
-        return tuple(_convert(v, a, source, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(
+            _convert(v, a, source, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
     if origin is list:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{_where(source, path)}: expected a list, got {value!r}")

@@ -33,7 +33,8 @@ class ShowerSet:
     def __post_init__(self) -> None:
         x = self.showers_NZPR
         if not isinstance(x, np.ndarray) or x.ndim != 4:
-            raise ValueError(f"ShowerSet.showers_NZPR: expected a 4-D array (N, n_z, n_phi, n_r), got {getattr(x, 'shape', None)}")
+            shape = getattr(x, "shape", None)
+            raise ValueError(f"ShowerSet.showers_NZPR: expected 4-D (N, n_z, n_phi, n_r), got {shape}")
         if x.dtype != np.float32:
             raise ValueError(f"ShowerSet.showers_NZPR: expected float32, got {x.dtype}")
         if len(x) != len(self.conditions):
@@ -49,7 +50,13 @@ class ShowerSet:
         return tuple(self.showers_NZPR.shape[1:])  # type: ignore[return-value]
 
     def subset(self, index: np.ndarray | slice) -> ShowerSet:
-        return ShowerSet(self.showers_NZPR[index], self.conditions.subset(index), self.source, self.seed, dict(self.metadata))
+        return ShowerSet(
+            self.showers_NZPR[index],
+            self.conditions.subset(index),
+            self.source,
+            self.seed,
+            dict(self.metadata),
+        )
 
     @staticmethod
     def concat(parts: Sequence[ShowerSet]) -> ShowerSet:

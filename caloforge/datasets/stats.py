@@ -64,7 +64,15 @@ class StatsAccumulator:
         if other.mesh_shape != self.mesh_shape or other.log_eps != self.log_eps:
             raise ValueError(f"stats: cannot merge mesh {other.mesh_shape} into {self.mesh_shape}")
         out = StatsAccumulator(self.mesh_shape, self.log_eps)
-        for k in ("n", "layer_log_sum", "layer_log_sq", "layer_nonzero", "layer_frac_sum", "ratio_sum", "ratio_sq"):
+        for k in (
+            "n",
+            "layer_log_sum",
+            "layer_log_sq",
+            "layer_nonzero",
+            "layer_frac_sum",
+            "ratio_sum",
+            "ratio_sq",
+        ):
             setattr(out, k, getattr(self, k) + getattr(other, k))
         out.e_min, out.e_max = min(self.e_min, other.e_min), max(self.e_max, other.e_max)
         out.t_min, out.t_max = min(self.t_min, other.t_min), max(self.t_max, other.t_max)

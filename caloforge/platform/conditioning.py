@@ -114,9 +114,7 @@ class Conditions:
 
     @staticmethod
     def concat(parts: Sequence[Conditions]) -> Conditions:
-        return Conditions(
-            *(np.concatenate([getattr(p, f) for p in parts]) for f in Conditions.fields())
-        )
+        return Conditions(*(np.concatenate([getattr(p, f) for p in parts]) for f in Conditions.fields()))
 
     @staticmethod
     def fields() -> tuple[str, ...]:
@@ -170,7 +168,9 @@ class ConditionVocab:
         try:
             return self.detectors.index(name)
         except ValueError:
-            raise ValueError(f"unknown detector {name!r} for this model (known: {list(self.detectors)})") from None
+            raise ValueError(
+                f"unknown detector {name!r} for this model (known: {list(self.detectors)})"
+            ) from None
 
     def with_detector(self, name: str) -> ConditionVocab:
         """A vocabulary that also knows ``name`` (uses a spare slot; errors when none is left)."""

@@ -103,17 +103,29 @@ def effective_material(
     w = [x / total_mass for x in mass]
     pitch_cm = sum(d for _, d in parts)
     rho = total_mass / pitch_cm
-    z_eff = sum(wi * m.Z for wi, (m, _) in zip(w, parts))
-    a_eff = sum(wi * m.A for wi, (m, _) in zip(w, parts))
-    inv_x0 = sum(wi / m.x0_gcm2 for wi, (m, _) in zip(w, parts))
+    z_eff = sum(wi * m.Z for wi, (m, _) in zip(w, parts, strict=True))
+    a_eff = sum(wi * m.A for wi, (m, _) in zip(w, parts, strict=True))
+    inv_x0 = sum(wi / m.x0_gcm2 for wi, (m, _) in zip(w, parts, strict=True))
     x0_gcm2 = 1.0 / inv_x0
-    ec_over_x0 = sum(wi * m.ec_mev / m.x0_gcm2 for wi, (m, _) in zip(w, parts))
+    ec_over_x0 = sum(wi * m.ec_mev / m.x0_gcm2 for wi, (m, _) in zip(w, parts, strict=True))
     ec = x0_gcm2 * ec_over_x0
     rm_cm = (21.2 / ec_over_x0) / rho
-    lambda_gcm2 = 1.0 / sum(wi / m.lambda_int_gcm2 for wi, (m, _) in zip(w, parts))
+    lambda_gcm2 = 1.0 / sum(wi / m.lambda_int_gcm2 for wi, (m, _) in zip(w, parts, strict=True))
     if active is None:
         return EffectiveMaterial(
-            z_eff, a_eff, rho, x0_gcm2, x0_gcm2 / rho, ec, rm_cm, lambda_gcm2 / rho, 0.0, 1.0, 1.0, 1.0, pitch_cm
+            z_eff,
+            a_eff,
+            rho,
+            x0_gcm2,
+            x0_gcm2 / rho,
+            ec,
+            rm_cm,
+            lambda_gcm2 / rho,
+            0.0,
+            1.0,
+            1.0,
+            1.0,
+            pitch_cm,
         )
     dedx = [d * m.density_gcm3 * m.dedx_min_mev_cm2_g for m, d in parts]
     f_mip = dedx[1] / sum(dedx)
@@ -251,7 +263,12 @@ class DetectorSpec:
                 f"sampling_term_sqrt_gev must be > 0 for a sampling detector (>= 0 if homogeneous), "
                 f"got {self.sampling_term_sqrt_gev}"
             )
-        for name in ("hadronic_sampling_term_sqrt_gev", "constant_term", "front_dead_x0", "readout_threshold_mev"):
+        for name in (
+            "hadronic_sampling_term_sqrt_gev",
+            "constant_term",
+            "front_dead_x0",
+            "readout_threshold_mev",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.plate_modulation < 1:
@@ -319,7 +336,9 @@ def load_detector(name_or_path: str | Path, directory: Path = DETECTORS_DIR) -> 
         return load_detector_file(p)
     candidate = directory / f"{name_or_path}.yaml"
     if not candidate.is_file():
-        raise ValueError(f"unknown detector {str(name_or_path)!r} (built-in: {builtin_detector_names(directory)})")
+        raise ValueError(
+            f"unknown detector {str(name_or_path)!r} (built-in: {builtin_detector_names(directory)})"
+        )
     return load_detector_file(candidate)
 
 

@@ -45,7 +45,9 @@ class Backend(ABC):
     device: torch.device = torch.device("cpu")
 
     @abstractmethod
-    def setup(self, model: nn.Module, config: LoopConfig, trainable: list[nn.Parameter] | None = None) -> None:
+    def setup(
+        self, model: nn.Module, config: LoopConfig, trainable: list[nn.Parameter] | None = None
+    ) -> None:
         """Place/wrap ``model``, build AdamW over ``trainable`` (default: params with requires_grad) and the
         LR schedule from ``config`` (horizon ``config.steps`` optimizer updates)."""
 

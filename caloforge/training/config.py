@@ -40,7 +40,9 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.warmup_frac <= 1 or not 0 <= self.stable_frac <= 1:
-            raise ValueError(f"schedule fractions must be in [0, 1], got {self.warmup_frac}, {self.stable_frac}")
+            raise ValueError(
+                f"schedule fractions must be in [0, 1], got {self.warmup_frac}, {self.stable_frac}"
+            )
         if self.warmup_frac + self.stable_frac > 1:
             raise ValueError("schedule.warmup_frac + schedule.stable_frac must be <= 1")
         if not 0 <= self.min_lr_frac <= 1:
@@ -80,7 +82,9 @@ class LoopConfig:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError(f"batch_size and grad_accum must be >= 1, got {self.batch_size}, {self.grad_accum}")
+            raise ValueError(
+                f"batch_size and grad_accum must be >= 1, got {self.batch_size}, {self.grad_accum}"
+            )
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:

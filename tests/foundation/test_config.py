@@ -59,7 +59,7 @@ def test_overrides_are_validated_like_the_file(tmp_path: Path) -> None:
     assert cfg.inner.lr == 0.25 and cfg.steps == 7 and cfg.tags == ("a", "b")
     with pytest.raises(ConfigError, match=r"with --set overrides\): inner\.nope: unknown key"):
         load_config(Outer, path, ["inner.nope=1"])
-    with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
+    with pytest.raises(ConfigError, match=r"expected KEY\.PATH=VALUE"):
         apply_overrides({}, ["novalue"])
 
 
@@ -73,7 +73,7 @@ def test_post_init_validation_is_reported_with_source() -> None:
 def test_bad_yaml_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("a: [1, 2\n")
-    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml: invalid YAML"):
         read_yaml(bad)
     with pytest.raises(ConfigError, match="config file not found"):
         read_yaml(tmp_path / "missing.yaml")

@@ -9,7 +9,12 @@ PKG = Path(__file__).resolve().parents[2] / "caloforge"
 
 # framework -> files (relative to caloforge/) allowed to import it
 ALLOWED = {
-    "mlflow": {"registry/store.py", "registry/pyfunc.py", "registry/tracking.py", "evaluation/mlflow_hook.py"},
+    "mlflow": {
+        "registry/store.py",
+        "registry/pyfunc.py",
+        "registry/tracking.py",
+        "evaluation/mlflow_hook.py",
+    },
     "ray": {"pretrain/launch.py", "pretrain/worker.py"},
     "deepspeed": {"pretrain/deepspeed_backend.py"},
     "peft": {"adapt/strategies.py"},
@@ -17,7 +22,13 @@ ALLOWED = {
     "fastapi": {"adapt/service/app.py"},
 }
 H5PY_DIR = "datasets/formats/"
-PLATFORM_FORBIDDEN = {"h5py", "caloforge.datasets", "caloforge.training", "caloforge.registry", "caloforge.pretrain"}
+PLATFORM_FORBIDDEN = {
+    "h5py",
+    "caloforge.datasets",
+    "caloforge.training",
+    "caloforge.registry",
+    "caloforge.pretrain",
+}
 
 
 def _imports(path: Path) -> set[str]:

@@ -49,11 +49,11 @@ def test_particles_and_vocab() -> None:
 
 def test_showerset_validation() -> None:
     cond = Conditions.make([1.0, 2.0], 1.0, 0.0, 11, "a")
-    with pytest.raises(ValueError, match="2 showers but 3 conditions|3 showers but 2 conditions"):
+    with pytest.raises(ValueError, match=r"3 showers but 2 conditions"):
         ShowerSet(np.zeros((3, 2, 2, 2), np.float32), cond)
     with pytest.raises(ValueError, match="expected float32"):
         ShowerSet(np.zeros((2, 2, 2, 2)), cond)
-    with pytest.raises(ValueError, match="4-D array"):
+    with pytest.raises(ValueError, match="expected 4-D"):
         ShowerSet(np.zeros((2, 8), np.float32), cond)
 
 

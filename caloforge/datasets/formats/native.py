@@ -29,7 +29,9 @@ def write(path: str | Path, data: ShowerSet) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w") as f:
         f.create_dataset(
-            "showers", data=data.showers_NZPR, chunks=(min(len(data), 256), *data.mesh_shape) if len(data) else None,
+            "showers",
+            data=data.showers_NZPR,
+            chunks=(min(len(data), 256), *data.mesh_shape) if len(data) else None,
             compression="lzf" if len(data) else None,
         )
         c = data.conditions
@@ -64,7 +66,9 @@ def read(path: str | Path) -> ShowerSet:
         n = f["showers"].shape[0]
         for k in _KEYS[1:]:
             if f[k].shape != (n,):
-                raise ValueError(f"{path}: key {k!r} has shape {f[k].shape}, expected ({n},) to match 'showers'")
+                raise ValueError(
+                    f"{path}: key {k!r} has shape {f[k].shape}, expected ({n},) to match 'showers'"
+                )
         showers = f["showers"][...].astype(np.float32, copy=False)
         cond = Conditions(
             f["energy_mev"][...].astype(np.float64),
@@ -75,5 +79,9 @@ def read(path: str | Path) -> ShowerSet:
         )
         seed = int(f.attrs["seed"])
         return ShowerSet(
-            showers, cond, str(f.attrs["source"]), None if seed < 0 else seed, json.loads(f.attrs["metadata_json"])
+            showers,
+            cond,
+            str(f.attrs["source"]),
+            None if seed < 0 else seed,
+            json.loads(f.attrs["metadata_json"]),
         )

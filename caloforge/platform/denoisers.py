@@ -1,0 +1,233 @@
+"""Denoisers: what turns the backbone into a probability-flow ODE. Both expose ``velocity(x, t, cond)``.
+
+**The common time convention.** Each denoiser integrates in its *native* time and hands samplers the grid:
+
+- ``time_grid(num_steps)`` → float64 (num_steps + 1,) from the noise end to the data end;
+- ``prior(noise_BZPR)`` → the starting point x(t_grid[0]) from standard normal noise;
+- ``velocity(x_BZPR, t_B, cond)`` → dx/dt at time t in that convention;
+- ``final_singular``: True when ``velocity`` is undefined at t_grid[-1] (EDM σ = 0); samplers then take a
+  plain Euler step into it (EDM Algorithm 1, line 9: x_N = D(x; σ_{N−1})).
+
+A sampler step from t_i to t_{i+1} uses h = t_{i+1} − t_i, which is positive for flow matching and negative
+for EDM; nothing else differs, so one set of samplers serves both.
+
+**Flow matching** (Lipman et al. 2023, "Flow Matching for Generative Modeling", Eq. 20–23 with σ_min = 0;
+the rectified-flow / linear path of Liu et al. 2023). t ∈ [0, 1], t = 0 noise, t = 1 data;
+x_t = (1 − t) x_0 + t x_1; the network output *is* the velocity v(x_t, t) ≈ E[x_1 − x_0 | x_t].
+Grid: uniform t_i = i/N. Noise label of the backbone: 1000·t (DiT's timestep scale).
+
+**EDM** (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models",
+Table 1 and §5): time is the noise level t = σ (σ(t) = t, s(t) = 1), from σ_max (noise) down to 0 (data).
+Preconditioning D(x; σ) = c_skip(σ) x + c_out(σ) F(c_in(σ) x; c_noise(σ)) with
+c_skip = σ_data² / (σ² + σ_data²), c_out = σ σ_data / √(σ² + σ_data²), c_in = 1 / √(σ² + σ_data²),
+c_noise = ¼ ln σ (backbone noise label 1000·c_noise). ODE (Eq. 4 with σ(t) = t): dx/dσ = (x − D(x; σ)) / σ.
+Grid (Eq. 5): σ_i = (σ_max^{1/ρ} + i/(N−1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ for i < N, σ_N = 0.
+``forward`` returns D (what the EDM loss compares to the clean sample).
+
+Shape legend: B batch, Z layers, P angular bins, R radial bins, T tokens, C coordinate channels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from caloforge.platform.backbone import ShowerDiT
+from caloforge.platform.conditioning import ConditionTensors
+
+NOISE_LABEL_SCALE = 1000.0
+
+
+def as_batch_time(t: torch.Tensor | float, x_BZPR: torch.Tensor) -> torch.Tensor:
+    """Broadcast a scalar or (B,) time to (B,) float32 on ``x``'s device."""
+    t_B = torch.as_tensor(t, dtype=torch.float32, device=x_BZPR.device)
+    if t_B.ndim == 0:
+        return t_B.expand(x_BZPR.shape[0])
+    if t_B.shape != (x_BZPR.shape[0],):
+        raise ValueError(f"time must be a scalar or shape ({x_BZPR.shape[0]},), got {tuple(t_B.shape)}")
+    return t_B
+
+
+def edm_sigma_grid(num_steps: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
+    """float64 (num_steps + 1,): σ_i = (σ_max^{1/ρ} + i/(N−1)(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, i < N, then
+    σ_N = 0 (Karras et al. 2022, Eq. 5; N = 1 gives [σ_max, 0])."""
+    if num_steps == 1:
+        sigmas = torch.tensor([sigma_max], dtype=torch.float64)
+    else:
+        i = torch.arange(num_steps, dtype=torch.float64)
+        lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+        sigmas = (hi + i / (num_steps - 1) * (lo - hi)) ** rho
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+
+class Denoiser(nn.Module):
+    """Base class: wraps the backbone as ``self.net`` (so state-dict keys do not depend on the kind)."""
+
+    kind: str = ""
+    final_singular: bool = False
+
+    def __init__(self, net: ShowerDiT) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(
+        self,
+        x_BZPR: torch.Tensor,
+        t_B: torch.Tensor | float,
+        cond: ConditionTensors,
+        coords_TC: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define forward")
+
+    def velocity(
+        self,
+        x_BZPR: torch.Tensor,
+        t_B: torch.Tensor | float,
+        cond: ConditionTensors,
+        coords_TC: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define velocity")
+
+    def time_grid(self, num_steps: int) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define time_grid")
+
+    def prior(self, noise_BZPR: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define prior")
+
+    def options(self) -> dict[str, float]:
+        """Hyper-parameters (for logs and benchmark records)."""
+        return {}
+
+    @staticmethod
+    def _check_steps(num_steps: int) -> int:
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+        return num_steps
+
+
+class FlowMatchingDenoiser(Denoiser):
+    """Linear-path conditional flow matching: the network predicts v = x_1 − x_0 (t = 0 noise, 1 data)."""
+
+    kind = "flow_matching"
+    final_singular = False
+
+    def forward(
+        self,
+        x_BZPR: torch.Tensor,
+        t_B: torch.Tensor | float,
+        cond: ConditionTensors,
+        coords_TC: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        t_B = as_batch_time(t_B, x_BZPR)
+        return self.net(x_BZPR, NOISE_LABEL_SCALE * t_B, cond, coords_TC)
+
+    def velocity(
+        self,
+        x_BZPR: torch.Tensor,
+        t_B: torch.Tensor | float,
+        cond: ConditionTensors,
+        coords_TC: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.forward(x_BZPR, t_B, cond, coords_TC)
+
+    def time_grid(self, num_steps: int) -> torch.Tensor:
+        n = self._check_steps(num_steps)
+        return torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)
+
+    def prior(self, noise_BZPR: torch.Tensor) -> torch.Tensor:
+        return noise_BZPR
+
+
+class EDMDenoiser(Denoiser):
+    """EDM preconditioning (Karras et al. 2022, Table 1); time is σ, from σ_max to 0."""
+
+    kind = "edm"
+    final_singular = True
+
+    def __init__(
+        self,
+        net: ShowerDiT,
+        sigma_data: float = 0.5,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        rho: float = 7.0,
+    ) -> None:
+        super().__init__(net)
+        self.configure(sigma_data, sigma_min, sigma_max, rho)
+
+    def configure(self, sigma_data: float, sigma_min: float, sigma_max: float, rho: float) -> None:
+        """Set σ_data (preconditioning) and the sampling grid (σ_min, σ_max, ρ)."""
+        if not sigma_data > 0:
+            raise ValueError(f"edm.sigma_data must be > 0, got {sigma_data}")
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"edm: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        if not rho > 0:
+            raise ValueError(f"edm.rho must be > 0, got {rho}")
+        self.sigma_data = float(sigma_data)
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+        self.rho = float(rho)
+
+    def preconditioning(
+        self, sigma_B: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(c_skip, c_out, c_in, c_noise) of Karras et al. 2022, Table 1, each shaped like ``sigma_B``."""
+        sd = self.sigma_data
+        var = sigma_B**2 + sd**2
+        c_skip = sd**2 / var
+        c_out = sigma_B * sd / var.sqrt()
+        c_in = 1.0 / var.sqrt()
+        c_noise = sigma_B.log() / 4.0
+        return c_skip, c_out, c_in, c_noise
+
+    def forward(
+        self,
+        x_BZPR: torch.Tensor,
+        t_B: torch.Tensor | float,
+        cond: ConditionTensors,
+        coords_TC: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """D(x; σ) with σ = ``t_B``."""
+        sigma_B = as_batch_time(t_B, x_BZPR)
+        c_skip, c_out, c_in, c_noise = self.preconditioning(sigma_B)
+        f_BZPR = self.net(c_in[:, None, None, None] * x_BZPR, NOISE_LABEL_SCALE * c_noise, cond, coords_TC)
+        return c_skip[:, None, None, None] * x_BZPR + c_out[:, None, None, None] * f_BZPR.float()
+
+    def velocity(
+        self,
+        x_BZPR: torch.Tensor,
+        t_B: torch.Tensor | float,
+        cond: ConditionTensors,
+        coords_TC: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """dx/dσ = (x − D(x; σ)) / σ (Karras et al. 2022, Eq. 4 with σ(t) = t, s(t) = 1)."""
+        sigma_B = as_batch_time(t_B, x_BZPR)
+        denoised = self.forward(x_BZPR, sigma_B, cond, coords_TC)
+        return (x_BZPR - denoised) / sigma_B[:, None, None, None]
+
+    def time_grid(self, num_steps: int) -> torch.Tensor:
+        """Karras et al. 2022, Eq. 5: N noise levels from σ_max to σ_min with ρ spacing, then 0."""
+        return edm_sigma_grid(self._check_steps(num_steps), self.sigma_min, self.sigma_max, self.rho)
+
+    def prior(self, noise_BZPR: torch.Tensor) -> torch.Tensor:
+        return noise_BZPR * self.sigma_max
+
+    def options(self) -> dict[str, float]:
+        return {
+            "sigma_data": self.sigma_data,
+            "sigma_min": self.sigma_min,
+            "sigma_max": self.sigma_max,
+            "rho": self.rho,
+        }
+
+    def loss_weight(self, sigma_B: torch.Tensor) -> torch.Tensor:
+        """λ(σ) = (σ² + σ_data²) / (σ σ_data)² (Karras et al. 2022, Table 1)."""
+        return (sigma_B**2 + self.sigma_data**2) / (sigma_B * self.sigma_data) ** 2
+
+
+DENOISERS: dict[str, type[Denoiser]] = {
+    "flow_matching": FlowMatchingDenoiser,
+    "edm": EDMDenoiser,
+}
+
+__all__ = ["DENOISERS", "Denoiser", "EDMDenoiser", "FlowMatchingDenoiser", "as_batch_time", "edm_sigma_grid"]

@@ -1,0 +1,438 @@
+"""``ShowerModel``: one deployable calorimeter-shower generator.
+
+Bundles the mesh geometry, the condition vocabulary (detectors + spare slots), the fitted transform
+(MeV ↔ model space), the backbone wrapped by its denoiser (flow matching or EDM), the default sampler and
+step count, and lineage metadata. Saved as a bundle (``checkpoint.py``: config.json + model.safetensors).
+
+Generation is three public pieces so that export/serving can reuse them (EDM's ``edm_sampler`` structure;
+per-shower seeds as EDM's ``StackedRandomGenerator``):
+
+1. ``initial_noise(seeds)``: one ``torch.Generator`` per shower seed draws that shower's N(0, I) noise on
+   the CPU, so a shower depends only on its seed — not on batch composition or device;
+2. ``sample(noise, cond, sampler, num_steps)``: ``x = denoiser.prior(noise)``, then the sampler integrates
+   ``velocity`` over ``denoiser.time_grid(num_steps)`` (see ``denoisers.py`` for the time convention);
+3. ``to_mev(x)``: the inverse transform (threshold, clamp ≥ 0).
+
+``generate(conditions, ...)`` chains them in batches and returns float32 numpy (N, n_z, n_phi, n_r) in MeV.
+``forward(x_t_BZPR, t_B, cond)`` is the training-time network call used by the objectives (so DDP/DeepSpeed
+wrappers see it): flow matching returns the velocity, EDM the denoised D(x; σ) with t = σ.
+
+Shape legend: N showers, B batch, Z layers, P angular bins, R radial bins, T tokens, C coordinates.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from caloforge.platform.backbone import (
+    BACKBONE_FLAVORS,
+    BackboneConfig,
+    ShowerDiT,
+    backbone_config,
+    patch_coordinates,
+)
+from caloforge.platform.conditioning import Conditions, ConditionTensors, ConditionVocab
+from caloforge.platform.denoisers import Denoiser, EDMDenoiser, FlowMatchingDenoiser
+from caloforge.platform.geometry import Mesh
+from caloforge.platform.objectives import OBJECTIVES, EDMConfig, FlowMatchingConfig
+from caloforge.platform.samplers import SAMPLERS, get_sampler
+from caloforge.platform.transforms import (
+    CALOCHALLENGE_THRESHOLD_MEV,
+    TRANSFORMS,
+    LayerLogStandardize,
+    LogStandardize,
+    build_transform,
+)
+
+logger = logging.getLogger("caloforge.platform")
+
+GENERATE_SEED_PURPOSE = 0x67656E  # "gen": seeds for generate() are derived from (seed, purpose, index)
+
+
+@dataclass(frozen=True)
+class ShowerModelConfig:
+    """Everything needed to rebuild a ShowerModel's architecture (weights come from the state dict).
+
+    ``backbone``: a flavour name of ``BACKBONE_FLAVORS`` or an explicit ``BackboneConfig``;
+    ``patch_size`` overrides the backbone's patch (None: keep it). ``objective``: a key of ``OBJECTIVES``
+    (it also selects the denoiser); its options live in ``flow_matching`` / ``edm``. ``transform``: a key of
+    ``TRANSFORMS``; ``threshold_mev``: readout threshold (calibrated MeV) applied by the transform.
+    ``sampler`` / ``num_steps``: generation defaults. ``init_seed``: weight initialisation seed.
+    """
+
+    backbone: str | BackboneConfig = "S"
+    patch_size: tuple[int, int, int] | None = None
+    objective: str = "edm"
+    flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    edm: EDMConfig = field(default_factory=EDMConfig)
+    transform: str = "log_standardize"
+    threshold_mev: float = CALOCHALLENGE_THRESHOLD_MEV
+    sampler: str = "heun"
+    num_steps: int = 32
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backbone, str) and self.backbone not in BACKBONE_FLAVORS:
+            raise ValueError(
+                f"backbone: unknown flavour {self.backbone!r} (known: {sorted(BACKBONE_FLAVORS)})"
+            )
+        if self.patch_size is not None:
+            backbone_config(self.backbone, self.patch_size)  # validates the patch
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective: unknown {self.objective!r} (known: {sorted(OBJECTIVES)})")
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"transform: unknown {self.transform!r} (known: {sorted(TRANSFORMS)})")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler: unknown {self.sampler!r} (known: {sorted(SAMPLERS)})")
+        if isinstance(self.num_steps, bool) or self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps!r}")
+        if not self.threshold_mev >= 0:
+            raise ValueError(f"threshold_mev must be >= 0, got {self.threshold_mev}")
+
+    def backbone_config(self) -> BackboneConfig:
+        return backbone_config(self.backbone, self.patch_size)
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where a model came from (stored in the bundle's config.json)."""
+
+    parent: str | None = None  # the model this one was adapted/distilled from (registry URI or bundle path)
+    dataset_manifest_hash: str | None = None  # hash of the shard manifest it was trained on
+    created_utc: str | None = None  # ISO-8601; filled by save_bundle when None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def as_mesh(mesh: Mesh | tuple[int, int, int] | list[int]) -> Mesh:
+    """A ``Mesh``; a bare (n_z, n_phi, n_r) shape becomes a mesh with uniform 1 mm radial bins (only radius
+    *fractions* matter to the model)."""
+    if isinstance(mesh, Mesh):
+        return mesh
+    shape = tuple(int(v) for v in mesh)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"mesh_shape must be (n_z, n_phi, n_r) with entries >= 1, got {tuple(mesh)}")
+    return Mesh(shape[0], shape[1], tuple(float(r) for r in range(shape[2] + 1)))
+
+
+def derive_seeds(seed: int, n: int, purpose: int = GENERATE_SEED_PURPOSE) -> np.ndarray:
+    """(n,) int64 per-shower seeds from (seed, purpose, index); entry i does not depend on n."""
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    words = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, purpose]).generate_state(
+        n, dtype=np.uint64
+    )
+    return (words >> np.uint64(1)).astype(np.int64)
+
+
+def make_denoiser(config: ShowerModelConfig, net: ShowerDiT) -> Denoiser:
+    if config.objective == "edm":
+        e = config.edm
+        return EDMDenoiser(net, e.sigma_data, e.sigma_min, e.sigma_max, e.rho)
+    assert config.objective == "flow_matching", config.objective
+    return FlowMatchingDenoiser(net)
+
+
+class ShowerModel(nn.Module):
+    """Geometry + vocabulary + fitted transform + denoised backbone + sampler defaults + lineage."""
+
+    patch_coords_TC: torch.Tensor
+
+    def __init__(
+        self,
+        config: ShowerModelConfig,
+        vocab: ConditionVocab,
+        mesh: Mesh | tuple[int, int, int],
+        stats: Mapping[str, Any] | None = None,
+        lineage: Lineage | None = None,
+    ) -> None:
+        super().__init__()
+        mesh = as_mesh(mesh)
+        bb = config.backbone_config()
+        bb.check_mesh(mesh.shape)
+        if stats is not None:
+            _check_stats(stats, mesh)
+        self._config = config
+        self.vocab = vocab
+        self.mesh = mesh
+        self.lineage = lineage if lineage is not None else Lineage()
+        net = ShowerDiT(bb, vocab.n_detector_slots, seed=config.init_seed)
+        self.denoiser = make_denoiser(config, net)
+        self.transform: LogStandardize | LayerLogStandardize = build_transform(
+            config.transform, mesh.n_z, config.threshold_mev, stats
+        )
+        # Derived from the mesh, not stored: one network state dict fits meshes of any (divisible) size.
+        self.register_buffer("patch_coords_TC", patch_coordinates(mesh, bb.patch_size), persistent=False)
+
+    # ---- construction -----------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        config: ShowerModelConfig,
+        vocab: ConditionVocab,
+        stats: Mapping[str, Any],
+        mesh_shape: Mesh | tuple[int, int, int],
+        lineage: Lineage | None = None,
+    ) -> ShowerModel:
+        """A fresh model whose transform is fitted from ``stats`` (a ``caloforge.datasets.stats`` block)."""
+        if stats is None:
+            raise ValueError("ShowerModel.build needs a stats block to fit the transform")
+        return cls(config, vocab, mesh_shape, stats=stats, lineage=lineage)
+
+    def with_detector(self, name: str, init_from: str | None = None) -> ShowerModel:
+        """A copy that also knows detector ``name`` in a spare slot (ValueError when none is left).
+
+        The new slot's embedding row starts as a copy of detector ``init_from``'s row or, by default, the
+        mean of the known detectors' rows (a neutral start for fine-tuning). A known ``name`` returns an
+        unchanged copy.
+        """
+        new_vocab = self.vocab.with_detector(name)
+        if init_from is not None:
+            self.vocab.detector_index(init_from)  # ValueError for an unknown source detector
+        model = copy.deepcopy(self)
+        if new_vocab is self.vocab:
+            return model
+        model.vocab = new_vocab
+        weight = model.network.detector_embed.weight
+        with torch.no_grad():
+            idx = new_vocab.detector_index(name)
+            if init_from is not None:
+                weight[idx] = weight[self.vocab.detector_index(init_from)]
+            elif self.vocab.detectors:
+                weight[idx] = weight[: len(self.vocab.detectors)].mean(dim=0)
+        return model
+
+    # ---- properties ---------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> ShowerModelConfig:
+        return self._config
+
+    @config.setter
+    def config(self, value: ShowerModelConfig) -> None:
+        """Replace the config (e.g. objective options chosen at training time). Fields that define the
+        architecture or the fitted transform must not change; EDM σ settings propagate to the denoiser."""
+        if not isinstance(value, ShowerModelConfig):
+            raise ValueError(f"config must be a ShowerModelConfig, got {type(value).__name__}")
+        old = self._config
+        fixed = {
+            "backbone": (old.backbone_config(), value.backbone_config()),
+            "objective": (old.objective, value.objective),
+            "transform": (old.transform, value.transform),
+            "threshold_mev": (old.threshold_mev, value.threshold_mev),
+        }
+        changed = sorted(name for name, (a, b) in fixed.items() if a != b)
+        if changed:
+            raise ValueError(f"config: {changed} cannot change on a built model (build a new one)")
+        if isinstance(self.denoiser, EDMDenoiser):
+            e = value.edm
+            self.denoiser.configure(e.sigma_data, e.sigma_min, e.sigma_max, e.rho)
+        self._config = value
+
+    @property
+    def network(self) -> ShowerDiT:
+        return self.denoiser.net  # type: ignore[return-value]
+
+    @property
+    def mesh_shape(self) -> tuple[int, int, int]:
+        return self.mesh.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_coords_TC.device
+
+    @property
+    def default_sampler(self) -> str:
+        return self.config.sampler
+
+    @property
+    def default_num_steps(self) -> int:
+        return self.config.num_steps
+
+    def extra_repr(self) -> str:
+        return (
+            f"objective={self.config.objective}, mesh={self.mesh_shape}, "
+            f"detectors={list(self.vocab.detectors)}/{self.vocab.n_detector_slots}, "
+            f"sampler={self.config.sampler}×{self.config.num_steps}"
+        )
+
+    # ---- network calls ------------------------------------------------------------------------------
+
+    def _check_x(self, x_BZPR: torch.Tensor, what: str) -> None:
+        if x_BZPR.ndim != 4 or tuple(x_BZPR.shape[1:]) != self.mesh_shape:
+            mesh = ", ".join(map(str, self.mesh_shape))
+            raise ValueError(f"{what}: expected shape (B, {mesh}), got {tuple(x_BZPR.shape)}")
+
+    def forward(self, x_t_BZPR: torch.Tensor, t_B: torch.Tensor, cond: ConditionTensors) -> torch.Tensor:
+        """Training-time call: the denoiser's output (FM: velocity; EDM: D(x; σ) with t = σ)."""
+        self._check_x(x_t_BZPR, "ShowerModel.forward x_t_BZPR")
+        return self.denoiser(x_t_BZPR, t_B, cond, self.patch_coords_TC)
+
+    def velocity(self, x_BZPR: torch.Tensor, t_B: torch.Tensor, cond: ConditionTensors) -> torch.Tensor:
+        """dx/dt of the probability-flow ODE in the denoiser's time convention (see denoisers.py)."""
+        self._check_x(x_BZPR, "ShowerModel.velocity x_BZPR")
+        return self.denoiser.velocity(x_BZPR, t_B, cond, self.patch_coords_TC)
+
+    def encode_conditions(
+        self, conditions: Conditions, device: torch.device | str | None = None
+    ) -> ConditionTensors:
+        """Numpy ``Conditions`` → ``ConditionTensors`` (ValueError for detectors unknown to this model)."""
+        return self.vocab.encode(conditions, self.device if device is None else device)
+
+    # ---- transforms ---------------------------------------------------------------------------------
+
+    def _check_fitted(self) -> None:
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return
+        if not bool(self.transform.fitted):
+            raise ValueError(
+                "the model's transform is not fitted: build the model with ShowerModel.build(..., stats) "
+                "or load a bundle"
+            )
+
+    def to_model_space(self, showers_mev_BZPR: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """MeV showers (B, Z, P, R) → model space (on the model's device)."""
+        self._check_fitted()
+        x = torch.as_tensor(showers_mev_BZPR, dtype=torch.float32, device=self.device)
+        self._check_x(x, "to_model_space showers_mev_BZPR")
+        return self.transform(x)
+
+    def to_mev(self, x_BZPR: torch.Tensor) -> torch.Tensor:
+        """Model space → MeV (threshold applied, ≥ 0)."""
+        self._check_fitted()
+        self._check_x(x_BZPR, "to_mev x_BZPR")
+        return self.transform.inverse(x_BZPR)
+
+    # ---- generation ---------------------------------------------------------------------------------
+
+    def initial_noise(
+        self, seeds: np.ndarray | torch.Tensor, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """(B, Z, P, R) float32 N(0, I) noise, row i drawn by ``torch.Generator().manual_seed(seeds[i])`` on
+        the CPU (so it is identical on every device and independent of the other rows)."""
+        seeds_np = np.asarray(seeds.cpu() if isinstance(seeds, torch.Tensor) else seeds)
+        if seeds_np.ndim != 1 or not np.issubdtype(seeds_np.dtype, np.integer):
+            raise ValueError(
+                f"seeds must be a 1-D integer array, got dtype {seeds_np.dtype} shape {seeds_np.shape}"
+            )
+        rows = [
+            torch.randn(self.mesh_shape, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float32)
+            for s in seeds_np.tolist()
+        ]
+        noise = torch.stack(rows) if rows else torch.zeros((0, *self.mesh_shape))
+        return noise.to(self.device if device is None else device)
+
+    def sample(
+        self,
+        noise_BZPR: torch.Tensor,
+        cond: ConditionTensors,
+        sampler: str | None = None,
+        num_steps: int | None = None,
+    ) -> torch.Tensor:
+        """Integrate the probability-flow ODE from ``noise_BZPR`` to model-space showers."""
+        self._check_x(noise_BZPR, "ShowerModel.sample noise_BZPR")
+        if len(cond) != noise_BZPR.shape[0]:
+            raise ValueError(f"cond has {len(cond)} rows but noise_BZPR has batch {noise_BZPR.shape[0]}")
+        method = get_sampler(sampler if sampler is not None else self.config.sampler)
+        grid = self.denoiser.time_grid(num_steps if num_steps is not None else self.config.num_steps)
+        x_start = self.denoiser.prior(noise_BZPR)
+        return method(self.velocity, x_start, grid, cond, final_singular=self.denoiser.final_singular)
+
+    def generate(
+        self,
+        conditions: Conditions,
+        num_steps: int | None = None,
+        sampler: str | None = None,
+        seeds: np.ndarray | None = None,
+        batch_size: int = 256,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """Showers for ``conditions``: float32 (N, n_z, n_phi, n_r) in MeV.
+
+        ``seeds`` (N,) int64 fixes each shower's noise (default: ``derive_seeds(seed, N)``, so shower i
+        depends only on (seed, i)). ``device``: where to run (default: the model's device; the model must
+        already be there). Runs in eval mode under ``torch.inference_mode``.
+        """
+        if not isinstance(conditions, Conditions):
+            raise ValueError(f"conditions must be a Conditions, got {type(conditions).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        n = len(conditions)
+        if seeds is None:
+            seeds = derive_seeds(seed, n)
+        seeds = np.asarray(seeds)
+        if seeds.shape != (n,) or not np.issubdtype(seeds.dtype, np.integer):
+            raise ValueError(
+                f"seeds must be an integer array of shape ({n},), got {seeds.dtype} {seeds.shape}"
+            )
+        run_device = self.device if device is None else torch.device(device)
+        same_index = run_device.index is None or run_device.index == self.device.index
+        if run_device.type != self.device.type or not same_index:
+            raise ValueError(
+                f"generate(device={str(run_device)!r}) but the model is on {self.device}; move it first"
+            )
+        self._check_fitted()
+        get_sampler(sampler if sampler is not None else self.config.sampler)  # fail before any work
+        self.denoiser.time_grid(num_steps if num_steps is not None else self.config.num_steps)
+        out = np.empty((n, *self.mesh_shape), dtype=np.float32)
+        starts = range(0, n, batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="generate", unit="batch")
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                for start in starts:
+                    stop = min(start + batch_size, n)
+                    cond = self.encode_conditions(conditions.subset(slice(start, stop)), self.device)
+                    noise = self.initial_noise(seeds[start:stop], self.device)
+                    x = self.sample(noise, cond, sampler, num_steps)
+                    out[start:stop] = self.to_mev(x).float().cpu().numpy()
+        finally:
+            self.train(was_training)
+        return out
+
+    # ---- persistence --------------------------------------------------------------------------------
+
+    def save(self, directory: str | Path, lineage: Lineage | None = None, overwrite: bool = False) -> Path:
+        """Write a bundle (config.json + model.safetensors); see ``checkpoint.save_bundle``."""
+        from caloforge.platform.checkpoint import save_bundle
+
+        return save_bundle(self, directory, lineage=lineage, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, directory: str | Path, device: torch.device | str = "cpu") -> ShowerModel:
+        """Read a bundle written by ``save``; see ``checkpoint.load_bundle``."""
+        from caloforge.platform.checkpoint import load_bundle
+
+        return load_bundle(directory, device=device)
+
+
+def _check_stats(stats: Mapping[str, Any], mesh: Mesh) -> None:
+    if not isinstance(stats, Mapping):
+        raise ValueError(f"stats must be a stats block (mapping), got {type(stats).__name__}")
+    n_vox = stats.get("n_voxels_per_shower")
+    if n_vox is not None and int(n_vox) != mesh.n_voxels:
+        raise ValueError(
+            f"stats['n_voxels_per_shower']={n_vox} does not match the mesh {mesh.shape} "
+            f"({mesh.n_voxels} voxels)"
+        )
+    layers = stats.get("layer_log_mean")
+    if layers is not None and len(layers) != mesh.n_z:
+        raise ValueError(f"stats['layer_log_mean'] has {len(layers)} layers, the mesh has n_z={mesh.n_z}")
+
+
+__all__ = ["Lineage", "ShowerModel", "ShowerModelConfig", "as_mesh", "derive_seeds", "make_denoiser"]

@@ -1,0 +1,160 @@
+"""ShowerModel: construction, config, decomposed generation, spare detector slots and user errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from toy_models import DETECTORS, SMALL_MESH, make_model, toy_showers
+
+from caloforge.config import ConfigError, from_dict, to_dict
+from caloforge.datasets.stats import compute_stats
+from caloforge.platform.backbone import BackboneConfig
+from caloforge.platform.conditioning import Conditions, ConditionVocab
+from caloforge.platform.objectives import FlowMatchingConfig
+from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig, derive_seeds
+
+
+def test_config_round_trips_through_strict_yaml_dicts() -> None:
+    cfg = ShowerModelConfig(
+        backbone=BackboneConfig(depth=1, width=48, heads=2, mlp_width=96, patch_size=(3, 4, 3)),
+        objective="flow_matching",
+        flow_matching=FlowMatchingConfig(coupling="ot"),
+        sampler="rk4",
+        num_steps=8,
+    )
+    data = to_dict(cfg)
+    assert data["backbone"]["patch_size"] == [3, 4, 3] and data["flow_matching"]["coupling"] == "ot"
+    assert from_dict(ShowerModelConfig, data) == cfg
+    patched = from_dict(ShowerModelConfig, {"backbone": "debug", "patch_size": [3, 2, 2]})
+    assert patched.backbone_config().patch_size == (3, 2, 2)
+    with pytest.raises(ConfigError, match=r"model.yaml: .*sampler: unknown 'dpm'"):
+        from_dict(ShowerModelConfig, {"sampler": "dpm"}, "model.yaml")
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(ShowerModelConfig, {"edm": {"sigma_dat": 0.5}}, "model.yaml")
+    for kwargs, match in (
+        ({"backbone": "XL"}, "unknown flavour 'XL'"),
+        ({"objective": "score"}, "objective: unknown 'score'"),
+        ({"transform": "logit"}, "transform: unknown 'logit'"),
+        ({"num_steps": 0}, "num_steps must be >= 1"),
+        ({"patch_size": (3, 0, 3)}, "patch_size"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            ShowerModelConfig(**kwargs)
+
+
+def test_generate_is_noise_then_sampler_then_to_mev(small_data) -> None:
+    model = make_model("edm", num_steps=3, sampler="euler")
+    _, cond = small_data
+    cond = cond.subset(slice(0, 3))
+    seeds = np.array([1, 2, 3], dtype=np.int64)
+    showers = model.generate(cond, seeds=seeds)
+    with torch.inference_mode():
+        noise = model.initial_noise(seeds)
+        torch.testing.assert_close(
+            noise[1], torch.randn(SMALL_MESH, generator=torch.Generator().manual_seed(2))
+        )
+        x = model.sample(noise, model.encode_conditions(cond), "euler", 3)
+        manual = model.to_mev(x).numpy()
+    np.testing.assert_array_equal(showers, manual)
+    assert model.training, "generate must restore the training mode"
+
+
+def test_derived_seeds_depend_on_seed_and_index_only() -> None:
+    a, b = derive_seeds(0, 10), derive_seeds(0, 3)
+    np.testing.assert_array_equal(a[:3], b)
+    assert a.dtype == np.int64 and (a >= 0).all() and len(set(a.tolist())) == 10
+    assert not np.array_equal(derive_seeds(1, 3), b)
+
+
+def test_transform_round_trip_through_the_model(small_data) -> None:
+    model = make_model("flow_matching", transform="layer_log_standardize")
+    showers, _ = small_data
+    back = model.to_mev(model.to_model_space(showers)).numpy()
+    kept = showers >= model.config.threshold_mev
+    np.testing.assert_allclose(back[kept], showers[kept], rtol=2e-5)
+    assert not back[~kept].any()
+
+
+def test_with_detector_uses_a_spare_slot(small_data) -> None:
+    model = make_model("flow_matching")
+    emb = model.network.detector_embed.weight.detach().clone()
+    new = model.with_detector("det_c")
+    assert new.vocab.detectors == (*DETECTORS, "det_c") and new.vocab.n_detector_slots == 4
+    assert model.vocab.detectors == DETECTORS, "the original model must not change"
+    torch.testing.assert_close(new.network.detector_embed.weight[2], emb[:2].mean(dim=0))
+    torch.testing.assert_close(model.network.detector_embed.weight, emb)
+    copied = model.with_detector("det_c", init_from="det_b")
+    torch.testing.assert_close(copied.network.detector_embed.weight[2], emb[1])
+    _, cond = small_data
+    cond_c = Conditions.make(cond.energy_mev[:2], cond.theta_rad[:2], cond.phi_rad[:2], cond.pdg[:2], "det_c")
+    out = new.generate(cond_c, num_steps=2, sampler="euler")
+    assert out.shape == (2, *SMALL_MESH) and np.isfinite(out).all()
+    with pytest.raises(ValueError, match="unknown detector"):
+        model.generate(cond_c, num_steps=2)
+    full = new.with_detector("det_d")
+    with pytest.raises(ValueError, match="no spare detector slot left for 'det_e'"):
+        full.with_detector("det_e")
+    with pytest.raises(ValueError, match="unknown detector 'nope'"):
+        model.with_detector("det_x", init_from="nope")
+    assert new.with_detector("det_c").vocab == new.vocab
+
+
+def test_generate_rejects_user_mistakes(small_data) -> None:
+    model = make_model("flow_matching", scramble=False)
+    _, cond = small_data
+    two = cond.subset(slice(0, 2))
+    with pytest.raises(ValueError, match=r"seeds must be an integer array of shape \(2,\)"):
+        model.generate(two, seeds=np.array([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"seeds must be an integer array of shape \(2,\)"):
+        model.generate(two, seeds=np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        model.generate(two, batch_size=0)
+    with pytest.raises(ValueError, match="unknown sampler 'dpm'"):
+        model.generate(two, sampler="dpm")
+    with pytest.raises(ValueError, match="num_steps must be an int >= 1"):
+        model.generate(two, num_steps=0)
+    with pytest.raises(ValueError, match="model is on cpu; move it first"):
+        model.generate(two, device="meta")
+    with pytest.raises(ValueError, match="conditions must be a Conditions"):
+        model.generate({"energy_mev": [1.0]})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"expected shape \(B, 12, 8, 6\)"):
+        model.to_model_space(np.zeros((2, 12, 8, 5), dtype=np.float32))
+    assert model.generate(two.subset(slice(0, 0))).shape == (0, *SMALL_MESH)
+    unfitted = ShowerModel(model.config, model.vocab, model.mesh)
+    with pytest.raises(ValueError, match="transform is not fitted"):
+        unfitted.generate(two)
+
+
+def test_build_checks_stats_against_the_mesh() -> None:
+    showers, cond = toy_showers(8, (9, 8, 6), seed=1)
+    stats = compute_stats(showers, cond.energy_mev, cond.theta_rad)
+    vocab = ConditionVocab.create(DETECTORS)
+    cfg = ShowerModelConfig(backbone="debug")
+    with pytest.raises(ValueError, match=r"n_voxels_per_shower'\]=432 does not match the mesh \(12, 8, 6\)"):
+        ShowerModel.build(cfg, vocab, stats, SMALL_MESH)
+    with pytest.raises(ValueError, match="needs a stats block"):
+        ShowerModel.build(cfg, vocab, None, SMALL_MESH)  # type: ignore[arg-type]
+    model = ShowerModel.build(cfg, vocab, stats, (9, 8, 6))
+    assert model.mesh_shape == (9, 8, 6) and model.patch_coords_TC.shape == (3 * 4 * 2, 4)
+    assert "patch_coords_TC" not in model.state_dict()
+
+
+def test_replacing_the_config_keeps_denoiser_and_architecture_consistent() -> None:
+    model = make_model("edm", scramble=False)
+    cfg = model.config
+    model.config = dataclasses.replace(
+        cfg, edm=dataclasses.replace(cfg.edm, sigma_data=1.0, p_mean=-1.0), num_steps=7
+    )
+    assert (
+        model.denoiser.sigma_data == 1.0 and model.config.edm.p_mean == -1.0 and model.config.num_steps == 7
+    )
+    c_skip = model.denoiser.preconditioning(torch.tensor([1.0]))[0]
+    torch.testing.assert_close(c_skip, torch.tensor([0.5]))
+    for change in ({"backbone": "S"}, {"objective": "flow_matching"}, {"threshold_mev": 0.0}):
+        with pytest.raises(ValueError, match=f"config: \\['{next(iter(change))}'\\] cannot change"):
+            model.config = dataclasses.replace(cfg, **change)
+    with pytest.raises(ValueError, match="config must be a ShowerModelConfig"):
+        model.config = {"objective": "edm"}  # type: ignore[assignment]
