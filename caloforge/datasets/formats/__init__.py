@@ -1,1 +1,483 @@
+"""Shower file formats (h5py enters CaloForge only in this package).
 
+- ``native``: our HDF5 layout (what ``caloforge data simulate`` writes), see ``native.py``.
+- ``calochallenge``: CaloChallenge 2022 datasets 2/3 (``incident_energies`` (N, 1), ``showers``
+  (N, n_voxels)).
+- ``lemurs``: the LEMURS multi-detector dataset (``showers`` (N, R, Phi, Z) + incident energy/θ/φ).
+
+This module holds what the three share: format detection (:func:`detect_format`), a cheap look at a file
+(:func:`inspect_file`), chunked reading of any format (:func:`iter_any`, :func:`read_any`), writing
+(:func:`write_any`, :class:`NativeWriter` for chunked native output), detector resolution and the loud
+validation every reader applies (NaN/inf, negative energies with optional clipping of tiny negatives,
+mismatched N, wrong shapes: each a ``ValueError`` naming the file, the key and the problem).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import h5py
+import numpy as np
+
+import caloforge
+from caloforge.datasets.schema import ShowerSet
+from caloforge.platform.conditioning import Conditions
+from caloforge.platform.geometry import DetectorSpec, builtin_detector_names, load_detector
+
+log = logging.getLogger("caloforge.datasets.formats")
+
+FORMATS = ("native", "calochallenge", "lemurs")
+FormatName = Literal["native", "calochallenge", "lemurs"]
+DEFAULT_CHUNK_SHOWERS = 2048
+
+
+# -- detectors ----------------------------------------------------------------------------------------
+def resolve_detector(
+    detector: str | Path | DetectorSpec | None, *, path: str | Path, custom_ok: bool = False
+) -> tuple[str, DetectorSpec | None]:
+    """Resolve what the user called the detector of a file into ``(name, spec or None)``.
+
+    ``detector`` is a built-in detector name (``configs/detectors/<name>.yaml``), a detector YAML path or a
+    ``DetectorSpec``. Any other name is an error unless ``custom_ok`` (the caller was given the mesh shape
+    explicitly), in which case the detector is a custom one known only by name.
+    """
+    if isinstance(detector, DetectorSpec):
+        return detector.name, detector
+    if detector is None or str(detector) == "":
+        raise ValueError(
+            f"{path}: this format does not store the detector: pass detector=<name> "
+            f"(built-in: {builtin_detector_names()})"
+        )
+    as_path = Path(str(detector))
+    if as_path.suffix in (".yaml", ".yml"):
+        spec = load_detector(as_path)
+        return spec.name, spec
+    name = str(detector)
+    if name in builtin_detector_names():
+        return name, load_detector(name)
+    if custom_ok:
+        if any(c.isspace() for c in name) or "/" in name:
+            raise ValueError(f"{path}: detector name must be a single word without '/', got {name!r}")
+        return name, None
+    raise ValueError(
+        f"{path}: unknown detector {name!r} (built-in: {builtin_detector_names()}); pass a detector YAML "
+        "path, or give mesh_shape=(n_z, n_phi, n_r) to read it as a custom detector"
+    )
+
+
+# -- validation ---------------------------------------------------------------------------------------
+def check_voxels(
+    x: np.ndarray,
+    *,
+    path: str | Path,
+    key: str,
+    row0: int = 0,
+    clip_negative_mev: float | None = None,
+) -> tuple[np.ndarray, int]:
+    """Validate voxel energies (MeV) of a chunk whose first row is file row ``row0``.
+
+    NaN/inf is always an error. Negative energies are an error reporting their count, unless
+    ``clip_negative_mev`` is given: then values in ``[-clip_negative_mev, 0)`` are set to 0 (rounding noise
+    of upstream tools) and anything below ``-clip_negative_mev`` is still an error. Returns the (possibly
+    clipped) array and the number of clipped voxels.
+    """
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = ~finite
+        rows = np.flatnonzero(bad.reshape(len(x), -1).any(axis=1))
+        raise ValueError(
+            f"{path}: key {key!r}: {int(bad.sum())} NaN/inf value(s) in {len(rows)} shower(s) "
+            f"(first at row {row0 + int(rows[0])})"
+        )
+    neg = x < 0
+    if not neg.any():
+        return x, 0
+    n_neg = int(neg.sum())
+    rows = np.flatnonzero(neg.reshape(len(x), -1).any(axis=1))
+    x_min = float(x.min())
+    where = f"in {len(rows)} shower(s), first at row {row0 + int(rows[0])}, minimum {x_min:.6g} MeV"
+    if clip_negative_mev is None:
+        raise ValueError(
+            f"{path}: key {key!r}: {n_neg} negative voxel energies {where}; pass clip_negative_mev=<MeV> to "
+            "set tiny negatives to 0"
+        )
+    if clip_negative_mev < 0:
+        raise ValueError(f"clip_negative_mev must be >= 0, got {clip_negative_mev}")
+    too_negative = x < -clip_negative_mev
+    if too_negative.any():
+        raise ValueError(
+            f"{path}: key {key!r}: {int(too_negative.sum())} voxel energies below -clip_negative_mev="
+            f"-{clip_negative_mev} MeV ({n_neg} negative in total {where})"
+        )
+    return np.where(neg, np.zeros((), dtype=x.dtype), x), n_neg
+
+
+def check_conditions(cond: Conditions, *, path: str | Path, keys: dict[str, str], row0: int = 0) -> None:
+    """Incident energies finite and > 0, θ in [0, π], φ finite; ``keys``: field -> file key for messages."""
+
+    def fail(field: str, mask: np.ndarray, what: str) -> None:
+        rows = np.flatnonzero(mask)
+        values = getattr(cond, field)[rows[:3]].tolist()
+        raise ValueError(
+            f"{path}: key {keys.get(field, field)!r}: {len(rows)} value(s) {what} (first at row "
+            f"{row0 + int(rows[0])}: {values})"
+        )
+
+    e = cond.energy_mev
+    if not np.isfinite(e).all():
+        fail("energy_mev", ~np.isfinite(e), "are NaN/inf")
+    if (e <= 0).any():
+        fail("energy_mev", e <= 0, "are <= 0 MeV")
+    t = cond.theta_rad
+    bad_t = ~np.isfinite(t) | (t < 0) | (t > math.pi + 1e-9)
+    if bad_t.any():
+        fail("theta_rad", bad_t, "are outside [0, π] rad")
+    p = cond.phi_rad
+    if not np.isfinite(p).all():
+        fail("phi_rad", ~np.isfinite(p), "are NaN/inf")
+
+
+def check_rows(path: str | Path, n_total: int, start: int, max_showers: int | None) -> tuple[int, int]:
+    """Validate ``start``/``max_showers`` against a file of ``n_total`` showers; returns ``(start, stop)``."""
+    if start < 0:
+        raise ValueError(f"{path}: start must be >= 0, got {start}")
+    if max_showers is not None and max_showers < 0:
+        raise ValueError(f"{path}: max_showers must be >= 0, got {max_showers}")
+    if start > n_total:
+        raise ValueError(f"{path}: start={start} is beyond the {n_total} showers in the file")
+    stop = n_total if max_showers is None else min(n_total, start + max_showers)
+    return start, stop
+
+
+def require_keys(f: h5py.File, path: str | Path, keys: tuple[str, ...], fmt: str) -> None:
+    missing = [k for k in keys if k not in f]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing} for the {fmt} format (found: {sorted(f.keys())})")
+
+
+def open_h5(path: str | Path) -> h5py.File:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    try:
+        return h5py.File(path, "r", rdcc_nbytes=64 * 2**20)
+    except OSError as exc:
+        raise ValueError(f"{path}: not a readable HDF5 file ({exc})") from exc
+
+
+# -- format detection ---------------------------------------------------------------------------------
+def detect_format(path: str | Path) -> FormatName:
+    """Which of :data:`FORMATS` a file is, from its attributes and keys."""
+    from caloforge.datasets.formats import native
+
+    with open_h5(path) as f:
+        if f.attrs.get("format") == native.FORMAT:
+            return "native"
+        if "incident_energies" in f and "showers" in f:
+            return "calochallenge"
+        if "incident_energy" in f and "showers" in f:
+            return "lemurs"
+        raise ValueError(
+            f"{path}: cannot tell the format: expected attribute format={native.FORMAT!r} (native), keys "
+            f"'incident_energies'+'showers' (CaloChallenge) or 'incident_energy'+'showers' (LEMURS); found "
+            f"keys {sorted(f.keys())}"
+        )
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What a file holds, read without loading showers."""
+
+    path: Path
+    format: FormatName
+    n_showers: int
+    showers_shape: tuple[int, ...]  # the raw shape of the 'showers' dataset
+    showers_dtype: str
+
+
+def inspect_file(path: str | Path, format: str = "auto") -> FileInfo:
+    fmt = detect_format(path) if format == "auto" else _check_format(format)
+    with open_h5(path) as f:
+        if "showers" not in f:
+            raise ValueError(f"{path}: missing key 'showers' (found: {sorted(f.keys())})")
+        ds = f["showers"]
+        return FileInfo(Path(path), fmt, int(ds.shape[0]), tuple(int(s) for s in ds.shape), str(ds.dtype))
+
+
+def _check_format(format: str) -> FormatName:
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r} (known: {list(FORMATS)} or 'auto')")
+    return format  # type: ignore[return-value]
+
+
+# -- native, chunked ----------------------------------------------------------------------------------
+def iter_native(
+    path: str | Path,
+    *,
+    detector: str | None = None,
+    start: int = 0,
+    max_showers: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SHOWERS,
+    clip_negative_mev: float | None = None,
+) -> Iterator[ShowerSet]:
+    """Read our native HDF5 layout (see ``native.py``) in chunks of ``chunk_size`` showers, validated.
+
+    ``detector``, when given, must be the (only) detector named in the rows read.
+    """
+    from caloforge.datasets.formats import native
+
+    path = Path(path)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    with open_h5(path) as f:
+        if f.attrs.get("format") != native.FORMAT:
+            raise ValueError(
+                f"{path}: not a {native.FORMAT} file (attribute 'format' = {f.attrs.get('format')!r})"
+            )
+        version = int(f.attrs.get("format_version", -1))
+        if version > native.FORMAT_VERSION or version < 1:
+            raise ValueError(
+                f"{path}: unsupported format_version {version} (this code reads 1..{native.FORMAT_VERSION})"
+            )
+        require_keys(f, path, ("showers", "energy_mev", "theta_rad", "phi_rad", "pdg", "detector"), "native")
+        ds = f["showers"]
+        if ds.ndim != 4:
+            raise ValueError(f"{path}: key 'showers' has shape {ds.shape}, expected (N, n_z, n_phi, n_r)")
+        n = ds.shape[0]
+        for k in ("energy_mev", "theta_rad", "phi_rad", "pdg", "detector"):
+            if f[k].shape != (n,):
+                raise ValueError(
+                    f"{path}: key {k!r} has shape {f[k].shape}, expected ({n},) to match 'showers'"
+                )
+        lo, hi = check_rows(path, n, start, max_showers)
+        source = str(f.attrs.get("source", "unknown"))
+        seed = int(f.attrs.get("seed", -1))
+        meta = json.loads(f.attrs.get("metadata_json", "{}"))
+        for a in range(lo, hi, chunk_size):
+            b = min(hi, a + chunk_size)
+            x = ds[a:b].astype(np.float32, copy=False)
+            x, n_clipped = check_voxels(
+                x, path=path, key="showers", row0=a, clip_negative_mev=clip_negative_mev
+            )
+            cond = Conditions(
+                f["energy_mev"][a:b].astype(np.float64),
+                f["theta_rad"][a:b].astype(np.float64),
+                f["phi_rad"][a:b].astype(np.float64),
+                f["pdg"][a:b].astype(np.int64),
+                np.asarray(f["detector"].asstr()[a:b], dtype=str),
+            )
+            check_conditions(cond, path=path, keys={}, row0=a)
+            if detector is not None:
+                others = sorted(set(np.unique(cond.detector).tolist()) - {detector})
+                if others:
+                    raise ValueError(
+                        f"{path}: key 'detector': rows {a}..{b - 1} name detector(s) {others}, but the "
+                        "source "
+                        f"was declared as detector {detector!r}"
+                    )
+            yield ShowerSet(
+                x,
+                cond,
+                source,
+                None if seed < 0 else seed,
+                {**meta, "format": "native", "path": str(path), "start": a, "n_clipped_negative": n_clipped},
+            )
+
+
+class NativeWriter:
+    """Append ShowerSets chunk by chunk into the native layout of ``native.py`` (temp file, then rename).
+
+    Produces exactly what ``native.write`` produces for the concatenated data (same keys, dtypes, chunking,
+    compression and attributes), so ``native.read`` reads it; used to convert large files without holding
+    them in memory.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        mesh_shape: tuple[int, int, int],
+        source: str = "unknown",
+        seed: int | None = None,
+        metadata: dict | None = None,
+    ) -> None:
+        from caloforge.datasets.formats import native
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.mesh_shape = tuple(int(v) for v in mesh_shape)
+        self.n = 0
+        self._f = h5py.File(self.tmp, "w")
+        f = self._f
+        f.create_dataset(
+            "showers",
+            shape=(0, *self.mesh_shape),
+            maxshape=(None, *self.mesh_shape),
+            dtype=np.float32,
+            chunks=(256, *self.mesh_shape),
+            compression="lzf",
+        )
+        for k in ("energy_mev", "theta_rad", "phi_rad"):
+            f.create_dataset(k, shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(4096,))
+        f.create_dataset("pdg", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
+        f.create_dataset(
+            "detector", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"), chunks=(4096,)
+        )
+        f.attrs["format"] = native.FORMAT
+        f.attrs["format_version"] = native.FORMAT_VERSION
+        f.attrs["source"] = source
+        f.attrs["seed"] = -1 if seed is None else int(seed)
+        f.attrs["caloforge_version"] = caloforge.__version__
+        f.attrs["metadata_json"] = json.dumps(metadata or {}, sort_keys=True)
+
+    def append(self, data: ShowerSet) -> None:
+        if data.mesh_shape != self.mesh_shape:
+            raise ValueError(
+                f"{self.path}: cannot append mesh {data.mesh_shape} to a file of mesh {self.mesh_shape}"
+            )
+        m = len(data)
+        if m == 0:
+            return
+        f, a, b = self._f, self.n, self.n + m
+        for k in ("showers", "energy_mev", "theta_rad", "phi_rad", "pdg", "detector"):
+            f[k].resize((b, *f[k].shape[1:]))
+        f["showers"][a:b] = data.showers_NZPR
+        c = data.conditions
+        f["energy_mev"][a:b] = c.energy_mev
+        f["theta_rad"][a:b] = c.theta_rad
+        f["phi_rad"][a:b] = c.phi_rad
+        f["pdg"][a:b] = c.pdg
+        f["detector"][a:b] = c.detector.astype(object)
+        self.n = b
+
+    def close(self) -> Path:
+        self._f.close()
+        self.tmp.replace(self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> NativeWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# -- dispatch -----------------------------------------------------------------------------------------
+_OPTIONS = {
+    "native": {"detector", "start", "max_showers", "chunk_size", "clip_negative_mev"},
+    "calochallenge": {
+        "detector",
+        "start",
+        "max_showers",
+        "chunk_size",
+        "clip_negative_mev",
+        "mesh_shape",
+        "calibration",
+        "particle",
+        "theta_rad",
+        "phi_rad",
+    },
+    "lemurs": {
+        "detector",
+        "start",
+        "max_showers",
+        "chunk_size",
+        "clip_negative_mev",
+        "calibration",
+        "particle",
+        "energy_unit",
+    },
+}
+
+
+def iter_any(path: str | Path, format: str = "auto", **options: Any) -> Iterator[ShowerSet]:
+    """Read any supported file in chunks (``chunk_size`` showers each), validated.
+
+    ``options`` are the keyword arguments of the format's ``iter_read`` (``detector``, ``start``,
+    ``max_showers``, ``chunk_size``, ``clip_negative_mev`` for all; ``mesh_shape``, ``calibration``,
+    ``particle``, ``theta_rad``, ``phi_rad`` for CaloChallenge; ``calibration``, ``particle``,
+    ``energy_unit`` for LEMURS). Options that do not apply to the file's format are an error, options set
+    to ``None`` are ignored.
+    """
+    fmt = detect_format(path) if format == "auto" else _check_format(format)
+    opts = {k: v for k, v in options.items() if v is not None}
+    wrong = sorted(set(opts) - _OPTIONS[fmt])
+    if wrong:
+        raise ValueError(
+            f"{path}: option(s) {wrong} do not apply to the {fmt} format (allowed: {sorted(_OPTIONS[fmt])})"
+        )
+    if fmt == "native":
+        return iter_native(path, **opts)
+    if fmt == "calochallenge":
+        from caloforge.datasets.formats import calochallenge
+
+        return calochallenge.iter_read(path, **opts)
+    from caloforge.datasets.formats import lemurs
+
+    return lemurs.iter_read(path, **opts)
+
+
+def read_any(
+    path: str | Path, detector: str | Path | DetectorSpec | None = None, format: str = "auto", **options: Any
+) -> ShowerSet:
+    """Read (part of) any supported file into one ShowerSet; see :func:`iter_any` for the options."""
+    return concat_chunks(list(iter_any(path, format, detector=detector, **options)), path)
+
+
+def concat_chunks(parts: list[ShowerSet], path: str | Path) -> ShowerSet:
+    """Join the chunks of one file into one ShowerSet (metadata of the first chunk, summed clip count)."""
+    if not parts:
+        raise ValueError(f"{path}: no showers in the selected range (check start/max_showers)")
+    if len(parts) == 1:
+        return parts[0]
+    out = ShowerSet.concat(parts)
+    meta = dict(parts[0].metadata)
+    meta["n_clipped_negative"] = sum(int(p.metadata.get("n_clipped_negative", 0)) for p in parts)
+    return ShowerSet(out.showers_NZPR, out.conditions, parts[0].source, parts[0].seed, meta)
+
+
+def write_any(path: str | Path, data: ShowerSet, format: str = "native", **options: Any) -> Path:
+    """Write a ShowerSet as ``native`` (``native.write``) or ``calochallenge`` (``calochallenge.write``)."""
+    if format == "native":
+        if options:
+            raise ValueError(f"{path}: option(s) {sorted(options)} do not apply to the native format")
+        from caloforge.datasets.formats import native
+
+        return native.write(path, data)
+    if format == "calochallenge":
+        from caloforge.datasets.formats import calochallenge
+
+        return calochallenge.write(path, data, **options)
+    raise ValueError(f"{path}: cannot write format {format!r} (writable: ['native', 'calochallenge'])")
+
+
+__all__ = [
+    "DEFAULT_CHUNK_SHOWERS",
+    "FORMATS",
+    "FileInfo",
+    "NativeWriter",
+    "check_conditions",
+    "check_rows",
+    "check_voxels",
+    "concat_chunks",
+    "detect_format",
+    "inspect_file",
+    "iter_any",
+    "iter_native",
+    "read_any",
+    "resolve_detector",
+    "write_any",
+]
