@@ -1,0 +1,312 @@
+"""``caloforge quickstart``: the whole pipeline on embedded defaults, small enough for a laptop.
+
+Stages (each prints what it did; the last prints one summary table):
+
+1. simulate a small multi-detector, multi-particle dataset with the built-in simulator;
+2. shard it into webdataset tar shards with a manifest (checksums verified);
+3. stream a few mixed batches and measure the read throughput;
+4. pretrain the ``debug`` model on the embedded local Ray with 2 workers (DeepSpeed ZeRO-2 on CPU),
+   tracked in MLflow; the final bundle is registered as a ``caloforge-base`` version;
+5. evaluate the model against the held-out test split (CaloChallenge-style metrics, report + plots);
+6. pull the registered model back as ONNX, run it once with onnxruntime and print its URI.
+
+Everything lands under ``$CALOFORGE_HOME/quickstart`` (data, shards, runs, reports, the pulled model) and
+the default MLflow store; a new quickstart replaces its own previous outputs in that folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from caloforge import paths
+from caloforge.config import apply_overrides, dump_yaml, from_dict, load_config, read_yaml
+
+log = logging.getLogger("caloforge.quickstart")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "quickstart.yaml"
+
+
+@dataclass(frozen=True)
+class QuickSimulate:
+    detectors: tuple[str, ...] = ("par04-siw", "pbwo4", "fe-sci")
+    particles: tuple[str, ...] = ("e-", "gamma", "pi+")
+    n_per_detector: int = 600
+    energy_gev: tuple[float, float] = (1.0, 100.0)
+    log_uniform: bool = True
+    theta_deg: tuple[float, float] = (80.0, 100.0)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.detectors or not self.particles:
+            raise ValueError("simulate: detectors and particles must not be empty")
+        if self.n_per_detector < 50:
+            raise ValueError(f"simulate.n_per_detector must be >= 50, got {self.n_per_detector}")
+
+
+@dataclass(frozen=True)
+class QuickstartConfig:
+    """What the quickstart runs (``configs/quickstart.yaml``)."""
+
+    simulate: QuickSimulate = field(default_factory=QuickSimulate)
+    showers_per_shard: int = 40
+    stream_batches: int = 20
+    stream_batch_size: int = 64
+    pretrain_config: Path = Path("configs/pretrain/debug.yaml")
+    pretrain_overrides: tuple[str, ...] = ()
+    eval_config: Path = Path("configs/eval/ci.yaml")
+    eval_showers: int = 200
+    export_steps: int = 4
+
+    def __post_init__(self) -> None:
+        if self.stream_batches < 1 or self.stream_batch_size < 1:
+            raise ValueError("stream_batches and stream_batch_size must be >= 1")
+        if self.eval_showers < 20:
+            raise ValueError(f"eval_showers must be >= 20, got {self.eval_showers}")
+        if self.export_steps < 1:
+            raise ValueError(f"export_steps must be >= 1, got {self.export_steps}")
+
+
+def _resolve(path: Path) -> Path:
+    return path if path.is_absolute() or path.exists() else ROOT / path
+
+
+def _fmt_table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = "  ".join("-" * w for w in widths)
+    out = ["  ".join(c.ljust(w) for c, w in zip(cells[0], widths, strict=True)), line]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells[1:]]
+    return "\n".join(out)
+
+
+def _stage(n: int, title: str) -> None:
+    print(f"\n== [{n}/6] {title}", flush=True)
+
+
+def run(config: QuickstartConfig) -> dict[str, Any]:
+    """Run all stages; returns the summary (also written to ``quickstart/summary.json``)."""
+    import numpy as np
+
+    from caloforge.datasets.formats import native
+    from caloforge.datasets.shards import ShardConfig, SplitFractions, write_shards
+    from caloforge.datasets.simulator import simulate_dataset
+    from caloforge.datasets.streaming import ShowerStream, StreamConfig, load_split
+    from caloforge.platform.conditioning import particle_name
+    from caloforge.platform.geometry import load_detector
+
+    base = paths.home() / "quickstart"
+    if base.exists():
+        log.info("removing the previous quickstart outputs in %s", base)
+        shutil.rmtree(base)
+    base.mkdir(parents=True)
+    summary: dict[str, Any] = {"home": str(base)}
+    sim = config.simulate
+
+    _stage(1, f"simulate {len(sim.detectors)} detectors × {len(sim.particles)} particles (caloforge-gflash)")
+    sources = []
+    rows = []
+    for i, det in enumerate(sim.detectors):
+        t0 = time.perf_counter()
+        data = simulate_dataset(
+            load_detector(det),
+            sim.particles,
+            sim.n_per_detector,
+            energy_gev=sim.energy_gev,
+            log_uniform=sim.log_uniform,
+            theta_deg=sim.theta_deg,
+            phi_deg=(-180.0, 180.0),
+            seed=sim.seed + 1000 * i,
+        )
+        path = native.write(base / "data" / f"{det}.h5", data)
+        sources.append(f"{path}:native:{det}")
+        ratio = data.total_energy_mev() / data.conditions.energy_mev
+        per_particle = ", ".join(
+            f"{particle_name(p)} {ratio[data.conditions.pdg == p].mean():.2f}"
+            for p in np.unique(data.conditions.pdg)
+        )
+        rows.append([det, len(data), f"{time.perf_counter() - t0:.1f}", per_particle])
+    print(_fmt_table(["detector", "showers", "seconds", "mean E_tot/E_inc per particle"], rows))
+
+    _stage(2, "shard into webdataset tar shards")
+    shard_dir = base / "shards"
+    manifest = write_shards(
+        sources,
+        shard_dir,
+        ShardConfig(
+            showers_per_shard=config.showers_per_shard,
+            split=SplitFractions(train=0.8, val=0.1, test=0.1),
+            seed=sim.seed,
+        ),
+    )
+    problems = manifest.verify()
+    if problems:
+        raise ValueError(f"{shard_dir}: shard verification failed: {problems}")
+    n_shards = sum(len(manifest.shards(s)) for s in manifest.splits)
+    n_bytes = sum(p.stat().st_size for p in shard_dir.glob("*.tar"))
+    print(
+        f"{n_shards} shards, {n_bytes / 2**20:.1f} MiB, checksums verified, "
+        f"manifest {shard_dir}/manifest.json"
+    )
+
+    _stage(3, f"stream {config.stream_batches} mixed batches of {config.stream_batch_size}")
+    stream = ShowerStream(
+        shard_dir,
+        StreamConfig(
+            batch_size=config.stream_batch_size, shuffle_buffer=256, mixing="temperature", temperature=2.0
+        ),
+        split="train",
+        seed=sim.seed,
+    )
+    seen: dict[str, int] = {}
+    t0 = time.perf_counter()
+    n_stream = 0
+    it = iter(stream)
+    for _ in range(config.stream_batches):
+        batch = next(it)
+        n_stream += len(batch)
+        for d in batch.detector:
+            seen[d] = seen.get(d, 0) + 1
+    stream_s = time.perf_counter() - t0
+    rate = n_stream / stream_s
+    mb_s = rate * 4 * int(np.prod(manifest.mesh_shape(sim.detectors[0]))) / 2**20
+    print(f"{n_stream} showers in {stream_s:.2f} s: {rate:.0f} showers/s, {mb_s:.1f} MB/s; mix {seen}")
+    counts = manifest.counts
+    summary["data"] = {
+        "detectors": list(sim.detectors),
+        "particles": list(sim.particles),
+        "showers": len(sim.detectors) * sim.n_per_detector,
+        "shards": n_shards,
+        "bytes": n_bytes,
+        "stream_showers_per_s": round(rate, 1),
+        "stream_mb_per_s": round(mb_s, 2),
+        "counts": counts,
+    }
+
+    _stage(4, "pretrain on the embedded local Ray (2 workers, DeepSpeed) and register the bundle")
+    from caloforge.pretrain.config import PretrainConfig
+    from caloforge.pretrain.launch import run_pretrain
+
+    raw = read_yaml(_resolve(config.pretrain_config))
+    raw.setdefault("data", {}).pop("simulate", None)
+    raw["data"]["shards"] = str(shard_dir)
+    raw.setdefault("cluster", {})["storage_path"] = str(base / "runs")
+    raw.setdefault("tracking", {})["register"] = True
+    raw = apply_overrides(raw, config.pretrain_overrides)
+    pre_cfg = from_dict(PretrainConfig, raw, f"{config.pretrain_config} (quickstart)")
+    (base / "pretrain.yaml").write_text(dump_yaml(pre_cfg))
+    t0 = time.perf_counter()
+    result = run_pretrain(pre_cfg, run_name="quickstart")
+    pretrain_s = time.perf_counter() - t0
+    bundle = Path(result.bundle_uri)
+    registered = result.registered[0] if result.registered else None
+    model_uri = registered.uri if registered is not None else None
+    print(
+        f"{result.step} steps in {pretrain_s:.0f} s; "
+        f"final loss {result.metrics.get('loss', float('nan')):.4f}; "
+        f"bundle {bundle}; MLflow run {result.mlflow_run_id}; registered {model_uri}"
+    )
+    summary["pretrain"] = {
+        "steps": result.step,
+        "seconds": round(pretrain_s, 1),
+        "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, int | float)},
+        "bundle": str(bundle),
+        "mlflow_run_id": result.mlflow_run_id,
+        "model_uri": model_uri,
+    }
+
+    _stage(5, f"evaluate {config.eval_showers} generated showers against the test split")
+    from caloforge.evaluation.api import evaluate_model
+    from caloforge.evaluation.config import EvalConfig
+
+    eval_cfg = load_config(EvalConfig, _resolve(config.eval_config))
+    reference = load_split(shard_dir, "test")
+    n_eval = min(config.eval_showers, len(reference))
+    report = evaluate_model(bundle, reference, n_eval, eval_cfg)
+    report_dir = base / "report"
+    report.write(report_dir)
+    keys = ("fpd", "kpd", "auc_low", "auc_high")
+    rows = [
+        [
+            k,
+            f"{report.metrics.get(k, float('nan')):.4g}",
+            f"{report.metrics.get('floor/' + k, float('nan')):.4g}",
+        ]
+        for k in keys
+    ]
+    print(_fmt_table(["metric", "model", "data-vs-data floor"], rows))
+    print(f"report: {report_dir}/report.md")
+    summary["evaluation"] = {k: report.metrics.get(k) for k in keys} | {"report": str(report_dir)}
+
+    _stage(6, "pull the registered model as ONNX and run it once with onnxruntime")
+    from caloforge.registry.export import OnnxShowerGenerator
+    from caloforge.registry.store import RegistryStore
+
+    pulled = base / "pulled"
+    if model_uri is None:
+        raise ValueError("quickstart: the pretraining run registered no model (tracking.register is off?)")
+    card_path = RegistryStore().pull(model_uri, pulled, "onnx", num_steps=config.export_steps)
+    card = json.loads(card_path.read_text())
+    cond = reference.conditions.subset(slice(0, 4))
+    t0 = time.perf_counter()
+    showers = OnnxShowerGenerator.from_card(pulled).generate(cond, seed=0)
+    onnx_ms = 1e3 * (time.perf_counter() - t0) / len(cond)
+    e_ratio = showers.reshape(len(cond), -1).sum(1) / cond.energy_mev
+    print(f"ONNX {pulled}: {len(cond)} showers, {onnx_ms:.1f} ms/shower, E_tot/E_inc {np.round(e_ratio, 2)}")
+    summary["registry"] = {
+        "model_uri": model_uri,
+        "onnx_dir": str(pulled),
+        "card": card.get("name", card_path.name),
+    }
+
+    nan = float("nan")
+    print("\n== CaloForge quickstart summary")
+    rows = [
+        ["detectors", ", ".join(sim.detectors)],
+        ["particles", ", ".join(sim.particles)],
+        ["showers simulated", len(sim.detectors) * sim.n_per_detector],
+        ["shards / bytes", f"{n_shards} / {n_bytes / 2**20:.1f} MiB"],
+        ["stream throughput", f"{rate:.0f} showers/s ({mb_s:.1f} MB/s)"],
+        ["pretraining", f"{result.step} steps, {pretrain_s:.0f} s, 2 Ray workers"],
+        [
+            "FPD ×10³ (floor)",
+            f"{report.metrics.get('fpd', nan):.3g} ({report.metrics.get('floor/fpd', nan):.3g})",
+        ],
+        ["model URI", model_uri],
+        ["ONNX", f"{pulled} ({onnx_ms:.1f} ms/shower)"],
+    ]
+    print(_fmt_table(["what", "value"], rows))
+    (base / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _handler(args: argparse.Namespace) -> int:
+    config = load_config(QuickstartConfig, args.config, args.overrides)
+    if args.dry_run:
+        print(dump_yaml(config), end="")
+        return 0
+    run(config)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    from caloforge.cli import add_config_args
+
+    p = subparsers.add_parser(
+        "quickstart",
+        help="run the whole pipeline on embedded defaults (simulate to registry)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_args(p, default=str(DEFAULT_CONFIG.relative_to(ROOT)))
+    p.set_defaults(func=_handler)
+
+
+__all__ = ["QuickstartConfig", "register", "run"]
