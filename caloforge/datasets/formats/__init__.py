@@ -14,7 +14,6 @@ mismatched N, wrong shapes: each a ``ValueError`` naming the file, the key and t
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterator
@@ -25,7 +24,6 @@ from typing import Any, Literal
 import h5py
 import numpy as np
 
-import caloforge
 from caloforge.datasets.schema import ShowerSet
 from caloforge.platform.conditioning import Conditions
 from caloforge.platform.geometry import DetectorSpec, builtin_detector_names, load_detector
@@ -216,165 +214,6 @@ def _check_format(format: str) -> FormatName:
     return format  # type: ignore[return-value]
 
 
-# -- native, chunked ----------------------------------------------------------------------------------
-def iter_native(
-    path: str | Path,
-    *,
-    detector: str | None = None,
-    start: int = 0,
-    max_showers: int | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SHOWERS,
-    clip_negative_mev: float | None = None,
-) -> Iterator[ShowerSet]:
-    """Read our native HDF5 layout (see ``native.py``) in chunks of ``chunk_size`` showers, validated.
-
-    ``detector``, when given, must be the (only) detector named in the rows read.
-    """
-    from caloforge.datasets.formats import native
-
-    path = Path(path)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    with open_h5(path) as f:
-        if f.attrs.get("format") != native.FORMAT:
-            raise ValueError(
-                f"{path}: not a {native.FORMAT} file (attribute 'format' = {f.attrs.get('format')!r})"
-            )
-        version = int(f.attrs.get("format_version", -1))
-        if version > native.FORMAT_VERSION or version < 1:
-            raise ValueError(
-                f"{path}: unsupported format_version {version} (this code reads 1..{native.FORMAT_VERSION})"
-            )
-        require_keys(f, path, ("showers", "energy_mev", "theta_rad", "phi_rad", "pdg", "detector"), "native")
-        ds = f["showers"]
-        if ds.ndim != 4:
-            raise ValueError(f"{path}: key 'showers' has shape {ds.shape}, expected (N, n_z, n_phi, n_r)")
-        n = ds.shape[0]
-        for k in ("energy_mev", "theta_rad", "phi_rad", "pdg", "detector"):
-            if f[k].shape != (n,):
-                raise ValueError(
-                    f"{path}: key {k!r} has shape {f[k].shape}, expected ({n},) to match 'showers'"
-                )
-        lo, hi = check_rows(path, n, start, max_showers)
-        source = str(f.attrs.get("source", "unknown"))
-        seed = int(f.attrs.get("seed", -1))
-        meta = json.loads(f.attrs.get("metadata_json", "{}"))
-        for a in range(lo, hi, chunk_size):
-            b = min(hi, a + chunk_size)
-            x = ds[a:b].astype(np.float32, copy=False)
-            x, n_clipped = check_voxels(
-                x, path=path, key="showers", row0=a, clip_negative_mev=clip_negative_mev
-            )
-            cond = Conditions(
-                f["energy_mev"][a:b].astype(np.float64),
-                f["theta_rad"][a:b].astype(np.float64),
-                f["phi_rad"][a:b].astype(np.float64),
-                f["pdg"][a:b].astype(np.int64),
-                np.asarray(f["detector"].asstr()[a:b], dtype=str),
-            )
-            check_conditions(cond, path=path, keys={}, row0=a)
-            if detector is not None:
-                others = sorted(set(np.unique(cond.detector).tolist()) - {detector})
-                if others:
-                    raise ValueError(
-                        f"{path}: key 'detector': rows {a}..{b - 1} name detector(s) {others}, but the "
-                        "source "
-                        f"was declared as detector {detector!r}"
-                    )
-            yield ShowerSet(
-                x,
-                cond,
-                source,
-                None if seed < 0 else seed,
-                {**meta, "format": "native", "path": str(path), "start": a, "n_clipped_negative": n_clipped},
-            )
-
-
-class NativeWriter:
-    """Append ShowerSets chunk by chunk into the native layout of ``native.py`` (temp file, then rename).
-
-    Produces exactly what ``native.write`` produces for the concatenated data (same keys, dtypes, chunking,
-    compression and attributes), so ``native.read`` reads it; used to convert large files without holding
-    them in memory.
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        mesh_shape: tuple[int, int, int],
-        source: str = "unknown",
-        seed: int | None = None,
-        metadata: dict | None = None,
-    ) -> None:
-        from caloforge.datasets.formats import native
-
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self.mesh_shape = tuple(int(v) for v in mesh_shape)
-        self.n = 0
-        self._f = h5py.File(self.tmp, "w")
-        f = self._f
-        f.create_dataset(
-            "showers",
-            shape=(0, *self.mesh_shape),
-            maxshape=(None, *self.mesh_shape),
-            dtype=np.float32,
-            chunks=(256, *self.mesh_shape),
-            compression="lzf",
-        )
-        for k in ("energy_mev", "theta_rad", "phi_rad"):
-            f.create_dataset(k, shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(4096,))
-        f.create_dataset("pdg", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
-        f.create_dataset(
-            "detector", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"), chunks=(4096,)
-        )
-        f.attrs["format"] = native.FORMAT
-        f.attrs["format_version"] = native.FORMAT_VERSION
-        f.attrs["source"] = source
-        f.attrs["seed"] = -1 if seed is None else int(seed)
-        f.attrs["caloforge_version"] = caloforge.__version__
-        f.attrs["metadata_json"] = json.dumps(metadata or {}, sort_keys=True)
-
-    def append(self, data: ShowerSet) -> None:
-        if data.mesh_shape != self.mesh_shape:
-            raise ValueError(
-                f"{self.path}: cannot append mesh {data.mesh_shape} to a file of mesh {self.mesh_shape}"
-            )
-        m = len(data)
-        if m == 0:
-            return
-        f, a, b = self._f, self.n, self.n + m
-        for k in ("showers", "energy_mev", "theta_rad", "phi_rad", "pdg", "detector"):
-            f[k].resize((b, *f[k].shape[1:]))
-        f["showers"][a:b] = data.showers_NZPR
-        c = data.conditions
-        f["energy_mev"][a:b] = c.energy_mev
-        f["theta_rad"][a:b] = c.theta_rad
-        f["phi_rad"][a:b] = c.phi_rad
-        f["pdg"][a:b] = c.pdg
-        f["detector"][a:b] = c.detector.astype(object)
-        self.n = b
-
-    def close(self) -> Path:
-        self._f.close()
-        self.tmp.replace(self.path)
-        return self.path
-
-    def abort(self) -> None:
-        self._f.close()
-        self.tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> NativeWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
 # -- dispatch -----------------------------------------------------------------------------------------
 _OPTIONS = {
     "native": {"detector", "start", "max_showers", "chunk_size", "clip_negative_mev"},
@@ -481,3 +320,6 @@ __all__ = [
     "resolve_detector",
     "write_any",
 ]
+
+# Our own layout; imported last because native.py uses the validation helpers above.
+from caloforge.datasets.formats.native import NativeWriter, iter_native  # noqa: E402

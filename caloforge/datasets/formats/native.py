@@ -1,87 +1,213 @@
 """Our own HDF5 layout of the shower record (what ``caloforge data simulate`` writes).
 
-Datasets: ``showers`` float32 (N, n_z, n_phi, n_r) MeV; ``energy_mev``, ``theta_rad``, ``phi_rad`` float64
-(N,); ``pdg`` int64 (N,); ``detector`` (N,) UTF-8 strings. Attributes: ``format`` = "caloforge-showers",
-``format_version``, ``source``, ``seed`` (-1 when none), ``caloforge_version``, ``metadata_json``.
+Datasets: ``showers`` float32 (N, n_z, n_phi, n_r) MeV (chunks of 256 showers, lzf); ``energy_mev``,
+``theta_rad``, ``phi_rad`` float64 (N,); ``pdg`` int64 (N,); ``detector`` (N,) UTF-8 strings. Attributes:
+``format`` = "caloforge-showers", ``format_version``, ``source``, ``seed`` (-1 when none),
+``caloforge_version``, ``metadata_json``.
+
+One writer (``NativeWriter``; ``write`` appends once) and one reader (``iter_native`` in validated chunks;
+``read`` concatenates them), so there is one definition of the layout.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 
 import caloforge
+from caloforge.datasets.formats import (
+    DEFAULT_CHUNK_SHOWERS,
+    check_conditions,
+    check_rows,
+    check_voxels,
+    open_h5,
+    require_keys,
+)
 from caloforge.datasets.schema import ShowerSet
 from caloforge.platform.conditioning import Conditions
 
 FORMAT = "caloforge-showers"
 FORMAT_VERSION = 1
-_KEYS = ("showers", "energy_mev", "theta_rad", "phi_rad", "pdg", "detector")
 
 
-def write(path: str | Path, data: ShowerSet) -> Path:
-    """Write atomically (temp file + rename), so a crash never leaves a half-written file."""
+def iter_native(
+    path: str | Path,
+    *,
+    detector: str | None = None,
+    start: int = 0,
+    max_showers: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SHOWERS,
+    clip_negative_mev: float | None = None,
+) -> Iterator[ShowerSet]:
+    """Read the native layout in chunks of ``chunk_size`` showers, validated.
+
+    ``detector``, when given, must be the (only) detector named in the rows read.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset(
-            "showers",
-            data=data.showers_NZPR,
-            chunks=(min(len(data), 256), *data.mesh_shape) if len(data) else None,
-            compression="lzf" if len(data) else None,
-        )
-        c = data.conditions
-        f.create_dataset("energy_mev", data=c.energy_mev.astype(np.float64))
-        f.create_dataset("theta_rad", data=c.theta_rad.astype(np.float64))
-        f.create_dataset("phi_rad", data=c.phi_rad.astype(np.float64))
-        f.create_dataset("pdg", data=c.pdg.astype(np.int64))
-        f.create_dataset("detector", data=c.detector.astype(object), dtype=h5py.string_dtype("utf-8"))
-        f.attrs["format"] = FORMAT
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["source"] = data.source
-        f.attrs["seed"] = -1 if data.seed is None else int(data.seed)
-        f.attrs["caloforge_version"] = caloforge.__version__
-        f.attrs["metadata_json"] = json.dumps(data.metadata, sort_keys=True)
-    tmp.replace(path)
-    return path
-
-
-def read(path: str | Path) -> ShowerSet:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found")
-    with h5py.File(path, "r") as f:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    with open_h5(path) as f:
         if f.attrs.get("format") != FORMAT:
             raise ValueError(f"{path}: not a {FORMAT} file (attribute 'format' = {f.attrs.get('format')!r})")
-        version = int(f.attrs["format_version"])
-        if version > FORMAT_VERSION:
-            raise ValueError(f"{path}: format_version {version} is newer than this code ({FORMAT_VERSION})")
-        missing = [k for k in _KEYS if k not in f]
-        if missing:
-            raise ValueError(f"{path}: missing key(s) {missing}")
-        n = f["showers"].shape[0]
-        for k in _KEYS[1:]:
+        version = int(f.attrs.get("format_version", -1))
+        if version > FORMAT_VERSION or version < 1:
+            raise ValueError(
+                f"{path}: unsupported format_version {version} (this code reads 1..{FORMAT_VERSION})"
+            )
+        require_keys(f, path, ("showers", "energy_mev", "theta_rad", "phi_rad", "pdg", "detector"), "native")
+        ds = f["showers"]
+        if ds.ndim != 4:
+            raise ValueError(f"{path}: key 'showers' has shape {ds.shape}, expected (N, n_z, n_phi, n_r)")
+        n = ds.shape[0]
+        for k in ("energy_mev", "theta_rad", "phi_rad", "pdg", "detector"):
             if f[k].shape != (n,):
                 raise ValueError(
                     f"{path}: key {k!r} has shape {f[k].shape}, expected ({n},) to match 'showers'"
                 )
-        showers = f["showers"][...].astype(np.float32, copy=False)
-        cond = Conditions(
-            f["energy_mev"][...].astype(np.float64),
-            f["theta_rad"][...].astype(np.float64),
-            f["phi_rad"][...].astype(np.float64),
-            f["pdg"][...].astype(np.int64),
-            np.asarray(f["detector"].asstr()[...], dtype=str),
+        lo, hi = check_rows(path, n, start, max_showers)
+        source = str(f.attrs.get("source", "unknown"))
+        seed = int(f.attrs.get("seed", -1))
+        meta = json.loads(f.attrs.get("metadata_json", "{}"))
+        for a in range(lo, hi, chunk_size):
+            b = min(hi, a + chunk_size)
+            x = ds[a:b].astype(np.float32, copy=False)
+            x, n_clipped = check_voxels(
+                x, path=path, key="showers", row0=a, clip_negative_mev=clip_negative_mev
+            )
+            cond = Conditions(
+                f["energy_mev"][a:b].astype(np.float64),
+                f["theta_rad"][a:b].astype(np.float64),
+                f["phi_rad"][a:b].astype(np.float64),
+                f["pdg"][a:b].astype(np.int64),
+                np.asarray(f["detector"].asstr()[a:b], dtype=str),
+            )
+            check_conditions(cond, path=path, keys={}, row0=a)
+            if detector is not None:
+                others = sorted(set(np.unique(cond.detector).tolist()) - {detector})
+                if others:
+                    raise ValueError(
+                        f"{path}: key 'detector': rows {a}..{b - 1} name detector(s) {others}, but the "
+                        "source "
+                        f"was declared as detector {detector!r}"
+                    )
+            yield ShowerSet(
+                x,
+                cond,
+                source,
+                None if seed < 0 else seed,
+                {**meta, "format": "native", "path": str(path), "start": a, "n_clipped_negative": n_clipped},
+            )
+
+
+class NativeWriter:
+    """Append ShowerSets chunk by chunk (temp file, then rename on close; removed on abort).
+
+    ``write`` is this writer with one append; large conversions append chunk by chunk without holding the
+    data in memory.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        mesh_shape: tuple[int, int, int],
+        source: str = "unknown",
+        seed: int | None = None,
+        metadata: dict | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.mesh_shape = tuple(int(v) for v in mesh_shape)
+        self.n = 0
+        self._f = h5py.File(self.tmp, "w")
+        f = self._f
+        f.create_dataset(
+            "showers",
+            shape=(0, *self.mesh_shape),
+            maxshape=(None, *self.mesh_shape),
+            dtype=np.float32,
+            chunks=(256, *self.mesh_shape),
+            compression="lzf",
         )
-        seed = int(f.attrs["seed"])
-        return ShowerSet(
-            showers,
-            cond,
-            str(f.attrs["source"]),
-            None if seed < 0 else seed,
-            json.loads(f.attrs["metadata_json"]),
+        for k in ("energy_mev", "theta_rad", "phi_rad"):
+            f.create_dataset(k, shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(4096,))
+        f.create_dataset("pdg", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
+        f.create_dataset(
+            "detector", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"), chunks=(4096,)
         )
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["source"] = source
+        f.attrs["seed"] = -1 if seed is None else int(seed)
+        f.attrs["caloforge_version"] = caloforge.__version__
+        f.attrs["metadata_json"] = json.dumps(metadata or {}, sort_keys=True)
+
+    def append(self, data: ShowerSet) -> None:
+        if data.mesh_shape != self.mesh_shape:
+            raise ValueError(
+                f"{self.path}: cannot append mesh {data.mesh_shape} to a file of mesh {self.mesh_shape}"
+            )
+        m = len(data)
+        if m == 0:
+            return
+        f, a, b = self._f, self.n, self.n + m
+        for k in ("showers", "energy_mev", "theta_rad", "phi_rad", "pdg", "detector"):
+            f[k].resize((b, *f[k].shape[1:]))
+        f["showers"][a:b] = data.showers_NZPR
+        c = data.conditions
+        f["energy_mev"][a:b] = c.energy_mev
+        f["theta_rad"][a:b] = c.theta_rad
+        f["phi_rad"][a:b] = c.phi_rad
+        f["pdg"][a:b] = c.pdg
+        f["detector"][a:b] = c.detector.astype(object)
+        self.n = b
+
+    def close(self) -> Path:
+        self._f.close()
+        self.tmp.replace(self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> NativeWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write(path: str | Path, data: ShowerSet) -> Path:
+    """Write ``data`` atomically (temp file + rename), so a crash never leaves a half-written file."""
+    with NativeWriter(Path(path), data.mesh_shape, data.source, data.seed, data.metadata) as w:
+        w.append(data)
+    return Path(path)
+
+
+def read(path: str | Path) -> ShowerSet:
+    """The whole file as one ShowerSet (validated; see ``iter_native`` for chunked reading)."""
+    path = Path(path)
+    parts = list(iter_native(path))
+    if not parts:
+        raise ValueError(f"{path}: no showers")
+    first = parts[0]
+    per_chunk = ("format", "path", "start", "n_clipped_negative")
+    meta = {k: v for k, v in first.metadata.items() if k not in per_chunk}
+    if len(parts) == 1:
+        return ShowerSet(first.showers_NZPR, first.conditions, first.source, first.seed, meta)
+    return ShowerSet(
+        np.concatenate([p.showers_NZPR for p in parts]),
+        Conditions.concat([p.conditions for p in parts]),
+        first.source,
+        first.seed,
+        meta,
+    )
