@@ -1,0 +1,212 @@
+"""What the registry needs to know about a ShowerModel bundle, read by loading it (no mlflow here).
+
+``inspect_bundle(dir)`` loads the bundle through ``caloforge.platform.checkpoint.load_bundle`` (which
+refuses a newer ``schema_version``, a weights file whose sha256 differs from config.json and a state dict
+that does not fit) and returns a ``BundleInfo``: detectors, particles and ranges it was trained on,
+lineage, mesh, sampler defaults and the sha256 of every file (recorded at registration, checked after
+every download).
+
+Lineage fields the registry reads from the bundle's ``config.json`` → ``lineage``:
+
+- ``parent``: registry URI (``models:/caloforge-base/3``) or path of the model it was adapted from;
+- ``dataset_manifest_hash``;
+- ``extra`` (strings): ``kind`` (base | adapted | distilled), ``adaptation_method``, ``target_detector``,
+  ``parent_version``, and the trained ranges ``energy_mev_min``/``energy_mev_max``/``theta_rad_min``/
+  ``theta_rad_max`` (same names as the stats block of ``caloforge.datasets.stats``) and ``particles``
+  (comma-separated names or PDG ids). See docs/registry.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from caloforge.registry.card import ValidRanges, ranges_from_lineage
+
+if TYPE_CHECKING:
+    from caloforge.platform.shower_model import ShowerModel
+
+_URI_RE = re.compile(r"^(?:models:/)?(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))?/?$")
+
+
+def parse_model_uri(uri: str) -> tuple[str, int | None, str | None]:
+    """(name, version, alias) of ``models:/NAME/3``, ``models:/NAME@alias``, ``NAME@alias`` or ``NAME``."""
+    m = _URI_RE.match(uri.strip())
+    if not m:
+        raise ValueError(
+            f"invalid model URI {uri!r}: expected models:/NAME/VERSION, models:/NAME@ALIAS or NAME[@ALIAS]"
+        )
+    version = m.group("version")
+    return m.group("name"), (int(version) if version else None), m.group("alias")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def bundle_files(directory: str | Path) -> dict[str, str]:
+    """``{relative posix path: sha256}`` of every regular file under ``directory``."""
+    root = Path(directory)
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def verify_bundle_files(directory: str | Path, expected: Mapping[str, str], what: str) -> None:
+    """Compare the files of ``directory`` with the digests recorded at registration (ValueError on any
+    difference). An empty ``expected`` (nothing recorded) checks nothing."""
+    if not expected:
+        return
+    actual = bundle_files(directory)
+    missing = sorted(set(expected) - set(actual))
+    if missing:
+        raise ValueError(f"corrupt artifact of {what}: bundle file(s) {missing} missing")
+    bad = sorted(f for f, digest in expected.items() if actual[f] != digest)
+    if bad:
+        f = bad[0]
+        raise ValueError(
+            f"corrupt artifact of {what}: {f} has sha256 {actual[f][:12]}…, registered {expected[f][:12]}… "
+            f"({len(bad)} file(s) differ)"
+        )
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """A summary of one loaded bundle (JSON-able parts only)."""
+
+    path: Path
+    schema_version: int
+    caloforge_version: str
+    detectors: tuple[str, ...]
+    n_detector_slots: int
+    mesh_shape: tuple[int, int, int]
+    r_edges_mm: tuple[float, ...]
+    objective: str
+    backbone: Any
+    transform: str
+    sampler: str
+    num_steps: int
+    n_parameters: int
+    lineage: dict[str, Any]
+    ranges: ValidRanges
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def extra(self) -> dict[str, str]:
+        return dict(self.lineage.get("extra") or {})
+
+    @property
+    def particles(self) -> tuple[str, ...]:
+        return self.ranges.particles or ()
+
+    @property
+    def pdgs(self) -> tuple[int, ...]:
+        from caloforge.platform.conditioning import pdg_of
+
+        return tuple(pdg_of(p) for p in self.particles)
+
+    @property
+    def kind(self) -> str | None:
+        return self.extra.get("kind")
+
+    def lineage_tags(self) -> dict[str, str]:
+        """Registry tags (short keys) derived from the bundle's lineage."""
+        extra = self.extra
+        parent = self.lineage.get("parent") or ""
+        parent_version = extra.get("parent_version", "")
+        if parent.startswith("models:/") and not parent_version:
+            try:
+                _, version, alias = parse_model_uri(parent)
+            except ValueError:
+                version, alias = None, None
+            parent_version = str(version) if version is not None else (f"@{alias}" if alias else "")
+        return {
+            "parent_uri": parent,
+            "parent_version": parent_version,
+            "adaptation_method": extra.get("adaptation_method", ""),
+            "target_detector": extra.get("target_detector", ""),
+            "dataset_manifest_hash": self.lineage.get("dataset_manifest_hash") or "",
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """Plain data for model cards and MLflow model metadata."""
+        backbone = self.backbone if isinstance(self.backbone, str) else dict(self.backbone)
+        return {
+            "schema_version": self.schema_version,
+            "caloforge_version": self.caloforge_version,
+            "mesh_shape": list(self.mesh_shape),
+            "r_edges_mm": list(self.r_edges_mm),
+            "detectors": list(self.detectors),
+            "detector_index": {d: i for i, d in enumerate(self.detectors)},
+            "n_detector_slots": self.n_detector_slots,
+            "objective": self.objective,
+            "backbone": backbone,
+            "transform": self.transform,
+            "sampler": self.sampler,
+            "num_steps": self.num_steps,
+            "n_parameters": self.n_parameters,
+        }
+
+    def pyfunc_metadata(self) -> dict[str, Any]:
+        """Metadata stored in the MLmodel file (what a pyfunc user needs to reshape the output)."""
+        return {
+            **self.summary(),
+            "output": "float32 (N, n_z*n_phi*n_r) MeV, voxel index = z*(n_phi*n_r) + phi*n_r + r",
+            "valid_ranges": self.ranges.to_dict(),
+        }
+
+
+def load_checked(directory: str | Path, what: str | None = None) -> tuple[ShowerModel, BundleInfo]:
+    """Load a bundle and summarise it; every problem is a ValueError naming ``what`` (default: the path)."""
+    from caloforge.platform.checkpoint import load_bundle, read_bundle_config
+
+    directory = Path(directory)
+    label = what or str(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{label}: bundle directory {directory} not found")
+    try:
+        config = read_bundle_config(directory)
+        model = load_bundle(directory, device="cpu")
+    except ValueError as exc:
+        detail = str(exc).replace(str(directory), label) if what else str(exc)  # no staging paths
+        raise ValueError(f"not a loadable model bundle: {detail}") from exc
+    info = _summarise(directory, config, model)
+    return model, info
+
+
+def inspect_bundle(directory: str | Path, what: str | None = None) -> BundleInfo:
+    """``load_checked`` without keeping the model."""
+    return load_checked(directory, what)[1]
+
+
+def _summarise(directory: Path, config: dict[str, Any], model: ShowerModel) -> BundleInfo:
+    from caloforge.config import to_dict
+
+    lineage = json.loads(json.dumps(config.get("lineage") or {}))
+    mc = model.config
+    backbone = mc.backbone if isinstance(mc.backbone, str) else to_dict(mc.backbone)
+    return BundleInfo(
+        path=directory.resolve(),
+        schema_version=int(config["schema_version"]),
+        caloforge_version=str(config.get("caloforge_version", "")),
+        detectors=tuple(model.vocab.detectors),
+        n_detector_slots=int(model.vocab.n_detector_slots),
+        mesh_shape=tuple(int(v) for v in model.mesh_shape),  # type: ignore[arg-type]
+        r_edges_mm=tuple(float(r) for r in model.mesh.r_edges_mm),
+        objective=mc.objective,
+        backbone=backbone,
+        transform=mc.transform,
+        sampler=mc.sampler,
+        num_steps=int(mc.num_steps),
+        n_parameters=int(sum(p.numel() for p in model.parameters())),
+        lineage=lineage,
+        ranges=ranges_from_lineage(lineage, model.vocab.detectors),
+        files=bundle_files(directory),
+    )

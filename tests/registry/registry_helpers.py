@@ -1,0 +1,69 @@
+"""Helpers shared by the registry tests: tiny real ShowerModels and bundle edits."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from caloforge.datasets.stats import compute_stats
+from caloforge.platform.conditioning import ConditionVocab
+from caloforge.platform.shower_model import Lineage, ShowerModel, ShowerModelConfig
+
+MESH = (6, 4, 3)
+DETECTORS = ("lar-pb", "pbwo4")
+TRAINED = {
+    "energy_mev_min": "1000",
+    "energy_mev_max": "100000",
+    "theta_rad_min": "0.2",
+    "theta_rad_max": "1.0",
+    "particles": "e-,gamma,pi+",
+}
+
+
+def tiny_model(
+    objective: str = "flow_matching",
+    sampler: str = "heun",
+    num_steps: int = 2,
+    detectors: tuple[str, ...] = DETECTORS,
+    extra: dict[str, str] | None = None,
+    parent: str | None = None,
+    seed: int = 0,
+    init_scale: float = 0.03,
+) -> ShowerModel:
+    """A debug-size model on a 6×4×3 mesh, transform fitted on simulated-looking showers, and every
+    zero-initialised tensor (adaLN-Zero, final layer) filled with small seeded noise so the network's
+    output depends on its inputs (an untrained DiT would otherwise be the identity)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.lognormal(-2.0, 1.5, size=(128, *MESH)) * (rng.random((128, *MESH)) > 0.4)).astype(np.float32)
+    stats = compute_stats(x, rng.uniform(1e3, 1e5, 128), rng.uniform(0.2, 1.0, 128))
+    cfg = ShowerModelConfig(backbone="debug", objective=objective, sampler=sampler, num_steps=num_steps)
+    lineage = Lineage(
+        parent=parent, dataset_manifest_hash="sha256:" + "ab" * 8, extra=dict(TRAINED | (extra or {}))
+    )
+    model = ShowerModel.build(
+        cfg, ConditionVocab.create(list(detectors), spare_slots=2), stats, MESH, lineage
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dtype.is_floating_point and not bool(p.any()):
+                p.copy_(init_scale * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def rewrite_config(bundle: Path, **changes: object) -> None:
+    """Edit a bundle's config.json in place (used to make broken bundles)."""
+    cfg_path = bundle / "config.json"
+    data = json.loads(cfg_path.read_text())
+    data.update(changes)
+    cfg_path.write_text(json.dumps(data))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
