@@ -57,6 +57,9 @@ def test_overrides_are_validated_like_the_file(tmp_path: Path) -> None:
     path.write_text("name: x\n")
     cfg = load_config(Outer, path, ["inner.lr=0.25", "steps=7", "tags=[a, b]"])
     assert cfg.inner.lr == 0.25 and cfg.steps == 7 and cfg.tags == ("a", "b")
+    assert load_config(Outer, path, ["inner.lr=2e-3"]).inner.lr == 2e-3  # YAML 1.1 reads 2e-3 as a string
+    with pytest.raises(ConfigError, match=r"inner\.lr: expected float, got 'fast'"):
+        load_config(Outer, path, ["inner.lr=fast"])
     with pytest.raises(ConfigError, match=r"with --set overrides\): inner\.nope: unknown key"):
         load_config(Outer, path, ["inner.nope=1"])
     with pytest.raises(ConfigError, match=r"expected KEY\.PATH=VALUE"):

@@ -1,0 +1,486 @@
+"""Driver side of distributed pretraining: validate, prepare the run directory and MLflow run, start (or join)
+Ray, run ``ray.train.torch.TorchTrainer`` and hand the final bundle to the ``on_final_bundle`` hooks.
+
+Ray (one of the two modules importing it, with ``worker.py``):
+
+- without ``RAY_ADDRESS`` an embedded local Ray is started for the run and shut down after it
+  (``include_dashboard=False``, ``_node_ip_address="127.0.0.1"``, usage stats off): a laptop just works;
+- with ``RAY_ADDRESS`` (set by ``ray job submit``, or by hand: ``ray://…`` / ``host:6379``) the run joins
+  that cluster unchanged;
+- when Ray is already initialised in this process (tests, notebooks) it is used as is and left running.
+
+Ray Train V2 semantics we rely on (docs/pretraining.md): reusing run name + storage path resumes a run from
+its latest checkpoint, even a finished one. CaloForge makes that explicit: a fresh launch whose run directory
+already exists is an error, ``resume=True`` (``--resume``) is required to continue it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import caloforge
+from caloforge.config import dump_yaml, to_dict
+from caloforge.pretrain.config import DataPlan, PretrainConfig, resume_differences, validate_pretrain_config
+from caloforge.pretrain.rundir import RUN_FILE, RunDir, validate_run_name
+
+__all__ = [
+    "FinalBundleHook",
+    "PretrainResult",
+    "default_bundle_hooks",
+    "prepare_data",
+    "ray_session",
+    "run_pretrain",
+]
+
+log = logging.getLogger("caloforge.pretrain")
+
+FinalBundleHook = Callable[[Path, "str | None", dict[str, float]], None]
+"""``hook(bundle_dir, mlflow_run_id, final_metrics)``: called by the driver after a successful run."""
+
+# Environment of an embedded local Ray (propagated to the Train controller and workers).
+_EMBEDDED_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # A laptop has no node preemption; the watcher actor only adds a C++ warning line per worker group.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    """What :func:`run_pretrain` returns."""
+
+    run_name: str
+    run_uri: str  # <storage_path>/<run name>
+    step: int  # optimizer steps done (in total)
+    metrics: dict[str, float]  # final training + validation metrics
+    mlflow_run_id: str | None
+    bundle_uri: str  # <run_uri>/bundle
+    worker_group_starts: int  # worker-group starts during this launch (1 + restarts after failures)
+    resumed_from_step: int | None  # step the first worker group of this launch started from
+    registered: list[Any] = field(default_factory=list)  # what the on_final_bundle hooks returned
+
+
+# -- Ray -------------------------------------------------------------------------------------------------
+def _embedded_num_cpus(cfg: PretrainConfig) -> int:
+    if cfg.cluster.local_num_cpus is not None:
+        return cfg.cluster.local_num_cpus
+    return max(1, math.ceil(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker))
+
+
+@contextlib.contextmanager
+def ray_session(num_cpus: int) -> Iterator[str]:
+    """Ray for one run; yields ``"existing"``, ``"cluster"`` (``RAY_ADDRESS``) or ``"embedded"``.
+
+    ``num_cpus`` sizes an embedded local Ray (ignored when joining a cluster or reusing a session).
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield "existing"
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining the Ray cluster at RAY_ADDRESS=%s", address)
+        ray.init(address=address, log_to_driver=True)
+        mode = "cluster"
+    else:
+        for key, value in _EMBEDDED_ENV.items():
+            os.environ.setdefault(key, value)
+        preexisting = _descendant_pids()
+        log.info("starting an embedded local Ray (%d CPUs, dashboard off, 127.0.0.1)", num_cpus)
+        ray.init(
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            num_cpus=num_cpus,
+            log_to_driver=True,
+            runtime_env={"worker_process_setup_hook": "caloforge.pretrain.raylog.quiet_ray_internals"},
+        )
+        mode = "embedded"
+    try:
+        yield mode
+    finally:
+        spawned = _ray_descendants(preexisting) if mode == "embedded" else []
+        ray.shutdown()
+        _reap(spawned)
+
+
+def _descendant_pids() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _ray_descendants(preexisting: set[int]) -> list[Any]:
+    """Ray processes this process started since ``ray.init`` (GCS, raylet, workers, actors)."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        if proc.pid in preexisting:
+            continue
+        try:
+            cmdline = " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if "ray" in cmdline:
+            found.append(proc)
+    return found
+
+
+def _reap(processes: list[Any], grace_s: float = 5.0) -> None:
+    """After ``ray.shutdown()`` of the embedded Ray: terminate the processes it left behind.
+
+    Ray normally takes its workers down with the raylet, but an actor (seen: a Ray Train controller of a run
+    that had restarted its workers) can survive as an orphan; this leaves nothing running on the machine.
+    """
+    import psutil
+
+    def running(procs: list[Any]) -> list[Any]:
+        out = []
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    out.append(proc)
+        return out
+
+    deadline = time.monotonic() + grace_s
+    while (alive := running(processes)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not alive:
+        return
+    log.warning(
+        "embedded Ray left %d process(es) after shutdown (pids %s): terminating them",
+        len(alive),
+        ", ".join(str(p.pid) for p in alive),
+    )
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    deadline = time.monotonic() + grace_s
+    while (alive := running(alive)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
+def _check_cluster_resources(cfg: PretrainConfig, mode: str) -> None:
+    """The GPUs/CPUs the scaling config asks for, against the Ray cluster's (before any worker starts).
+
+    Embedded Ray: a shortfall is an error. An existing cluster may autoscale (KubeRay adds worker pods when
+    Ray Train asks for them), so there a shortfall is a warning and Ray Train waits for the resources.
+    """
+    import ray
+
+    total = ray.cluster_resources()
+    c = cfg.cluster
+    problems = []
+    if c.use_gpu:
+        need = c.num_workers * c.gpus_per_worker
+        have = float(total.get("GPU", 0.0))
+        if have < need:
+            problems.append(
+                f"cluster.use_gpu: {c.num_workers} workers × {c.gpus_per_worker:g} GPU need {need:g} GPUs, "
+                f"the Ray cluster has {have:g} now (set cluster.use_gpu=false, or fewer workers)"
+            )
+    need_cpu = c.num_workers * c.cpus_per_worker
+    have_cpu = float(total.get("CPU", 0.0))
+    if have_cpu < need_cpu:
+        problems.append(
+            f"cluster: {c.num_workers} workers × {c.cpus_per_worker:g} CPU need {need_cpu:g} CPUs, the Ray "
+            f"cluster has {have_cpu:g} now (lower cluster.cpus_per_worker or cluster.num_workers)"
+        )
+    if problems and mode == "embedded":
+        raise ValueError("; ".join(problems))
+    for problem in problems:
+        log.warning("%s; Ray Train waits until an autoscaler provides them", problem)
+
+
+# -- data ------------------------------------------------------------------------------------------------
+def prepare_data(cfg: PretrainConfig) -> Path:
+    """The run's shard set: ``data.shards``, or the ``data.simulate`` set — simulated and sharded once by
+    ``caloforge.training.run.prepare_data`` into ``$CALOFORGE_HOME/data/simulated/<hash of the block>`` and
+    reused by every run with the same block."""
+    import hashlib
+    import json
+
+    if cfg.data.shards is not None:
+        return Path(cfg.data.shards).expanduser()
+    sim = cfg.data.simulate
+    assert sim is not None
+    from caloforge import paths
+    from caloforge.datasets.simulator import SIMULATOR_VERSION
+    from caloforge.training import run as train_run
+
+    key = hashlib.sha256(json.dumps([to_dict(sim), SIMULATOR_VERSION], sort_keys=True).encode()).hexdigest()[
+        :16
+    ]
+    cache = paths.data_dir() / "simulated" / key
+    log.info("data.simulate: shard set %s (simulated on first use)", cache)
+    return train_run.prepare_data(train_run.TrainConfig(data=train_run.DataConfig(simulate=sim)), cache)
+
+
+# -- run directory ---------------------------------------------------------------------------------------
+def _refuse_existing(run: RunDir) -> None:
+    if not run.is_empty():
+        raise ValueError(
+            f"run {run.name!r} already exists at {run.uri}: pass --resume to continue it from its latest "
+            "checkpoint (raise loop.steps to train longer), or choose another --run-name"
+        )
+
+
+def _prepare_run_dir(run: RunDir, cfg: PretrainConfig, plan: DataPlan, resume: bool) -> dict[str, Any] | None:
+    """Check fresh-vs-resume against what is on storage; returns the previous run record when resuming."""
+    if not resume:
+        _refuse_existing(run)
+        return None
+    if not run.exists(RUN_FILE):
+        if run.is_empty():
+            raise ValueError(f"--resume: there is no run {run.name!r} at {run.uri} to resume")
+        raise ValueError(f"--resume: {run.uri} exists but is not a CaloForge pretraining run (no {RUN_FILE})")
+    record = run.read_json(RUN_FILE)
+    previous_cfg = record.get("config")
+    if previous_cfg is not None:
+        diffs = resume_differences(previous_cfg, to_dict(cfg))
+        if diffs:
+            raise ValueError(
+                f"--resume {run.name!r}: these settings differ from the run's and cannot change on resume: "
+                + "; ".join(diffs)
+            )
+    previous_hash = record.get("dataset_manifest_hash")
+    if previous_hash and previous_hash != plan.manifest_hash:
+        raise ValueError(
+            f"--resume {run.name!r}: data.shards is a different shard set than the run's (manifest sha256 "
+            f"{plan.manifest_hash[:12]} != {previous_hash[:12]})"
+        )
+    if not run.ray_checkpoints():
+        log.warning("run %s has no checkpoint yet: it starts again from step 0", run.uri)
+    return record
+
+
+def _attempt_files(run: RunDir) -> list[str]:
+    return [n for n in run.listdir("attempts") if n.endswith(".json")]
+
+
+# -- hooks -----------------------------------------------------------------------------------------------
+def default_bundle_hooks(cfg: PretrainConfig) -> list[FinalBundleHook]:
+    """``register: true`` → register the bundle as a ``caloforge-base`` version (``candidate`` alias) through
+    ``caloforge.registry.store.register_pretrained_bundle`` (error when the registry is not installed)."""
+    if not cfg.tracking.register:
+        return []
+    try:
+        from caloforge.registry.store import register_pretrained_bundle
+    except ImportError as exc:
+        raise ValueError(
+            "tracking.register=true but caloforge.registry.store.register_pretrained_bundle is not available"
+        ) from exc
+
+    def register(bundle_dir: Path, run_id: str | None, metrics: dict[str, float]) -> Any:
+        finite = {k.replace("/", "."): v for k, v in metrics.items() if math.isfinite(v)}
+        version = register_pretrained_bundle(bundle_dir, run_id, finite)
+        log.info("registered %s version %s", getattr(version, "name", "?"), getattr(version, "version", "?"))
+        return version
+
+    return [register]
+
+
+# -- the driver ------------------------------------------------------------------------------------------
+def _file_log_handler(run: RunDir) -> logging.Handler | None:
+    if not run.is_local:
+        return None
+    path = run.local_path / "logs" / "driver.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    return handler
+
+
+def run_pretrain(
+    cfg: PretrainConfig,
+    *,
+    run_name: str | None = None,
+    resume: bool | Literal["auto"] = False,
+    on_final_bundle: Sequence[FinalBundleHook] | None = None,
+) -> PretrainResult:
+    """Run (or resume) a pretraining run; returns when it finished. See the module docstring.
+
+    Args:
+        cfg: the resolved config.
+        run_name: the run's name (default ``cfg.name``); the run lives in ``<cluster.storage_path>/<name>``.
+        resume: ``True``: continue the existing run from its latest checkpoint (an error when there is none);
+            ``False``: start a new run (an error when the run exists); ``"auto"``: resume when the run exists,
+            else start it (for unattended launchers that retry, e.g. a Kubernetes RayJob's submitter).
+        on_final_bundle: hooks called with the final bundle (default: :func:`default_bundle_hooks`).
+
+    Raises:
+        ValueError: a bad config, a missing dataset, an existing run without ``resume`` (all before any
+            worker starts).
+        RuntimeError: the run failed after ``cluster.max_failures`` restarts (resume it with ``--resume``).
+    """
+    from caloforge.registry.tracking import RunTracker, library_versions
+
+    name = validate_run_name(run_name or cfg.name)
+    run = RunDir(cfg.cluster.storage_path, name)
+    if resume == "auto":
+        resume = run.exists(RUN_FILE)
+        log.info("run %s %s", run.uri, "exists: resuming it" if resume else "is new: starting it")
+    if not resume:
+        _refuse_existing(run)  # before simulating data or anything else
+    plan = validate_pretrain_config(cfg, manifest_dir=prepare_data(cfg))
+    hooks = list(on_final_bundle) if on_final_bundle is not None else default_bundle_hooks(cfg)
+    record = _prepare_run_dir(run, cfg, plan, resume)
+
+    handler = _file_log_handler(run)
+    root_logger = logging.getLogger("caloforge")
+    if handler is not None:
+        root_logger.addHandler(handler)
+    tracker = None
+    try:
+        versions = library_versions()
+        tracker_id = record.get("mlflow_run_id") if record else None
+        if cfg.tracking.enabled:
+            tracker = RunTracker(
+                cfg.tracking.experiment,
+                run_name=name,
+                run_id=tracker_id,
+                tags={"caloforge.run_uri": run.uri, "caloforge.kind": "pretrain"},
+            )
+            tracker.log_params(
+                {
+                    "config": to_dict(cfg),
+                    "dataset_manifest_hash": plan.manifest_hash,
+                    "versions": versions,
+                    "world_size": cfg.cluster.num_workers,
+                }
+            )
+            log.info("MLflow run %s (%s)", tracker.run_id, tracker.tracking_uri)
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        launches = list(record.get("launches", [])) if record else []
+        launches.append({"at": now, "resume": resume, "steps": cfg.loop.steps})
+        new_record = {
+            "name": name,
+            "created": record.get("created", now) if record else now,
+            "caloforge_version": caloforge.__version__,
+            "mlflow_run_id": tracker.run_id if tracker else tracker_id,
+            "mlflow_tracking_uri": tracker.tracking_uri if tracker else None,
+            "dataset_manifest_hash": plan.manifest_hash,
+            "manifest_dir": str(plan.manifest_dir),
+            "config": to_dict(cfg),
+            "launches": launches,
+        }
+        if record and run.exists("config.yaml"):
+            run.write_text(f"config.{len(launches) - 1}.yaml", run.read_text("config.yaml"))
+        run.write_text("config.yaml", dump_yaml(cfg))
+        run.write_json("versions.json", versions)
+        run.write_json(RUN_FILE, new_record)
+        attempts_before = set(_attempt_files(run))
+
+        payload = {
+            "config": to_dict(cfg),
+            "storage_path": run.storage_path,
+            "run_name": name,
+            "manifest_dir": str(plan.manifest_dir),
+            "manifest_hash": plan.manifest_hash,
+            "detectors": list(plan.detectors),
+            "mlflow_run_id": tracker.run_id if tracker else None,
+            "mlflow_tracking_uri": tracker.tracking_uri if tracker else None,
+            "log_level": logging.getLogger("caloforge").getEffectiveLevel(),
+        }
+        with ray_session(_embedded_num_cpus(cfg)) as mode:
+            _check_cluster_resources(cfg, mode)
+            _fit(cfg, run, payload)
+        new_attempts = sorted(set(_attempt_files(run)) - attempts_before)
+        starts = [run.read_json(f"attempts/{n}") for n in new_attempts]
+        final = run.read_json("final_metrics.json")
+        metrics = {k: float(v) for k, v in final.get("metrics", {}).items()}
+        bundle_dir = run.download_dir(
+            "bundle", Path(os.environ.get("TMPDIR", "/tmp")) / f"caloforge-{name}-bundle"
+        )
+        registered = [hook(bundle_dir, tracker.run_id if tracker else None, metrics) for hook in hooks]
+        if tracker is not None:
+            tracker.end("FINISHED")
+        result = PretrainResult(
+            run_name=name,
+            run_uri=run.uri,
+            step=int(final["step"]),
+            metrics=metrics,
+            mlflow_run_id=tracker.run_id if tracker else None,
+            bundle_uri=f"{run.uri}/bundle",
+            worker_group_starts=len(starts),
+            resumed_from_step=starts[0]["start_step"] if starts else None,
+            registered=registered,
+        )
+        log.info(
+            "run %s finished at step %d (%d worker-group start(s)); bundle: %s",
+            name,
+            result.step,
+            result.worker_group_starts,
+            result.bundle_uri,
+        )
+        return result
+    except BaseException as exc:
+        if tracker is not None:
+            tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    finally:
+        if handler is not None:
+            root_logger.removeHandler(handler)
+            handler.close()
+
+
+def _fit(cfg: PretrainConfig, run: RunDir, payload: dict[str, Any]) -> None:
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from caloforge.pretrain.worker import train_loop_per_worker
+
+    c = cfg.cluster
+    resources: dict[str, float] = {"CPU": c.cpus_per_worker}
+    if c.use_gpu:
+        resources["GPU"] = c.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(
+            num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run.name,
+            storage_path=run.storage_path,
+            failure_config=FailureConfig(max_failures=c.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=c.num_to_keep),
+        ),
+    )
+    log.info(
+        "pretraining %s: %d workers (%s), engine %s, %d steps → %s",
+        run.name,
+        c.num_workers,
+        "GPU" if c.use_gpu else "CPU",
+        cfg.engine.backend
+        if cfg.engine.backend == "ddp"
+        else f"deepspeed ZeRO-{cfg.engine.deepspeed.zero_stage}",
+        cfg.loop.steps,
+        run.uri,
+    )
+    try:
+        trainer.fit()
+    except Exception as exc:
+        from ray.train import TrainingFailedError
+
+        if isinstance(exc, TrainingFailedError):
+            raise RuntimeError(
+                f"pretraining run {run.name!r} failed (after up to cluster.max_failures={c.max_failures} "
+                f"restarts from its latest checkpoint): {exc}. Fix the cause and continue it with --resume "
+                f"--run-name {run.name}"
+            ) from exc
+        raise
