@@ -55,11 +55,13 @@ def add_config_args(parser: argparse.ArgumentParser, default: str | None = None)
 
 
 def setup_logging(verbose: bool = False) -> None:
+    """Our own loggers at INFO (DEBUG with -v); third-party libraries only from WARNING up, unless -v."""
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("caloforge").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def build_parser() -> argparse.ArgumentParser:
