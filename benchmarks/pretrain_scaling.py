@@ -15,9 +15,12 @@ from ``metrics.jsonl`` over the log windows after the first (warm-up excluded). 
 
 ``--device cuda``: on one GPU, the engine row (``S``, bf16, batch 256, peak memory) and the full stack: a
 short ``run_pretrain`` of ``S`` with one GPU worker (Ray Train + DeepSpeed + NCCL + streaming shards + bf16).
+``--compile`` sets ``loop.compile`` (``torch.compile`` of the model on CUDA) in both; on CUDA the backends
+use fused AdamW. ``benchmarks/mfu_sweep.py`` measures the variants (compile modes, batch, backends,
+bf16 weights) in one process and profiles where the GPU time goes.
 
     .venv/bin/python benchmarks/pretrain_scaling.py [--quick] [--steps N] [--engine deepspeed|ddp]
-    .venv/bin/python benchmarks/pretrain_scaling.py --device cuda [--batch 256] [--zero-stage 2]
+    .venv/bin/python benchmarks/pretrain_scaling.py --device cuda [--batch 256] [--zero-stage 2] [--compile]
 
 Prints a table and writes ``benchmarks/results/<device>_<YYYY-MM-DD>_pretrain_scaling.json``.
 """
@@ -25,7 +28,9 @@ Prints a table and writes ``benchmarks/results/<device>_<YYYY-MM-DD>_pretrain_sc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -73,6 +78,7 @@ def _run_config(args: argparse.Namespace, workers: int, storage: Path, gpu: bool
             "log_every": args.log_every,
             "checkpoint_every": 0,
             "precision": "bf16" if gpu else "fp32",
+            "compile": bool(args.compile),
         },
         "engine": {
             "backend": args.engine,
@@ -190,28 +196,10 @@ class _MemoryStream:
             yield from self.batches
 
 
-def engine_throughput(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """A model through ``DeepSpeedBackend`` + the loop on in-memory batches in one process, and its model
-    FLOPs utilisation (bf16 on CUDA against a bf16 matmul peak; fp32 on CPU against an fp32 peak)."""
-    from caloforge.datasets.stats import compute_stats
-    from caloforge.platform.backbone import forward_flops
-    from caloforge.platform.conditioning import Conditions, ConditionVocab
-    from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig
-    from caloforge.pretrain.config import DeepSpeedOptions
-    from caloforge.pretrain.deepspeed_backend import DeepSpeedBackend
-    from caloforge.training.config import LoopConfig
-    from caloforge.training.loop import Trainer
-    from caloforge.training.tasks import shower_loss_fn
+def _synthetic(n: int) -> tuple[np.ndarray, Any, tuple[str, ...]]:
+    from caloforge.platform.conditioning import Conditions
 
-    gpu = device.type == "cuda"
-    if gpu:
-        torch.cuda.set_device(device)
-        peak = peak_matmul_flops(device, torch.bfloat16, 8192, 30)
-    else:
-        torch.set_num_threads(1)  # as one Ray worker with cpus_per_worker=1 (and robust to a busy machine)
-        peak = peak_matmul_flops(device, torch.float32, 1024, 10)
     rng = np.random.default_rng(0)
-    n = args.batch * 4
     showers = (rng.lognormal(0.0, 2.0, (n, *MESH)) * (rng.random((n, *MESH)) < 0.3)).astype(np.float32)
     detectors = ("fe-sci", "odd-like", "par04-scipb", "par04-siw", "pbwo4", "wsi-granular")
     cond = Conditions.make(
@@ -221,6 +209,138 @@ def engine_throughput(args: argparse.Namespace, device: torch.device) -> dict[st
         rng.choice([11, 22, 211, -211], n),
         rng.choice(detectors, n),
     )
+    return showers, cond, detectors
+
+
+@contextlib.contextmanager
+def _deepspeed_bf16_weights(enabled: bool) -> Iterator[None]:
+    """DeepSpeed's ``bf16`` mode (bf16 weights and activations, fp32 master weights in the ZeRO optimizer)
+    instead of ``torch_autocast`` (a benchmark variant only: the recipe keeps fp32 weights + autocast)."""
+    if not enabled:
+        yield
+        return
+    from caloforge.pretrain import deepspeed_backend as dsb
+
+    original = dsb.build_deepspeed_config
+
+    def patched(*a: Any, **kw: Any) -> dict[str, Any]:
+        config = original(*a, **kw)
+        config.pop("torch_autocast", None)
+        config["bf16"] = {"enabled": True}
+        return config
+
+    dsb.build_deepspeed_config = patched
+    try:
+        yield
+    finally:
+        dsb.build_deepspeed_config = original
+
+
+_KERNEL_CLASSES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "_mha")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "triton_tem", "sm90_", "sm80_")),
+    ("optimizer/EMA/norm (multi-tensor)", ("multi_tensor", "adam", "foreach")),
+    ("nccl", ("nccl",)),
+    ("inductor fused (triton)", ("triton_",)),
+)
+
+
+def _kernel_class(name: str) -> str:
+    low = name.lower()
+    for label, keys in _KERNEL_CLASSES:
+        if any(k in low for k in keys):
+            return label
+    return "other eager kernels (elementwise, norm, reduce, copy)"
+
+
+def gpu_time_breakdown(trace_path: Path, top: int = 12) -> dict[str, Any]:
+    """Kernel time by class from a ``torch.profiler`` Chrome trace, and how busy the GPU was.
+
+    ``busy_fraction``: union of kernel/memcpy intervals over the span from the first to the last one
+    (1 − idle gaps: launch latency, host syncs, Python overhead between kernels).
+    """
+    events = json.loads(trace_path.read_text()).get("traceEvents", [])
+    spans: list[tuple[float, float]] = []
+    by_class: dict[str, float] = {}
+    by_name: dict[str, float] = {}
+    for ev in events:
+        cat = str(ev.get("cat", "")).lower()
+        if ev.get("ph") != "X" or cat not in ("kernel", "gpu_memcpy", "gpu_memset"):
+            continue
+        start, dur = float(ev["ts"]), float(ev.get("dur", 0.0))
+        spans.append((start, start + dur))
+        name = str(ev.get("name", "?"))
+        label = _kernel_class(name) if cat == "kernel" else "memcpy/memset"
+        by_class[label] = by_class.get(label, 0.0) + dur
+        by_name[name] = by_name.get(name, 0.0) + dur
+    if not spans:
+        return {"error": f"no kernels in {trace_path.name}"}
+    spans.sort()
+    busy, cur_s, cur_e = 0.0, spans[0][0], spans[0][1]
+    for s0, e0 in spans[1:]:
+        if s0 > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s0, e0
+        else:
+            cur_e = max(cur_e, e0)
+    busy += cur_e - cur_s
+    window = spans[-1][1] - spans[0][0]
+    total = sum(by_class.values())
+    return {
+        "kernel_time_ms": total / 1e3,
+        "window_ms": window / 1e3,
+        "busy_fraction": busy / window if window > 0 else float("nan"),
+        "fraction_by_class": {k: v / total for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
+        "top_kernels_ms": [
+            [name[:120], t / 1e3] for name, t in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+        ],
+        "attention_kernels": sorted({n[:100] for n in by_name if _kernel_class(n) == "attention"})[:6],
+        "n_kernels": len(spans),
+    }
+
+
+def engine_throughput(
+    args: argparse.Namespace, device: torch.device, profile_dir: Path | None = None
+) -> dict[str, Any]:
+    """A model through a backend (``DeepSpeedBackend`` by default) + the loop on in-memory batches in one
+    process, and its model FLOPs utilisation (bf16 on CUDA against a bf16 matmul peak; fp32 on CPU against
+    an fp32 peak).
+
+    Variant knobs read from ``args`` (defaults in brackets): ``compile`` [False] (``loop.compile``),
+    ``compile_mode`` [None] (compile here with this ``torch.compile`` mode instead), ``engine_backend``
+    [deepspeed] (or ``torch``: ``TorchBackend``), ``overlap_comm`` [False], ``fused_adamw`` [None = on
+    CUDA], ``bf16_weights`` [False] (DeepSpeed ``bf16`` mode), ``tf32`` [False], ``engine_repeats`` [1]
+    timed segments,
+    ``peak_flops`` [measured here]. With ``profile_dir`` a few more steps run under ``torch.profiler`` and
+    the row gets a GPU time breakdown (``gpu_time_breakdown``).
+    """
+    from caloforge.datasets.stats import compute_stats
+    from caloforge.platform.backbone import forward_flops
+    from caloforge.platform.conditioning import ConditionVocab
+    from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig
+    from caloforge.pretrain.config import DeepSpeedOptions
+    from caloforge.pretrain.deepspeed_backend import DeepSpeedBackend
+    from caloforge.training.config import LoopConfig
+    from caloforge.training.loop import Trainer
+    from caloforge.training.tasks import shower_loss_fn
+    from caloforge.training.torch_backend import TorchBackend
+
+    gpu = device.type == "cuda"
+    compile_flag = bool(getattr(args, "compile", False))
+    compile_mode = getattr(args, "compile_mode", None)
+    backend_kind = getattr(args, "engine_backend", "deepspeed")
+    fused = getattr(args, "fused_adamw", None)
+    bf16_weights = bool(getattr(args, "bf16_weights", False))
+    tf32 = bool(getattr(args, "tf32", False))
+    repeats = int(getattr(args, "engine_repeats", 1))
+    peak = getattr(args, "peak_flops", None)
+    if gpu:
+        torch.cuda.set_device(device)
+        peak = peak or peak_matmul_flops(device, torch.bfloat16, 8192, 30)
+    else:
+        torch.set_num_threads(1)  # as one Ray worker with cpus_per_worker=1 (and robust to a busy machine)
+        peak = peak or peak_matmul_flops(device, torch.float32, 1024, 10)
+    showers, cond, detectors = _synthetic(args.batch * 4)
     model_cfg = ShowerModelConfig(backbone=args.engine_model, objective="edm")
     model = ShowerModel.build(
         model_cfg,
@@ -228,39 +348,99 @@ def engine_throughput(args: argparse.Namespace, device: torch.device) -> dict[st
         compute_stats(showers, cond.energy_mev, cond.theta_rad),
         MESH,
     )
+    if compile_mode is not None and gpu:
+        model.compile(mode=compile_mode)  # what loop.compile does, with another mode
     warmup, steps = args.engine_warmup, args.engine_steps
+    profile_steps = 6 if (profile_dir is not None and gpu) else 0
     precision = "bf16" if gpu else "fp32"
-    loop = LoopConfig(steps=warmup + steps, batch_size=args.batch, precision=precision, log_every=10**9)
-    backend = DeepSpeedBackend(DeepSpeedOptions(zero_stage=args.zero_stage), device)
-    trainer = Trainer(model, shower_loss_fn(model), backend, _MemoryStream(showers, cond, args.batch), loop)
-    trainer.fit(max_steps=warmup)
-    _sync(device)
-    if gpu:
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    trainer.fit(max_steps=warmup + steps)
-    _sync(device)
-    elapsed = time.perf_counter() - t0
-    rate = steps * args.batch / elapsed
+    total = warmup + repeats * steps + profile_steps
+    loop = LoopConfig(
+        steps=total, batch_size=args.batch, precision=precision, log_every=10**9, compile=compile_flag
+    )
+    tf32_before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        if backend_kind == "torch":
+            backend: Any = TorchBackend(device, fused_adamw=fused)
+            engine_name = "torch"
+        else:
+            overlap = bool(getattr(args, "overlap_comm", False))
+            options = DeepSpeedOptions(zero_stage=args.zero_stage, overlap_comm=overlap)
+            backend = DeepSpeedBackend(options, device, fused_adamw=fused)
+            engine_name = f"deepspeed-zero{args.zero_stage}" + ("+overlap_comm" if overlap else "")
+        stream = _MemoryStream(showers, cond, args.batch)
+        with _deepspeed_bf16_weights(bf16_weights and backend_kind != "torch"):
+            trainer = Trainer(model, shower_loss_fn(model), backend, stream, loop)
+        t0 = time.perf_counter()
+        trainer.fit(max_steps=warmup)
+        _sync(device)
+        warmup_s = time.perf_counter() - t0
+        if gpu:
+            torch.cuda.reset_peak_memory_stats(device)
+        segments = []
+        done = warmup
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            done += steps
+            trainer.fit(max_steps=done)
+            _sync(device)
+            segments.append(time.perf_counter() - t0)
+        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if gpu else float("nan")
+        breakdown = None
+        if profile_steps:
+            from torch.profiler import ProfilerActivity, profile
+
+            assert profile_dir is not None
+            profile_dir.mkdir(parents=True, exist_ok=True)
+            trace = profile_dir / "trace.json"
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:  # kernels only: a small trace
+                trainer.fit(max_steps=done + profile_steps)
+                _sync(device)
+            prof.export_chrome_trace(str(trace))
+            breakdown = gpu_time_breakdown(trace)
+            trace.unlink()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32_before
+    elapsed = sum(segments)
+    rate = repeats * steps * args.batch / elapsed
     flops = forward_flops(model_cfg.backbone_config(), MESH)
     train_flops = 3 * flops["total"]
-    return {
+    if bf16_weights:
+        precision_label = "bf16 weights (DeepSpeed bf16, fp32 master in the optimizer)"
+    elif gpu:
+        precision_label = "bf16 (autocast, fp32 master weights)"
+    else:
+        precision_label = "fp32"
+    row: dict[str, Any] = {
         "kind": "engine",
         "model": args.engine_model,
         "params": sum(p.numel() for p in model.parameters()),
-        "precision": "bf16 (autocast, fp32 master weights)" if gpu else "fp32",
-        "engine": f"deepspeed-zero{args.zero_stage}",
+        "precision": precision_label,
+        "engine": engine_name,
+        "compile": compile_mode or ("default" if getattr(backend, "compiled", False) else "off"),
+        "fused_adamw": bool(getattr(backend, "fused_adamw", False)),
+        "tf32": tf32,
         "batch": args.batch,
-        "steps_timed": steps,
+        "steps_timed": repeats * steps,
+        "warmup_steps": warmup,
+        "warmup_s_incl_compile": warmup_s,
         "samples_per_s": rate,
-        "step_time_ms": 1000 * elapsed / steps,
+        "samples_per_s_segments": [steps * args.batch / t for t in segments],
+        "step_time_ms": 1000 * elapsed / (repeats * steps),
         "forward_gflop_per_sample": flops["total"] / 1e9,
         "train_gflop_per_sample": train_flops / 1e9,
         "achieved_tflops": rate * train_flops / 1e12,
         "peak_matmul_tflops_measured": peak / 1e12,
         "mfu": rate * train_flops / peak,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if gpu else float("nan"),
+        "peak_memory_gib": peak_mem,
     }
+    if breakdown is not None:
+        row["gpu_time"] = breakdown
+    del trainer, backend, model, stream
+    gc.collect()
+    if gpu:
+        torch.cuda.empty_cache()
+    return row
 
 
 def main() -> None:
@@ -285,6 +465,11 @@ def main() -> None:
     parser.add_argument("--engine-steps", type=int, default=None)
     parser.add_argument(
         "--engine-model", default=None, help="backbone flavour of the engine row (cuda S, cpu debug)"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="loop.compile: torch.compile the model (CUDA only; ignored on CPU)",
     )
     parser.add_argument("--skip-ray", action="store_true", help="only the engine/MFU measurement")
     parser.add_argument("--skip-engine", action="store_true", help="only the Ray runs")
@@ -321,9 +506,10 @@ def main() -> None:
         os.environ.setdefault("CALOFORGE_HOME", str(Path(tmp) / "home"))  # simulated data cache
         if not args.skip_engine:
             what = "bf16" if gpu else "fp32"
+            compiled = ", compiled" if (args.compile and gpu) else ""
             print(
-                f"engine throughput and MFU ({args.engine_model}, {what}, ZeRO-{args.zero_stage}, "
-                "in-memory batches) ..."
+                f"engine throughput and MFU ({args.engine_model}, {what}, ZeRO-{args.zero_stage}{compiled}, "
+                f"batch {args.batch}, in-memory batches) ..."
             )
             result["rows"].append(engine_throughput(args, device))
         if not args.skip_ray and gpu:
@@ -350,7 +536,8 @@ def main() -> None:
         extra = ""
         if row["kind"] == "engine":
             extra = (
-                f"MFU {100 * row['mfu']:.1f}% ({row['achieved_tflops']:.3g} of "
+                f"{row['engine']}, compile {row['compile']}: MFU {100 * row['mfu']:.1f}% "
+                f"({row['achieved_tflops']:.3g} of "
                 f"{row['peak_matmul_tflops_measured']:.3g} TFLOP/s), {row['train_gflop_per_sample']:.2f} "
                 f"GFLOP/sample, peak memory {row['peak_memory_gib']:.1f} GiB"
             )

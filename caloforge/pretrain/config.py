@@ -230,6 +230,7 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
     "loop.steps",
     "loop.log_every",
     "loop.checkpoint_every",
+    "loop.compile",  # same math compiled or not
     "loop.optim.lr",
     "loop.schedule",
     "validation",

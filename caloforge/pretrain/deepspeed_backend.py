@@ -43,7 +43,12 @@ from torch import nn
 from caloforge.training.backend import Backend, StepInfo
 from caloforge.training.config import LoopConfig
 from caloforge.training.optim import build_optimizer, build_scheduler
-from caloforge.training.torch_backend import resolve_device, resolve_precision
+from caloforge.training.torch_backend import (
+    compile_model,
+    resolve_device,
+    resolve_precision,
+    use_fused_adamw,
+)
 
 if TYPE_CHECKING:
     from caloforge.pretrain.config import DeepSpeedOptions, PretrainConfig
@@ -131,11 +136,22 @@ class DeepSpeedBackend(Backend):
         options: the ZeRO knobs (``engine.deepspeed`` of the pretraining config).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``; inside Ray Train pass
             ``ray.train.torch.get_device()``.
+        fused_adamw: single-kernel AdamW over ZeRO's flat fp32 partitions; ``None``: on CUDA only.
+
+    With ``LoopConfig.compile`` (CUDA) the model's forward is compiled in place before
+    ``deepspeed.initialize`` (see ``caloforge.training.torch_backend.compile_model``).
     """
 
-    def __init__(self, options: DeepSpeedOptions, device: str | torch.device = "auto") -> None:
+    def __init__(
+        self,
+        options: DeepSpeedOptions,
+        device: str | torch.device = "auto",
+        fused_adamw: bool | None = None,
+    ) -> None:
         self.options = options
         self.device = resolve_device(device)
+        self.fused_adamw = use_fused_adamw(fused_adamw, self.device)
+        self.compiled = False
         if self.device.type == "cuda":
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
@@ -177,7 +193,8 @@ class DeepSpeedBackend(Backend):
         self.precision = resolve_precision(config.precision, self.device)
         self.ds_config = build_deepspeed_config(config, self.options, self.world_size, self.precision)
         model.to(self.device)
-        optimizer = build_optimizer(model, config.optim, trainable)
+        self.compiled = compile_model(model, config.compile, self.device)
+        optimizer = build_optimizer(model, config.optim, trainable, fused=self.fused_adamw)
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
         scheduler = build_scheduler(optimizer, config.schedule, config.steps)
         engine, ds_optimizer, _, _ = deepspeed.initialize(

@@ -1,0 +1,333 @@
+"""The one training loop (torchtitan's Trainer, edm's training_loop): pretraining and every adaptation
+strategy run through :class:`Trainer`; distribution, logging, evaluation and checkpointing plug in from
+outside (a :class:`~caloforge.training.backend.Backend` and hooks).
+
+One optimizer step = ``grad_accum`` micro-batches of ``config.micro_batch_size(world_size)`` showers per
+rank (the global batch is ``config.batch_size``). Per micro-batch the loop re-seeds its own
+``torch.Generator`` from ``(seed, purpose, rank, step, micro)`` and calls
+``loss_fn(backend.module, batch, generator) -> loss_B``; so the noise of step ``s`` does not depend on how
+the run was split into resumed pieces. After each update it folds the weights into the EMA and calls the
+hooks. ``fit()`` first resumes from ``<run_dir>/checkpoints/latest`` when it exists (a fresh run is a
+resume from nothing) and saves a checkpoint when it stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from caloforge.config import to_dict
+from caloforge.training.backend import Backend, StepInfo
+from caloforge.training.config import LoopConfig
+from caloforge.training.ema import EMA
+from caloforge.training.hooks import HookProtocol, PeriodicCheckpoint
+from caloforge.training.state import CheckpointManager, TrainState, capture_rng, restore_rng
+
+__all__ = ["SEED_PURPOSE_LOSS", "FitResult", "LossFn", "Trainer", "derive_seed"]
+
+log = logging.getLogger("caloforge.training")
+
+LossFn = Callable[[nn.Module, Any, torch.Generator], torch.Tensor]
+"""``loss_fn(module, batch, generator) -> loss_B``: per-sample losses of one micro-batch."""
+
+SEED_PURPOSE_LOSS = 1  # the loss_fn's generator (noise levels, noise, couplings)
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed from ``(seed, *keys)`` (numpy ``SeedSequence``: stable across platforms/versions)."""
+    if seed < 0 or any(k < 0 for k in keys):
+        raise ValueError(f"seeds and seed keys must be >= 0, got seed={seed}, keys={keys}")
+    words = np.random.SeedSequence([seed, *keys]).generate_state(2, np.uint32)
+    return ((int(words[0]) << 32) | int(words[1])) & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What ``Trainer.fit`` returns."""
+
+    step: int  # optimizer steps done in total (including resumed ones)
+    metrics: dict[str, float]  # the last log-step metrics of this call (empty if no step ran)
+    history: list[dict] = field(default_factory=list)  # every log-step row of this call: {"step": s, ...}
+    checkpoint: Path | None = None  # the checkpoint saved at the end (None without run_dir)
+    resumed_from: Path | None = None  # the checkpoint this run resumed from
+
+
+class Trainer:
+    """The loop. See the module docstring.
+
+    Args:
+        model: the (unwrapped) model; the backend places and wraps it.
+        loss_fn: ``(module, batch, generator) -> loss_B`` (``module`` is ``backend.module``; batches arrive
+            as the stream yields them, on the CPU; the loss_fn moves what it needs to the module's device).
+        backend: a fresh :class:`Backend` (``setup`` is called here).
+        stream: an iterable of micro-batches of exactly ``config.micro_batch_size(world_size)`` samples
+            (infinite for training); with ``state_dict()/load_state_dict()`` when checkpoints are written.
+        config: the loop configuration.
+        hooks: called in order on every rank (see ``training/hooks.py``).
+        run_dir: where checkpoints live (``run_dir/checkpoints``); ``None``: no checkpoints, no resume.
+        trainable: parameters to optimise (default: all with ``requires_grad``); adaptation passes LoRA or
+            embedding parameters here.
+        keep_last: committed checkpoints to keep.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        backend: Backend,
+        stream: Iterable[Any],
+        config: LoopConfig,
+        hooks: Sequence[HookProtocol] = (),
+        run_dir: str | Path | None = None,
+        *,
+        trainable: list[nn.Parameter] | None = None,
+        keep_last: int = 3,
+    ) -> None:
+        if config.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {config.seed}")
+        self.config = config
+        self.loss_fn = loss_fn
+        self.backend = backend
+        self.stream = stream
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        backend.setup(model, config, trainable)
+        self.micro_batch_size = config.micro_batch_size(backend.world_size)
+        self.ema = EMA(backend.model, config.ema) if config.ema.enabled else None
+        self.generator = torch.Generator(device=backend.device)
+        self.step = 0
+        self.samples_seen = 0
+        self.skipped_updates = 0
+        self.checkpoints: CheckpointManager | None = None
+        self.hooks: list[HookProtocol] = list(hooks)
+        if self.run_dir is not None:
+            if not (hasattr(stream, "state_dict") and hasattr(stream, "load_state_dict")):
+                raise ValueError(
+                    f"stream {type(stream).__name__} has no state_dict()/load_state_dict(): it cannot be "
+                    "checkpointed (pass run_dir=None to train without checkpoints)"
+                )
+            self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last)
+            if config.checkpoint_every and not any(isinstance(h, PeriodicCheckpoint) for h in self.hooks):
+                self.hooks.insert(0, PeriodicCheckpoint(config.checkpoint_every))
+        self.resumed_from: Path | None = None
+        self._restored = False
+        self._iterator: Iterator[Any] | None = None
+        self._last_saved_step: int | None = None
+
+    # -- state -----------------------------------------------------------------------------------------
+    def train_state(self) -> TrainState:
+        """This rank's loop state (the backend's part is saved by the backend)."""
+        stream_state = self.stream.state_dict() if hasattr(self.stream, "state_dict") else None
+        return TrainState(
+            step=self.step,
+            ema=self.ema.state_dict() if self.ema is not None else None,
+            stream=stream_state,
+            rng=capture_rng(),
+            generator=self.generator.get_state(),
+            extra={
+                "samples_seen": self.samples_seen,
+                "skipped_updates": self.skipped_updates,
+                "loop_config": to_dict(self.config),
+            },
+        )
+
+    def load_train_state(self, state: TrainState) -> None:
+        if state.step > self.config.steps:
+            raise ValueError(
+                f"checkpoint is at step {state.step}, beyond this run's steps={self.config.steps}"
+            )
+        saved, current = state.extra.get("loop_config"), to_dict(self.config)
+        if saved is not None and saved != current:
+            changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            log.warning("resuming with a loop config that differs from the checkpoint's in %s", changed)
+        if self.ema is not None:
+            if state.ema is None:
+                raise ValueError("checkpoint has no EMA state but this run keeps an EMA (ema.enabled)")
+            self.ema.load_state_dict(state.ema)
+        if state.stream is not None:
+            self.stream.load_state_dict(state.stream)  # type: ignore[attr-defined]
+        self._iterator = None
+        restore_rng(state.rng)
+        self.generator.set_state(state.generator)
+        self.step = state.step
+        self.samples_seen = int(state.extra.get("samples_seen", 0))
+        self.skipped_updates = int(state.extra.get("skipped_updates", 0))
+
+    def save_checkpoint(self) -> Path:
+        """Save model, optimizer, scheduler, EMA, stream position and RNG states atomically (all ranks)."""
+        if self.checkpoints is None:
+            raise ValueError("save_checkpoint needs a run_dir")
+        path = self.checkpoints.save(self.step, self.backend, self.train_state())
+        self._last_saved_step = self.step
+        if self.backend.is_main:
+            log.info("saved checkpoint %s", path)
+        for hook in self.hooks:
+            hook.on_checkpoint(self.step, path)
+        return path
+
+    def restore(self, path: str | Path | None = None) -> Path | None:
+        """Resume from ``path`` (default: ``run_dir/checkpoints/latest`` if present); returns that path."""
+        self._restored = True
+        if path is None:
+            if self.checkpoints is None:
+                return None
+            found = self.checkpoints.latest()
+            if found is None:
+                return None
+            path = found
+        manager = self.checkpoints or CheckpointManager(Path(path).parent)
+        state = manager.load(Path(path), self.backend)
+        self.load_train_state(state)
+        self.resumed_from = Path(path)
+        self._last_saved_step = self.step
+        if self.backend.is_main:
+            log.info("resumed from %s (step %d)", path, self.step)
+        return self.resumed_from
+
+    # -- evaluation ------------------------------------------------------------------------------------
+    def evaluate(self, fn: Callable[[nn.Module], dict[str, float]], use_ema: bool = True) -> dict[str, float]:
+        """``fn(model)`` on the unwrapped model in eval mode, with the EMA weights when ``use_ema``.
+
+        The global RNG states are restored afterwards, so evaluating never changes the training run.
+        """
+        model = self.backend.model
+        was_training = model.training
+        rng = capture_rng()
+        ctx = self.ema.apply(model) if (use_ema and self.ema is not None) else contextlib.nullcontext()
+        model.eval()
+        try:
+            with ctx:
+                return dict(fn(model))
+        finally:
+            model.train(was_training)
+            restore_rng(rng)
+
+    def averaged_model(self) -> nn.Module:
+        """A copy of the unwrapped model with the EMA weights (the raw ones without EMA), in eval mode."""
+        model = copy.deepcopy(self.backend.model)
+        if self.ema is not None:
+            self.ema.copy_to(model)
+        return model.eval()
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def _next_batch(self) -> Any:
+        if self._iterator is None:
+            self._iterator = iter(self.stream)
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            raise ValueError(
+                f"the training stream ended at step {self.step}: training needs an infinite stream "
+                "(resampled epochs)"
+            ) from None
+        if len(batch) != self.micro_batch_size:
+            raise ValueError(
+                f"the stream yielded a batch of {len(batch)} samples; the loop needs micro-batches of "
+                f"{self.micro_batch_size} = batch_size {self.config.batch_size} / (world_size "
+                f"{self.backend.world_size} × grad_accum {self.config.grad_accum}): build the stream with "
+                f"batch_size={self.micro_batch_size}"
+            )
+        return batch
+
+    def _train_step(self) -> tuple[torch.Tensor, StepInfo]:
+        """One optimizer update; returns the mean micro-batch loss (a device scalar) and the StepInfo."""
+        backend = self.backend
+        info: StepInfo | None = None
+        loss_sum = torch.zeros((), device=backend.device)
+        for micro in range(self.config.grad_accum):
+            batch = self._next_batch()
+            self.generator.manual_seed(
+                derive_seed(self.config.seed, SEED_PURPOSE_LOSS, backend.rank, self.step, micro)
+            )
+            with backend.autocast(), backend.accumulate():
+                loss_B = self.loss_fn(backend.module, batch, self.generator)
+            if not isinstance(loss_B, torch.Tensor) or loss_B.shape != (self.micro_batch_size,):
+                raise ValueError(
+                    f"loss_fn must return per-sample losses of shape ({self.micro_batch_size},), got "
+                    f"{getattr(loss_B, 'shape', type(loss_B).__name__)}"
+                )
+            loss = loss_B.float().mean()
+            backend.backward(loss)
+            info = backend.step()
+            loss_sum += loss.detach()
+        if info is None:
+            raise RuntimeError(f"{type(backend).__name__}.step() did not update at the accumulation boundary")
+        return loss_sum / self.config.grad_accum, info
+
+    def _is_log_step(self, step: int, target: int) -> bool:
+        return step == 1 or step % self.config.log_every == 0 or step == target
+
+    def fit(self, max_steps: int | None = None) -> FitResult:
+        """Train until ``config.steps`` (or ``max_steps`` total steps, for splitting a run), resuming first.
+
+        Returns the :class:`FitResult`; with a ``run_dir`` a checkpoint is saved at the stop.
+        """
+        if max_steps is not None and max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+        if not self._restored:
+            self.restore()
+        target = self.config.steps if max_steps is None else min(max_steps, self.config.steps)
+        backend = self.backend
+        backend.module.train()
+        for hook in self.hooks:
+            hook.on_train_start(self)
+
+        history: list[dict] = []
+        last: dict[str, float] = {}
+        window_loss = torch.zeros((), device=backend.device)
+        window_steps = 0
+        window_time = 0.0  # seconds spent in training steps (hooks excluded) since the last log
+        ema_decay = float("nan")
+        while self.step < target:
+            t0 = time.perf_counter()
+            step_loss, info = self._train_step()
+            self.step += 1
+            self.samples_seen += self.config.batch_size
+            self.skipped_updates += int(info.skipped)
+            if self.ema is not None:
+                ema_decay = self.ema.update(backend.model)
+            window_loss += step_loss
+            window_steps += 1
+            metrics: dict[str, float] = {}
+            if self._is_log_step(self.step, target):
+                loss = float(backend.all_reduce_mean(window_loss / window_steps))
+                window_time += time.perf_counter() - t0
+                elapsed = window_time
+                metrics = {
+                    "loss": loss,
+                    "grad_norm": info.grad_norm,
+                    "lr": info.lr,
+                    "samples_per_s": window_steps * self.config.batch_size / max(elapsed, 1e-9),
+                    "step_time_s": elapsed / window_steps,
+                    "samples_seen": float(self.samples_seen),
+                    "skipped_updates": float(self.skipped_updates),
+                    "ema_decay": ema_decay,
+                }
+                window_loss = torch.zeros((), device=backend.device)
+                window_steps = 0
+                window_time = 0.0
+            else:
+                window_time += time.perf_counter() - t0
+            for hook in self.hooks:
+                hook.on_step_end(self.step, metrics)
+            if metrics:
+                last = metrics
+                history.append({"step": self.step, **metrics})
+
+        checkpoint = None
+        if self.checkpoints is not None:
+            checkpoint = (
+                self.save_checkpoint() if self._last_saved_step != self.step else self.checkpoints.latest()
+            )
+        for hook in self.hooks:
+            hook.on_train_end(self.step, last)
+        return FitResult(self.step, last, history, checkpoint, self.resumed_from)

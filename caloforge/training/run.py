@@ -1,0 +1,469 @@
+"""A single-process training run from one config: ``caloforge train`` and :func:`train` (quickstart).
+
+Thin entry point (torchtitan's train.py): config → data (shards, or simulate + shard into the run
+directory) → ``ShowerModel.build`` (transform fitted from the manifest's pooled stats, vocabulary from the
+manifest's detectors + spare slots) → the one loop with ``TorchBackend`` → the EMA model bundle.
+
+Run directory (``run_dir``)::
+
+    config.yaml        the resolved TrainConfig (a later call with another config is refused)
+    versions.json      python / torch / numpy / caloforge versions, device, simulator version
+    train.log          the caloforge log of every call (appended on resume)
+    metrics.jsonl      one JSON line per log step (``training/hooks.py``)
+    data/              simulated raw HDF5 (``raw/<detector>.h5``) and shards (``shards/``), with ``simulate:``
+    checkpoints/       step_<N>/ + latest (``training/state.py``); a second call resumes from latest
+    model/             the final bundle (EMA weights; lineage holds the dataset manifest hash)
+    summary.json       the TrainResult
+
+Resume is the default: calling :func:`train` again on the same directory continues from the latest
+checkpoint (a finished run only rewrites its bundle and summary).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from caloforge.config import ConfigError, dump_yaml, from_dict, read_yaml, to_dict
+from caloforge.datasets.shards import ShardConfig
+from caloforge.datasets.streaming import StreamConfig
+from caloforge.platform.shower_model import ShowerModelConfig
+from caloforge.training.config import LoopConfig
+
+__all__ = [
+    "DataConfig",
+    "EvalConfig",
+    "SimulateConfig",
+    "TrainConfig",
+    "TrainResult",
+    "build_model",
+    "prepare_data",
+    "train",
+]
+
+log = logging.getLogger("caloforge.training")
+
+SEED_PURPOSE_SIMULATE = 0x51A  # per-detector simulation seeds: (simulate.seed, purpose, detector index)
+SEED_PURPOSE_EVAL = 0xE7A  # the fixed noise of the validation loss
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    """``data.simulate``: simulate with the built-in simulator (not Geant4) and shard into the run directory.
+
+    Every detector gets ``n_per_detector`` showers, particles drawn uniformly from ``particles``.
+    """
+
+    detectors: tuple[str, ...]
+    particles: tuple[str, ...]
+    n_per_detector: int = 1000
+    energy_gev: tuple[float, float] = (1.0, 100.0)
+    log_uniform: bool = True
+    theta_deg: tuple[float, float] = (90.0, 90.0)
+    phi_deg: tuple[float, float] = (-180.0, 180.0)
+    seed: int = 0
+    shards: ShardConfig = field(default_factory=lambda: ShardConfig(showers_per_shard=250))
+
+    def __post_init__(self) -> None:
+        if not self.detectors:
+            raise ValueError("simulate.detectors: at least one detector is needed")
+        if len(set(self.detectors)) != len(self.detectors):
+            raise ValueError(f"simulate.detectors: duplicates in {list(self.detectors)}")
+        if not self.particles:
+            raise ValueError("simulate.particles: at least one particle is needed")
+        if self.n_per_detector < 1:
+            raise ValueError(f"simulate.n_per_detector must be >= 1, got {self.n_per_detector}")
+        if self.seed < 0:
+            raise ValueError(f"simulate.seed must be >= 0, got {self.seed}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the showers come from: exactly one of ``shards`` (a shard set written by
+    ``caloforge data shard``) or ``simulate``; how to stream them; the vocabulary's spare detector slots.
+
+    ``stream.batch_size`` is the loop's micro-batch (``loop.batch_size / loop.grad_accum``); leave it at
+    its default to have it set from the loop, or give exactly that value.
+    """
+
+    shards: Path | None = None
+    simulate: SimulateConfig | None = None
+    stream: StreamConfig = field(default_factory=lambda: StreamConfig(shuffle_buffer=1000))
+    spare_detector_slots: int = 1
+
+    def __post_init__(self) -> None:
+        if (self.shards is None) == (self.simulate is None):
+            raise ValueError("data: give exactly one of 'shards' (a shard directory) or 'simulate'")
+        if self.stream.mode != "resampled":
+            raise ValueError(f"data.stream.mode must be 'resampled' for training, got {self.stream.mode!r}")
+        if self.spare_detector_slots < 0:
+            raise ValueError(f"data.spare_detector_slots must be >= 0, got {self.spare_detector_slots}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """In-loop validation: the objective's loss on the first ``n_showers`` of the ``val`` split with fixed
+    noise, on the EMA weights, every ``every`` steps and at the end (0: off)."""
+
+    every: int = 0
+    n_showers: int = 256
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ValueError(f"eval.every must be >= 0, got {self.every}")
+        if self.n_showers < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"eval.n_showers and eval.batch_size must be >= 1, got {self.n_showers}, {self.batch_size}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``caloforge train`` (configs/train/*.yaml)."""
+
+    data: DataConfig
+    name: str = "train"  # default run directory: $CALOFORGE_HOME/runs/<name>
+    model: ShowerModelConfig = field(default_factory=ShowerModelConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    keep_checkpoints: int = 3
+    progress: bool = True  # tqdm bar (log lines when False)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"name must be a plain directory name, got {self.name!r}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        micro = self.loop.micro_batch_size(1)
+        given = self.data.stream.batch_size
+        if given not in (micro, StreamConfig().batch_size):
+            raise ValueError(
+                f"data.stream.batch_size={given} but the loop's micro-batch is {micro} "
+                f"(loop.batch_size {self.loop.batch_size} / grad_accum {self.loop.grad_accum}): leave it out"
+            )
+
+    def stream_config(self, world_size: int = 1) -> StreamConfig:
+        """The stream options with ``batch_size`` = the loop's per-rank micro-batch."""
+        return dataclasses.replace(self.data.stream, batch_size=self.loop.micro_batch_size(world_size))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train` returns (also written to ``run_dir/summary.json``)."""
+
+    run_dir: Path
+    model_dir: Path
+    manifest_dir: Path
+    manifest_hash: str
+    steps: int
+    final_loss: float
+    metrics: dict[str, float]
+    resumed_from: Path | None
+    wall_time_s: float
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+        out.pop("history")
+        return out
+
+
+def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Load a ``configs/train/*.yaml`` (strict) with ``--set`` overrides."""
+    from caloforge.config import load_config
+
+    return load_config(TrainConfig, path, overrides)
+
+
+# -- data -------------------------------------------------------------------------------------------------
+def _simulate_and_shard(spec: SimulateConfig, data_dir: Path) -> Path:
+    from caloforge.datasets.formats import native
+    from caloforge.datasets.shards import SourceSpec, write_shards
+    from caloforge.datasets.simulator import simulate_dataset
+    from caloforge.platform.geometry import load_detector
+
+    shard_dir = data_dir / "shards"
+    raw_dir = data_dir / "raw"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    sources = []
+    for i, name in enumerate(spec.detectors):
+        detector = load_detector(name)
+        seed = int(np.random.SeedSequence([spec.seed, SEED_PURPOSE_SIMULATE, i]).generate_state(1)[0])
+        t0 = time.perf_counter()
+        showers = simulate_dataset(
+            detector,
+            list(spec.particles),
+            spec.n_per_detector,
+            spec.energy_gev,
+            spec.log_uniform,
+            spec.theta_deg,
+            spec.phi_deg,
+            seed=seed,
+        )
+        path = native.write(raw_dir / f"{detector.name}.h5", showers)
+        log.info(
+            "simulated %d showers of %s in %.1f s -> %s", len(showers), name, time.perf_counter() - t0, path
+        )
+        sources.append(SourceSpec(path, format="native"))
+    write_shards(sources, shard_dir, dataclasses.replace(spec.shards, overwrite=False))
+    return shard_dir
+
+
+def prepare_data(config: TrainConfig, run_dir: Path) -> Path:
+    """The shard directory of this run: ``data.shards``, or ``run_dir/data/shards`` (simulated once)."""
+    if config.data.shards is not None:
+        return Path(config.data.shards)
+    assert config.data.simulate is not None
+    shard_dir = run_dir / "data" / "shards"
+    if (shard_dir / "manifest.json").is_file():
+        log.info("using the simulated shards of this run: %s", shard_dir)
+        return shard_dir
+    return _simulate_and_shard(config.data.simulate, run_dir / "data")
+
+
+# -- model ------------------------------------------------------------------------------------------------
+def build_model(config: TrainConfig, manifest_dir: Path) -> nn.Module:
+    """A fresh ``ShowerModel`` for the shard set: pooled stats fit the transform; the vocabulary is the
+    manifest's detectors (sorted) + ``data.spare_detector_slots``; the mesh is the detectors' common one."""
+    from caloforge.datasets.shards import Manifest
+    from caloforge.platform.conditioning import ConditionVocab
+    from caloforge.platform.geometry import Mesh
+    from caloforge.platform.shower_model import Lineage, ShowerModel
+
+    manifest = Manifest.load(manifest_dir)
+    stats = manifest.stats.get("pooled")
+    if stats is None:
+        raise ValueError(
+            f"{manifest_dir}: the detectors have different meshes {manifest.data['mesh_shapes']}; "
+            "one model trains on one mesh shape"
+        )
+    detectors = manifest.detectors
+    meshes = []
+    for det in detectors:
+        spec = manifest.detector_spec(det)
+        meshes.append(
+            Mesh(spec.mesh.n_z, spec.mesh.n_phi, tuple(spec.mesh.r_edges_mm)) if spec is not None else None
+        )
+    shape = manifest.mesh_shape(detectors[0])
+    mesh: Mesh | tuple[int, int, int] = (
+        meshes[0] if meshes[0] is not None and len(set(meshes)) == 1 else shape
+    )
+    vocab = ConditionVocab.create(detectors, spare_slots=config.data.spare_detector_slots)
+    lineage = Lineage(dataset_manifest_hash=manifest.fingerprint)
+    return ShowerModel.build(config.model, vocab, stats, mesh, lineage=lineage)
+
+
+# -- run directory ----------------------------------------------------------------------------------------
+def _versions(device: torch.device) -> dict[str, Any]:
+    def version(pkg: str) -> str | None:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    out: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": {
+            p: version(p) for p in ("caloforge", "torch", "numpy", "safetensors", "webdataset", "scipy")
+        },
+        "torch_cuda": torch.version.cuda,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        from caloforge.datasets.simulator import SIMULATOR_VERSION
+
+        out["simulator_version"] = SIMULATOR_VERSION
+    except ImportError:
+        out["simulator_version"] = None
+    return out
+
+
+def _check_or_write_config(config: TrainConfig, run_dir: Path) -> None:
+    path = run_dir / "config.yaml"
+    text = dump_yaml(config)
+    if path.is_file():
+        try:
+            previous = from_dict(TrainConfig, read_yaml(path), str(path))
+        except ConfigError as exc:
+            raise ValueError(f"{run_dir} holds a run whose config.yaml cannot be read: {exc}") from exc
+        if previous != config:
+            old, new = to_dict(previous), to_dict(config)
+            diff = sorted(_diff_keys(old, new))
+            raise ValueError(
+                f"{run_dir} holds a run with another config (differs in {diff}); resume it with the same "
+                "config or choose another --run-dir"
+            )
+        return
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in set(a) | set(b):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if a == b else [prefix or "<root>"]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _val_loss_fn(config: TrainConfig, manifest_dir: Path, loss_fn: Callable) -> Callable[[nn.Module], dict]:
+    """The objective's mean loss on fixed validation showers and fixed noise (seeded per batch)."""
+    from caloforge.datasets.batch import ShowerBatch
+    from caloforge.datasets.shards import Manifest
+    from caloforge.datasets.streaming import load_split
+    from caloforge.training.loop import derive_seed
+
+    manifest = Manifest.load(manifest_dir)
+    split = "val" if "val" in manifest.splits and manifest.counts["val"]["total"] > 0 else "train"
+    if split != "val":
+        log.warning("%s has no val split: the in-loop eval uses train showers", manifest_dir)
+    reference = load_split(manifest_dir, split, max_showers=config.eval.n_showers)
+    size = config.eval.batch_size
+    batches = [
+        ShowerBatch.from_numpy(
+            reference.showers_NZPR[i : i + size], reference.conditions.subset(slice(i, i + size))
+        )
+        for i in range(0, len(reference), size)
+    ]
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                gen = torch.Generator(device=device).manual_seed(
+                    derive_seed(config.loop.seed, SEED_PURPOSE_EVAL, i)
+                )
+                total += float(loss_fn(model, batch, gen).sum())
+                count += len(batch)
+        return {f"{split}_loss": total / count}
+
+    return evaluate
+
+
+# -- the run ----------------------------------------------------------------------------------------------
+def train(config: TrainConfig, run_dir: str | Path | None = None) -> TrainResult:
+    """Train (or resume) a ShowerModel in one process; returns the :class:`TrainResult`.
+
+    ``run_dir`` defaults to ``$CALOFORGE_HOME/runs/<config.name>``.
+    """
+    from caloforge import paths
+    from caloforge.datasets.shards import Manifest
+    from caloforge.datasets.streaming import ShowerStream
+    from caloforge.platform.shower_model import Lineage
+    from caloforge.training.hooks import ConsoleProgress, MetricsWriter, PeriodicEval
+    from caloforge.training.loop import Trainer
+    from caloforge.training.tasks import shower_loss_fn
+    from caloforge.training.torch_backend import TorchBackend
+
+    run_dir = Path(run_dir) if run_dir is not None else paths.runs_dir() / config.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("caloforge")
+    root.addHandler(handler)
+    previous_level = root.level
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    t0 = time.perf_counter()
+    try:
+        _check_or_write_config(config, run_dir)
+        backend = TorchBackend(config.device)
+        _write_json(run_dir / "versions.json", _versions(backend.device))
+        log.info("run %s: %s", config.name, run_dir)
+
+        manifest_dir = prepare_data(config, run_dir)
+        manifest = Manifest.load(manifest_dir)
+        model = build_model(config, manifest_dir)
+        loss_fn = shower_loss_fn(model)
+        stream = ShowerStream(
+            manifest_dir, config.stream_config(1), "train", rank=0, world_size=1, seed=config.loop.seed
+        )
+        hooks: list = []
+        if config.eval.every:
+            hooks.append(PeriodicEval(config.eval.every, _val_loss_fn(config, manifest_dir, loss_fn)))
+        hooks += [MetricsWriter(run_dir / "metrics.jsonl"), ConsoleProgress(enabled=config.progress)]
+        trainer = Trainer(
+            model,
+            loss_fn,
+            backend,
+            stream,
+            config.loop,
+            hooks=hooks,
+            run_dir=run_dir,
+            keep_last=config.keep_checkpoints,
+        )
+        fit = trainer.fit()
+
+        final = trainer.averaged_model()
+        lineage = Lineage(
+            dataset_manifest_hash=manifest.fingerprint,
+            extra={
+                "run_dir": str(run_dir.resolve()),
+                "run_name": config.name,
+                "steps": str(trainer.step),
+                "samples_seen": str(trainer.samples_seen),
+                "ema": "true" if trainer.ema is not None else "false",
+                "trained_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            },
+        )
+        model_dir = final.save(run_dir / "model", lineage=lineage, overwrite=True)
+        metrics = fit.metrics
+        if not metrics:  # nothing left to train: report the last logged row of the run
+            from caloforge.training.hooks import read_metrics
+
+            rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+            metrics = {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
+        result = TrainResult(
+            run_dir=run_dir,
+            model_dir=Path(model_dir),
+            manifest_dir=manifest_dir,
+            manifest_hash=manifest.fingerprint,
+            steps=trainer.step,
+            final_loss=float(metrics.get("loss", math.nan)),
+            metrics=dict(metrics),
+            resumed_from=fit.resumed_from,
+            wall_time_s=time.perf_counter() - t0,
+            history=fit.history,
+        )
+        _write_json(run_dir / "summary.json", result.to_dict())
+        log.info(
+            "finished %s: step %d, loss %.4g, model %s",
+            config.name,
+            result.steps,
+            result.final_loss,
+            model_dir,
+        )
+        return result
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+        handler.close()

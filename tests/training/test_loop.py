@@ -1,0 +1,224 @@
+"""The one loop on a real tiny network and a real in-memory stream: accumulation equivalence, resume
+equivalence (weights, EMA, optimizer, scheduler, stream, RNG), hooks, metrics and input errors."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from train_helpers import InMemoryStream, TinyDenoiser, denoise_loss, deterministic_loss, make_showers
+
+from caloforge.training.config import EMAConfig, LoopConfig, OptimConfig, ScheduleConfig
+from caloforge.training.hooks import Hook, MetricsWriter, PeriodicEval, read_metrics
+from caloforge.training.loop import Trainer, derive_seed
+from caloforge.training.torch_backend import TorchBackend
+
+SHOWERS, COND = make_showers(96, seed=1)
+
+
+def _config(**kw) -> LoopConfig:
+    base = dict(
+        steps=8,
+        batch_size=8,
+        grad_accum=2,
+        max_grad_norm=1.0,
+        log_every=2,
+        seed=3,
+        optim=OptimConfig(lr=3e-3),
+        schedule=ScheduleConfig(kind="wsd", warmup_frac=0.25, stable_frac=0.25),
+        ema=EMAConfig(decay=0.9),
+    )
+    base.update(kw)
+    return LoopConfig(**base)
+
+
+def _trainer(cfg: LoopConfig, run_dir=None, hooks=(), loss=denoise_loss, dropout=0.1, **kw) -> Trainer:
+    torch.manual_seed(0)  # the process's global RNGs at the start of a run (dropout uses torch's)
+    random.seed(0)
+    np.random.seed(0)
+    model = TinyDenoiser(dropout=dropout)
+    stream = InMemoryStream(SHOWERS, COND, cfg.micro_batch_size(), seed=5)
+    return Trainer(model, loss, TorchBackend("cpu"), stream, cfg, hooks=hooks, run_dir=run_dir, **kw)
+
+
+def test_derive_seed_is_stable_and_distinct() -> None:
+    assert derive_seed(0, 1, 0, 0, 0) == derive_seed(0, 1, 0, 0, 0)
+    seeds = {
+        derive_seed(s, 1, r, st, m) for s in range(2) for r in range(2) for st in range(3) for m in range(2)
+    }
+    assert len(seeds) == 24 and all(0 <= s < 2**63 for s in seeds)
+    with pytest.raises(ValueError):
+        derive_seed(-1)
+
+
+def test_grad_accumulation_equals_one_big_batch() -> None:
+    cfg_accum = _config(grad_accum=2, batch_size=8)
+    cfg_big = _config(grad_accum=1, batch_size=8)
+    a = _trainer(cfg_accum, loss=deterministic_loss, dropout=0.0)
+    b = _trainer(cfg_big, loss=deterministic_loss, dropout=0.0)
+    assert a.micro_batch_size == 4 and b.micro_batch_size == 8
+    ra, rb = a.fit(), b.fit()
+    for (n, pa), pb in zip(a.backend.model.named_parameters(), b.backend.model.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=n)
+    for n in a.ema.shadow:
+        torch.testing.assert_close(a.ema.shadow[n], b.ema.shadow[n], rtol=0, atol=1e-6)
+    assert [r["loss"] for r in ra.history] == pytest.approx([r["loss"] for r in rb.history], abs=1e-6)
+
+
+def _snapshot(trainer: Trainer) -> dict:
+    backend = trainer.backend
+    return {
+        "params": {n: p.detach().clone() for n, p in backend.model.named_parameters()},
+        "ema": {n: s.clone() for n, s in trainer.ema.shadow.items()},
+        "ema_updates": trainer.ema.num_updates,
+        "optim": backend.optimizer.state_dict(),
+        "sched": backend.scheduler.state_dict(),
+        "stream": (trainer.stream.epoch, trainer.stream.index),
+        "next_batch": next(iter(trainer.stream)).showers_BZPR.clone(),
+        "rng": (random.random(), float(np.random.random()), float(torch.rand(()))),
+        "gen": trainer.generator.get_state().clone(),
+    }
+
+
+def _assert_same(x: dict, y: dict) -> None:
+    for n in x["params"]:
+        assert torch.equal(x["params"][n], y["params"][n]), n
+    for n in x["ema"]:
+        assert torch.equal(x["ema"][n], y["ema"][n]), n
+    assert x["ema_updates"] == y["ema_updates"]
+    for k, sx in x["optim"]["state"].items():
+        sy = y["optim"]["state"][k]
+        for f in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(sx[f], sy[f]), (k, f)
+    assert x["sched"] == y["sched"]
+    assert x["stream"] == y["stream"]
+    assert torch.equal(x["next_batch"], y["next_batch"])
+    assert x["rng"] == y["rng"]
+    assert torch.equal(x["gen"], y["gen"])
+
+
+def test_resume_is_bitwise_identical(tmp_path) -> None:
+    cfg = _config(steps=8, checkpoint_every=0)
+    straight = _trainer(cfg)
+    straight.fit()
+    reference = _snapshot(straight)
+
+    first = _trainer(cfg, run_dir=tmp_path)
+    res = first.fit(max_steps=4)
+    assert res.step == 4 and res.checkpoint == tmp_path / "checkpoints" / "step_00000004"
+    # garble this process's global RNGs: the resumed run must restore them from the checkpoint
+    random.seed(123)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    second = _trainer(cfg, run_dir=tmp_path)
+    res2 = second.fit()
+    assert res2.resumed_from == tmp_path / "checkpoints" / "step_00000004"
+    assert res2.step == 8 and second.samples_seen == 8 * cfg.batch_size
+    _assert_same(reference, _snapshot(second))
+    # a finished run resumes to the end and does nothing more
+    third = _trainer(cfg, run_dir=tmp_path)
+    res3 = third.fit()
+    assert res3.step == 8 and res3.history == [] and res3.resumed_from.name == "step_00000008"
+
+
+def test_loss_decreases_and_metrics_are_logged(tmp_path) -> None:
+    cfg = _config(steps=60, batch_size=16, grad_accum=1, log_every=10, optim=OptimConfig(lr=1e-2))
+    writer = MetricsWriter(tmp_path / "metrics.jsonl")
+    trainer = _trainer(cfg, hooks=[writer], dropout=0.0)
+    result = trainer.fit()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 10, 20, 30, 40, 50, 60]
+    assert rows == result.history
+    assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]
+    assert all(r["samples_per_s"] > 0 and r["grad_norm"] > 0 for r in rows)
+    assert rows[-1]["samples_seen"] == 60 * 16 and rows[-1]["skipped_updates"] == 0
+    assert rows[-1]["ema_decay"] == pytest.approx(min(0.9, 60 / 69))
+
+
+def test_metrics_file_is_cut_back_to_the_resumed_step(tmp_path) -> None:
+    cfg = _config(steps=8, checkpoint_every=4, log_every=1)
+    first = _trainer(cfg, run_dir=tmp_path, hooks=[MetricsWriter(tmp_path / "metrics.jsonl")])
+    first.fit(max_steps=6)  # checkpoints at 4 and (at the stop) 6
+    ckpt = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000004", "step_00000006"]
+    # pretend the run died after step 6 but before its checkpoint: go back to the step-4 one
+    import shutil
+
+    shutil.rmtree(ckpt / "step_00000006")
+    (ckpt / "latest").unlink()
+    second = _trainer(cfg, run_dir=tmp_path, hooks=[MetricsWriter(tmp_path / "metrics.jsonl")])
+    second.fit()
+    steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    assert steps == list(range(1, 9))
+
+
+class _Recorder(Hook):
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.calls.append(("start", trainer.step))
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        self.calls.append(("step", step, sorted(k for k in metrics if k.startswith("eval/"))))
+
+    def on_checkpoint(self, step: int, path) -> None:
+        self.calls.append(("checkpoint", step, path.name))
+
+    def on_train_end(self, step: int, metrics: dict[str, float]) -> None:
+        self.calls.append(("end", step))
+
+
+def test_hooks_eval_on_ema_weights_without_perturbing_training(tmp_path) -> None:
+    cfg = _config(steps=4, grad_accum=1, checkpoint_every=2)
+    seen: list[torch.Tensor] = []
+
+    def evaluation(model: torch.nn.Module) -> dict[str, float]:
+        assert not model.training
+        seen.append(model.out.weight.detach().clone())
+        torch.rand(100)  # consumes the global RNG; the loop must restore it
+        np.random.random(10)
+        return {"weight_norm": float(model.out.weight.detach().norm())}
+
+    recorder = _Recorder()
+    trainer = _trainer(cfg, run_dir=tmp_path, hooks=[PeriodicEval(2, evaluation), recorder])
+    trainer.fit()
+    assert recorder.calls == [
+        ("start", 0),
+        ("step", 1, []),
+        ("checkpoint", 2, "step_00000002"),
+        ("step", 2, ["eval/weight_norm"]),
+        ("step", 3, []),
+        ("step", 4, ["eval/weight_norm"]),
+        ("checkpoint", 4, "step_00000004"),
+        ("end", 4),
+    ]
+    assert torch.equal(seen[-1], trainer.ema.shadow["out.weight"])  # evaluated with the EMA weights
+    assert trainer.backend.model.training
+    plain = _trainer(cfg)
+    plain.fit()
+    for pa, pb in zip(trainer.backend.model.parameters(), plain.backend.model.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    averaged = trainer.averaged_model()
+    assert not averaged.training and torch.equal(averaged.out.weight, trainer.ema.shadow["out.weight"])
+
+
+def test_input_errors(tmp_path) -> None:
+    cfg = _config()
+    model = TinyDenoiser()
+    wrong = InMemoryStream(SHOWERS, COND, batch_size=3)
+    with pytest.raises(ValueError, match="batch_size=4"):
+        Trainer(model, denoise_loss, TorchBackend("cpu"), wrong, cfg).fit()
+
+    def mean_loss(module, batch, generator):
+        return denoise_loss(module, batch, generator).mean()
+
+    with pytest.raises(ValueError, match=r"per-sample losses of shape \(4,\)"):
+        _trainer(cfg, loss=mean_loss).fit()
+    finite = [b for b, _ in zip(InMemoryStream(SHOWERS, COND, 4), range(3), strict=False)]
+    with pytest.raises(ValueError, match="stream ended at step 1"):
+        Trainer(TinyDenoiser(), denoise_loss, TorchBackend("cpu"), finite, cfg).fit()
+    with pytest.raises(ValueError, match="state_dict"):
+        Trainer(TinyDenoiser(), denoise_loss, TorchBackend("cpu"), finite, cfg, run_dir=tmp_path)
