@@ -34,15 +34,22 @@ def ema_decay(config: EMAConfig, t: int) -> float:
 
 
 class EMA:
-    """Float32 shadow of ``model``'s trainable parameters (by name)."""
+    """Float32 shadow of ``model``'s trainable parameters (by name).
 
-    def __init__(self, model: nn.Module, config: EMAConfig) -> None:
+    ``trainable``: the parameters to average (default: all with ``requires_grad``), e.g. the optimizer's
+    subset during adaptation.
+    """
+
+    def __init__(
+        self, model: nn.Module, config: EMAConfig, trainable: list[nn.Parameter] | None = None
+    ) -> None:
         self.config = config
         self.num_updates = 0
+        chosen = {id(p) for p in trainable} if trainable is not None else None
         self.shadow: dict[str, torch.Tensor] = {
             name: p.detach().to(dtype=torch.float32, copy=True)
             for name, p in model.named_parameters()
-            if p.requires_grad
+            if (p.requires_grad if chosen is None else id(p) in chosen)
         }
         if not self.shadow:
             raise ValueError("ema: the model has no trainable parameters to average")

@@ -102,7 +102,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         backend.setup(model, config, trainable)
         self.micro_batch_size = config.micro_batch_size(backend.world_size)
-        self.ema = EMA(backend.model, config.ema) if config.ema.enabled else None
+        self.ema = EMA(backend.model, config.ema, trainable) if config.ema.enabled else None
         self.generator = torch.Generator(device=backend.device)
         self.step = 0
         self.samples_seen = 0

@@ -145,12 +145,15 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     keep_checkpoints: int = 3
     progress: bool = True  # tqdm bar (log lines when False)
+    torch_threads: int = 0  # intra-op CPU threads during the run; 0: torch's default (all cores)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"name must be a plain directory name, got {self.name!r}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads must be >= 0 (0: torch's default), got {self.torch_threads}")
         micro = self.loop.micro_batch_size(1)
         given = self.data.stream.batch_size
         if given not in (micro, StreamConfig().batch_size):
@@ -286,7 +289,9 @@ def _versions(device: torch.device) -> dict[str, Any]:
         },
         "torch_cuda": torch.version.cuda,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else (platform.processor() or platform.machine()),
         "torch_threads": torch.get_num_threads(),
     }
     try:
@@ -391,6 +396,9 @@ def train(config: TrainConfig, run_dir: str | Path | None = None) -> TrainResult
     root = logging.getLogger("caloforge")
     root.addHandler(handler)
     previous_level = root.level
+    previous_threads = torch.get_num_threads()
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
     if root.getEffectiveLevel() > logging.INFO:
         root.setLevel(logging.INFO)
     t0 = time.perf_counter()
@@ -466,4 +474,5 @@ def train(config: TrainConfig, run_dir: str | Path | None = None) -> TrainResult
     finally:
         root.removeHandler(handler)
         root.setLevel(previous_level)
+        torch.set_num_threads(previous_threads)
         handler.close()

@@ -29,6 +29,7 @@ def test_update_matches_the_recurrence_and_skips_frozen() -> None:
     model[1].bias.requires_grad_(False)
     ema = EMA(model, EMAConfig(decay=0.5, warmup=True))
     assert "1.bias" not in ema.shadow
+    assert set(EMA(model, EMAConfig(), trainable=[model[0].weight]).shadow) == {"0.weight"}
     expected = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     for t in range(4):
         with torch.no_grad():
