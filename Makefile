@@ -37,8 +37,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check caloforge tests benchmarks
 	$(VENV)/bin/ruff format --check caloforge tests benchmarks
 
+# CPU benchmarks (tables + benchmarks/results/*.json); GPU figures: benchmarks/gpu_session.sh on a GPU host.
+BENCHES := simulator loader model evaluation export pretrain_scaling
 bench: $(STAMP)
-	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+	for b in $(BENCHES); do $(PY) benchmarks/$$b.py $(BENCH_ARGS) || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

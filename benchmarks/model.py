@@ -29,31 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import DETECTORS, MESH, RESULTS, synthetic
 
 from caloforge.datasets.stats import compute_stats
 from caloforge.platform.backbone import BACKBONE_FLAVORS, count_parameters, forward_flops
-from caloforge.platform.conditioning import PARTICLES, Conditions, ConditionVocab
+from caloforge.platform.conditioning import ConditionVocab
 from caloforge.platform.objectives import OBJECTIVES
 from caloforge.platform.samplers import SAMPLERS
 from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig
-
-MESH = (45, 16, 9)
-RESULTS = Path(__file__).resolve().parent / "results"
-DETECTORS = ("bench_a", "bench_b")
-
-
-def synthetic(n: int, seed: int) -> tuple[np.ndarray, Conditions]:
-    """Sparse log-normal showers and random conditions (timing does not depend on the physics)."""
-    rng = np.random.default_rng(seed)
-    showers = rng.lognormal(0.0, 2.0, (n, *MESH)) * (rng.random((n, *MESH)) < 0.3)
-    cond = Conditions.make(
-        np.exp(rng.uniform(np.log(1e3), np.log(1e6), n)),
-        rng.uniform(0.9, 2.2, n),
-        rng.uniform(-np.pi, np.pi, n),
-        rng.choice(list(PARTICLES.values()), n),
-        rng.choice(DETECTORS, n),
-    )
-    return showers.astype(np.float32), cond
 
 
 def build(flavor: str, objective: str, stats: dict, device: torch.device) -> ShowerModel:

@@ -1,0 +1,27 @@
+"""Shared by the model and export benchmarks: synthetic showers whose timing does not depend on physics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from caloforge.platform.conditioning import PARTICLES, Conditions
+
+MESH = (45, 16, 9)
+RESULTS = Path(__file__).resolve().parent / "results"
+DETECTORS = ("bench_a", "bench_b")
+
+
+def synthetic(n: int, seed: int) -> tuple[np.ndarray, Conditions]:
+    """Sparse log-normal showers on the 45×16×9 mesh and random conditions (θ in 50°–130°)."""
+    rng = np.random.default_rng(seed)
+    showers = rng.lognormal(0.0, 2.0, (n, *MESH)) * (rng.random((n, *MESH)) < 0.3)
+    cond = Conditions.make(
+        np.exp(rng.uniform(np.log(1e3), np.log(1e6), n)),
+        rng.uniform(0.9, 2.2, n),
+        rng.uniform(-np.pi, np.pi, n),
+        rng.choice(list(PARTICLES.values()), n),
+        rng.choice(DETECTORS, n),
+    )
+    return showers.astype(np.float32), cond
