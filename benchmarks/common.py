@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -25,3 +28,23 @@ def synthetic(n: int, seed: int) -> tuple[np.ndarray, Conditions]:
         rng.choice(DETECTORS, n),
     )
     return showers.astype(np.float32), cond
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout the benchmark ran from (None outside git)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_results(record: dict, name: str, device: str, out: Path | None = None) -> Path:
+    """Write ``record`` atomically to ``out`` or ``results/<device>_<date>_<name>.json``; returns the path."""
+    out = out or RESULTS / f"{device}_{dt.date.today().isoformat()}_{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(out)
+    print(f"\nwrote {out}")
+    return out

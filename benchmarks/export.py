@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
 import platform
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import DETECTORS, MESH, RESULTS, synthetic
+from common import DETECTORS, MESH, git_commit, synthetic, write_results
 
 from caloforge.datasets.stats import compute_stats
 from caloforge.platform.backbone import BACKBONE_FLAVORS, forward_flops
@@ -113,14 +111,6 @@ def bench_case(
 
 def _rounded(row: dict) -> dict:
     return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,12 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         "reference_calodit2_cpu_ms": CALODIT2_CPU_MS,
         "rows": [_rounded(r) for r in rows],
     }
-    out = args.out or RESULTS / f"{args.device}_{dt.date.today().isoformat()}_export.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(record, indent=2) + "\n")
-    tmp_out.replace(out)
-    print(f"\nwrote {out}")
+    write_results(record, "export", args.device, args.out)
     return 0
 
 

@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import platform
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import DETECTORS, MESH, RESULTS, synthetic
+from common import DETECTORS, MESH, git_commit, synthetic, write_results
 
 from caloforge.datasets.stats import compute_stats
 from caloforge.platform.backbone import BACKBONE_FLAVORS, count_parameters, forward_flops
@@ -134,14 +132,6 @@ def plan(device: torch.device, quick: bool, flavor: str) -> dict:
     }
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -225,12 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "git_commit": git_commit(),
         "rows": rows,
     }
-    out = args.out or RESULTS / f"{args.device}_{dt.date.today().isoformat()}_model.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(out)
-    print(f"\nwrote {out}")
+    write_results(record, "model", args.device, args.out)
     return 0
 
 
