@@ -19,7 +19,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import h5py
 import numpy as np
@@ -167,6 +167,44 @@ def open_h5(path: str | Path) -> h5py.File:
         return h5py.File(path, "r", rdcc_nbytes=64 * 2**20)
     except OSError as exc:
         raise ValueError(f"{path}: not a readable HDF5 file ({exc})") from exc
+
+
+class AtomicH5Writer:
+    """An HDF5 file written to ``<path>.tmp`` and renamed to ``path`` on :meth:`close` (deleted on
+    :meth:`abort` or when the ``with`` block raises), so a crash never leaves a half-written file.
+    Subclasses create their datasets after ``super().__init__`` and may override :meth:`_finalize`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self._f = h5py.File(self.tmp, "w")
+
+    def _finalize(self, f: h5py.File) -> None:
+        """Last writes before the file is closed (attributes gathered while appending)."""
+
+    def close(self) -> Path:
+        try:
+            self._finalize(self._f)
+        except BaseException:
+            self.abort()
+            raise
+        self._f.close()
+        self.tmp.replace(self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 # -- format detection ---------------------------------------------------------------------------------

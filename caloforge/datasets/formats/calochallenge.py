@@ -53,6 +53,7 @@ import numpy as np
 import caloforge
 from caloforge.datasets.formats import (
     DEFAULT_CHUNK_SHOWERS,
+    AtomicH5Writer,
     check_conditions,
     check_rows,
     check_voxels,
@@ -289,7 +290,7 @@ def read(path: str | Path, detector: str | Path | DetectorSpec | None = None, **
     return concat_chunks(list(iter_read(path, detector, **options)), path)
 
 
-class CaloChallengeWriter:
+class CaloChallengeWriter(AtomicH5Writer):
     """Write a CaloChallenge file chunk by chunk (temp file, then rename on :meth:`close`)."""
 
     def __init__(
@@ -310,9 +311,7 @@ class CaloChallengeWriter:
             raise ValueError(f"showers_dtype must be 'float32' or 'float64', got {showers_dtype!r}")
         if compression not in ("gzip", "lzf", "none"):
             raise ValueError(f"compression must be 'gzip', 'lzf' or 'none', got {compression!r}")
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        super().__init__(path)
         self.mesh_shape = tuple(int(v) for v in mesh_shape)
         self.n_voxels = int(np.prod(self.mesh_shape))
         self.calibration = float(calibration)
@@ -324,7 +323,6 @@ class CaloChallengeWriter:
         self._detectors: set[str] = set()
         comp = None if compression == "none" else compression
         rows = max(1, min(1024, 2**20 // (self.n_voxels * self.dtype.itemsize)))
-        self._f = h5py.File(self.tmp, "w")
         f = self._f
         f.create_dataset(
             ENERGY_KEY, shape=(0, 1), maxshape=(None, 1), dtype=np.float64, chunks=(4096, 1), compression=comp
@@ -389,8 +387,7 @@ class CaloChallengeWriter:
         self._detectors.update(np.unique(c.detector).tolist())
         self.n = b
 
-    def close(self) -> Path:
-        f = self._f
+    def _finalize(self, f: h5py.File) -> None:
         for key, value in self._const.items():
             f.attrs[key] = value
         if len(self._detectors) == 1:
@@ -405,22 +402,6 @@ class CaloChallengeWriter:
                 self.path,
                 sorted(k.removeprefix("caloforge_") for k in self._varying),
             )
-        f.close()
-        self.tmp.replace(self.path)
-        return self.path
-
-    def abort(self) -> None:
-        self._f.close()
-        self.tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> CaloChallengeWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def write(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
@@ -22,6 +21,7 @@ import numpy as np
 import caloforge
 from caloforge.datasets.formats import (
     DEFAULT_CHUNK_SHOWERS,
+    AtomicH5Writer,
     check_conditions,
     check_rows,
     check_voxels,
@@ -104,7 +104,7 @@ def iter_native(
             )
 
 
-class NativeWriter:
+class NativeWriter(AtomicH5Writer):
     """Append ShowerSets chunk by chunk (temp file, then rename on close; removed on abort).
 
     ``write`` is this writer with one append; large conversions append chunk by chunk without holding the
@@ -119,12 +119,9 @@ class NativeWriter:
         seed: int | None = None,
         metadata: dict | None = None,
     ) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        super().__init__(path)
         self.mesh_shape = tuple(int(v) for v in mesh_shape)
         self.n = 0
-        self._f = h5py.File(self.tmp, "w")
         f = self._f
         f.create_dataset(
             "showers",
@@ -166,24 +163,6 @@ class NativeWriter:
         f["pdg"][a:b] = c.pdg
         f["detector"][a:b] = c.detector.astype(object)
         self.n = b
-
-    def close(self) -> Path:
-        self._f.close()
-        self.tmp.replace(self.path)
-        return self.path
-
-    def abort(self) -> None:
-        self._f.close()
-        self.tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> NativeWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def write(path: str | Path, data: ShowerSet) -> Path:
