@@ -4,10 +4,14 @@ A stats block (JSON-able dict) for a set of showers on one mesh:
 
 - ``n_showers``, ``n_voxels_per_shower``
 - ``log_eps``: ε of the log transform (MeV); ``log_mean``, ``log_std``: mean/std of log(x + ε) over all
-  voxels (scalar, as CaloDiT-2); ``layer_log_mean``, ``layer_log_std``: the same per layer (n_z lists)
+  voxels (scalar, as CaloDiT-2); ``layer_log_mean``, ``layer_log_std``: the same per layer (n_z lists);
+  ``layer_log_max`` (n_z): the largest log(x + ε) seen in each layer (the transforms clamp generated
+  voxels to it)
 - ``occupancy``: fraction of voxels > 0; ``layer_occupancy`` (n_z)
 - ``etot_over_einc_mean``, ``etot_over_einc_std``: total deposited energy / incident energy
 - ``layer_frac_mean`` (n_z): mean fraction of E_tot per layer
+- ``layer_energy_over_einc_mean``, ``layer_energy_over_einc_std`` (n_z): mean/std of E_z / E_inc per layer
+  (fits the layer-energy head's transform, ``caloforge.platform.energy``)
 - ``energy_mev_min``/``max``, ``theta_rad_min``/``max``
 
 ``StatsAccumulator`` accumulates these in float64 over batches, so sharding never holds the dataset in
@@ -32,8 +36,11 @@ class StatsAccumulator:
         self.n = 0
         self.layer_log_sum = np.zeros(n_z)
         self.layer_log_sq = np.zeros(n_z)
+        self.layer_log_max = np.full(n_z, -np.inf)
         self.layer_nonzero = np.zeros(n_z)
         self.layer_frac_sum = np.zeros(n_z)
+        self.layer_efrac_sum = np.zeros(n_z)
+        self.layer_efrac_sq = np.zeros(n_z)
         self.ratio_sum = 0.0
         self.ratio_sq = 0.0
         self.e_min, self.e_max = math.inf, -math.inf
@@ -54,11 +61,16 @@ class StatsAccumulator:
         self.n += len(x)
         self.layer_log_sum += lx.sum(axis=(0, 2, 3))
         self.layer_log_sq += (lx * lx).sum(axis=(0, 2, 3))
+        self.layer_log_max = np.maximum(self.layer_log_max, lx.max(axis=(0, 2, 3)))
         self.layer_nonzero += (x > 0).sum(axis=(0, 2, 3))
         layer_e = x.sum(axis=(2, 3))
         etot = layer_e.sum(axis=1)
         self.layer_frac_sum += (layer_e / np.maximum(etot, 1e-12)[:, None]).sum(axis=0)
-        ratio = etot / np.asarray(energy_mev, dtype=np.float64)
+        einc = np.asarray(energy_mev, dtype=np.float64)
+        efrac = layer_e / einc[:, None]
+        self.layer_efrac_sum += efrac.sum(axis=0)
+        self.layer_efrac_sq += (efrac * efrac).sum(axis=0)
+        ratio = etot / einc
         self.ratio_sum += ratio.sum()
         self.ratio_sq += (ratio * ratio).sum()
         self.e_min = min(self.e_min, float(np.min(energy_mev)))
@@ -76,10 +88,13 @@ class StatsAccumulator:
             "layer_log_sq",
             "layer_nonzero",
             "layer_frac_sum",
+            "layer_efrac_sum",
+            "layer_efrac_sq",
             "ratio_sum",
             "ratio_sq",
         ):
             setattr(out, k, getattr(self, k) + getattr(other, k))
+        out.layer_log_max = np.maximum(self.layer_log_max, other.layer_log_max)
         out.e_min, out.e_max = min(self.e_min, other.e_min), max(self.e_max, other.e_max)
         out.t_min, out.t_max = min(self.t_min, other.t_min), max(self.t_max, other.t_max)
         return out
@@ -94,6 +109,8 @@ class StatsAccumulator:
         mean = self.layer_log_sum.sum() / total
         var = max(self.layer_log_sq.sum() / total - mean**2, 0.0)
         r_mean = self.ratio_sum / self.n
+        efrac_mean = self.layer_efrac_sum / self.n
+        efrac_var = np.maximum(self.layer_efrac_sq / self.n - efrac_mean**2, 0.0)
         return {
             "n_showers": int(self.n),
             "n_voxels_per_shower": int(np.prod(self.mesh_shape)),
@@ -102,11 +119,14 @@ class StatsAccumulator:
             "log_std": float(math.sqrt(var)),
             "layer_log_mean": layer_mean.tolist(),
             "layer_log_std": np.sqrt(layer_var).tolist(),
+            "layer_log_max": self.layer_log_max.tolist(),
             "occupancy": float(self.layer_nonzero.sum() / total),
             "layer_occupancy": (self.layer_nonzero / per_layer).tolist(),
             "etot_over_einc_mean": float(r_mean),
             "etot_over_einc_std": float(math.sqrt(max(self.ratio_sq / self.n - r_mean**2, 0.0))),
             "layer_frac_mean": (self.layer_frac_sum / self.n).tolist(),
+            "layer_energy_over_einc_mean": efrac_mean.tolist(),
+            "layer_energy_over_einc_std": np.sqrt(efrac_var).tolist(),
             "energy_mev_min": self.e_min,
             "energy_mev_max": self.e_max,
             "theta_rad_min": self.t_min,

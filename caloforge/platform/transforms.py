@@ -16,8 +16,12 @@ back (AllShowers' Transformation modules). Both transforms are fitted from a sta
   ranges of early/late layers the way CaloDREAM's per-layer normalisation does, without the extra
   layer-energy model. Inverse as above with the per-layer μ_z, σ_z.
 
-The exponent of the inverse is clamped at ``MAX_LOG`` = 80 (e^80 ≈ 5.5e34 < float32 max), so a badly
-behaved model cannot produce inf/NaN MeV.
+The exponent of the inverse is clamped per layer at the largest ln(x + ε) of the training data
+(``layer_log_max`` + ln 2, buffer ``log_max_Z``), so a generated voxel never exceeds twice the hottest voxel
+the data had in that layer (an undertrained model's rare overshoots would otherwise dominate its layer; the
+factor 2 leaves headroom for a detector added by adaptation); stats blocks
+without that key (and unfitted transforms) fall back to ``MAX_LOG`` = 80 (e^80 ≈ 5.5e34 < float32 max), so a
+badly behaved model cannot produce inf/NaN MeV.
 
 Shape legend: B batch, Z layers, P angular bins, R radial bins.
 """
@@ -34,6 +38,7 @@ from torch import nn
 CALOCHALLENGE_THRESHOLD_MEV = 0.5e-3 / 0.033  # 15.15 keV: 0.5 keV visible / sampling fraction 0.033
 MAX_LOG = 80.0
 MIN_STD = 1e-6  # floor for σ of a layer that was never hit (all voxels equal ε)
+LOG_MAX_MARGIN = math.log(2.0)  # clamp at 2× the data's hottest voxel per layer (headroom for adaptation)
 
 
 def _stat_scalar(stats: Mapping[str, Any], key: str, positive: bool = False) -> float:
@@ -60,14 +65,27 @@ def _stat_vector(stats: Mapping[str, Any], key: str, n_z: int) -> list[float]:
     return out
 
 
+def _optional_log_max(stats: Mapping[str, Any], n_z: int) -> list[float] | None:
+    """``layer_log_max`` when the stats block has it (older manifests do not: no data-range clamp).
+    Layers never hit in the data (max = ln ε) get no clamp beyond ``MAX_LOG``."""
+    if "layer_log_max" not in stats:
+        return None
+    eps = _stat_scalar(stats, "log_eps", positive=True)
+    values = _stat_vector(stats, "layer_log_max", n_z)
+    return [v + LOG_MAX_MARGIN if v > math.log(eps) else MAX_LOG for v in values]
+
+
 class _LogTransform(nn.Module):
     """Shared parts: threshold handling and the (μ, σ) broadcast over (B, Z, P, R)."""
 
     log_eps: torch.Tensor
     threshold_mev: torch.Tensor
     fitted: torch.Tensor
+    log_max_Z: torch.Tensor
 
-    def __init__(self, n_z: int, log_eps: float, threshold_mev: float, fitted: bool) -> None:
+    def __init__(
+        self, n_z: int, log_eps: float, threshold_mev: float, fitted: bool, log_max_Z: list[float] | None
+    ) -> None:
         super().__init__()
         if n_z < 1:
             raise ValueError(f"n_z must be >= 1, got {n_z}")
@@ -80,10 +98,16 @@ class _LogTransform(nn.Module):
         self.register_buffer("threshold_mev", torch.tensor(float(threshold_mev), dtype=torch.float32))
         # True once fitted from a stats block (saved with the weights, so a loaded bundle knows it too).
         self.register_buffer("fitted", torch.tensor(bool(fitted)))
+        log_max = torch.full((n_z,), MAX_LOG) if log_max_Z is None else torch.tensor(log_max_Z)
+        if log_max.shape != (n_z,):
+            raise ValueError(f"log_max_Z must have n_z={n_z} entries, got {tuple(log_max.shape)}")
+        self.register_buffer("log_max_Z", log_max.float().clamp(max=MAX_LOG))
 
     def _check(self, x_BZPR: torch.Tensor, what: str) -> None:
-        if x_BZPR.ndim != 4:
-            raise ValueError(f"{what}: expected (B, n_z, n_phi, n_r), got shape {tuple(x_BZPR.shape)}")
+        if x_BZPR.ndim != 4 or x_BZPR.shape[1] != self.n_z:
+            raise ValueError(
+                f"{what}: expected (B, n_z={self.n_z}, n_phi, n_r), got shape {tuple(x_BZPR.shape)}"
+            )
 
     def _mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(μ, σ) broadcastable to (B, Z, P, R)."""
@@ -98,10 +122,11 @@ class _LogTransform(nn.Module):
         return (torch.log(x + self.log_eps.float()) - mean.float()) / std.float()
 
     def inverse(self, x_BZPR: torch.Tensor) -> torch.Tensor:
-        """Model space → MeV: exp(x̂σ + μ) − ε; below threshold → 0; clamp ≥ 0."""
+        """Model space → MeV: exp(min(x̂σ + μ, log_max_z)) − ε; below threshold → 0; clamp ≥ 0."""
         self._check(x_BZPR, f"{type(self).__name__}.inverse")
         mean, std = self._mean_std()
-        log_x = (x_BZPR.float() * std.float() + mean.float()).clamp(max=MAX_LOG)
+        log_max = self.log_max_Z[None, :, None, None]
+        log_x = torch.minimum(x_BZPR.float() * std.float() + mean.float(), log_max)
         e = torch.exp(log_x) - self.log_eps.float()
         return torch.where(e < self.threshold_mev.float(), torch.zeros_like(e), e).clamp_min(0.0)
 
@@ -117,8 +142,9 @@ class LogStandardize(_LogTransform):
         mean: float = 0.0,
         std: float = 1.0,
         fitted: bool = False,
+        log_max_Z: list[float] | None = None,
     ) -> None:
-        super().__init__(n_z, log_eps, threshold_mev, fitted)
+        super().__init__(n_z, log_eps, threshold_mev, fitted, log_max_Z)
         if not std > 0:
             raise ValueError(f"LogStandardize std must be > 0, got {std}")
         self.register_buffer("mean", torch.tensor(float(mean), dtype=torch.float32))
@@ -136,6 +162,7 @@ class LogStandardize(_LogTransform):
             mean=_stat_scalar(stats, "log_mean"),
             std=max(_stat_scalar(stats, "log_std"), MIN_STD),
             fitted=True,
+            log_max_Z=_optional_log_max(stats, n_z),
         )
 
 
@@ -150,8 +177,9 @@ class LayerLogStandardize(_LogTransform):
         mean_Z: list[float] | None = None,
         std_Z: list[float] | None = None,
         fitted: bool = False,
+        log_max_Z: list[float] | None = None,
     ) -> None:
-        super().__init__(n_z, log_eps, threshold_mev, fitted)
+        super().__init__(n_z, log_eps, threshold_mev, fitted, log_max_Z)
         mean = torch.zeros(n_z) if mean_Z is None else torch.tensor(mean_Z, dtype=torch.float32)
         std = torch.ones(n_z) if std_Z is None else torch.tensor(std_Z, dtype=torch.float32)
         if mean.shape != (n_z,) or std.shape != (n_z,):
@@ -164,11 +192,6 @@ class LayerLogStandardize(_LogTransform):
     def _mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.layer_mean[None, :, None, None], self.layer_std[None, :, None, None]
 
-    def _check(self, x_BZPR: torch.Tensor, what: str) -> None:
-        super()._check(x_BZPR, what)
-        if x_BZPR.shape[1] != self.n_z:
-            raise ValueError(f"{what}: expected n_z={self.n_z} layers, got shape {tuple(x_BZPR.shape)}")
-
     @classmethod
     def from_stats(cls, stats: Mapping[str, Any], n_z: int, threshold_mev: float) -> LayerLogStandardize:
         return cls(
@@ -178,6 +201,7 @@ class LayerLogStandardize(_LogTransform):
             mean_Z=_stat_vector(stats, "layer_log_mean", n_z),
             std_Z=[max(v, MIN_STD) for v in _stat_vector(stats, "layer_log_std", n_z)],
             fitted=True,
+            log_max_Z=_optional_log_max(stats, n_z),
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import h5py
@@ -83,6 +85,36 @@ def test_batch_from_numpy_keeps_conditions() -> None:
     np.testing.assert_array_equal(batch.conditions().energy_mev, data.conditions.energy_mev)
 
 
+def test_stats_layer_energy_and_layer_log_max_on_a_hand_made_example() -> None:
+    eps = 1e-6
+    # Mesh (3, 1, 2): layer 2 is never hit. E_z / E_inc: shower 1 → [0.4, 0, 0], shower 2 → [0.1, 0.3, 0].
+    s1 = np.array([[[1.0, 3.0]], [[0.0, 0.0]], [[0.0, 0.0]]])
+    s2 = np.array([[[2.0, 0.0]], [[4.0, 2.0]], [[0.0, 0.0]]])
+    showers = np.stack([s1, s2]).astype(np.float32)
+    energy, theta = np.array([10.0, 20.0]), np.array([1.5, 1.6])
+    direct = compute_stats(showers, energy, theta)
+    np.testing.assert_allclose(
+        direct["layer_energy_over_einc_mean"], [0.25, 0.15, 0.0], rtol=1e-12, atol=1e-15
+    )
+    np.testing.assert_allclose(direct["layer_energy_over_einc_std"], [0.15, 0.15, 0.0], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        direct["layer_log_max"], [np.log(3.0 + eps), np.log(4.0 + eps), np.log(eps)], rtol=1e-12, atol=0
+    )
+    assert direct["layer_log_max"][2] == math.log(direct["log_eps"]), (
+        "a never-hit layer's max is ln ε exactly"
+    )
+    # Accumulated shower by shower and merged, the same numbers (max of maxima, pooled moments).
+    acc_1, acc_2 = StatsAccumulator((3, 1, 2)), StatsAccumulator((3, 1, 2))
+    acc_1.update(showers[:1], energy[:1], theta[:1])
+    acc_2.update(showers[1:], energy[1:], theta[1:])
+    merged = acc_1.merge(acc_2).result()
+    for key in ("layer_energy_over_einc_mean", "layer_energy_over_einc_std", "layer_log_max"):
+        np.testing.assert_allclose(merged[key], direct[key], rtol=1e-12, atol=1e-15, err_msg=key)
+    np.testing.assert_allclose(acc_2.result()["layer_energy_over_einc_std"], [0.0, 0.0, 0.0], atol=1e-15)
+    np.testing.assert_allclose(acc_1.result()["layer_log_max"], [np.log(3.0 + eps), np.log(eps), np.log(eps)])
+    assert json.loads(json.dumps(direct)) == direct, "the stats block stays JSON-able"
+
+
 def test_stats_merge_equals_direct() -> None:
     a, b = _set(30, 1), _set(50, 2)
     both = ShowerSet.concat([a, b])
@@ -94,7 +126,13 @@ def test_stats_merge_equals_direct() -> None:
     merged = acc_a.merge(acc_b).result()
     for key in ("log_mean", "log_std", "occupancy", "etot_over_einc_mean"):
         assert merged[key] == pytest.approx(direct[key], rel=1e-9)
+    for key in ("layer_energy_over_einc_mean", "layer_energy_over_einc_std", "layer_log_max"):
+        np.testing.assert_allclose(merged[key], direct[key], rtol=1e-9, err_msg=key)
     x = both.showers_NZPR.astype(np.float64)
     assert direct["log_mean"] == pytest.approx(np.log(x + 1e-6).mean(), rel=1e-9)
     assert direct["log_std"] == pytest.approx(np.log(x + 1e-6).std(), rel=1e-6)
     assert direct["occupancy"] == pytest.approx((x > 0).mean())
+    efrac = x.sum(axis=(2, 3)) / both.conditions.energy_mev[:, None]
+    np.testing.assert_allclose(direct["layer_energy_over_einc_mean"], efrac.mean(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(direct["layer_energy_over_einc_std"], efrac.std(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(direct["layer_log_max"], np.log(x + 1e-6).max(axis=(0, 2, 3)), rtol=1e-12)
