@@ -386,14 +386,18 @@ class ShowerDiT(nn.Module):
             pos_TD = pos_TD + self.pos_proj(feats_TF.to(self.pos_proj.weight.dtype))
         return pos_TD
 
-    def condition_embedding(self, noise_label_B: torch.Tensor, cond: ConditionTensors) -> torch.Tensor:
-        """(B, D): the adaLN conditioning vector (sum of the four embeddings)."""
+    def condition_context(self, cond: ConditionTensors) -> torch.Tensor:
+        """(B, D): kinematics + particle + detector embeddings (no noise level). The layer-energy head
+        (``caloforge.platform.energy``) reads it too, so both stages share one detector embedding."""
         return (
-            self.t_embedder(noise_label_B)
-            + self.kin_embedder(cond)
+            self.kin_embedder(cond)
             + self.particle_embed(cond.particle_idx)
             + self.detector_embed(cond.detector_idx)
         )
+
+    def condition_embedding(self, noise_label_B: torch.Tensor, cond: ConditionTensors) -> torch.Tensor:
+        """(B, D): the adaLN conditioning vector (noise-level embedding + ``condition_context``)."""
+        return self.t_embedder(noise_label_B) + self.condition_context(cond)
 
     def forward(
         self,

@@ -1,10 +1,11 @@
 """Model bundles: a directory with ``config.json`` + ``model.safetensors``; no pickles, no training code.
 
-``config.json`` (schema_version 1)::
+``config.json`` (schema_version 2; version 1 bundles predate the layer-energy head and load with
+``layer_energy.enabled = false``)::
 
     {
       "format": "caloforge.shower_model",
-      "schema_version": 1,
+      "schema_version": 2,
       "caloforge_version": "0.1.0", "torch_version": "...",
       "model_config": {...ShowerModelConfig as plain data...},
       "vocab": {"detectors": [...], "n_detector_slots": K},
@@ -45,7 +46,7 @@ from caloforge.platform.geometry import Mesh
 from caloforge.platform.shower_model import Lineage, ShowerModel, ShowerModelConfig
 
 BUNDLE_FORMAT = "caloforge.shower_model"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -150,7 +151,10 @@ def load_bundle(directory: str | Path, device: torch.device | str = "cpu") -> Sh
     directory = Path(directory)
     data = read_bundle_config(directory)
     cfg_path = directory / CONFIG_FILE
-    config = from_dict(ShowerModelConfig, data["model_config"], f"{cfg_path}: model_config")
+    model_config = dict(data["model_config"])
+    if data["schema_version"] < 2 and "layer_energy" not in model_config:
+        model_config["layer_energy"] = {"enabled": False}  # v1 bundles have no layer-energy head
+    config = from_dict(ShowerModelConfig, model_config, f"{cfg_path}: model_config")
     try:
         vocab = ConditionVocab.from_dict(data["vocab"])
         m = data["mesh"]
@@ -173,6 +177,8 @@ def load_bundle(directory: str | Path, device: torch.device | str = "cpu") -> Sh
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{weights_path}: unreadable safetensors file: {exc}") from exc
     model = ShowerModel(config, vocab, mesh, stats=None, lineage=lineage)
+    if data["schema_version"] < 2:  # v1 bundles predate the data-range clamp: keep its neutral default
+        tensors.setdefault("transform.log_max_Z", model.transform.log_max_Z.clone())
     expected_keys = set(model.state_dict())
     missing, unexpected = sorted(expected_keys - set(tensors)), sorted(set(tensors) - expected_keys)
     if missing or unexpected:

@@ -11,7 +11,9 @@ per-shower seeds as EDM's ``StackedRandomGenerator``):
    the CPU, so a shower depends only on its seed — not on batch composition or device;
 2. ``sample(noise, cond, sampler, num_steps)``: ``x = denoiser.prior(noise)``, then the sampler integrates
    ``velocity`` over ``denoiser.time_grid(num_steps)`` (see ``denoisers.py`` for the time convention);
-3. ``to_mev(x)``: the inverse transform (threshold, clamp ≥ 0).
+3. ``to_mev(x, layers)``: the inverse transform (threshold, clamp ≥ 0) and, for a model with the
+   layer-energy head (``energy.py``, on by default), the scaling of each layer to the head's sample
+   ``layers = sample_layer_energies(initial_layer_noise(seeds), cond)``.
 
 ``generate(conditions, ...)`` chains them in batches and returns float32 numpy (N, n_z, n_phi, n_r) in MeV.
 ``forward(x_t_BZPR, t_B, cond)`` is the training-time network call used by the objectives (so DDP/DeepSpeed
@@ -42,6 +44,14 @@ from caloforge.platform.backbone import (
 )
 from caloforge.platform.conditioning import Conditions, ConditionTensors, ConditionVocab
 from caloforge.platform.denoisers import Denoiser, EDMDenoiser, FlowMatchingDenoiser
+from caloforge.platform.energy import (
+    LayerEnergyConfig,
+    LayerEnergyFlow,
+    LayerEnergyTransform,
+    check_energy_grid,
+    energy_flow_loss,
+    rescale_layers,
+)
 from caloforge.platform.geometry import Mesh
 from caloforge.platform.objectives import OBJECTIVES, EDMConfig, FlowMatchingConfig
 from caloforge.platform.samplers import SAMPLERS, get_sampler
@@ -67,6 +77,7 @@ class ShowerModelConfig:
     (it also selects the denoiser); its options live in ``flow_matching`` / ``edm``. ``transform``: a key of
     ``TRANSFORMS``; ``threshold_mev``: readout threshold (calibrated MeV) applied by the transform.
     ``sampler`` / ``num_steps``: generation defaults. ``init_seed``: weight initialisation seed.
+    ``layer_energy``: the layer-energy head (``caloforge.platform.energy``; on by default).
     """
 
     backbone: str | BackboneConfig = "S"
@@ -79,6 +90,7 @@ class ShowerModelConfig:
     sampler: str = "heun"
     num_steps: int = 32
     init_seed: int = 0
+    layer_energy: LayerEnergyConfig = field(default_factory=LayerEnergyConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, str) and self.backbone not in BACKBONE_FLAVORS:
@@ -169,6 +181,19 @@ class ShowerModel(nn.Module):
         self.transform: LogStandardize | LayerLogStandardize = build_transform(
             config.transform, mesh.n_z, config.threshold_mev, stats
         )
+        # The layer-energy head (second stage): None when config.layer_energy.enabled is false.
+        self.energy_head: LayerEnergyFlow | None = None
+        self.energy_transform: LayerEnergyTransform | None = None
+        le = config.layer_energy
+        if le.enabled:
+            self.energy_head = LayerEnergyFlow(
+                mesh.n_z, bb.width, le.width, le.depth, seed=config.init_seed + 1
+            )
+            self.energy_transform = (
+                LayerEnergyTransform(mesh.n_z)
+                if stats is None
+                else LayerEnergyTransform.from_stats(stats, mesh.n_z)
+            )
         # Derived from the mesh, not stored: one network state dict fits meshes of any (divisible) size.
         self.register_buffer("patch_coords_TC", patch_coordinates(mesh, bb.patch_size), persistent=False)
 
@@ -229,6 +254,10 @@ class ShowerModel(nn.Module):
             "objective": (old.objective, value.objective),
             "transform": (old.transform, value.transform),
             "threshold_mev": (old.threshold_mev, value.threshold_mev),
+            "layer_energy.enabled/width/depth": (
+                (old.layer_energy.enabled, old.layer_energy.width, old.layer_energy.depth),
+                (value.layer_energy.enabled, value.layer_energy.width, value.layer_energy.depth),
+            ),
         }
         changed = sorted(name for name, (a, b) in fixed.items() if a != b)
         if changed:
@@ -258,11 +287,16 @@ class ShowerModel(nn.Module):
     def default_num_steps(self) -> int:
         return self.config.num_steps
 
+    @property
+    def has_energy_head(self) -> bool:
+        return self.energy_head is not None
+
     def extra_repr(self) -> str:
         return (
             f"objective={self.config.objective}, mesh={self.mesh_shape}, "
             f"detectors={list(self.vocab.detectors)}/{self.vocab.n_detector_slots}, "
-            f"sampler={self.config.sampler}×{self.config.num_steps}"
+            f"sampler={self.config.sampler}×{self.config.num_steps}, "
+            f"layer_energy={'on' if self.has_energy_head else 'off'}"
         )
 
     # ---- network calls ------------------------------------------------------------------------------
@@ -293,7 +327,10 @@ class ShowerModel(nn.Module):
     def _check_fitted(self) -> None:
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
             return
-        if not bool(self.transform.fitted):
+        unfitted = not bool(self.transform.fitted) or (
+            self.energy_transform is not None and not bool(self.energy_transform.fitted)
+        )
+        if unfitted:
             raise ValueError(
                 "the model's transform is not fitted: build the model with ShowerModel.build(..., stats) "
                 "or load a bundle"
@@ -306,11 +343,62 @@ class ShowerModel(nn.Module):
         self._check_x(x, "to_model_space showers_mev_BZPR")
         return self.transform(x)
 
-    def to_mev(self, x_BZPR: torch.Tensor) -> torch.Tensor:
-        """Model space → MeV (threshold applied, ≥ 0)."""
+    def to_mev(self, x_BZPR: torch.Tensor, layer_mev_BZ: torch.Tensor | None = None) -> torch.Tensor:
+        """Model space → MeV (threshold applied, ≥ 0). With ``layer_mev_BZ`` (the layer-energy head's
+        sample), each layer is scaled to those energies (``energy.rescale_layers``)."""
         self._check_fitted()
         self._check_x(x_BZPR, "to_mev x_BZPR")
-        return self.transform.inverse(x_BZPR)
+        showers = self.transform.inverse(x_BZPR)
+        if layer_mev_BZ is None:
+            return showers
+        if tuple(layer_mev_BZ.shape) != (x_BZPR.shape[0], self.mesh.n_z):
+            raise ValueError(
+                f"to_mev layer_mev_BZ: expected ({x_BZPR.shape[0]}, {self.mesh.n_z}), "
+                f"got {tuple(layer_mev_BZ.shape)}"
+            )
+        return rescale_layers(showers, layer_mev_BZ, self.transform.threshold_mev)
+
+    def layer_energies_mev(self, showers_mev_BZPR: torch.Tensor) -> torch.Tensor:
+        """(B, Z) layer sums of MeV showers after the readout threshold (what the head learns)."""
+        x = torch.as_tensor(showers_mev_BZPR, dtype=torch.float32, device=self.device)
+        self._check_x(x, "layer_energies_mev showers_mev_BZPR")
+        x = torch.where(x < self.transform.threshold_mev, torch.zeros_like(x), x)
+        return x.sum(dim=(2, 3))
+
+    def _require_energy_head(self) -> tuple[LayerEnergyFlow, LayerEnergyTransform]:
+        if self.energy_head is None or self.energy_transform is None:
+            raise ValueError("this model has no layer-energy head (model.layer_energy.enabled is false)")
+        return self.energy_head, self.energy_transform
+
+    def energy_loss(
+        self, showers_mev_BZPR: torch.Tensor, cond: ConditionTensors, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Per-shower flow-matching loss (B,) of the layer-energy head on MeV showers (weight not applied)."""
+        head, transform = self._require_energy_head()
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            y1_BZ = transform(self.layer_energies_mev(showers_mev_BZPR), cond.energy_mev)
+        context_BD = self.network.condition_context(cond)
+        return energy_flow_loss(head, y1_BZ, context_BD, generator, self.config.layer_energy.draws)
+
+    def sample_layer_energies(
+        self, noise_BZ: torch.Tensor, cond: ConditionTensors, num_steps: int | None = None
+    ) -> torch.Tensor:
+        """Integrate the head's ODE from ``noise_BZ`` (N(0, I), shape (B, Z)) → layer energies (B, Z) MeV."""
+        head, transform = self._require_energy_head()
+        if noise_BZ.ndim != 2 or tuple(noise_BZ.shape) != (len(cond), self.mesh.n_z):
+            raise ValueError(
+                f"sample_layer_energies noise_BZ: expected ({len(cond)}, {self.mesh.n_z}), "
+                f"got {tuple(noise_BZ.shape)}"
+            )
+        le = self.config.layer_energy
+        grid = check_energy_grid(num_steps if num_steps is not None else le.num_steps)
+        context_BD = self.network.condition_context(cond)
+
+        def velocity(y_BZ: torch.Tensor, t_B: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+            return head(y_BZ, t_B, ctx).float()
+
+        y_BZ = get_sampler(le.sampler)(velocity, noise_BZ.float(), grid, context_BD)
+        return transform.inverse(y_BZ, cond.energy_mev)
 
     # ---- generation ---------------------------------------------------------------------------------
 
@@ -329,6 +417,24 @@ class ShowerModel(nn.Module):
             for s in seeds_np.tolist()
         ]
         noise = torch.stack(rows) if rows else torch.zeros((0, *self.mesh_shape))
+        return noise.to(self.device if device is None else device)
+
+    def initial_layer_noise(
+        self, seeds: np.ndarray | torch.Tensor, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """(B, Z) float32 N(0, I) noise of the layer-energy head: row i continues shower i's generator
+        after its voxel noise (``randn((Z, P, R))`` then ``randn((Z,))`` from ``manual_seed(seeds[i])``)."""
+        seeds_np = np.asarray(seeds.cpu() if isinstance(seeds, torch.Tensor) else seeds)
+        if seeds_np.ndim != 1 or not np.issubdtype(seeds_np.dtype, np.integer):
+            raise ValueError(
+                f"seeds must be a 1-D integer array, got dtype {seeds_np.dtype} shape {seeds_np.shape}"
+            )
+        rows = []
+        for s in seeds_np.tolist():
+            gen = torch.Generator().manual_seed(int(s))
+            torch.randn(self.mesh_shape, generator=gen, dtype=torch.float32)
+            rows.append(torch.randn((self.mesh.n_z,), generator=gen, dtype=torch.float32))
+        noise = torch.stack(rows) if rows else torch.zeros((0, self.mesh.n_z))
         return noise.to(self.device if device is None else device)
 
     def sample(
@@ -400,7 +506,11 @@ class ShowerModel(nn.Module):
                     cond = self.encode_conditions(conditions.subset(slice(start, stop)), self.device)
                     noise = self.initial_noise(seeds[start:stop], self.device)
                     x = self.sample(noise, cond, sampler, num_steps)
-                    out[start:stop] = self.to_mev(x).float().cpu().numpy()
+                    layers = None
+                    if self.has_energy_head:
+                        layer_noise = self.initial_layer_noise(seeds[start:stop], self.device)
+                        layers = self.sample_layer_energies(layer_noise, cond)
+                    out[start:stop] = self.to_mev(x, layers).float().cpu().numpy()
         finally:
             self.train(was_training)
         return out

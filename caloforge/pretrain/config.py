@@ -203,6 +203,13 @@ class PretrainConfig:
             raise ValueError(f"spare_detector_slots must be >= 0, got {self.spare_detector_slots}")
         if len(set(self.detectors)) != len(self.detectors):
             raise ValueError(f"detectors: duplicate names in {list(self.detectors)}")
+        if self.engine.find_unused_parameters and self.model.layer_energy.enabled:
+            raise ValueError(
+                "engine.find_unused_parameters=true cannot train model.layer_energy (the head's loss runs "
+                "outside DDP's forward, which that mode's graph search would miss): set "
+                "engine.find_unused_parameters=false (frozen parameters do not need it) or "
+                "model.layer_energy.enabled=false"
+            )
         fi = self.fault_injection
         if fi is not None:
             if not 0 <= fi.rank < self.cluster.num_workers:

@@ -5,7 +5,9 @@
 model's own fitted transform (the preprocessing ships inside the bundle, so training and generation can
 never disagree on it) and conditions encoded with the model's ``ConditionVocab``. The objective is called
 on the module the loop hands over (DDP/DeepSpeed-wrapped, so gradient sync sees the forward); the
-transform and vocabulary are read from the ``ShowerModel`` inside it.
+transform and vocabulary are read from the ``ShowerModel`` inside it. A model with the layer-energy head
+adds ``layer_energy.loss_weight`` × the head's loss (``ShowerModel.energy_loss``, drawn from the same
+generator after the objective's draws) to each shower's loss.
 """
 
 from __future__ import annotations
@@ -73,6 +75,13 @@ def shower_loss_fn(model: ShowerModel, objective_name: str | None = None, **obje
         with torch.autocast(device_type=shower_model.device.type, enabled=False):
             x1_BZPR = shower_model.to_model_space(batch.showers_BZPR)
         cond = shower_model.encode_conditions(batch.conditions())
-        return objective(module, x1_BZPR, cond, generator)
+        loss_B = objective(module, x1_BZPR, cond, generator)
+        if shower_model.has_energy_head:
+            # The head runs on the unwrapped model, outside the wrapper's forward: DDP's gradient hooks
+            # still fire for its parameters (default find_unused_parameters=False; the pretraining config
+            # refuses the other mode with the head), and DeepSpeed reduces every gradient.
+            weight = shower_model.config.layer_energy.loss_weight
+            loss_B = loss_B + weight * shower_model.energy_loss(batch.showers_BZPR, cond, generator)
+        return loss_B
 
     return loss_fn

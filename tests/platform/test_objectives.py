@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from toy_models import SMALL_MESH, make_model, toy_showers
 
+from caloforge.platform.energy import LayerEnergyConfig
 from caloforge.platform.objectives import OBJECTIVES, get_objective, unwrap_shower_model
 
 
@@ -55,7 +56,8 @@ def _free_port() -> int:
 def test_objectives_call_through_ddp(objective: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
-    model = make_model(objective)
+    # The objective alone (the layer-energy head's loss through DDP: tests/platform/test_energy_head.py).
+    model = make_model(objective, layer_energy=LayerEnergyConfig(enabled=False))
     x1, ct = batch(model)
     plain = OBJECTIVES[objective](model, x1, ct, torch.Generator().manual_seed(0))
     plain.mean().backward()

@@ -13,6 +13,7 @@ from caloforge.config import ConfigError, from_dict, to_dict
 from caloforge.datasets.stats import compute_stats
 from caloforge.platform.backbone import BackboneConfig
 from caloforge.platform.conditioning import Conditions, ConditionVocab
+from caloforge.platform.energy import LayerEnergyConfig
 from caloforge.platform.objectives import FlowMatchingConfig
 from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig, derive_seeds
 
@@ -47,19 +48,42 @@ def test_config_round_trips_through_strict_yaml_dicts() -> None:
 
 def test_generate_is_noise_then_sampler_then_to_mev(small_data) -> None:
     model = make_model("edm", num_steps=3, sampler="euler")
+    assert model.has_energy_head, "the layer-energy head is on by default"
     _, cond = small_data
     cond = cond.subset(slice(0, 3))
     seeds = np.array([1, 2, 3], dtype=np.int64)
     showers = model.generate(cond, seeds=seeds)
     with torch.inference_mode():
         noise = model.initial_noise(seeds)
-        torch.testing.assert_close(
-            noise[1], torch.randn(SMALL_MESH, generator=torch.Generator().manual_seed(2))
-        )
-        x = model.sample(noise, model.encode_conditions(cond), "euler", 3)
+        gen = torch.Generator().manual_seed(2)
+        torch.testing.assert_close(noise[1], torch.randn(SMALL_MESH, generator=gen))
+        layer_noise = model.initial_layer_noise(seeds)
+        # The head's noise continues each shower's generator after its voxel noise.
+        torch.testing.assert_close(layer_noise[1], torch.randn((SMALL_MESH[0],), generator=gen))
+        ct = model.encode_conditions(cond)
+        x = model.sample(noise, ct, "euler", 3)
+        layers = model.sample_layer_energies(layer_noise, ct)
+        manual = model.to_mev(x, layers).numpy()
+        unscaled = model.to_mev(x).numpy()
+    np.testing.assert_array_equal(showers, manual)
+    assert layers.shape == (3, SMALL_MESH[0]) and (layers >= 0).all()
+    assert not np.array_equal(showers, unscaled), "generate must scale the layers to the head's energies"
+    assert model.training, "generate must restore the training mode"
+
+
+def test_generate_without_the_head_is_noise_then_sampler_then_to_mev(small_data) -> None:
+    model = make_model("edm", num_steps=3, sampler="euler", layer_energy=LayerEnergyConfig(enabled=False))
+    assert not model.has_energy_head and model.energy_head is None and model.energy_transform is None
+    _, cond = small_data
+    cond = cond.subset(slice(0, 3))
+    seeds = np.array([1, 2, 3], dtype=np.int64)
+    showers = model.generate(cond, seeds=seeds)
+    with torch.inference_mode():
+        x = model.sample(model.initial_noise(seeds), model.encode_conditions(cond), "euler", 3)
         manual = model.to_mev(x).numpy()
     np.testing.assert_array_equal(showers, manual)
-    assert model.training, "generate must restore the training mode"
+    with pytest.raises(ValueError, match="no layer-energy head"):
+        model.sample_layer_energies(torch.zeros(3, SMALL_MESH[0]), model.encode_conditions(cond))
 
 
 def test_derived_seeds_depend_on_seed_and_index_only() -> None:
@@ -156,5 +180,10 @@ def test_replacing_the_config_keeps_denoiser_and_architecture_consistent() -> No
     for change in ({"backbone": "S"}, {"objective": "flow_matching"}, {"threshold_mev": 0.0}):
         with pytest.raises(ValueError, match=f"config: \\['{next(iter(change))}'\\] cannot change"):
             model.config = dataclasses.replace(cfg, **change)
+    with pytest.raises(ValueError, match=r"config: \['layer_energy.enabled/width/depth'\] cannot change"):
+        model.config = dataclasses.replace(cfg, layer_energy=LayerEnergyConfig(width=32))
+    # The head's generation/training options may change; its architecture may not.
+    model.config = dataclasses.replace(cfg, layer_energy=LayerEnergyConfig(num_steps=4, loss_weight=0.5))
+    assert model.config.layer_energy.num_steps == 4 and model.config.layer_energy.loss_weight == 0.5
     with pytest.raises(ValueError, match="config must be a ShowerModelConfig"):
         model.config = {"objective": "edm"}  # type: ignore[assignment]

@@ -10,6 +10,7 @@ import torch
 from toy_models import SMALL_MESH, make_model, toy_showers
 
 from caloforge.platform.backbone import LORA_TARGETS
+from caloforge.platform.energy import LayerEnergyConfig
 from caloforge.platform.objectives import OBJECTIVES
 
 PINNED_DEBUG_STATE_DICT: list[tuple[str, tuple[int, ...]]] = [
@@ -52,8 +53,45 @@ PINNED_DEBUG_STATE_DICT: list[tuple[str, tuple[int, ...]]] = [
     ("transform.log_eps", ()),
     ("transform.threshold_mev", ()),
     ("transform.fitted", ()),
+    ("transform.log_max_Z", (12,)),
     ("transform.mean", ()),
     ("transform.std", ()),
+]
+
+# The layer-energy head (default LayerEnergyConfig: width 256, depth 3) and its transform's buffers,
+# after the voxel model's keys. A model with ``layer_energy.enabled: false`` has none of them.
+PINNED_ENERGY_HEAD_STATE_DICT: list[tuple[str, tuple[int, ...]]] = [
+    ("energy_head.fc_in.weight", (256, 12)),
+    ("energy_head.fc_in.bias", (256,)),
+    ("energy_head.context.weight", (256, 64)),
+    ("energy_head.context.bias", (256,)),
+    ("energy_head.time_fc1.weight", (256, 256)),
+    ("energy_head.time_fc1.bias", (256,)),
+    ("energy_head.time_fc2.weight", (256, 256)),
+    ("energy_head.time_fc2.bias", (256,)),
+    ("energy_head.blocks.0.modulation.weight", (512, 256)),
+    ("energy_head.blocks.0.modulation.bias", (512,)),
+    ("energy_head.blocks.0.fc1.weight", (512, 256)),
+    ("energy_head.blocks.0.fc1.bias", (512,)),
+    ("energy_head.blocks.0.fc2.weight", (256, 512)),
+    ("energy_head.blocks.0.fc2.bias", (256,)),
+    ("energy_head.blocks.1.modulation.weight", (512, 256)),
+    ("energy_head.blocks.1.modulation.bias", (512,)),
+    ("energy_head.blocks.1.fc1.weight", (512, 256)),
+    ("energy_head.blocks.1.fc1.bias", (512,)),
+    ("energy_head.blocks.1.fc2.weight", (256, 512)),
+    ("energy_head.blocks.1.fc2.bias", (256,)),
+    ("energy_head.blocks.2.modulation.weight", (512, 256)),
+    ("energy_head.blocks.2.modulation.bias", (512,)),
+    ("energy_head.blocks.2.fc1.weight", (512, 256)),
+    ("energy_head.blocks.2.fc1.bias", (512,)),
+    ("energy_head.blocks.2.fc2.weight", (256, 512)),
+    ("energy_head.blocks.2.fc2.bias", (256,)),
+    ("energy_head.fc_out.weight", (12, 256)),
+    ("energy_head.fc_out.bias", (12,)),
+    ("energy_transform.mean_Z", (12,)),
+    ("energy_transform.std_Z", (12,)),
+    ("energy_transform.fitted", ()),
 ]
 
 PINNED_LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation")
@@ -68,6 +106,9 @@ def test_debug_state_dict_keys_and_shapes_are_pinned() -> None:
     for objective in OBJECTIVES:
         model = make_model(objective, scramble=False)  # 2 detectors + 2 spare slots, 12×8×6 mesh
         got = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+        assert got == PINNED_DEBUG_STATE_DICT + PINNED_ENERGY_HEAD_STATE_DICT
+        no_head = make_model(objective, scramble=False, layer_energy=LayerEnergyConfig(enabled=False))
+        got = [(k, tuple(v.shape)) for k, v in no_head.state_dict().items()]
         assert got == PINNED_DEBUG_STATE_DICT
 
 

@@ -45,6 +45,8 @@ def scramble_zero_init(model: ShowerModel, seed: int = 1, std: float = 0.05) -> 
     with torch.no_grad():
         layers = [b.adaLN_modulation for b in net.blocks]
         layers += [net.final_layer.adaLN_modulation, net.final_layer.linear]
+        if model.energy_head is not None:
+            layers += [b.modulation for b in model.energy_head.blocks] + [model.energy_head.fc_out]
         for layer in layers:
             layer.weight.normal_(0.0, std, generator=gen)
             layer.bias.normal_(0.0, std, generator=gen)

@@ -108,6 +108,12 @@ def test_config_field_errors_name_the_key(shard_set: Path) -> None:
         build(with_(cfg, "cluster.num_gpus", 1))
     with pytest.raises(ConfigError, match=r"validation.sampler: unknown"):
         build(with_(cfg, "validation.sampler", "leapfrog"))
+    ddp = with_(cfg, "engine.backend", "ddp")
+    with pytest.raises(ConfigError, match=r"find_unused_parameters=true cannot train model\.layer_energy"):
+        build(with_(ddp, "engine.find_unused_parameters", True))
+    unused = with_(ddp, "engine.find_unused_parameters", True)
+    no_head = with_(unused, "model.layer_energy", {"enabled": False})
+    assert build(no_head).engine.find_unused_parameters
 
 
 def test_validation_errors_before_any_worker(shard_set: Path, tmp_path: Path) -> None:

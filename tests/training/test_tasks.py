@@ -10,6 +10,7 @@ import torch
 from caloforge.datasets.batch import ShowerBatch
 from caloforge.datasets.stats import compute_stats
 from caloforge.platform.conditioning import Conditions, ConditionVocab
+from caloforge.platform.energy import LayerEnergyConfig
 from caloforge.platform.objectives import OBJECTIVES
 from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig
 from caloforge.training.config import LoopConfig, OptimConfig
@@ -31,21 +32,50 @@ def _data(n: int = 32, seed: int = 0) -> tuple[np.ndarray, Conditions]:
     )
 
 
-def _model(objective: str = "flow_matching") -> ShowerModel:
+def _model(objective: str = "flow_matching", **config_kwargs) -> ShowerModel:
     showers, cond = _data()
     stats = compute_stats(showers, cond.energy_mev, cond.theta_rad)
-    cfg = ShowerModelConfig(backbone="debug", objective=objective, sampler="euler", num_steps=4)
+    cfg = ShowerModelConfig(
+        backbone="debug", objective=objective, sampler="euler", num_steps=4, **config_kwargs
+    )
     return ShowerModel.build(cfg, ConditionVocab.create(["det-a", "det-b"], spare_slots=1), stats, MESH)
 
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))
-def test_loss_fn_is_the_objective_on_transformed_inputs(objective: str) -> None:
-    model = _model(objective)
+def test_loss_fn_is_the_objective_plus_the_weighted_head_loss(objective: str) -> None:
+    model = _model(objective, layer_energy=LayerEnergyConfig(loss_weight=0.25, draws=3))
     showers, cond = _data(8, seed=1)
     batch = ShowerBatch.from_numpy(showers, cond)
     loss_fn = shower_loss_fn(model)
     loss_B = loss_fn(model, batch, torch.Generator().manual_seed(3))
     assert loss_B.shape == (8,) and loss_B.dtype == torch.float32 and torch.isfinite(loss_B).all()
+    # One generator, in order: the objective's draws, then the head's (y₀ then t, ``energy_flow_loss``).
+    gen = torch.Generator().manual_seed(3)
+    x1 = model.transform(torch.from_numpy(showers))
+    ct = model.vocab.encode(cond)
+    objective_B = OBJECTIVES[objective](model, x1, ct, gen)
+    head_B = model.energy_loss(torch.from_numpy(showers), ct, gen)
+    torch.testing.assert_close(loss_B, objective_B + 0.25 * head_B, rtol=0, atol=0)
+    assert (head_B > 0).all()
+    # The head's draws come after the objective's: drawing them from a fresh generator gives another loss.
+    fresh_B = model.energy_loss(torch.from_numpy(showers), ct, torch.Generator().manual_seed(3))
+    assert not torch.allclose(fresh_B, head_B)
+    loss_B.mean().backward()
+    assert model.network.detector_embed.weight.grad is not None
+    assert model.energy_head is not None
+    head_grads = {n: p.grad for n, p in model.energy_head.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in head_grads.values())
+    # A fresh head starts as v = 0 (zero output layer), so only the output layer gets a gradient yet.
+    nonzero = sorted(n for n, g in head_grads.items() if g.abs().sum() > 0)
+    assert nonzero == ["fc_out.bias", "fc_out.weight"]
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+def test_loss_fn_without_the_head_is_the_objective_on_transformed_inputs(objective: str) -> None:
+    model = _model(objective, layer_energy=LayerEnergyConfig(enabled=False))
+    showers, cond = _data(8, seed=1)
+    batch = ShowerBatch.from_numpy(showers, cond)
+    loss_B = shower_loss_fn(model)(model, batch, torch.Generator().manual_seed(3))
     x1 = model.transform(torch.from_numpy(showers))
     expected = OBJECTIVES[objective](model, x1, model.vocab.encode(cond), torch.Generator().manual_seed(3))
     torch.testing.assert_close(loss_B, expected, rtol=0, atol=0)

@@ -1,0 +1,271 @@
+"""The layer-energy head: a small conditional flow-matching model of the per-layer energies of a shower.
+
+Why a second stage. The voxel model works in a log space (``transforms.py``) where one standard unit is
+≈ 5 e-folds of energy, so a small error at the shower core becomes a large multiplicative error in MeV, and
+the mean total energy — the first thing a physicist checks — follows the tail of the generated voxel
+distribution instead of its bulk. The best calorimeter generators therefore split the problem: CaloFlow,
+CaloDREAM (Favaro et al. 2025) and ATLAS's two-stage model (ATL-SOFT-PUB-2025-003) first generate the layer
+energies, then the voxel shape, and scale the shape to those energies. CaloForge does the same with one
+shared conditioning: the head reads the backbone's condition context (kinematics + particle + detector
+embeddings, ``ShowerDiT.condition_context``), so a detector embedding learned during adaptation serves both
+stages.
+
+- **Representation**: u_z = E_z / E_inc per layer, standardised per layer, y_z = (u_z − m_z) / s_z, with
+  m_z, s_z from the dataset statistics (``layer_energy_over_einc_mean/std`` of ``caloforge.datasets.stats``).
+  The space is *linear* in energy, so the generated mean layer energy is the model's first moment — which
+  flow matching learns first — rather than an exponentiated tail. Inverse: u = y·s + m; negative layers
+  → 0 with the total Σ_z u_z kept (``LayerEnergyTransform.inverse``).
+- **Network** (``LayerEnergyFlow``): residual MLP blocks (LayerNorm → FiLM(shift, scale) from the
+  condition → Linear → GELU → Linear), the flow time through DiT's sinusoidal features and an MLP; the FiLM
+  projections and the output layer start at zero (the head starts as v = 0).
+- **Objective**: conditional flow matching on the linear path (noise y₀ at t = 0, data y₁ at t = 1,
+  target y₁ − y₀), ``draws`` noise/time draws per shower per step (a cheap variance reduction: the head is
+  ~1000× cheaper than the backbone).
+- **Generation**: the head's ODE (sampler and step count of ``LayerEnergyConfig``) from per-shower noise
+  gives E_z; ``rescale_layers`` scales each generated layer of the voxel model to its E_z, spreads the energy
+  of layers the voxel model left empty over the others (so Σ_z E_z is kept), and re-applies the readout
+  threshold.
+
+Shape legend: B batch, Z layers, P angular bins, R radial bins, D backbone width, W head width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from caloforge.platform.backbone import TIME_FREQ_DIM, timestep_features
+from caloforge.platform.denoisers import NOISE_LABEL_SCALE
+from caloforge.platform.samplers import SAMPLERS
+
+STATS_MEAN_KEY = "layer_energy_over_einc_mean"
+STATS_STD_KEY = "layer_energy_over_einc_std"
+MIN_REL_STD = 1e-3  # floor of s_z relative to the largest s_z (layers that are (almost) never hit)
+
+
+@dataclass(frozen=True)
+class LayerEnergyConfig:
+    """The layer-energy head of a ShowerModel (``enabled: false`` = voxel model only, energies as sampled)."""
+
+    enabled: bool = True
+    width: int = 256  # hidden width W of the residual MLP
+    depth: int = 3  # residual blocks
+    sampler: str = "midpoint"  # ODE sampler of the head at generation
+    num_steps: int = 16  # head ODE steps at generation (cheap: an MLP on Z numbers)
+    loss_weight: float = 1.0  # weight of the head's loss beside the voxel loss
+    draws: int = 16  # noise/time draws per shower per training step (the head is cheap)
+
+    def __post_init__(self) -> None:
+        for name in ("width", "depth", "num_steps", "draws"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"layer_energy.{name} must be an int >= 1, got {value!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"layer_energy.sampler: unknown {self.sampler!r} (known: {sorted(SAMPLERS)})")
+        if not (isinstance(self.loss_weight, int | float) and self.loss_weight >= 0):
+            raise ValueError(f"layer_energy.loss_weight must be >= 0, got {self.loss_weight!r}")
+
+
+class LayerEnergyTransform(nn.Module):
+    """E_z (MeV) ↔ y_z = (E_z / E_inc − m_z) / s_z. Buffers ship in the bundle."""
+
+    mean_Z: torch.Tensor
+    std_Z: torch.Tensor
+    fitted: torch.Tensor
+
+    def __init__(self, n_z: int, mean_Z: list[float] | None = None, std_Z: list[float] | None = None) -> None:
+        super().__init__()
+        if n_z < 1:
+            raise ValueError(f"n_z must be >= 1, got {n_z}")
+        fitted = mean_Z is not None and std_Z is not None
+        mean = torch.zeros(n_z) if mean_Z is None else torch.tensor(mean_Z, dtype=torch.float32)
+        std = torch.ones(n_z) if std_Z is None else torch.tensor(std_Z, dtype=torch.float32)
+        if mean.shape != (n_z,) or std.shape != (n_z,):
+            raise ValueError(f"LayerEnergyTransform: mean/std must have n_z={n_z} entries")
+        if not bool(torch.isfinite(mean).all() & torch.isfinite(std).all()):
+            raise ValueError("LayerEnergyTransform: mean/std have non-finite entries")
+        if fitted:
+            std = std.clamp_min(max(float(std.max()) * MIN_REL_STD, 1e-12))
+        self.n_z = n_z
+        self.register_buffer("mean_Z", mean)
+        self.register_buffer("std_Z", std)
+        self.register_buffer("fitted", torch.tensor(bool(fitted)))
+
+    @classmethod
+    def from_stats(cls, stats: Mapping[str, Any], n_z: int) -> LayerEnergyTransform:
+        missing = [k for k in (STATS_MEAN_KEY, STATS_STD_KEY) if k not in stats]
+        if missing:
+            raise ValueError(
+                f"stats block has no {missing} (shards written before the layer-energy head existed): "
+                "re-shard the data (caloforge data shard), or set model.layer_energy.enabled=false"
+            )
+        vectors = []
+        for key in (STATS_MEAN_KEY, STATS_STD_KEY):
+            value = stats[key]
+            if not isinstance(value, list | tuple) or len(value) != n_z:
+                got = len(value) if isinstance(value, list | tuple) else type(value).__name__
+                raise ValueError(f"stats[{key!r}] must be a list of n_z={n_z} numbers, got {got}")
+            vectors.append([float(v) for v in value])
+        return cls(n_z, vectors[0], vectors[1])
+
+    def _check(self, layer_BZ: torch.Tensor, energy_mev_B: torch.Tensor, what: str) -> None:
+        if layer_BZ.ndim != 2 or layer_BZ.shape[1] != self.n_z:
+            raise ValueError(f"{what}: expected (B, n_z={self.n_z}), got shape {tuple(layer_BZ.shape)}")
+        if energy_mev_B.shape != (layer_BZ.shape[0],):
+            raise ValueError(
+                f"{what}: energy_mev_B must be ({layer_BZ.shape[0]},), got {tuple(energy_mev_B.shape)}"
+            )
+
+    def forward(self, layer_mev_BZ: torch.Tensor, energy_mev_B: torch.Tensor) -> torch.Tensor:
+        """Layer energies (MeV) → model space."""
+        self._check(layer_mev_BZ, energy_mev_B, "LayerEnergyTransform.forward")
+        u = layer_mev_BZ.float() / energy_mev_B.float()[:, None]
+        return (u - self.mean_Z) / self.std_Z
+
+    def inverse(self, y_BZ: torch.Tensor, energy_mev_B: torch.Tensor) -> torch.Tensor:
+        """Model space → layer energies in MeV (≥ 0), keeping the unclamped total.
+
+        Layers the flow leaves slightly negative (rarely-hit layers, where the density sits at 0) are set to
+        0, and the remaining layers are scaled so that the shower's total stays the unclamped Σ_z u_z
+        (itself clamped ≥ 0). A plain clamp would add the mean of the negative part to every such layer —
+        +15–20% of E_tot for hadrons, whose late layers are often empty — while the unclamped sum is the
+        unbiased one (linear space)."""
+        self._check(y_BZ, energy_mev_B, "LayerEnergyTransform.inverse")
+        u = y_BZ.float() * self.std_Z + self.mean_Z
+        positive = u.clamp_min(0.0)
+        total = u.sum(dim=1).clamp_min(0.0)
+        have = positive.sum(dim=1)
+        scale = torch.where(have > 0, total / have.clamp_min(1e-30), torch.zeros_like(have))
+        return positive * scale[:, None] * energy_mev_B.float()[:, None]
+
+
+class _EnergyBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Linear(width, 2 * width)  # (shift, scale) from SiLU(c); zero-initialised
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(2 * width, width)
+
+    def forward(self, h_BW: torch.Tensor, c_BW: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(F.silu(c_BW)).chunk(2, dim=-1)
+        return h_BW + self.fc2(F.gelu(self.fc1(self.norm(h_BW) * (1 + scale) + shift)))
+
+
+class LayerEnergyFlow(nn.Module):
+    """v(y_t, t, context) for the layer-energy flow. ``forward(y_BZ, t_B, context_BD) -> v_BZ``."""
+
+    def __init__(self, n_z: int, context_width: int, width: int, depth: int, seed: int = 0) -> None:
+        super().__init__()
+        self.n_z = n_z
+        self.fc_in = nn.Linear(n_z, width)
+        self.context = nn.Linear(context_width, width)
+        self.time_fc1 = nn.Linear(TIME_FREQ_DIM, width)
+        self.time_fc2 = nn.Linear(width, width)
+        self.blocks = nn.ModuleList([_EnergyBlock(width) for _ in range(depth)])
+        self.norm_out = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.fc_out = nn.Linear(width, n_z)
+        self.reset_parameters(seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int = 0) -> None:
+        """Xavier-uniform linears from ``torch.Generator().manual_seed(seed)``; zero FiLM and output."""
+        gen = torch.Generator().manual_seed(int(seed))
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight, generator=gen)
+                nn.init.zeros_(module.bias)
+        for lin in (self.time_fc1, self.time_fc2):
+            nn.init.normal_(lin.weight, std=0.02, generator=gen)
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation.weight)
+            nn.init.zeros_(block.modulation.bias)
+        nn.init.zeros_(self.fc_out.weight)
+        nn.init.zeros_(self.fc_out.bias)
+
+    def forward(self, y_BZ: torch.Tensor, t_B: torch.Tensor, context_BD: torch.Tensor) -> torch.Tensor:
+        if y_BZ.ndim != 2 or y_BZ.shape[1] != self.n_z:
+            raise ValueError(f"LayerEnergyFlow input must be (B, {self.n_z}), got {tuple(y_BZ.shape)}")
+        dtype = self.fc_in.weight.dtype  # inputs follow the weights (bf16 under DeepSpeed, fp32 otherwise)
+        t_feats = timestep_features(NOISE_LABEL_SCALE * t_B.float()).to(dtype)
+        c_BW = self.context(context_BD.to(dtype)) + self.time_fc2(F.silu(self.time_fc1(t_feats)))
+        h_BW = self.fc_in(y_BZ.to(dtype))
+        for block in self.blocks:
+            h_BW = block(h_BW, c_BW)
+        return self.fc_out(self.norm_out(h_BW))
+
+
+def energy_flow_loss(
+    head: nn.Module, y1_BZ: torch.Tensor, context_BD: torch.Tensor, generator: torch.Generator, draws: int
+) -> torch.Tensor:
+    """Per-shower CFM loss (B,) of the head, averaged over ``draws`` (noise, t) draws.
+
+    Draw order from ``generator``: y₀ (B·draws·Z normals), then t (B·draws uniforms)."""
+    b, n_z = y1_BZ.shape
+    y0 = torch.randn((b * draws, n_z), generator=generator, device=generator.device).to(y1_BZ.device)
+    t_B = torch.rand(b * draws, generator=generator, device=generator.device).to(y1_BZ.device)
+    y1 = y1_BZ.repeat_interleave(draws, dim=0)
+    t = t_B[:, None]
+    y_t = (1.0 - t) * y0 + t * y1
+    v = head(y_t, t_B, context_BD.repeat_interleave(draws, dim=0))
+    per_draw = (v.float() - (y1 - y0)).pow(2).mean(dim=1)
+    return per_draw.view(b, draws).mean(dim=1)
+
+
+def rescale_layers(
+    showers_mev_BZPR: torch.Tensor, layer_mev_BZ: torch.Tensor, threshold_mev: torch.Tensor | float
+) -> torch.Tensor:
+    """Scale each layer of ``showers_mev_BZPR`` to ``layer_mev_BZ``; keep Σ_z E_z; re-apply the threshold.
+
+    A layer the voxel model left empty cannot take its energy; that energy is spread over the shower's other
+    layers in proportion (so the total stays Σ_z E_z); when every hit layer has a target of 0, the voxel
+    shower as a whole is scaled to Σ_z E_z. A shower with no voxel at all stays empty. No value-dependent
+    Python control flow (exports to ONNX)."""
+    raw = showers_mev_BZPR.float()
+    target = layer_mev_BZ.float()
+    have = raw.sum(dim=(2, 3))
+    layer_scale = torch.where(have > 0, target / have.clamp_min(1e-30), torch.zeros_like(have))
+    x = raw * layer_scale[:, :, None, None]
+    # Every hit layer got a target of 0 while empty layers got energy: scale the voxel shower as a whole.
+    lost_all = (x.sum(dim=(1, 2, 3)) <= 0)[:, None, None, None]
+    x = torch.where(lost_all, raw, x)
+    total_have = x.sum(dim=(1, 2, 3))
+    total_scale = torch.where(
+        total_have > 0, target.sum(dim=1) / total_have.clamp_min(1e-30), torch.zeros_like(total_have)
+    )
+    x = x * total_scale[:, None, None, None]
+    threshold = torch.as_tensor(threshold_mev, dtype=x.dtype, device=x.device)
+    return torch.where(x < threshold, torch.zeros_like(x), x)
+
+
+def check_energy_grid(num_steps: int) -> torch.Tensor:
+    """The head's time grid 0 → 1 in ``num_steps`` equal steps (float64)."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"layer-energy num_steps must be an int >= 1, got {num_steps!r}")
+    return torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64)
+
+
+def count_head_flops(n_z: int, context_width: int, width: int, depth: int) -> int:
+    """Forward FLOPs (2·MACs) per shower of the head (for benchmarks)."""
+    macs = n_z * width + context_width * width + TIME_FREQ_DIM * width + width * width
+    macs += depth * (width * 2 * width + width * 2 * width + 2 * width * width)
+    macs += width * n_z
+    return 2 * macs
+
+
+__all__ = [
+    "STATS_MEAN_KEY",
+    "STATS_STD_KEY",
+    "LayerEnergyConfig",
+    "LayerEnergyFlow",
+    "LayerEnergyTransform",
+    "check_energy_grid",
+    "count_head_flops",
+    "energy_flow_loss",
+    "rescale_layers",
+]
