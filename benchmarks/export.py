@@ -5,14 +5,16 @@ For each backbone size (default ``debug`` and ``S``, CaloChallenge dataset-2 mes
 sampler (EDM, Heun × ``--steps``) — the model is exported with ``caloforge.registry.export.export_onnx``
 (parity-checked against PyTorch), then the *same* computation (noise + conditions → MeV) is timed:
 
-- eager PyTorch: ``SamplerGraph`` under ``torch.inference_mode`` (what ``ShowerModel.generate`` runs, minus
-  the per-seed noise draw, so both sides do identical work);
+- eager PyTorch: ``SamplerGraph`` under ``torch.inference_mode`` (what ``ShowerModel.generate`` runs —
+  backbone sampler, layer-energy head, rescale — minus the per-seed noise draw, so both sides do identical
+  work);
 - ONNX Runtime: CPU execution provider, ``intra_op_num_threads`` = the thread count, graph optimisations on.
 
 Batch 1 runs with one thread (the setting of CaloDiT-2's 101 ms/shower CPU figure for its one-step model);
 batch 100 with ``--threads`` (default 1). Rates are given per wall second and per process-CPU second (on a
 shared machine the CPU-time rate is the more stable one). ``--quick``: batch 10 instead of 100, 2 steps,
-fewer repetitions. Models are untrained (timing does not depend on weights). Results: a table and
+fewer repetitions. Models are untrained (timing does not depend on weights) and have the default
+layer-energy head (its ODE steps are in every graph; ``layer_nfe`` in the results). Results: a table and
 ``benchmarks/results/<device>_<date>_export.json``.
 
     .venv/bin/python benchmarks/export.py --quick
@@ -38,7 +40,7 @@ from caloforge.datasets.stats import compute_stats
 from caloforge.platform.backbone import BACKBONE_FLAVORS, forward_flops
 from caloforge.platform.conditioning import ConditionVocab
 from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig, derive_seeds
-from caloforge.registry.export import SamplerGraph, export_onnx, initial_noise, onnx_feeds, ort_session
+from caloforge.registry.export import SamplerGraph, export_onnx, onnx_feeds, ort_session, seeded_noise
 
 CALODIT2_CPU_MS = 101.0  # one-step CaloDiT-2, CPU, 1 thread, batch 1 (background.md §3)
 
@@ -71,10 +73,9 @@ def bench_case(
 ) -> dict:
     _, cond = synthetic(batch, seed=batch)
     seeds = derive_seeds(0, batch)
-    noise = initial_noise(seeds, MESH)
-    feeds = onnx_feeds(DETECTORS, cond, noise)
+    feeds = onnx_feeds(DETECTORS, cond, *seeded_noise(seeds, MESH, model.has_energy_head))
     graph = SamplerGraph(model).eval()
-    args = tuple(torch.from_numpy(feeds[k]) for k in feeds)
+    args = tuple(torch.from_numpy(feeds[name]) for name in graph.input_names)
     torch.set_num_threads(threads)
 
     def run_torch() -> None:
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                     "sampler": sampler,
                     "steps": n,
                     "nfe": exp.nfe,
+                    "layer_nfe": exp.layer_nfe,
                     "gflop_per_nfe": gflop,
                     "export_s": exp.export_seconds,
                     "exporter": exp.exporter,

@@ -1,15 +1,21 @@
 """Export a ShowerModel for inference outside Python training code: ONNX (sampler unrolled) or the bundle.
 
-**ONNX.** ``SamplerGraph`` is the whole generation path of ``ShowerModel.sample`` + ``to_mev`` as one
-module: ``x = denoiser.prior(noise)``, the sampler's steps over the fixed time grid
+**ONNX.** ``SamplerGraph`` is the whole generation path of ``ShowerModel.generate`` (minus the seeded noise
+draw) as one module: ``x = denoiser.prior(noise)``, the sampler's steps over the fixed time grid
 ``denoiser.time_grid(num_steps)`` (a Python list, so the loop unrolls into the graph; samplers have no
-value-dependent control flow), then the inverse transform (MeV, readout threshold, ≥ 0). A one-step
-student (distilled, ``num_steps=1``) is the same graph with one step. Inputs (batch ``B`` dynamic):
+value-dependent control flow); for a model with the layer-energy head (``caloforge.platform.energy``, on
+by default) the head's ODE from ``layer_noise`` (its sampler and step count from
+``config.layer_energy``, grid ``energy.check_energy_grid``, also unrolled) gives the layer energies; then
+``to_mev`` — the inverse transform (MeV, readout threshold, ≥ 0) and, with the head, each layer scaled to
+its sampled energy (``energy.rescale_layers``). A one-step student (distilled, ``num_steps=1``) is the
+same graph with one backbone step. Inputs (batch ``B`` dynamic; ``onnx_input_names(layer_energy)``):
 
 ==================  =======  ==============  ===================================================
 name                dtype    shape           meaning
 ==================  =======  ==============  ===================================================
-``noise``           float32  (B, Z, P, R)    standard normal noise (see the seed convention)
+``noise``           float32  (B, Z, P, R)    standard normal voxel noise (see the seed convention)
+``layer_noise``     float32  (B, Z)          standard normal layer-energy noise (models with the
+                                             head only; absent otherwise)
 ``energy_mev``      float32  (B,)            incident energy, MeV
 ``theta_rad``       float32  (B,)            polar angle of the incident direction, rad
 ``phi_rad``         float32  (B,)            azimuth of the incident direction, rad
@@ -18,11 +24,12 @@ name                dtype    shape           meaning
 ``shower_mev``      float32  (B, Z, P, R)    output: voxel energies in MeV
 ==================  =======  ==============  ===================================================
 
-Seed convention: shower i of ``ShowerModel.generate(seeds=s)`` uses
-``torch.randn((Z, P, R), generator=torch.Generator().manual_seed(s[i]))``; ``initial_noise(seeds, shape)``
-reproduces it, so the ONNX graph fed that noise reproduces ``generate``. Any other N(0, 1) float32 source
-(e.g. a C++ caller's own RNG) gives equally valid showers, not the same ones. docs/inference_contract.md is
-the full contract.
+Seed convention: shower i of ``ShowerModel.generate(seeds=s)`` draws, from one
+``g = torch.Generator().manual_seed(s[i])``, first ``noise[i] = torch.randn((Z, P, R), generator=g)``,
+then (with the head) ``layer_noise[i] = torch.randn((Z,), generator=g)``; ``initial_noise(seeds, shape)``
+and ``initial_layer_noise(seeds, shape)`` reproduce them, so the ONNX graph fed that noise reproduces
+``generate``. Any other N(0, 1) float32 source (e.g. a C++ caller's own RNG) gives equally valid showers,
+not the same ones. docs/inference_contract.md is the full contract.
 
 After export the file is checked (``onnx.checker``) and onnxruntime is run against the eager PyTorch
 ``generate`` on random in-range conditions at two batch sizes; an export that fails parity is deleted and
@@ -65,6 +72,7 @@ from caloforge.platform.conditioning import (
     Conditions,
     ConditionTensors,
 )
+from caloforge.platform.energy import check_energy_grid
 from caloforge.platform.samplers import get_sampler
 from caloforge.platform.shower_model import ShowerModel, derive_seeds
 from caloforge.registry.bundle import load_checked, sha256_file
@@ -72,8 +80,7 @@ from caloforge.registry.card import CARD_FILE, ModelCard, ValidRanges, build_car
 
 log = logging.getLogger("caloforge.registry")
 
-ONNX_INPUT_NAMES: tuple[str, ...] = (
-    "noise",
+CONDITION_INPUT_NAMES: tuple[str, ...] = (
     "energy_mev",
     "theta_rad",
     "phi_rad",
@@ -89,8 +96,21 @@ DEFAULT_RTOL = 1e-3
 DEFAULT_ATOL_MEV = 1e-5  # 10 eV, far below the 15 keV readout threshold
 
 
+def onnx_input_names(layer_energy: bool) -> tuple[str, ...]:
+    """Graph input names in order: ``noise``, ``layer_noise`` (models with the head only), the conditions."""
+    return (
+        ("noise", "layer_noise", *CONDITION_INPUT_NAMES)
+        if layer_energy
+        else ("noise", *CONDITION_INPUT_NAMES)
+    )
+
+
 class SamplerGraph(nn.Module):
-    """noise + conditions → showers in MeV for a fixed sampler and step count (the exported graph)."""
+    """noise [+ layer_noise] + conditions → showers in MeV for a fixed sampler and step count (the exported
+    graph). ``forward(*inputs)`` takes the tensors named by ``self.input_names`` in that order: with the
+    layer-energy head ``(noise, layer_noise, energy_mev, theta_rad, phi_rad, particle_idx, detector_idx)``,
+    without it the same minus ``layer_noise``. The head runs with ``config.layer_energy``'s sampler and step
+    count, as in ``ShowerModel.generate``."""
 
     def __init__(self, model: ShowerModel, num_steps: int | None = None, sampler: str | None = None) -> None:
         super().__init__()
@@ -101,27 +121,54 @@ class SamplerGraph(nn.Module):
         # A Python list: the sampler loop unrolls over it at export (no data-dependent control flow).
         self.grid = [float(t) for t in model.denoiser.time_grid(self.num_steps).tolist()]
         self.final_singular = bool(model.denoiser.final_singular)
+        self.layer_energy = model.has_energy_head
+        self.input_names = onnx_input_names(self.layer_energy)
+        le = model.config.layer_energy
+        self.layer_sampler_name = le.sampler if self.layer_energy else None
+        self.layer_num_steps = int(le.num_steps) if self.layer_energy else None
+        self.layer_sampler = get_sampler(le.sampler) if self.layer_energy else None
+        # The head's grid, as ShowerModel.sample_layer_energies builds it, also a Python list.
+        self.layer_grid = (
+            [float(t) for t in check_energy_grid(le.num_steps).tolist()] if self.layer_energy else []
+        )
 
     @property
     def nfe(self) -> int:
-        """Network evaluations per shower."""
+        """Backbone network evaluations per shower."""
         return self.sampler.nfe(self.num_steps, self.final_singular)
 
-    def forward(
-        self,
-        noise: torch.Tensor,
-        energy_mev: torch.Tensor,
-        theta_rad: torch.Tensor,
-        phi_rad: torch.Tensor,
-        particle_idx: torch.Tensor,
-        detector_idx: torch.Tensor,
-    ) -> torch.Tensor:
-        cond = ConditionTensors(energy_mev, theta_rad, phi_rad, particle_idx, detector_idx)
-        x_BZPR = self.model.denoiser.prior(noise)
+    @property
+    def layer_nfe(self) -> int:
+        """Layer-energy head evaluations per shower (0 without the head; ~1000× cheaper than the backbone)."""
+        if self.layer_sampler is None or self.layer_num_steps is None:
+            return 0
+        return self.layer_sampler.nfe(self.layer_num_steps)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if len(inputs) != len(self.input_names):
+            raise ValueError(
+                f"SamplerGraph takes {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}"
+            )
+        named = dict(zip(self.input_names, inputs, strict=True))
+        cond = ConditionTensors(*(named[name] for name in CONDITION_INPUT_NAMES))
+        x_BZPR = self.model.denoiser.prior(named["noise"])
         x_BZPR = self.sampler(
             self.model.velocity, x_BZPR, self.grid, cond, final_singular=self.final_singular
         )
-        return self.model.to_mev(x_BZPR)
+        layer_mev_BZ = self._layer_energies(named["layer_noise"], cond) if self.layer_energy else None
+        return self.model.to_mev(x_BZPR, layer_mev_BZ)
+
+    def _layer_energies(self, noise_BZ: torch.Tensor, cond: ConditionTensors) -> torch.Tensor:
+        """``ShowerModel.sample_layer_energies`` over the fixed Python grid (unrolled at export)."""
+        head, transform, method = self.model.energy_head, self.model.energy_transform, self.layer_sampler
+        assert head is not None and transform is not None and method is not None
+
+        def velocity(y_BZ: torch.Tensor, t_B: torch.Tensor, context_BD: torch.Tensor) -> torch.Tensor:
+            return head(y_BZ, t_B, context_BD).float()
+
+        context_BD = self.model.network.condition_context(cond)
+        y_BZ = method(velocity, noise_BZ.float(), self.layer_grid, context_BD)
+        return transform.inverse(y_BZ, cond.energy_mev)
 
 
 @dataclass(frozen=True)
@@ -165,6 +212,16 @@ class OnnxExport:
     detectors: tuple[str, ...]
     parity: ParityReport
     export_seconds: float
+    layer_energy: bool = False
+    layer_sampler: str | None = None
+    layer_num_steps: int | None = None
+    layer_nfe: int = 0
+
+    def layer_energy_info(self) -> dict[str, Any] | None:
+        """The layer-energy stage frozen into the graph (None: no head, no ``layer_noise`` input)."""
+        if not self.layer_energy:
+            return None
+        return {"sampler": self.layer_sampler, "num_steps": self.layer_num_steps, "nfe": self.layer_nfe}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -177,21 +234,31 @@ class OnnxExport:
             "num_steps": self.num_steps,
             "nfe": self.nfe,
             "mesh_shape": list(self.mesh_shape),
-            "inputs": io_spec(self.mesh_shape)["inputs"],
-            "outputs": io_spec(self.mesh_shape)["outputs"],
+            "layer_energy": self.layer_energy_info(),
+            **io_spec(self.mesh_shape, self.layer_energy),
             "detector_index": {d: i for i, d in enumerate(self.detectors)},
             "particle_index": particle_index_table(),
-            "seed_convention": SEED_CONVENTION,
+            "seed_convention": seed_convention(self.layer_energy),
             "parity": self.parity.to_dict(),
             "export_seconds": round(self.export_seconds, 2),
         }
 
 
-SEED_CONVENTION = (
-    "noise[i] = torch.randn((Z, P, R), generator=torch.Generator().manual_seed(seed[i]), dtype=float32) "
-    "(caloforge.registry.export.initial_noise); without explicit seeds, seed[i] = "
-    "caloforge.platform.shower_model.derive_seeds(seed, N)[i]. Any N(0,1) float32 noise is valid input."
-)
+def seed_convention(layer_energy: bool) -> str:
+    """How ``generate`` draws the graph's noise inputs from per-shower seeds (stored in the file and card)."""
+    defaults = "without explicit seeds, seed[i] = caloforge.platform.shower_model.derive_seeds(seed, N)[i]."
+    if not layer_energy:
+        return (
+            "noise[i] = torch.randn((Z, P, R), generator=torch.Generator().manual_seed(seed[i]), "
+            f"dtype=float32) (caloforge.registry.export.initial_noise); {defaults} "
+            "Any N(0,1) float32 noise is valid input."
+        )
+    return (
+        "g = torch.Generator().manual_seed(seed[i]); noise[i] = torch.randn((Z, P, R), generator=g, "
+        "dtype=float32), then layer_noise[i] = torch.randn((Z,), generator=g, dtype=float32) "
+        f"(caloforge.registry.export.initial_noise / initial_layer_noise); {defaults} "
+        "Any independent N(0,1) float32 noise (both inputs) is valid input."
+    )
 
 
 def particle_index_table() -> dict[str, int]:
@@ -202,13 +269,18 @@ def particle_index_table() -> dict[str, int]:
     }
 
 
-def io_spec(mesh_shape: Sequence[int]) -> dict[str, list[dict[str, Any]]]:
-    """Names, dtypes, shapes and units of the ONNX inputs/outputs (pinned by a test)."""
+def io_spec(mesh_shape: Sequence[int], layer_energy: bool) -> dict[str, list[dict[str, Any]]]:
+    """Names, dtypes, shapes and units of the ONNX inputs/outputs (pinned by a test). ``layer_energy``: the
+    model has the layer-energy head (``ShowerModel.has_energy_head``), so the graph takes ``layer_noise``."""
     z, p, r = (int(v) for v in mesh_shape)
     vec = ["B"]
+    layer_noise = [
+        {"name": "layer_noise", "dtype": "float32", "shape": ["B", z], "unit": "1 (standard normal)"}
+    ]
     return {
         "inputs": [
             {"name": "noise", "dtype": "float32", "shape": ["B", z, p, r], "unit": "1 (standard normal)"},
+            *(layer_noise if layer_energy else []),
             {"name": "energy_mev", "dtype": "float32", "shape": vec, "unit": "MeV"},
             {"name": "theta_rad", "dtype": "float32", "shape": vec, "unit": "rad"},
             {"name": "phi_rad", "dtype": "float32", "shape": vec, "unit": "rad"},
@@ -219,34 +291,61 @@ def io_spec(mesh_shape: Sequence[int]) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def initial_noise(seeds: np.ndarray | Sequence[int], mesh_shape: Sequence[int]) -> np.ndarray:
-    """(N, Z, P, R) float32 noise by the seed convention (identical to ``ShowerModel.initial_noise``)."""
+def seeded_noise(
+    seeds: np.ndarray | Sequence[int], mesh_shape: Sequence[int], layer_energy: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(noise (N, Z, P, R), layer_noise (N, Z) or None) float32 by the seed convention: per shower one
+    ``torch.Generator().manual_seed(seed)`` draws the voxel noise, then (``layer_energy``) the layer noise —
+    identical to ``ShowerModel.initial_noise`` / ``initial_layer_noise``."""
     seeds_np = np.asarray(seeds)
     if seeds_np.ndim != 1 or not np.issubdtype(seeds_np.dtype, np.integer):
         raise ValueError(
             f"seeds must be a 1-D integer array, got dtype {seeds_np.dtype} shape {seeds_np.shape}"
         )
     shape = tuple(int(v) for v in mesh_shape)
-    out = np.empty((len(seeds_np), *shape), dtype=np.float32)
+    noise = np.empty((len(seeds_np), *shape), dtype=np.float32)
+    layer_noise = np.empty((len(seeds_np), shape[0]), dtype=np.float32) if layer_energy else None
     for i, s in enumerate(seeds_np.tolist()):
-        out[i] = torch.randn(
-            shape, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float32
-        ).numpy()
-    return out
+        gen = torch.Generator().manual_seed(int(s))
+        noise[i] = torch.randn(shape, generator=gen, dtype=torch.float32).numpy()
+        if layer_noise is not None:
+            layer_noise[i] = torch.randn((shape[0],), generator=gen, dtype=torch.float32).numpy()
+    return noise, layer_noise
+
+
+def initial_noise(seeds: np.ndarray | Sequence[int], mesh_shape: Sequence[int]) -> np.ndarray:
+    """(N, Z, P, R) float32 voxel noise by the seed convention (= ``ShowerModel.initial_noise``)."""
+    return seeded_noise(seeds, mesh_shape, layer_energy=False)[0]
+
+
+def initial_layer_noise(seeds: np.ndarray | Sequence[int], mesh_shape: Sequence[int]) -> np.ndarray:
+    """(N, Z) float32 layer-energy noise by the seed convention (= ``ShowerModel.initial_layer_noise``)."""
+    layer_noise = seeded_noise(seeds, mesh_shape, layer_energy=True)[1]
+    assert layer_noise is not None
+    return layer_noise
 
 
 def onnx_feeds(
-    detectors: Sequence[str], conditions: Conditions, noise_NZPR: np.ndarray
+    detectors: Sequence[str],
+    conditions: Conditions,
+    noise_NZPR: np.ndarray,
+    layer_noise_NZ: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """The input dict of the ONNX graph for ``conditions`` (unknown detector → ValueError)."""
+    """The input dict of the ONNX graph for ``conditions`` (unknown detector → ValueError), in graph input
+    order. ``layer_noise_NZ`` is required by (and only by) a graph of a model with the layer-energy head."""
     lookup = {d: i for i, d in enumerate(detectors)}
     unknown = sorted(set(np.unique(conditions.detector).tolist()) - set(lookup))
     if unknown:
         raise ValueError(f"unknown detector(s) {unknown} for this model (known: {list(detectors)})")
     if noise_NZPR.ndim != 4 or noise_NZPR.shape[0] != len(conditions):
         raise ValueError(f"noise must be (N={len(conditions)}, Z, P, R), got {noise_NZPR.shape}")
-    return {
-        "noise": np.ascontiguousarray(noise_NZPR, dtype=np.float32),
+    feeds = {"noise": np.ascontiguousarray(noise_NZPR, dtype=np.float32)}
+    if layer_noise_NZ is not None:
+        expected = (len(conditions), noise_NZPR.shape[1])
+        if layer_noise_NZ.shape != expected:
+            raise ValueError(f"layer_noise must be (N, Z) = {expected}, got {layer_noise_NZ.shape}")
+        feeds["layer_noise"] = np.ascontiguousarray(layer_noise_NZ, dtype=np.float32)
+    return feeds | {
         "energy_mev": conditions.energy_mev.astype(np.float32),
         "theta_rad": conditions.theta_rad.astype(np.float32),
         "phi_rad": conditions.phi_rad.astype(np.float32),
@@ -305,14 +404,22 @@ def check_parity(
 ) -> ParityReport:
     """Run onnxruntime and ``model.generate`` on the same random conditions and seeds; compare in MeV.
 
+    The ONNX side draws its noise (and, with the layer-energy head, its layer noise) from the same seeds by
+    the seed convention (``OnnxShowerGenerator.generate(seeds=...)``), so the check covers both stages.
+
     A voxel mismatches when |onnx − torch| > atol + rtol·|torch|, except *threshold flips*: one side is 0
     and the other within 0.1 % of the readout threshold (the cut turned a value sitting on it either way).
     Non-finite ONNX output always fails.
     """
     if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
         raise ValueError(f"batch_sizes must be positive, got {list(batch_sizes)}")
-    session = ort_session(onnx_path, threads=threads)
     detectors = list(model.vocab.detectors)
+    generator = OnnxShowerGenerator(onnx_path, detectors, model.mesh_shape, threads=threads)
+    if generator.layer_energy != model.has_energy_head:
+        raise ValueError(
+            f"{onnx_path}: graph inputs {list(generator.input_names)} do not fit the model "
+            f"(layer-energy head: {model.has_energy_head})"
+        )
     threshold = float(model.transform.threshold_mev)
     max_abs, max_rel, n_vox, n_bad, n_flip = 0.0, 0.0, 0, 0, 0
     finite = True
@@ -320,9 +427,7 @@ def check_parity(
         cond = random_conditions(detectors, b, seed + i, ranges)
         seeds = derive_seeds(seed + i, b, purpose=PARITY_PURPOSE)
         ref = model.generate(cond, num_steps=num_steps, sampler=sampler, seeds=seeds, batch_size=max(b, 1))
-        out = session.run(
-            [ONNX_OUTPUT_NAME], onnx_feeds(detectors, cond, initial_noise(seeds, model.mesh_shape))
-        )[0]
+        out = generator.generate(cond, seeds=seeds)
         if out.shape != ref.shape:
             raise ValueError(f"{onnx_path}: output shape {out.shape} != PyTorch {ref.shape} at batch {b}")
         finite &= bool(np.isfinite(out).all())
@@ -373,14 +478,17 @@ def _export_graph(graph: SamplerGraph, path: Path, opset: int, exporter: str) ->
     z, p, r = graph.model.mesh_shape
     b = 2
     gen = torch.Generator().manual_seed(0)
-    args = (
-        torch.randn((b, z, p, r), generator=gen),
-        torch.full((b,), 1e4),
-        torch.full((b,), 0.5),
-        torch.zeros(b),
-        torch.zeros(b, dtype=torch.int64),
-        torch.zeros(b, dtype=torch.int64),
-    )
+    example = {
+        "noise": torch.randn((b, z, p, r), generator=gen),
+        "layer_noise": torch.randn((b, z), generator=gen),
+        "energy_mev": torch.full((b,), 1e4),
+        "theta_rad": torch.full((b,), 0.5),
+        "phi_rad": torch.zeros(b),
+        "particle_idx": torch.zeros(b, dtype=torch.int64),
+        "detector_idx": torch.zeros(b, dtype=torch.int64),
+    }
+    names = graph.input_names
+    args = tuple(example[name] for name in names)
     with _quiet_exporter(), torch.no_grad():
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=1 << 20)
@@ -388,11 +496,11 @@ def _export_graph(graph: SamplerGraph, path: Path, opset: int, exporter: str) ->
                 graph,
                 args,
                 str(path),
-                input_names=list(ONNX_INPUT_NAMES),
+                input_names=list(names),
                 output_names=[ONNX_OUTPUT_NAME],
                 opset_version=opset,
                 dynamo=True,
-                dynamic_shapes={name: {0: batch} for name in ONNX_INPUT_NAMES},
+                dynamic_shapes={"inputs": tuple({0: batch} for _ in names)},  # forward(self, *inputs)
                 external_data=False,
                 verbose=False,
             )
@@ -401,22 +509,22 @@ def _export_graph(graph: SamplerGraph, path: Path, opset: int, exporter: str) ->
                 graph,
                 args,
                 str(path),
-                input_names=list(ONNX_INPUT_NAMES),
+                input_names=list(names),
                 output_names=[ONNX_OUTPUT_NAME],
                 opset_version=opset,
                 dynamo=False,
-                dynamic_axes={name: {0: "batch"} for name in (*ONNX_INPUT_NAMES, ONNX_OUTPUT_NAME)},
+                dynamic_axes={name: {0: "batch"} for name in (*names, ONNX_OUTPUT_NAME)},
             )
 
 
-def _annotate(path: Path, metadata: Mapping[str, Any]) -> None:
+def _annotate(path: Path, input_names: Sequence[str], metadata: Mapping[str, Any]) -> None:
     """Check the graph and store the contract in the file's metadata_props."""
     import onnx
 
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
     names = [i.name for i in proto.graph.input]
-    if names != list(ONNX_INPUT_NAMES) or [o.name for o in proto.graph.output] != [ONNX_OUTPUT_NAME]:
+    if names != list(input_names) or [o.name for o in proto.graph.output] != [ONNX_OUTPUT_NAME]:
         raise ValueError(
             f"{path}: unexpected graph inputs {names} / outputs {[o.name for o in proto.graph.output]}"
         )
@@ -481,6 +589,7 @@ def export_onnx(
         _export_graph(graph, tmp, opset, exporter)
         _annotate(
             tmp,
+            graph.input_names,
             {
                 "caloforge_version": caloforge.__version__,
                 "mesh_shape": list(model.mesh_shape),
@@ -488,7 +597,16 @@ def export_onnx(
                 "particle_index": particle_index_table(),
                 "sampler": graph.sampler_name,
                 "num_steps": str(graph.num_steps),
-                "seed_convention": SEED_CONVENTION,
+                "layer_energy": (
+                    {
+                        "sampler": graph.layer_sampler_name,
+                        "num_steps": graph.layer_num_steps,
+                        "nfe": graph.layer_nfe,
+                    }
+                    if graph.layer_energy
+                    else None
+                ),
+                "seed_convention": seed_convention(graph.layer_energy),
                 "units": "energy_mev MeV; theta_rad, phi_rad rad; shower_mev MeV",
             },
         )
@@ -516,11 +634,12 @@ def export_onnx(
             raise
         raise ValueError(f"ONNX export to {out_path} failed: {type(exc).__name__}: {exc}") from exc
     log.info(
-        "exported %s (%s×%d, nfe %d): %s",
+        "exported %s (%s×%d, nfe %d; layer-energy head %s): %s",
         out_path,
         graph.sampler_name,
         graph.num_steps,
         graph.nfe,
+        f"{graph.layer_sampler_name}×{graph.layer_num_steps}" if graph.layer_energy else "none",
         parity.summary(),
     )
     return OnnxExport(
@@ -535,6 +654,10 @@ def export_onnx(
         detectors=tuple(model.vocab.detectors),
         parity=parity,
         export_seconds=export_s,
+        layer_energy=graph.layer_energy,
+        layer_sampler=graph.layer_sampler_name,
+        layer_num_steps=graph.layer_num_steps,
+        layer_nfe=graph.layer_nfe,
     )
 
 
@@ -639,7 +762,10 @@ def export_bundle(
 
 
 class OnnxShowerGenerator:
-    """Generate showers from an exported ONNX file with onnxruntime (Python reference for C++ callers)."""
+    """Generate showers from an exported ONNX file with onnxruntime (Python reference for C++ callers).
+
+    Whether the graph has the layer-energy stage is read from the file's inputs (``layer_energy``: it takes
+    ``layer_noise``); anything but ``onnx_input_names(False)`` / ``onnx_input_names(True)`` is refused."""
 
     def __init__(
         self,
@@ -651,6 +777,13 @@ class OnnxShowerGenerator:
     ) -> None:
         self.path = Path(onnx_path)
         self.session = ort_session(self.path, threads=threads)
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        if self.input_names not in (onnx_input_names(False), onnx_input_names(True)):
+            raise ValueError(
+                f"{self.path}: graph inputs {list(self.input_names)} are not those of a caloforge shower "
+                f"generator ({list(onnx_input_names(True))}, layer_noise only with the layer-energy head)"
+            )
+        self.layer_energy = "layer_noise" in self.input_names
         self.detectors = tuple(detectors)
         self.mesh_shape = tuple(int(v) for v in mesh_shape)
         self.ranges = ranges
@@ -680,20 +813,31 @@ class OnnxShowerGenerator:
         seed: int = 0,
         noise_NZPR: np.ndarray | None = None,
         strict: bool = False,
+        layer_noise_NZ: np.ndarray | None = None,
     ) -> np.ndarray:
-        """float32 (N, Z, P, R) MeV; noise from ``seeds`` (default ``derive_seeds(seed, N)``) unless given."""
+        """float32 (N, Z, P, R) MeV. Noise (and layer noise, for a graph with the layer-energy head) from
+        ``seeds`` (default ``derive_seeds(seed, N)``) by the seed convention, unless given: then
+        ``noise_NZPR`` and — exactly when the graph takes it — ``layer_noise_NZ``."""
         if self.ranges is not None:
             self.ranges.check(conditions, strict=strict)
         if noise_NZPR is None:
+            if layer_noise_NZ is not None:
+                raise ValueError("layer_noise_NZ given without noise_NZPR: pass both, or seeds")
             seeds = derive_seeds(seed, len(conditions)) if seeds is None else np.asarray(seeds)
-            noise_NZPR = initial_noise(seeds, self.mesh_shape)
-        feeds = onnx_feeds(self.detectors, conditions, noise_NZPR)
+            noise_NZPR, layer_noise_NZ = seeded_noise(seeds, self.mesh_shape, self.layer_energy)
+        elif self.layer_energy and layer_noise_NZ is None:
+            raise ValueError(
+                f"{self.path.name} has the layer-energy stage: pass layer_noise_NZ with noise_NZPR"
+            )
+        elif not self.layer_energy and layer_noise_NZ is not None:
+            raise ValueError(f"{self.path.name} has no layer-energy stage: it takes no layer_noise_NZ")
+        feeds = onnx_feeds(self.detectors, conditions, noise_NZPR, layer_noise_NZ)
         return self.session.run([ONNX_OUTPUT_NAME], feeds)[0]
 
 
 __all__ = [
+    "CONDITION_INPUT_NAMES",
     "ONNX_FILE",
-    "ONNX_INPUT_NAMES",
     "ONNX_OUTPUT_NAME",
     "OnnxExport",
     "OnnxShowerGenerator",
@@ -703,10 +847,14 @@ __all__ = [
     "export_bundle",
     "export_onnx",
     "export_torch",
+    "initial_layer_noise",
     "initial_noise",
     "io_spec",
     "onnx_feeds",
+    "onnx_input_names",
     "ort_session",
     "particle_index_table",
     "random_conditions",
+    "seed_convention",
+    "seeded_noise",
 ]

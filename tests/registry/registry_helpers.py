@@ -11,6 +11,7 @@ import torch
 
 from caloforge.datasets.stats import compute_stats
 from caloforge.platform.conditioning import ConditionVocab
+from caloforge.platform.energy import LayerEnergyConfig
 from caloforge.platform.shower_model import Lineage, ShowerModel, ShowerModelConfig
 
 MESH = (6, 4, 3)
@@ -22,6 +23,9 @@ TRAINED = {
     "theta_rad_max": "1.0",
     "particles": "e-,gamma,pi+",
 }
+# A small layer-energy head (the default one unrolls 16 midpoint steps into every ONNX graph: slow exports).
+# Three steps, unlike the voxel sampler's two, so a graph that mixed up the two grids would fail parity.
+TINY_HEAD = LayerEnergyConfig(width=16, depth=1, num_steps=3)
 
 
 def tiny_model(
@@ -33,14 +37,18 @@ def tiny_model(
     parent: str | None = None,
     seed: int = 0,
     init_scale: float = 0.03,
+    layer_energy: LayerEnergyConfig = TINY_HEAD,
 ) -> ShowerModel:
     """A debug-size model on a 6×4×3 mesh, transform fitted on simulated-looking showers, and every
     zero-initialised tensor (adaLN-Zero, final layer) filled with small seeded noise so the network's
-    output depends on its inputs (an untrained DiT would otherwise be the identity)."""
+    output depends on its inputs (an untrained DiT would otherwise be the identity; the layer-energy head
+    would give v = 0)."""
     rng = np.random.default_rng(seed)
     x = (rng.lognormal(-2.0, 1.5, size=(128, *MESH)) * (rng.random((128, *MESH)) > 0.4)).astype(np.float32)
     stats = compute_stats(x, rng.uniform(1e3, 1e5, 128), rng.uniform(0.2, 1.0, 128))
-    cfg = ShowerModelConfig(backbone="debug", objective=objective, sampler=sampler, num_steps=num_steps)
+    cfg = ShowerModelConfig(
+        backbone="debug", objective=objective, sampler=sampler, num_steps=num_steps, layer_energy=layer_energy
+    )
     lineage = Lineage(
         parent=parent, dataset_manifest_hash="sha256:" + "ab" * 8, extra=dict(TRAINED | (extra or {}))
     )

@@ -1,5 +1,5 @@
-"""ONNX export (unrolled sampler, dynamic batch) checked against PyTorch with real onnxruntime; torch
-bundle export; model cards; the names of the ONNX contract."""
+"""ONNX export (unrolled sampler + layer-energy head, dynamic batch) checked against PyTorch with real
+onnxruntime; torch bundle export; model cards; the names of the ONNX contract."""
 
 from __future__ import annotations
 
@@ -10,25 +10,37 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from registry_helpers import MESH
+import torch
+from registry_helpers import DETECTORS, MESH, rewrite_config, tiny_model
 
 from caloforge.platform.conditioning import Conditions
+from caloforge.platform.energy import LayerEnergyConfig
 from caloforge.platform.shower_model import ShowerModel, derive_seeds
 from caloforge.registry.bundle import bundle_files
 from caloforge.registry.card import CARD_FILE, ConditionRangeWarning, ModelCard
 from caloforge.registry.export import (
-    ONNX_INPUT_NAMES,
     ONNX_OUTPUT_NAME,
     OnnxShowerGenerator,
     SamplerGraph,
     export_bundle,
     export_onnx,
     export_torch,
+    initial_layer_noise,
     initial_noise,
     io_spec,
     onnx_feeds,
+    onnx_input_names,
     ort_session,
+    seeded_noise,
 )
+
+CONDITION_INPUTS = [
+    ("energy_mev", "float32", ["B"]),
+    ("theta_rad", "float32", ["B"]),
+    ("phi_rad", "float32", ["B"]),
+    ("particle_idx", "int64", ["B"]),
+    ("detector_idx", "int64", ["B"]),
+]
 
 COND = Conditions.make(
     [1.5e3, 3e4, 8e4, 1e4],
@@ -48,20 +60,45 @@ def onnx_dir(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path) -> Path
 
 
 def test_contract_names_are_pinned() -> None:
-    assert ONNX_INPUT_NAMES == ("noise", "energy_mev", "theta_rad", "phi_rad", "particle_idx", "detector_idx")
+    conditions = ("energy_mev", "theta_rad", "phi_rad", "particle_idx", "detector_idx")
+    assert onnx_input_names(True) == ("noise", "layer_noise", *conditions)
+    assert onnx_input_names(False) == ("noise", *conditions)
     assert ONNX_OUTPUT_NAME == "shower_mev"
-    spec = io_spec(MESH)
-    assert [(i["name"], i["dtype"]) for i in spec["inputs"]] == [
-        ("noise", "float32"),
-        ("energy_mev", "float32"),
-        ("theta_rad", "float32"),
-        ("phi_rad", "float32"),
-        ("particle_idx", "int64"),
-        ("detector_idx", "int64"),
+    with_head, without = io_spec(MESH, True), io_spec(MESH, False)
+    assert [(i["name"], i["dtype"], i["shape"]) for i in with_head["inputs"]] == [
+        ("noise", "float32", ["B", *MESH]),
+        ("layer_noise", "float32", ["B", MESH[0]]),
+        *CONDITION_INPUTS,
     ]
-    assert spec["outputs"] == [
-        {"name": "shower_mev", "dtype": "float32", "shape": ["B", *MESH], "unit": "MeV"}
+    assert [(i["name"], i["dtype"], i["shape"]) for i in without["inputs"]] == [
+        ("noise", "float32", ["B", *MESH]),
+        *CONDITION_INPUTS,
     ]
+    for spec in (with_head, without):
+        assert spec["outputs"] == [
+            {"name": "shower_mev", "dtype": "float32", "shape": ["B", *MESH], "unit": "MeV"}
+        ]
+
+
+def test_initial_layer_noise_follows_the_seed_convention() -> None:
+    """The numpy helpers draw exactly ShowerModel's noise: voxel noise, then layer noise, from one generator
+    per seed (so a shower's layer noise does not depend on the batch, and differs from its voxel noise)."""
+    model = tiny_model()
+    seeds = np.array([0, 7, 2**62 + 3, 7], dtype=np.int64)
+    layer = initial_layer_noise(seeds, MESH)
+    assert layer.shape == (4, MESH[0]) and layer.dtype == np.float32
+    np.testing.assert_array_equal(layer, model.initial_layer_noise(seeds).numpy())
+    np.testing.assert_array_equal(layer[1], layer[3])
+    np.testing.assert_array_equal(initial_layer_noise(seeds[2:3], MESH), layer[2:3])
+    noise, layer_too = seeded_noise(seeds, MESH, layer_energy=True)
+    np.testing.assert_array_equal(noise, model.initial_noise(seeds).numpy())
+    np.testing.assert_array_equal(noise, initial_noise(seeds, MESH))
+    np.testing.assert_array_equal(layer_too, layer)
+    assert seeded_noise(seeds, MESH, layer_energy=False)[1] is None
+    assert not np.allclose(layer, noise[:, :, 0, 0])  # the generator continued past the voxel noise
+    assert initial_layer_noise(np.zeros(0, dtype=np.int64), MESH).shape == (0, MESH[0])
+    with pytest.raises(ValueError, match="1-D integer array"):
+        initial_layer_noise(np.array([0.5]), MESH)
 
 
 def test_onnx_graph_io_metadata_and_card(onnx_dir: Path) -> None:
@@ -69,18 +106,25 @@ def test_onnx_graph_io_metadata_and_card(onnx_dir: Path) -> None:
     dims = {
         i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input
     }
+    assert [i.name for i in proto.graph.input] == list(onnx_input_names(True))
     assert dims["noise"][1:] == list(MESH) and isinstance(dims["noise"][0], str)  # dynamic batch
-    assert all(len(dims[n]) == 1 and isinstance(dims[n][0], str) for n in ONNX_INPUT_NAMES[1:])
+    assert dims["layer_noise"][1:] == [MESH[0]] and isinstance(dims["layer_noise"][0], str)
+    assert all(len(dims[n]) == 1 and isinstance(dims[n][0], str) for n in onnx_input_names(True)[2:])
     elem = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}
     assert elem["particle_idx"] == elem["detector_idx"] == onnx.TensorProto.INT64
-    assert elem["energy_mev"] == elem["noise"] == onnx.TensorProto.FLOAT
+    assert elem["energy_mev"] == elem["noise"] == elem["layer_noise"] == onnx.TensorProto.FLOAT
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["detector_index"]) == {"lar-pb": 0, "pbwo4": 1}
     assert json.loads(meta["particle_index"])["211"] == 3
     assert (meta["sampler"], meta["num_steps"]) == ("heun", "2")
+    head = {"sampler": "midpoint", "num_steps": 3, "nfe": 6}  # the tiny model's LayerEnergyConfig
+    assert json.loads(meta["layer_energy"]) == head
+    assert "layer_noise[i] = torch.randn((Z,), generator=g" in meta["seed_convention"]
     card = ModelCard.load(onnx_dir / CARD_FILE)
     (exp,) = card.exports
     assert exp["format"] == "onnx" and exp["file"] == "model.onnx" and exp["nfe"] == 4
+    assert exp["layer_energy"] == head and exp["seed_convention"] == meta["seed_convention"]
+    assert [i["name"] for i in exp["inputs"]] == list(onnx_input_names(True))
     assert exp["parity"]["passed"] and exp["parity"]["max_rel_err"] < 1e-3
     assert card.valid_ranges.energy_mev == (1000.0, 100000.0)
     assert card.valid_ranges.particles == ("e-", "gamma", "pi+")
@@ -90,29 +134,112 @@ def test_onnx_graph_io_metadata_and_card(onnx_dir: Path) -> None:
 
 def test_onnxruntime_reproduces_generate_at_any_batch_size(onnx_dir: Path, bundle_dir: Path) -> None:
     model = ShowerModel.load(bundle_dir)
+    assert model.has_energy_head
     seeds = np.array([3, 1, 4, 1], dtype=np.int64)
     expected = model.generate(COND, seeds=seeds)
     session = ort_session(onnx_dir / "model.onnx", threads=1)
-    noise = initial_noise(seeds, MESH)
+    noise, layer = initial_noise(seeds, MESH), initial_layer_noise(seeds, MESH)
     np.testing.assert_array_equal(noise, model.initial_noise(seeds).numpy())
-    full = session.run(None, onnx_feeds(model.vocab.detectors, COND, noise))[0]
+    full = session.run(None, onnx_feeds(model.vocab.detectors, COND, noise, layer))[0]
     np.testing.assert_allclose(full, expected, rtol=1e-3, atol=1e-5)
-    one = session.run(None, onnx_feeds(model.vocab.detectors, COND.subset(slice(1, 2)), noise[1:2]))[0]
+    one = session.run(
+        None, onnx_feeds(model.vocab.detectors, COND.subset(slice(1, 2)), noise[1:2], layer[1:2])
+    )[0]
     np.testing.assert_allclose(one[0], expected[1], rtol=1e-3, atol=1e-5)
     gen = OnnxShowerGenerator.from_card(onnx_dir)
+    assert gen.layer_energy
     np.testing.assert_allclose(gen.generate(COND, seeds=seeds), expected, rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(gen.generate(COND), model.generate(COND), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(
+        gen.generate(COND, noise_NZPR=noise, layer_noise_NZ=layer), expected, rtol=1e-3, atol=1e-5
+    )
+
+
+def test_onnx_layer_stage_is_the_heads_sample(onnx_dir: Path, bundle_dir: Path) -> None:
+    """The layer energies of the ONNX showers are the head's ODE sample from ``layer_noise`` (minus what the
+    re-applied readout threshold cuts), and another layer noise gives other layer energies on the same voxel
+    shape: each layer is the same shower layer rescaled."""
+    model = ShowerModel.load(bundle_dir)
+    seeds = np.array([3, 1, 4, 1], dtype=np.int64)
+    noise, layer = seeded_noise(seeds, MESH, layer_energy=True)
+    assert layer is not None
+    with torch.inference_mode():
+        cond = model.encode_conditions(COND)
+        head_mev = model.sample_layer_energies(torch.from_numpy(layer), cond).numpy()
+        x = model.sample(torch.from_numpy(noise), cond)
+        voxel_only = model.to_mev(x).numpy()
+    session = ort_session(onnx_dir / "model.onnx")
+    out = session.run(None, onnx_feeds(model.vocab.detectors, COND, noise, layer))[0]
+    sums = out.sum(axis=(2, 3))
+    threshold = float(model.transform.threshold_mev)
+    assert (sums <= head_mev * (1 + 1e-4) + 1e-4).all()
+    # at most every voxel of a layer sits just under the threshold after the rescale
+    np.testing.assert_allclose(sums, head_mev, atol=MESH[1] * MESH[2] * threshold + 1e-4, rtol=1e-4)
+    assert np.abs(out.sum(axis=(1, 2, 3)) / voxel_only.sum(axis=(1, 2, 3)) - 1).max() > 0.01  # the head acts
+    other = session.run(None, onnx_feeds(model.vocab.detectors, COND, noise, -layer))[0]
+    assert np.abs(other.sum(axis=(2, 3)) - sums).max() > 1e-2 * sums.max()
+    kept = (out > 0) & (other > 0)  # voxels the re-applied threshold cut on neither side
+    layers = np.argwhere(kept.sum(axis=(2, 3)) >= 2)
+    assert len(layers) >= 2
+    for b, z in layers:
+        ratio = other[b, z][kept[b, z]] / out[b, z][kept[b, z]]
+        np.testing.assert_allclose(ratio, ratio[0], rtol=1e-4)
+
+
+def test_model_without_head_exports_the_voxel_only_graph(tmp_path: Path) -> None:
+    """``layer_energy.enabled=False``: the old six inputs, no layer stage in the card, parity."""
+    model = tiny_model(layer_energy=LayerEnergyConfig(enabled=False))
+    assert not model.has_energy_head
+    graph = SamplerGraph(model)
+    assert graph.input_names == onnx_input_names(False) and len(graph.input_names) == 6
+    assert (graph.nfe, graph.layer_nfe) == (4, 0)
+    exp = export_onnx(model, tmp_path / "voxel.onnx", exporter="legacy")
+    assert exp.parity.passed and not exp.layer_energy
+    proto = onnx.load(str(exp.path))
+    assert [i.name for i in proto.graph.input] == list(onnx_input_names(False))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["layer_energy"]) is None and "layer_noise" not in meta["seed_convention"]
+    info = exp.to_dict()
+    assert info["layer_energy"] is None and info["inputs"] == io_spec(MESH, False)["inputs"]
+    gen = OnnxShowerGenerator(exp.path, DETECTORS, MESH)
+    assert not gen.layer_energy
+    seeds = derive_seeds(4, len(COND))
+    expected = model.generate(COND, seeds=seeds)
+    np.testing.assert_allclose(gen.generate(COND, seeds=seeds), expected, rtol=1e-3, atol=1e-5)
+    out = ort_session(exp.path).run(None, onnx_feeds(DETECTORS, COND, initial_noise(seeds, MESH)))[0]
+    np.testing.assert_allclose(out, expected, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="takes no layer_noise_NZ"):
+        gen.generate(
+            COND, noise_NZPR=initial_noise(seeds, MESH), layer_noise_NZ=initial_layer_noise(seeds, MESH)
+        )
+    # A schema-1 bundle (written before the head existed) loads without it and exports the same graph.
+    v1 = tmp_path / "v1"
+    model.save(v1)
+    model_config = json.loads((v1 / "config.json").read_text())["model_config"]
+    del model_config["layer_energy"]
+    rewrite_config(v1, schema_version=1, model_config=model_config)
+    exp_v1 = export_onnx(v1, tmp_path / "v1.onnx", exporter="legacy")
+    assert exp_v1.parity.passed and not exp_v1.layer_energy
+    out_v1 = OnnxShowerGenerator(exp_v1.path, DETECTORS, MESH).generate(COND, seeds=seeds)
+    np.testing.assert_allclose(out_v1, expected, rtol=1e-3, atol=1e-5)
 
 
 def test_one_step_student_export(adapted_bundle_dir: Path, tmp_path: Path) -> None:
     model = ShowerModel.load(adapted_bundle_dir)
-    assert SamplerGraph(model).nfe == 1
+    assert (SamplerGraph(model).nfe, SamplerGraph(model).layer_nfe) == (1, 6)
     exp = export_onnx(adapted_bundle_dir, tmp_path / "student.onnx", exporter="legacy")
     assert (exp.sampler, exp.num_steps, exp.nfe) == ("euler", 1, 1)
+    assert (exp.layer_energy, exp.layer_sampler, exp.layer_num_steps, exp.layer_nfe) == (
+        True,
+        "midpoint",
+        3,
+        6,
+    )
     assert exp.parity.passed and exp.parity.batch_sizes == (1, 5)
     seeds = derive_seeds(5, 4)
     lar = Conditions.make([2e3, 4e4, 6e4, 9e4], 0.5, 0.0, [11, 22, 211, 11], "lar-pb")
-    out = ort_session(exp.path).run(None, onnx_feeds(("lar-pb", "pbwo4"), lar, initial_noise(seeds, MESH)))[0]
+    feeds = onnx_feeds(DETECTORS, lar, *seeded_noise(seeds, MESH, layer_energy=True))
+    out = ort_session(exp.path).run(None, feeds)[0]
     np.testing.assert_allclose(out, model.generate(lar, seeds=seeds), rtol=1e-3, atol=1e-5)
     assert (out > 0).any()
 
@@ -157,6 +284,13 @@ def test_corrupt_or_edited_onnx_is_refused(onnx_dir: Path, tmp_path: Path) -> No
 
 def test_onnx_generator_guards_conditions(onnx_dir: Path) -> None:
     gen = OnnxShowerGenerator.from_card(onnx_dir)
+    seeds = derive_seeds(0, len(COND))
+    with pytest.raises(ValueError, match="pass layer_noise_NZ with noise_NZPR"):
+        gen.generate(COND, noise_NZPR=initial_noise(seeds, MESH))
+    with pytest.raises(ValueError, match="without noise_NZPR"):
+        gen.generate(COND, layer_noise_NZ=initial_layer_noise(seeds, MESH))
+    with pytest.raises(ValueError, match=r"layer_noise must be \(N, Z\)"):
+        gen.generate(COND, noise_NZPR=initial_noise(seeds, MESH), layer_noise_NZ=np.zeros((4, 5), np.float32))
     with pytest.raises(ValueError, match=r"unknown detector\(s\) \['atlas-lar'\]"):
         gen.generate(Conditions.make([1e4], 0.5, 0.0, 11, "atlas-lar"))
     far = Conditions.make([1e4, 2e6], [0.5, 1.5], 0.0, [11, 2212], "lar-pb")
@@ -188,10 +322,12 @@ def test_dynamo_exporter_n_steps(bundle_dir: Path, tmp_path: Path) -> None:
     exp = export_onnx(bundle_dir, tmp_path / "dyn.onnx", num_steps=2, sampler="midpoint")
     assert (exp.exporter, exp.opset, exp.num_steps, exp.nfe) == ("dynamo", 18, 2, 4)
     assert exp.parity.passed
+    assert (exp.layer_energy, exp.layer_nfe) == (True, 6)
     model = ShowerModel.load(bundle_dir)
     seeds = derive_seeds(9, len(COND))
     out = ort_session(exp.path).run(
-        None, onnx_feeds(model.vocab.detectors, COND, initial_noise(seeds, MESH))
+        None,
+        onnx_feeds(model.vocab.detectors, COND, initial_noise(seeds, MESH), initial_layer_noise(seeds, MESH)),
     )[0]
     ref = model.generate(COND, seeds=seeds, num_steps=2, sampler="midpoint")
     np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-5)
