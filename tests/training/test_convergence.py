@@ -37,8 +37,8 @@ GOLDEN_MEAN_RTOL = 0.03  # on the mean of the whole curve
 DETECTORS = ("par04-siw", "pbwo4")
 PARTICLES = ("e-", "pi+")
 ENERGY_BINS_GEV = ((2.0, 10.0), (10.0, 100.0))
-N_GENERATED = 96  # per (detector, particle, energy bin)
-REFERENCE_REPEATS = 10
+N_GENERATED = 256  # per (detector, particle, energy bin)
+REFERENCE_REPEATS = 4
 ENERGY_RTOL = 0.15
 
 
@@ -132,15 +132,11 @@ def test_generated_showers_follow_the_conditions(trained: dict) -> None:
         assert crystal["gen"]["hits"] > 1.3 * siw["gen"]["hits"], (lo, siw, crystal)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the debug DiT does not yet remove the input noise within a few hundred steps: generated voxels "
-        "have the data's mean in model space but several times its spread at the shower core, which the "
-        "exp of the log transform (σ_log ≈ 4.8 with ε = 1e-6 MeV) turns into too much total energy; see "
-        "docs/training.md, 'Known gaps'"
-    ),
-)
 def test_generated_mean_total_energy_within_15_percent(trained: dict) -> None:
-    for key, g in trained["groups"].items():
-        assert g["gen"]["energy_gev"] == pytest.approx(g["ref"]["energy_gev"], rel=ENERGY_RTOL), (key, g)
+    """The acceptance of #3: mean E_tot per (detector, particle, energy bin) within 15% of the data's.
+
+    With N_GENERATED = 256 the statistical error of the generated mean is ≤ 5% even for pions (E_tot/E_inc
+    spread ≈ 0.8 of its mean), so 15% is a 3σ tolerance on the model, not on the sample size."""
+    rows = {key: g["gen"]["energy_gev"] / g["ref"]["energy_gev"] for key, g in trained["groups"].items()}
+    table = ", ".join(f"{d}/{p}/{lo:g}GeV: {r:.3f}" for (d, p, lo), r in rows.items())
+    assert all(abs(r - 1.0) <= ENERGY_RTOL for r in rows.values()), f"generated/data mean E_tot: {table}"
