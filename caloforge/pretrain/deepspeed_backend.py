@@ -275,15 +275,18 @@ class DeepSpeedBackend(Backend):
                     p.grad = None  # AdamW skips parameters without gradients: no update at all
         engine.step()
         reported = engine.get_global_grad_norm()
+        engine_skipped = int(engine.skipped_steps) > skipped_before
         if own_norm is not None:
-            grad_norm = own_norm
+            grad_norm: float | torch.Tensor = own_norm
         elif reported is None:
             grad_norm = math.nan
+        elif isinstance(reported, torch.Tensor):
+            # Keep DeepSpeed's norm on the device; the loop reads it at log steps only (no per-step sync).
+            grad_norm = reported.detach()
+            return StepInfo(grad_norm=grad_norm, lr=lr, skipped=engine_skipped | ~torch.isfinite(grad_norm))
         else:
-            grad_norm = float(reported.item() if isinstance(reported, torch.Tensor) else reported)
-        skipped = int(engine.skipped_steps) > skipped_before or not math.isfinite(grad_norm)
-        if skipped:
-            log.warning("non-finite gradient norm (%s): this optimizer update was skipped", grad_norm)
+            grad_norm = float(reported)
+        skipped = engine_skipped or not math.isfinite(grad_norm)
         return StepInfo(grad_norm=grad_norm, lr=lr, skipped=skipped)
 
     # -- collectives -----------------------------------------------------------------------------------

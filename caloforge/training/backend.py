@@ -32,11 +32,15 @@ from caloforge.training.config import LoopConfig
 
 @dataclass(frozen=True)
 class StepInfo:
-    """What happened at an optimizer update."""
+    """What happened at an optimizer update.
 
-    grad_norm: float  # total norm before clipping (nan if unavailable)
+    ``grad_norm`` and ``skipped`` may be 0-dim device tensors: a backend that decides on the device (fused
+    AdamW's ``found_inf``) never forces a GPU→host sync per step; the loop reads them only at log steps.
+    """
+
+    grad_norm: float | torch.Tensor  # total norm before clipping (nan if unavailable)
     lr: float  # learning rate used for this update
-    skipped: bool = False  # e.g. non-finite gradients
+    skipped: bool | torch.Tensor = False  # e.g. non-finite gradients
 
 
 class Backend(ABC):

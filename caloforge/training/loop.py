@@ -107,6 +107,7 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.skipped_updates = 0
+        self._skipped_pending: list[bool | torch.Tensor] = []  # StepInfo.skipped since the last flush
         self.checkpoints: CheckpointManager | None = None
         self.hooks: list[HookProtocol] = list(hooks)
         if self.run_dir is not None:
@@ -124,8 +125,27 @@ class Trainer:
         self._last_saved_step: int | None = None
 
     # -- state -----------------------------------------------------------------------------------------
+    def _flush_skipped(self) -> int:
+        """Fold the pending per-step skip flags (host bools or device tensors) into ``skipped_updates``
+        (one device sync for the whole window); returns how many updates of the window were skipped."""
+        if not self._skipped_pending:
+            return 0
+        flags = self._skipped_pending
+        self._skipped_pending = []
+        tensors = [f for f in flags if isinstance(f, torch.Tensor)]
+        n = sum(int(f) for f in flags if not isinstance(f, torch.Tensor))
+        if tensors:
+            n += int(torch.stack([t.reshape(()).to(torch.int64) for t in tensors]).sum())
+        if n:
+            log.warning(
+                "%d of the last %d optimizer updates were skipped (non-finite gradient norm)", n, len(flags)
+            )
+        self.skipped_updates += n
+        return n
+
     def train_state(self) -> TrainState:
         """This rank's loop state (the backend's part is saved by the backend)."""
+        self._flush_skipped()
         stream_state = self.stream.state_dict() if hasattr(self.stream, "state_dict") else None
         return TrainState(
             step=self.step,
@@ -161,6 +181,7 @@ class Trainer:
         self.step = state.step
         self.samples_seen = int(state.extra.get("samples_seen", 0))
         self.skipped_updates = int(state.extra.get("skipped_updates", 0))
+        self._skipped_pending = []
 
     def save_checkpoint(self) -> Path:
         """Save model, optimizer, scheduler, EMA, stream position and RNG states atomically (all ranks)."""
@@ -292,7 +313,7 @@ class Trainer:
             step_loss, info = self._train_step()
             self.step += 1
             self.samples_seen += self.config.batch_size
-            self.skipped_updates += int(info.skipped)
+            self._skipped_pending.append(info.skipped)
             if self.ema is not None:
                 ema_decay = self.ema.update(backend.model)
             window_loss += step_loss
@@ -300,11 +321,12 @@ class Trainer:
             metrics: dict[str, float] = {}
             if self._is_log_step(self.step, target):
                 loss = float(backend.all_reduce_mean(window_loss / window_steps))
+                self._flush_skipped()
                 window_time += time.perf_counter() - t0
                 elapsed = window_time
                 metrics = {
                     "loss": loss,
-                    "grad_norm": info.grad_norm,
+                    "grad_norm": float(info.grad_norm),
                     "lr": info.lr,
                     "samples_per_s": window_steps * self.config.batch_size / max(elapsed, 1e-9),
                     "step_time_s": elapsed / window_steps,

@@ -200,12 +200,25 @@ class TorchBackend(Backend):
         assert self.optimizer is not None and self.scheduler is not None
         max_norm = self._max_grad_norm if self._max_grad_norm is not None else math.inf
         grads_present = [p for p in self._params if p.grad is not None]
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        if grads_present and self.fused_adamw:
+            # Decide on the device: fused AdamW skips the whole update (weights, moments, step counts) when
+            # ``found_inf`` is 1 — GradScaler's mechanism — so no per-step GPU→host sync happens here.
+            norm = torch.nn.utils.clip_grad_norm_(grads_present, max_norm)
+            found_inf = (~torch.isfinite(norm)).to(torch.float32)
+            self.optimizer.found_inf = found_inf  # type: ignore[attr-defined]
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf  # type: ignore[attr-defined]
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepInfo(grad_norm=norm.detach(), lr=lr, skipped=found_inf > 0)
         if grads_present:
             norm = torch.nn.utils.clip_grad_norm_(grads_present, max_norm)
             grad_norm = float(norm)
         else:
             grad_norm = 0.0
-        lr = float(self.optimizer.param_groups[0]["lr"])
         skipped = not math.isfinite(grad_norm)
         if skipped:
             log.warning("non-finite gradient norm (%s): skipping this optimizer update", grad_norm)

@@ -222,3 +222,23 @@ def test_input_errors(tmp_path) -> None:
         Trainer(TinyDenoiser(), denoise_loss, TorchBackend("cpu"), finite, cfg).fit()
     with pytest.raises(ValueError, match="state_dict"):
         Trainer(TinyDenoiser(), denoise_loss, TorchBackend("cpu"), finite, cfg, run_dir=tmp_path)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_skipped_updates_are_counted_at_log_steps_and_in_checkpoints(tmp_path, fused: bool) -> None:
+    """Steps whose loss is NaN are skipped by the backend (host-side, or on the device with fused AdamW);
+    the loop folds the flags into ``skipped_updates`` at log steps and before saving a checkpoint."""
+    poisoned = {3, 4, 7}
+
+    def loss_fn(module, batch, generator):
+        loss_B = denoise_loss(module, batch, generator)
+        return loss_B * float("nan") if trainer.step + 1 in poisoned else loss_B
+
+    cfg = _config(steps=8, batch_size=8, grad_accum=1, log_every=4)
+    torch.manual_seed(0)
+    stream = InMemoryStream(SHOWERS, COND, cfg.micro_batch_size(), seed=5)
+    backend = TorchBackend("cpu", fused_adamw=fused)
+    trainer = Trainer(TinyDenoiser(dropout=0.0), loss_fn, backend, stream, cfg, run_dir=tmp_path)
+    rows = trainer.fit().history
+    assert [(r["step"], r["skipped_updates"]) for r in rows] == [(1, 0), (4, 2), (8, 3)]
+    assert trainer.train_state().extra["skipped_updates"] == 3

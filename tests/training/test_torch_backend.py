@@ -12,9 +12,11 @@ from caloforge.training.config import LoopConfig, OptimConfig, ScheduleConfig
 from caloforge.training.torch_backend import DDPBackend, TorchBackend, resolve_device, resolve_precision
 
 
-def _setup(max_grad_norm: float | None = 1.0, grad_accum: int = 1, precision: str = "fp32") -> TorchBackend:
+def _setup(
+    max_grad_norm: float | None = 1.0, grad_accum: int = 1, precision: str = "fp32", fused: bool | None = None
+) -> TorchBackend:
     torch.manual_seed(0)
-    backend = TorchBackend("cpu")
+    backend = TorchBackend("cpu", fused_adamw=fused)
     cfg = LoopConfig(
         steps=10,
         batch_size=4 * grad_accum,
@@ -74,6 +76,26 @@ def test_non_finite_gradients_skip_the_update_but_advance_the_schedule() -> None
     assert torch.equal(backend.model.weight, w0)
     assert backend.scheduler.last_epoch == 1
     assert all(p.grad is None for p in backend.model.parameters())
+
+
+def test_fused_adamw_decides_the_skip_on_the_device_without_a_host_sync() -> None:
+    """With fused AdamW (the CUDA default) the norm and the skip flag stay tensors (no per-step GPU→host
+    sync); a non-finite norm leaves weights, moments and step counts untouched, a finite one updates."""
+    backend = _setup(fused=True)
+    w0 = backend.model.weight.detach().clone()
+    backend.backward(_loss(backend) * float("nan"))
+    info = backend.step()
+    assert isinstance(info.grad_norm, torch.Tensor) and isinstance(info.skipped, torch.Tensor)
+    assert bool(info.skipped) and not math.isfinite(float(info.grad_norm))
+    assert torch.equal(backend.model.weight, w0)
+    assert float(backend.optimizer.state[backend.model.weight]["step"]) == 0.0
+    assert backend.scheduler.last_epoch == 1
+    assert not hasattr(backend.optimizer, "found_inf")
+    backend.backward(_loss(backend))
+    info = backend.step()
+    assert not bool(info.skipped) and math.isfinite(float(info.grad_norm))
+    assert not torch.equal(backend.model.weight, w0)
+    assert float(backend.optimizer.state[backend.model.weight]["step"]) == 1.0
 
 
 def test_bf16_autocast_on_request_and_auto_is_fp32_on_cpu() -> None:
