@@ -135,8 +135,9 @@ def test_generated_showers_follow_the_conditions(trained: dict) -> None:
 def test_generated_mean_total_energy_within_15_percent(trained: dict) -> None:
     """The acceptance of #3: mean E_tot per (detector, particle, energy bin) within 15% of the data's.
 
-    With N_GENERATED = 256 the statistical error of the generated mean is ≤ 5% even for pions (E_tot/E_inc
-    spread ≈ 0.8 of its mean), so 15% is a 3σ tolerance on the model, not on the sample size."""
+    Generated and reference showers share the incident energies, so only the E_tot/E_inc fluctuation at
+    fixed conditions enters the comparison: with N_GENERATED = 256 its 1σ error on the generated mean is
+    ≈ 1% for electrons and ≈ 6% for pions (E_tot/E_inc spread ≈ 0.8 of its mean), i.e. 15% is ≥ 2.5σ."""
     rows = {key: g["gen"]["energy_gev"] / g["ref"]["energy_gev"] for key, g in trained["groups"].items()}
     table = ", ".join(f"{d}/{p}/{lo:g}GeV: {r:.3f}" for (d, p, lo), r in rows.items())
     assert all(abs(r - 1.0) <= ENERGY_RTOL for r in rows.values()), f"generated/data mean E_tot: {table}"
