@@ -53,7 +53,7 @@ class LayerEnergyConfig:
     """The layer-energy head of a ShowerModel (``enabled: false`` = voxel model only, energies as sampled)."""
 
     enabled: bool = True
-    width: int = 256  # hidden width W of the residual MLP
+    width: int | None = None  # hidden width W of the residual MLP; None: min(256, 2 × backbone width)
     depth: int = 3  # residual blocks
     sampler: str = "midpoint"  # ODE sampler of the head at generation
     num_steps: int = 8  # head ODE steps at generation (8 and 64 midpoint steps agree to 0.1% in E_tot)
@@ -63,12 +63,18 @@ class LayerEnergyConfig:
     def __post_init__(self) -> None:
         for name in ("width", "depth", "num_steps", "draws"):
             value = getattr(self, name)
+            if name == "width" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"layer_energy.{name} must be an int >= 1, got {value!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"layer_energy.sampler: unknown {self.sampler!r} (known: {sorted(SAMPLERS)})")
         if not (isinstance(self.loss_weight, int | float) and self.loss_weight >= 0):
             raise ValueError(f"layer_energy.loss_weight must be >= 0, got {self.loss_weight!r}")
+
+    def resolved_width(self, backbone_width: int) -> int:
+        """The head's width for a backbone of ``backbone_width`` (``debug`` 64 → 128; ``S``/``B`` → 256)."""
+        return self.width if self.width is not None else min(256, 2 * backbone_width)
 
 
 class LayerEnergyTransform(nn.Module):

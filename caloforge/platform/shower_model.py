@@ -187,7 +187,7 @@ class ShowerModel(nn.Module):
         le = config.layer_energy
         if le.enabled:
             self.energy_head = LayerEnergyFlow(
-                mesh.n_z, bb.width, le.width, le.depth, seed=config.init_seed + 1
+                mesh.n_z, bb.width, le.resolved_width(bb.width), le.depth, seed=config.init_seed + 1
             )
             self.energy_transform = (
                 LayerEnergyTransform(mesh.n_z)
