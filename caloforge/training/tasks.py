@@ -71,9 +71,15 @@ def shower_loss_fn(model: ShowerModel, objective_name: str | None = None, **obje
         if not isinstance(batch, ShowerBatch):
             raise ValueError(f"shower loss: expected a ShowerBatch, got {type(batch).__name__}")
         shower_model = unwrap_shower_model(module)
+        device = shower_model.device
+        # One host→device copy of the showers, shared by both stages; on CUDA from pinned memory and
+        # asynchronous, so the host queues the step's kernels while it lands.
+        showers_mev_BZPR = batch.showers_BZPR
+        if device.type == "cuda":
+            showers_mev_BZPR = showers_mev_BZPR.pin_memory().to(device, non_blocking=True)
         # Preprocessing in fp32 even inside the loop's bf16 autocast (log/standardise of MeV voxels).
-        with torch.autocast(device_type=shower_model.device.type, enabled=False):
-            x1_BZPR = shower_model.to_model_space(batch.showers_BZPR)
+        with torch.autocast(device_type=device.type, enabled=False):
+            x1_BZPR = shower_model.to_model_space(showers_mev_BZPR)
         cond = shower_model.encode_conditions(batch.conditions())
         loss_B = objective(module, x1_BZPR, cond, generator)
         if shower_model.has_energy_head:
@@ -81,7 +87,7 @@ def shower_loss_fn(model: ShowerModel, objective_name: str | None = None, **obje
             # still fire for its parameters (default find_unused_parameters=False; the pretraining config
             # refuses the other mode with the head), and DeepSpeed reduces every gradient.
             weight = shower_model.config.layer_energy.loss_weight
-            loss_B = loss_B + weight * shower_model.energy_loss(batch.showers_BZPR, cond, generator)
+            loss_B = loss_B + weight * shower_model.energy_loss(showers_mev_BZPR, cond, generator)
         return loss_B
 
     return loss_fn
