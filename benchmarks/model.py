@@ -73,17 +73,23 @@ class Timer:
 
 
 def time_training(model: ShowerModel, objective: str, batch: int, iters: int, precision: str) -> Timer:
-    """Forward + backward of the per-sample objective (no optimizer step), ``iters`` times."""
+    """Forward + backward of the per-sample training loss (no optimizer step), ``iters`` times: the objective
+    plus, for a model with the layer-energy head, the head's loss (as ``shower_loss_fn`` adds it)."""
     device = model.device
     showers, cond = synthetic(batch, seed=1)
-    x1 = model.to_model_space(showers)
+    showers_t = torch.as_tensor(showers, device=device)
+    x1 = model.to_model_space(showers_t)
     ct = model.encode_conditions(cond, device)
     gen = torch.Generator(device=device).manual_seed(0)
+    weight = model.config.layer_energy.loss_weight
     model.train()
 
     def step() -> None:
         with autocast(device, precision):
-            loss = OBJECTIVES[objective](model, x1, ct, gen).mean()
+            loss_B = OBJECTIVES[objective](model, x1, ct, gen)
+            if model.has_energy_head:
+                loss_B = loss_B + weight * model.energy_loss(showers_t, ct, gen)
+            loss = loss_B.mean()
         loss.backward()
         model.zero_grad(set_to_none=True)
 
