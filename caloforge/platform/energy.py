@@ -256,14 +256,6 @@ def check_energy_grid(num_steps: int) -> torch.Tensor:
     return torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64)
 
 
-def count_head_flops(n_z: int, context_width: int, width: int, depth: int) -> int:
-    """Forward FLOPs (2·MACs) per shower of the head (for benchmarks)."""
-    macs = n_z * width + context_width * width + TIME_FREQ_DIM * width + width * width
-    macs += depth * (width * 2 * width + width * 2 * width + 2 * width * width)
-    macs += width * n_z
-    return 2 * macs
-
-
 __all__ = [
     "STATS_MEAN_KEY",
     "STATS_STD_KEY",
@@ -271,7 +263,6 @@ __all__ = [
     "LayerEnergyFlow",
     "LayerEnergyTransform",
     "check_energy_grid",
-    "count_head_flops",
     "energy_flow_loss",
     "rescale_layers",
 ]
