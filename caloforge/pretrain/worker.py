@@ -54,7 +54,7 @@ from caloforge.pretrain.rundir import RunDir
 from caloforge.training.backend import Backend
 from caloforge.training.hooks import ConsoleProgress, Hook, MetricsWriter, PeriodicCheckpoint, PeriodicEval
 from caloforge.training.loop import Trainer
-from caloforge.training.state import META_FILE, CheckpointManager, TrainState
+from caloforge.training.state import META_FILE, CheckpointManager, TrainState, state_file
 
 __all__ = [
     "FAULT_MARKER",
@@ -87,11 +87,6 @@ def _quiet_libraries() -> None:
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
-def _state_file(rank: int) -> str:
-    """The loop's per-rank state file name (``caloforge.training.state`` layout)."""
-    return f"trainer_state_rank{rank:05d}.pt"
-
-
 def _rank_files(directory: Path) -> dict[str, int]:
     return {
         p.relative_to(directory).as_posix(): p.stat().st_size
@@ -157,7 +152,7 @@ class RayCheckpointManager(CheckpointManager):
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
         backend.save(staging)  # collective for DeepSpeed; DDP/Torch write on rank 0 only
-        torch.save(state.to_dict(), staging / _state_file(self.rank))
+        torch.save(state.to_dict(), staging / state_file(self.rank))
         if self.rank == 0:
             meta = {
                 "format_version": 1,

@@ -44,6 +44,7 @@ __all__ = [
     "decode_state",
     "encode_state",
     "restore_rng",
+    "state_file",
 ]
 
 log = logging.getLogger("caloforge.training")
@@ -55,7 +56,8 @@ _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _NDARRAY_TAG = "__caloforge_ndarray__"
 
 
-def _state_file(rank: int) -> str:
+def state_file(rank: int) -> str:
+    """The per-rank ``TrainState`` file name inside a checkpoint directory."""
     return f"trainer_state_rank{rank:05d}.pt"
 
 
@@ -247,7 +249,7 @@ class CheckpointManager:
         backend.barrier()
         tmp.mkdir(parents=True, exist_ok=True)  # no-op on a shared filesystem
         backend.save(tmp)
-        torch.save(state.to_dict(), tmp / _state_file(backend.rank))
+        torch.save(state.to_dict(), tmp / state_file(backend.rank))
         backend.barrier()
         if backend.is_main:
             meta = {
@@ -298,7 +300,7 @@ class CheckpointManager:
                 f"{backend.world_size}; stream positions and RNG states are per rank"
             )
         backend.load(directory)
-        path = directory / _state_file(backend.rank)
+        path = directory / state_file(backend.rank)
         if not path.is_file():
             raise ValueError(f"checkpoint {directory}: missing {path.name}")
         state = TrainState.from_dict(torch.load(path, map_location="cpu", weights_only=True), str(path))
