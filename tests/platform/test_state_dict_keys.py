@@ -58,8 +58,9 @@ PINNED_DEBUG_STATE_DICT: list[tuple[str, tuple[int, ...]]] = [
     ("transform.std", ()),
 ]
 
-# The layer-energy head (default LayerEnergyConfig: width 2 × 64 = 128 for `debug`, depth 3) and its transform's buffers,
-# after the voxel model's keys. A model with ``layer_energy.enabled: false`` has none of them.
+# The layer-energy head (default LayerEnergyConfig: width 2 × 64 = 128 for `debug`, depth 3) and its
+# transform's buffers, after the voxel model's keys. A model with ``layer_energy.enabled: false`` has none
+# of them.
 PINNED_ENERGY_HEAD_STATE_DICT: list[tuple[str, tuple[int, ...]]] = [
     ("energy_head.fc_in.weight", (128, 12)),
     ("energy_head.fc_in.bias", (128,)),
