@@ -22,7 +22,8 @@ bf16 weights) in one process and profiles where the GPU time goes.
     .venv/bin/python benchmarks/pretrain_scaling.py [--quick] [--steps N] [--engine deepspeed|ddp]
     .venv/bin/python benchmarks/pretrain_scaling.py --device cuda [--batch 256] [--zero-stage 2] [--compile]
 
-Prints a table and writes ``benchmarks/results/<device>_<YYYY-MM-DD>_pretrain_scaling.json``.
+Prints a table and writes ``benchmarks/results/<device>_<YYYY-MM-DD>_pretrain_scaling[_<engine>].json``
+(the CPU runs name the engine, e.g. ``_deepspeed-zero2``).
 """
 
 from __future__ import annotations
@@ -574,7 +575,9 @@ def main() -> None:
             f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{args.device}_{dt.date.today().isoformat()}_pretrain_scaling.json"
+    # CPU scaling files are per engine (the GPU file is shared with benchmarks/mfu_sweep.py's rows).
+    engine_tag = "" if gpu else "_" + ("ddp" if args.engine == "ddp" else f"deepspeed-zero{args.zero_stage}")
+    out = RESULTS / f"{args.device}_{dt.date.today().isoformat()}_pretrain_scaling{engine_tag}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 
