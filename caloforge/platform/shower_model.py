@@ -145,6 +145,29 @@ def derive_seeds(seed: int, n: int, purpose: int = GENERATE_SEED_PURPOSE) -> np.
     return (words >> np.uint64(1)).astype(np.int64)
 
 
+def seeded_noise(
+    seeds: np.ndarray | torch.Tensor | list[int], mesh_shape: tuple[int, int, int], layer_energy: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The seed convention, in one place: shower i's CPU ``torch.Generator().manual_seed(seeds[i])`` draws its
+    voxel noise ``randn((Z, P, R))`` and then, with ``layer_energy``, the layer-energy head's noise
+    ``randn((Z,))``. Returns float32 CPU tensors ((N, Z, P, R), (N, Z) or None); row i depends only on
+    seeds[i], so a shower does not depend on batch composition or device."""
+    seeds_np = np.asarray(seeds.cpu() if isinstance(seeds, torch.Tensor) else seeds)
+    if seeds_np.ndim != 1 or not np.issubdtype(seeds_np.dtype, np.integer):
+        raise ValueError(
+            f"seeds must be a 1-D integer array, got dtype {seeds_np.dtype} shape {seeds_np.shape}"
+        )
+    shape = tuple(int(v) for v in mesh_shape)
+    noise = torch.empty((len(seeds_np), *shape), dtype=torch.float32)
+    layer_noise = torch.empty((len(seeds_np), shape[0]), dtype=torch.float32) if layer_energy else None
+    for i, s in enumerate(seeds_np.tolist()):
+        gen = torch.Generator().manual_seed(int(s))
+        noise[i] = torch.randn(shape, generator=gen, dtype=torch.float32)
+        if layer_noise is not None:
+            layer_noise[i] = torch.randn((shape[0],), generator=gen, dtype=torch.float32)
+    return noise, layer_noise
+
+
 def make_denoiser(config: ShowerModelConfig, net: ShowerDiT) -> Denoiser:
     if config.objective == "edm":
         e = config.edm
@@ -405,37 +428,18 @@ class ShowerModel(nn.Module):
     def initial_noise(
         self, seeds: np.ndarray | torch.Tensor, device: torch.device | str | None = None
     ) -> torch.Tensor:
-        """(B, Z, P, R) float32 N(0, I) noise, row i drawn by ``torch.Generator().manual_seed(seeds[i])`` on
-        the CPU (so it is identical on every device and independent of the other rows)."""
-        seeds_np = np.asarray(seeds.cpu() if isinstance(seeds, torch.Tensor) else seeds)
-        if seeds_np.ndim != 1 or not np.issubdtype(seeds_np.dtype, np.integer):
-            raise ValueError(
-                f"seeds must be a 1-D integer array, got dtype {seeds_np.dtype} shape {seeds_np.shape}"
-            )
-        rows = [
-            torch.randn(self.mesh_shape, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float32)
-            for s in seeds_np.tolist()
-        ]
-        noise = torch.stack(rows) if rows else torch.zeros((0, *self.mesh_shape))
+        """(B, Z, P, R) float32 N(0, I) voxel noise by the seed convention (``seeded_noise``), on ``device``
+        (default: the model's)."""
+        noise, _ = seeded_noise(seeds, self.mesh_shape, layer_energy=False)
         return noise.to(self.device if device is None else device)
 
     def initial_layer_noise(
         self, seeds: np.ndarray | torch.Tensor, device: torch.device | str | None = None
     ) -> torch.Tensor:
-        """(B, Z) float32 N(0, I) noise of the layer-energy head: row i continues shower i's generator
-        after its voxel noise (``randn((Z, P, R))`` then ``randn((Z,))`` from ``manual_seed(seeds[i])``)."""
-        seeds_np = np.asarray(seeds.cpu() if isinstance(seeds, torch.Tensor) else seeds)
-        if seeds_np.ndim != 1 or not np.issubdtype(seeds_np.dtype, np.integer):
-            raise ValueError(
-                f"seeds must be a 1-D integer array, got dtype {seeds_np.dtype} shape {seeds_np.shape}"
-            )
-        rows = []
-        for s in seeds_np.tolist():
-            gen = torch.Generator().manual_seed(int(s))
-            torch.randn(self.mesh_shape, generator=gen, dtype=torch.float32)
-            rows.append(torch.randn((self.mesh.n_z,), generator=gen, dtype=torch.float32))
-        noise = torch.stack(rows) if rows else torch.zeros((0, self.mesh.n_z))
-        return noise.to(self.device if device is None else device)
+        """(B, Z) float32 N(0, I) noise of the layer-energy head by the seed convention (``seeded_noise``)."""
+        _, layer_noise = seeded_noise(seeds, self.mesh_shape, layer_energy=True)
+        assert layer_noise is not None
+        return layer_noise.to(self.device if device is None else device)
 
     def sample(
         self,
@@ -504,12 +508,13 @@ class ShowerModel(nn.Module):
                 for start in starts:
                     stop = min(start + batch_size, n)
                     cond = self.encode_conditions(conditions.subset(slice(start, stop)), self.device)
-                    noise = self.initial_noise(seeds[start:stop], self.device)
-                    x = self.sample(noise, cond, sampler, num_steps)
+                    noise, layer_noise = seeded_noise(
+                        seeds[start:stop], self.mesh_shape, self.has_energy_head
+                    )
+                    x = self.sample(noise.to(self.device), cond, sampler, num_steps)
                     layers = None
-                    if self.has_energy_head:
-                        layer_noise = self.initial_layer_noise(seeds[start:stop], self.device)
-                        layers = self.sample_layer_energies(layer_noise, cond)
+                    if layer_noise is not None:
+                        layers = self.sample_layer_energies(layer_noise.to(self.device), cond)
                     out[start:stop] = self.to_mev(x, layers).float().cpu().numpy()
         finally:
             self.train(was_training)
@@ -545,4 +550,12 @@ def _check_stats(stats: Mapping[str, Any], mesh: Mesh) -> None:
         raise ValueError(f"stats['layer_log_mean'] has {len(layers)} layers, the mesh has n_z={mesh.n_z}")
 
 
-__all__ = ["Lineage", "ShowerModel", "ShowerModelConfig", "as_mesh", "derive_seeds", "make_denoiser"]
+__all__ = [
+    "Lineage",
+    "ShowerModel",
+    "ShowerModelConfig",
+    "as_mesh",
+    "derive_seeds",
+    "make_denoiser",
+    "seeded_noise",
+]

@@ -75,6 +75,7 @@ from caloforge.platform.conditioning import (
 from caloforge.platform.energy import check_energy_grid
 from caloforge.platform.samplers import get_sampler
 from caloforge.platform.shower_model import ShowerModel, derive_seeds
+from caloforge.platform.shower_model import seeded_noise as platform_seeded_noise
 from caloforge.registry.bundle import load_checked, sha256_file
 from caloforge.registry.card import CARD_FILE, ModelCard, ValidRanges, build_card
 
@@ -294,23 +295,12 @@ def io_spec(mesh_shape: Sequence[int], layer_energy: bool) -> dict[str, list[dic
 def seeded_noise(
     seeds: np.ndarray | Sequence[int], mesh_shape: Sequence[int], layer_energy: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(noise (N, Z, P, R), layer_noise (N, Z) or None) float32 by the seed convention: per shower one
-    ``torch.Generator().manual_seed(seed)`` draws the voxel noise, then (``layer_energy``) the layer noise —
-    identical to ``ShowerModel.initial_noise`` / ``initial_layer_noise``."""
-    seeds_np = np.asarray(seeds)
-    if seeds_np.ndim != 1 or not np.issubdtype(seeds_np.dtype, np.integer):
-        raise ValueError(
-            f"seeds must be a 1-D integer array, got dtype {seeds_np.dtype} shape {seeds_np.shape}"
-        )
-    shape = tuple(int(v) for v in mesh_shape)
-    noise = np.empty((len(seeds_np), *shape), dtype=np.float32)
-    layer_noise = np.empty((len(seeds_np), shape[0]), dtype=np.float32) if layer_energy else None
-    for i, s in enumerate(seeds_np.tolist()):
-        gen = torch.Generator().manual_seed(int(s))
-        noise[i] = torch.randn(shape, generator=gen, dtype=torch.float32).numpy()
-        if layer_noise is not None:
-            layer_noise[i] = torch.randn((shape[0],), generator=gen, dtype=torch.float32).numpy()
-    return noise, layer_noise
+    """(noise (N, Z, P, R), layer_noise (N, Z) or None) float32 numpy by the seed convention
+    (``caloforge.platform.shower_model.seeded_noise``, which ``ShowerModel.generate`` uses)."""
+    noise, layer_noise = platform_seeded_noise(
+        np.asarray(seeds), tuple(int(v) for v in mesh_shape), layer_energy
+    )
+    return noise.numpy(), None if layer_noise is None else layer_noise.numpy()
 
 
 def initial_noise(seeds: np.ndarray | Sequence[int], mesh_shape: Sequence[int]) -> np.ndarray:
