@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One batched GPU session (the device machine has torch but not deepspeed/POT/webdataset: they travel as
 # wheels in .whl/, see docs/development.md). Writes logs and result JSON under $OUT (or ./gpu-out).
+#   bash benchmarks/gpu_session.sh tests model   # GPU tests + model benchmark (~5 min)
+#   bash benchmarks/gpu_session.sh sweep         # MFU sweep of S (benchmarks/mfu_sweep.py, ~8 min)
+# With no stage named, all three run (more than one 10-minute device call).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -9,11 +12,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
-export MLFLOW_DISABLE_TELEMETRY=true ORT_DISABLE_TELEMETRY=1 PYTHONUNBUFFERED=1
+export MLFLOW_DISABLE_TELEMETRY=true ORT_DISABLE_TELEMETRY=1 PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda
 nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 run() { local name=$1; shift; echo "=== $name: $*"; timeout "${T:-240}" "$@" 2>&1 | tee "$OUT/$name.log" | tail -40; }
-T=150 run model_bench python3 benchmarks/model.py --device cuda --flavors debug S --out "$OUT/model.json"
-T=200 run pretrain_engine python3 benchmarks/pretrain_scaling.py --device cuda --skip-ray
-T=120 run gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/platform tests/training tests/contracts
-cp benchmarks/results/*.json "$OUT/" 2>/dev/null
+stages=("$@"); [ ${#stages[@]} -eq 0 ] && stages=(tests model sweep)
+for stage in "${stages[@]}"; do
+  case $stage in
+    tests) T=150 run gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/platform tests/training tests/contracts ;;
+    model) T=150 run model_bench python3 benchmarks/model.py --device cuda --flavors debug S --out "$OUT/model.json" ;;
+    sweep) T=560 run mfu_sweep python3 benchmarks/mfu_sweep.py --device cuda --no-sdpa --budget-s 500 --out "$OUT/sweep.json" ;;
+    *) echo "unknown stage $stage (tests, model, sweep)"; exit 2 ;;
+  esac
+done
 echo done

@@ -1,11 +1,12 @@
 """GPU sweep: pretraining throughput and MFU of the ``S`` backbone per variant, in one process.
 
 Every row is ``pretrain_scaling.engine_throughput`` (the model through a backend + the one training loop on
-in-memory batches, bf16, timed after warm-up in two segments) with one lever changed: fused AdamW, TF32,
-``loop.compile`` (``torch.compile`` default mode) and ``max-autotune-no-cudagraphs``, DeepSpeed ZeRO-2 vs
-plain ``TorchBackend``, batch 256 / 512 / 1024, and DeepSpeed ``bf16`` weights instead of autocast. Two
-rows also run a few steps under ``torch.profiler``: the GPU kernel time by class (matmul, attention,
-fused/eager elementwise, optimizer) and the busy fraction of the GPU. Besides the loop rows:
+in-memory batches, bf16, timed after warm-up in two segments) with one lever changed: ``loop.compile``
+(``torch.compile`` default mode) or ``reduce-overhead`` (CUDA graphs), ``TorchBackend`` vs DeepSpeed ZeRO-0/2,
+the residual stream in fp32 (the autocast recipe) or bf16 (``model.residual_stream: autocast``), batch 256 /
+1024, fused AdamW, and DeepSpeed ``bf16`` weights instead of autocast. Some rows also run a few steps under
+``torch.profiler``: the GPU kernel time by class (matmul, attention, fused/eager elementwise, optimizer) and
+the busy fraction of the GPU. Besides the loop rows:
 
 - ``raw``: forward + backward + fused AdamW of the compiled model on a batch already on the GPU (no loop,
   EMA, clipping or host syncs): the ceiling of what the loop could reach;
@@ -38,34 +39,43 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pretrain_scaling as ps
 
-# (name, overrides of the engine args, expected seconds incl. compilation, profile?)
+# (name, overrides of the engine args, expected seconds incl. compilation, profile?), in order of expected
+# value: the levers still unmeasured on a GPU first (the loop without per-step host syncs, the bf16 residual
+# stream, CUDA graphs), then the rows of the first sweep (docs/pretraining.md) for comparison.
+BF16_STREAM = {"residual_stream": "autocast"}
+TORCH = {"compile": True, "engine_backend": "torch"}
 VARIANTS: list[tuple[str, dict[str, Any], float, bool]] = [
+    ("compile, TorchBackend, fused", TORCH, 45, True),
+    ("compile, TorchBackend, bf16 residual stream", {**TORCH, **BF16_STREAM}, 45, True),
+    ("raw: compiled fwd+bwd+fused AdamW, no loop", {"raw": True}, 45, False),
+    ("raw: as above, bf16 residual stream", {"raw": True, **BF16_STREAM}, 45, False),
+    ("compile, DS ZeRO-2, fused (s_6det engine)", {"compile": True}, 120, True),
+    ("compile, DS ZeRO-2, bf16 residual stream", {"compile": True, **BF16_STREAM}, 90, False),
+    ("compile, TorchBackend, bf16 stream, batch 1024", {**TORCH, **BF16_STREAM, "batch": 1024}, 50, False),
+    ("compile, TorchBackend, batch 1024", {**TORCH, "batch": 1024}, 50, False),
+    (
+        "reduce-overhead (CUDA graphs), TorchBackend, bf16 stream",
+        {"compile_mode": "reduce-overhead", "engine_backend": "torch", **BF16_STREAM},
+        90,
+        False,
+    ),
+    (
+        "compile, DS ZeRO-0, bf16 residual stream",
+        {"compile": True, "zero_stage": 0, **BF16_STREAM},
+        60,
+        False,
+    ),
+    (
+        "raw: compiled, batch 1024, bf16 residual stream",
+        {"raw": True, "batch": 1024, **BF16_STREAM},
+        40,
+        False,
+    ),
     ("baseline: eager, DS ZeRO-2, foreach AdamW", {"fused_adamw": False}, 25, True),
     ("eager + fused AdamW", {}, 15, False),
-    ("eager + fused AdamW + TF32", {"tf32": True}, 15, False),
-    ("eager + fused AdamW, batch 512", {"batch": 512}, 20, False),
-    ("compile (loop.compile), DS, fused", {"compile": True}, 120, True),
-    ("compile, TorchBackend, fused", {"compile": True, "engine_backend": "torch"}, 45, True),
-    ("raw: compiled fwd+bwd+fused AdamW, no loop", {"raw": True}, 45, False),
-    ("compile, DS, batch 512", {"compile": True, "batch": 512}, 90, False),
     ("compile, DS, batch 1024", {"compile": True, "batch": 1024}, 90, False),
     ("compile, DS bf16 weights (not autocast)", {"compile": True, "bf16_weights": True}, 90, False),
-    ("max-autotune-no-cudagraphs, DS", {"compile_mode": "max-autotune-no-cudagraphs"}, 240, False),
-    (
-        "compile, TorchBackend, batch 1024",
-        {"compile": True, "engine_backend": "torch", "batch": 1024},
-        50,
-        False,
-    ),
-    ("raw: compiled fwd+bwd+fused AdamW, batch 1024", {"raw": True, "batch": 1024}, 40, False),
-    ("compile, DS ZeRO-0", {"compile": True, "zero_stage": 0}, 30, False),
-    ("compile, DS ZeRO-2 + overlap_comm (s_6det)", {"compile": True, "overlap_comm": True}, 30, False),
-    (
-        "max-autotune-no-cudagraphs, TorchBackend",
-        {"compile_mode": "max-autotune-no-cudagraphs", "engine_backend": "torch"},
-        120,
-        False,
-    ),
+    ("compile, DS ZeRO-2 + overlap_comm", {"compile": True, "overlap_comm": True}, 30, False),
 ]
 
 
@@ -88,7 +98,8 @@ def raw_throughput(args: argparse.Namespace, device: torch.device) -> dict[str, 
 
     gpu = device.type == "cuda"
     showers, cond, detectors = ps._synthetic(args.batch)
-    cfg = ShowerModelConfig(backbone=args.engine_model, objective="edm")
+    residual_stream = getattr(args, "residual_stream", "fp32")
+    cfg = ShowerModelConfig(backbone=args.engine_model, objective="edm", residual_stream=residual_stream)
     vocab = ConditionVocab.create(detectors)
     model = ShowerModel.build(cfg, vocab, compute_stats(showers, cond.energy_mev, cond.theta_rad), ps.MESH)
     model.to(device).train()
@@ -126,6 +137,7 @@ def raw_throughput(args: argparse.Namespace, device: torch.device) -> dict[str, 
         "kind": "raw",
         "model": args.engine_model,
         "engine": "none (fwd+bwd+fused AdamW)",
+        "residual_stream": residual_stream,
         "compile": "default" if gpu else "off",
         "batch": args.batch,
         "warmup_s_incl_compile": warm_s,

@@ -310,8 +310,9 @@ def engine_throughput(
     Variant knobs read from ``args`` (defaults in brackets): ``compile`` [False] (``loop.compile``),
     ``compile_mode`` [None] (compile here with this ``torch.compile`` mode instead), ``engine_backend``
     [deepspeed] (or ``torch``: ``TorchBackend``), ``overlap_comm`` [False], ``fused_adamw`` [None = on
-    CUDA], ``bf16_weights`` [False] (DeepSpeed ``bf16`` mode), ``tf32`` [False], ``engine_repeats`` [1]
-    timed segments,
+    CUDA], ``bf16_weights`` [False] (DeepSpeed ``bf16`` mode), ``residual_stream`` [fp32]
+    (``ShowerModelConfig.residual_stream``: ``autocast`` carries the residual stream in bf16), ``tf32``
+    [False], ``engine_repeats`` [1] timed segments,
     ``peak_flops`` [measured here]. With ``profile_dir`` a few more steps run under ``torch.profiler`` and
     the row gets a GPU time breakdown (``gpu_time_breakdown``).
     """
@@ -332,6 +333,7 @@ def engine_throughput(
     backend_kind = getattr(args, "engine_backend", "deepspeed")
     fused = getattr(args, "fused_adamw", None)
     bf16_weights = bool(getattr(args, "bf16_weights", False))
+    residual_stream = getattr(args, "residual_stream", "fp32")
     tf32 = bool(getattr(args, "tf32", False))
     repeats = int(getattr(args, "engine_repeats", 1))
     peak = getattr(args, "peak_flops", None)
@@ -342,7 +344,9 @@ def engine_throughput(
         torch.set_num_threads(1)  # as one Ray worker with cpus_per_worker=1 (and robust to a busy machine)
         peak = peak or peak_matmul_flops(device, torch.float32, 1024, 10)
     showers, cond, detectors = _synthetic(args.batch * 4)
-    model_cfg = ShowerModelConfig(backbone=args.engine_model, objective="edm")
+    model_cfg = ShowerModelConfig(
+        backbone=args.engine_model, objective="edm", residual_stream=residual_stream
+    )
     model = ShowerModel.build(
         model_cfg,
         ConditionVocab.create(detectors),
@@ -409,7 +413,8 @@ def engine_throughput(
     if bf16_weights:
         precision_label = "bf16 weights (DeepSpeed bf16, fp32 master in the optimizer)"
     elif gpu:
-        precision_label = "bf16 (autocast, fp32 master weights)"
+        stream = "bf16" if residual_stream == "autocast" else "fp32"
+        precision_label = f"bf16 (autocast, fp32 master weights, {stream} residual stream)"
     else:
         precision_label = "fp32"
     row: dict[str, Any] = {
@@ -417,6 +422,7 @@ def engine_throughput(
         "model": args.engine_model,
         "params": sum(p.numel() for p in model.parameters()),
         "precision": precision_label,
+        "residual_stream": residual_stream,
         "engine": engine_name,
         "compile": compile_mode or ("default" if getattr(backend, "compiled", False) else "off"),
         "fused_adamw": bool(getattr(backend, "fused_adamw", False)),

@@ -320,6 +320,9 @@ class ShowerDiT(nn.Module):
             raise ValueError(f"n_detector_slots must be >= 1, got {n_detector_slots}")
         self.config = config
         self.n_detector_slots = n_detector_slots
+        # Under autocast, carry the residual stream in the autocast dtype (bf16) instead of fp32; set from
+        # ``ShowerModelConfig.stream_precision`` (no effect without autocast). See ``forward``.
+        self.autocast_stream = False
         d = config.width
         self.n_pos_freq = d // 6  # frequencies per coordinate (sin + cos for 3 coordinates: 6·n ≤ D)
         with torch.device("meta"):
@@ -423,6 +426,12 @@ class ShowerDiT(nn.Module):
             )
         pos_TD = self.position_embedding(coords_TC.float().to(x_BZPR.device))
         h_BTD = self.patch_embed(tokens_BTV) + pos_TD.to(dtype)[None]
+        device_type = h_BTD.device.type
+        if self.autocast_stream and torch.is_autocast_enabled(device_type):
+            # The residual stream in bf16: the memory-bound work around the matmuls (norm + modulation,
+            # gated residual adds) moves half the bytes. LayerNorm still normalises in fp32 (autocast) and
+            # the weights stay fp32; only the running sum x + gate·f(x) is rounded to bf16 each block.
+            h_BTD = h_BTD.to(torch.get_autocast_dtype(device_type))
         c_BD = self.condition_embedding(noise_label_B, cond).to(h_BTD.dtype)
         for block in self.blocks:
             h_BTD = block(h_BTD, c_BD)

@@ -29,7 +29,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -78,6 +78,10 @@ class ShowerModelConfig:
     ``TRANSFORMS``; ``threshold_mev``: readout threshold (calibrated MeV) applied by the transform.
     ``sampler`` / ``num_steps``: generation defaults. ``init_seed``: weight initialisation seed.
     ``layer_energy``: the layer-energy head (``caloforge.platform.energy``; on by default).
+    ``residual_stream``: the backbone's residual stream under autocast (training or sampling in bf16):
+    ``fp32`` (the usual autocast recipe) or ``autocast`` (the autocast dtype, bf16: half the bytes of the
+    memory-bound work around the matmuls; weights, optimizer and EMA stay fp32). No effect without autocast,
+    so fp32 training and the ONNX export do not see it; it can change on a built model.
     """
 
     backbone: str | BackboneConfig = "S"
@@ -91,6 +95,7 @@ class ShowerModelConfig:
     num_steps: int = 32
     init_seed: int = 0
     layer_energy: LayerEnergyConfig = field(default_factory=LayerEnergyConfig)
+    residual_stream: Literal["fp32", "autocast"] = "fp32"
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, str) and self.backbone not in BACKBONE_FLAVORS:
@@ -109,6 +114,8 @@ class ShowerModelConfig:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps!r}")
         if not self.threshold_mev >= 0:
             raise ValueError(f"threshold_mev must be >= 0, got {self.threshold_mev}")
+        if self.residual_stream not in ("fp32", "autocast"):
+            raise ValueError(f"residual_stream must be fp32 or autocast, got {self.residual_stream!r}")
 
     def backbone_config(self) -> BackboneConfig:
         return backbone_config(self.backbone, self.patch_size)
@@ -200,6 +207,7 @@ class ShowerModel(nn.Module):
         self.mesh = mesh
         self.lineage = lineage if lineage is not None else Lineage()
         net = ShowerDiT(bb, vocab.n_detector_slots, seed=config.init_seed)
+        net.autocast_stream = config.residual_stream == "autocast"
         self.denoiser = make_denoiser(config, net)
         self.transform: LogStandardize | LayerLogStandardize = build_transform(
             config.transform, mesh.n_z, config.threshold_mev, stats
@@ -288,6 +296,7 @@ class ShowerModel(nn.Module):
         if isinstance(self.denoiser, EDMDenoiser):
             e = value.edm
             self.denoiser.configure(e.sigma_data, e.sigma_min, e.sigma_max, e.rho)
+        self.network.autocast_stream = value.residual_stream == "autocast"
         self._config = value
 
     @property

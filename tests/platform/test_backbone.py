@@ -186,3 +186,37 @@ def test_analytic_flops_match_the_flop_counter_for_linear_layers() -> None:
         # The counter sees the matmuls (CPU SDPA has no registered formula): compare the linear part.
         assert counter.get_total_flops() == 2 * flops["linear"] + flops["shared"]
         assert flops["tokens"] == 360 and flops["attention"] == cfg.depth * 4 * 360 * 360 * cfg.width
+
+
+def block_input_dtypes(
+    net: ShowerDiT, x: torch.Tensor, autocast: bool
+) -> tuple[list[torch.dtype], torch.Tensor]:
+    seen: list[torch.dtype] = []
+    hooks = [b.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype)) for b in net.blocks]
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = net(x, torch.full((x.shape[0],), 300.0), cond_tensors(x.shape[0]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, out.float()
+
+
+def test_autocast_residual_stream_is_bf16_only_under_autocast() -> None:
+    net = scrambled_net()
+    x = torch.randn(4, *SMALL_MESH, generator=torch.Generator().manual_seed(2))
+    assert net.autocast_stream is False  # the default recipe: fp32 stream under autocast
+    dtypes_fp32_stream, out_fp32_stream = block_input_dtypes(net, x, autocast=True)
+    _, out_fp32 = block_input_dtypes(net, x, autocast=False)
+    net.autocast_stream = True
+    dtypes_bf16_stream, out_bf16_stream = block_input_dtypes(net, x, autocast=True)
+    _, out_fp32_flagged = block_input_dtypes(net, x, autocast=False)
+    assert dtypes_fp32_stream == [torch.float32] * len(net.blocks)
+    assert dtypes_bf16_stream == [torch.bfloat16] * len(net.blocks)
+    # Without autocast the flag changes nothing, bit for bit (fp32 training, the ONNX export).
+    assert torch.equal(out_fp32_flagged, out_fp32)
+    # Under autocast the bf16 stream stays within bf16 rounding of the fp32-stream output.
+    scale = out_fp32.abs().mean()
+    assert (out_fp32_stream - out_fp32).abs().mean() / scale < 1e-2
+    assert (out_bf16_stream - out_fp32).abs().mean() / scale < 2e-2
+    assert not torch.equal(out_bf16_stream, out_fp32_stream)

@@ -84,6 +84,12 @@ def test_bundle_contents(saved) -> None:
     assert bool(loaded.transform.fitted)
 
 
+def test_bundle_keeps_the_residual_stream_choice(tmp_path: Path) -> None:
+    model = make_model("flow_matching", residual_stream="autocast")
+    loaded = load_bundle(save_bundle(model, tmp_path / "model"))
+    assert loaded.config.residual_stream == "autocast" and loaded.network.autocast_stream is True
+
+
 def _copy(src: Path, dst: Path) -> Path:
     dst.mkdir()
     for f in src.iterdir():

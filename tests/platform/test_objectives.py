@@ -104,6 +104,16 @@ def test_objectives_under_bf16_autocast_and_with_a_bf16_network(objective: str) 
         autocast = OBJECTIVES[objective](model, x1, ct, torch.Generator().manual_seed(0))
     assert autocast.dtype == torch.float32
     torch.testing.assert_close(autocast.detach(), reference, rtol=2e-2, atol=1e-3)
+    model.network.autocast_stream = True  # ShowerModelConfig.residual_stream = "autocast"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_stream = OBJECTIVES[objective](model, x1, ct, torch.Generator().manual_seed(0))
+    assert bf16_stream.dtype == torch.float32
+    torch.testing.assert_close(bf16_stream.detach(), reference, rtol=2e-2, atol=1e-3)
+    bf16_stream.mean().backward()
+    grad = model.network.blocks[0].attn.qkv.weight.grad
+    assert grad is not None and grad.dtype == torch.float32 and bool(torch.isfinite(grad).all())
+    model.zero_grad(set_to_none=True)
+    model.network.autocast_stream = False
     model.network.bfloat16()  # what a bf16 DeepSpeed engine does to the weights; inputs stay fp32
     cast = OBJECTIVES[objective](model, x1, ct, torch.Generator().manual_seed(0))
     torch.testing.assert_close(cast.detach(), reference, rtol=2e-2, atol=1e-3)

@@ -41,6 +41,7 @@ def test_config_round_trips_through_strict_yaml_dicts() -> None:
         ({"transform": "logit"}, "transform: unknown 'logit'"),
         ({"num_steps": 0}, "num_steps must be >= 1"),
         ({"patch_size": (3, 0, 3)}, "patch_size"),
+        ({"residual_stream": "bf16"}, "residual_stream must be fp32 or autocast"),
     ):
         with pytest.raises(ValueError, match=match):
             ShowerModelConfig(**kwargs)
@@ -187,3 +188,10 @@ def test_replacing_the_config_keeps_denoiser_and_architecture_consistent() -> No
     assert model.config.layer_energy.num_steps == 4 and model.config.layer_energy.loss_weight == 0.5
     with pytest.raises(ValueError, match="config must be a ShowerModelConfig"):
         model.config = {"objective": "edm"}  # type: ignore[assignment]
+    # The residual stream's precision is a numerics choice, not architecture: it may change and reaches
+    # the backbone.
+    assert model.network.autocast_stream is False
+    model.config = dataclasses.replace(cfg, residual_stream="autocast")
+    assert model.network.autocast_stream is True
+    model.config = dataclasses.replace(cfg, residual_stream="fp32")
+    assert model.network.autocast_stream is False

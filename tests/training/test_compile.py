@@ -8,6 +8,7 @@ eager one does. Toggling ``loop.compile`` does not block resuming a pretraining 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 
@@ -108,10 +109,15 @@ def _backend(engine: str) -> Backend:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
-def test_compiled_model_trains_on_cuda_with_the_same_keys_and_outputs(engine: str) -> None:
+@pytest.mark.parametrize(
+    ("engine", "residual_stream"), [("torch", "fp32"), ("deepspeed", "fp32"), ("torch", "autocast")]
+)
+def test_compiled_model_trains_on_cuda_with_the_same_keys_and_outputs(
+    engine: str, residual_stream: str
+) -> None:
     torch._dynamo.reset()
     model = _model()
+    model.config = dataclasses.replace(model.config, residual_stream=residual_stream)
     keys = list(model.state_dict())
     backend = _backend(engine)
     cfg = LoopConfig(steps=3, batch_size=8, precision="bf16", log_every=1, compile=True)
