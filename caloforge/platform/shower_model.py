@@ -267,6 +267,15 @@ class ShowerModel(nn.Module):
                 weight[idx] = weight[: len(self.vocab.detectors)].mean(dim=0)
         return model
 
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """``nn.Module.compile`` in place (``loop.compile``), for the forward and, with the layer-energy head,
+        the head's forward too: its loss runs outside ``forward`` (``energy_loss``), so compiling only the
+        forward would leave the head's ~100 small kernels per step eager. Names and state-dict keys do not
+        change; deep copies are eager modules again."""
+        super().compile(*args, **kwargs)
+        if self.energy_head is not None:
+            self.energy_head.compile(*args, **kwargs)
+
     # ---- properties ---------------------------------------------------------------------------------
 
     @property

@@ -8,6 +8,7 @@ eager one does. Toggling ``loop.compile`` does not block resuming a pretraining 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Iterator
@@ -73,6 +74,16 @@ def test_compile_is_off_by_default_and_ignored_on_cpu() -> None:
     assert backend.fused_adamw is False and not backend.optimizer.defaults["fused"]
 
 
+def test_compiling_a_shower_model_compiles_its_energy_head_in_place() -> None:
+    model = _model()
+    keys = list(model.state_dict())
+    model.compile()  # lazy: nothing is traced until the first call
+    assert model._compiled_call_impl is not None and model.energy_head._compiled_call_impl is not None
+    assert list(model.state_dict()) == keys
+    clone = copy.deepcopy(model)
+    assert clone._compiled_call_impl is None and clone.energy_head._compiled_call_impl is None
+
+
 def test_fused_adamw_is_the_cuda_default_and_matches_adamw() -> None:
     assert use_fused_adamw(None, torch.device("cpu")) is False
     assert use_fused_adamw(None, torch.device("cuda", 0)) is True
@@ -124,7 +135,7 @@ def test_compiled_model_trains_on_cuda_with_the_same_keys_and_outputs(
     trainer = Trainer(model, shower_loss_fn(model), backend, _Batches(32, 8), cfg)
     result = trainer.fit()
     assert backend.compiled and backend.fused_adamw
-    assert model._compiled_call_impl is not None
+    assert model._compiled_call_impl is not None and model.energy_head._compiled_call_impl is not None
     assert backend.model is model and list(model.state_dict()) == keys
     assert result.step == 3 and math.isfinite(result.metrics["loss"])
     averaged = trainer.averaged_model()  # a deep copy: an eager module again
