@@ -155,7 +155,7 @@ class EvalConfig:
     n_bins: int = 50  # per value histogram (capped at max(10, sqrt(N_ref)))
     voxel_bins: int = 50  # log bins of the voxel-energy spectrum
     # voxels <= threshold are zeroed in both sets; None: per detector, readout threshold / sampling
-    # fraction of configs/detectors/<name>.yaml (CaloChallenge ds2: 0.5 keV / 0.033 = 15.15 keV)
+    # fraction of caloforge/platform/detectors/<name>.yaml (CaloChallenge ds2: 0.5 keV / 0.033 = 15.15 keV)
     voxel_threshold_mev: float | None = None
     r_edges_mm: tuple[float, ...] | None = None  # mesh radial edges when detectors are not built-in
     hlf_vector: Literal["calochallenge", "extended"] = "calochallenge"

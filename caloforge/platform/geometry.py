@@ -1,8 +1,9 @@
 """Detector and mesh geometry in physical units.
 
-A detector is data (``configs/detectors/*.yaml``), not code. ``DetectorSpec`` holds the absorber/active
-structure, the readout mesh and the simulation knobs; ``EffectiveMaterial`` holds the derived quantities
-of docs/simulator.md §1 (Z_eff, X0_eff, E_c,eff, R_M,eff, λ_int,eff, F_S, ê, sampling fractions).
+A detector is data (``caloforge/platform/detectors/*.yaml``, shipped as package data), not code.
+``DetectorSpec`` holds the absorber/active structure, the readout mesh and the simulation knobs;
+``EffectiveMaterial`` holds the derived quantities of docs/simulator.md §1 (Z_eff, X0_eff, E_c,eff, R_M,eff,
+λ_int,eff, F_S, ê, sampling fractions).
 
 Units in names: ``_mm``, ``_cm``, ``_gcm2`` (g/cm²), ``_mev``, ``_gev``, ``_x0`` (radiation lengths).
 """
@@ -314,7 +315,8 @@ class DetectorSpec:
         return self.mesh.n_z * self.material.pitch_cm / self.material.x0_cm + dead
 
 
-DETECTORS_DIR = Path(__file__).resolve().parents[2] / "configs" / "detectors"
+# Built-in detectors ship inside the package (package data), so a non-editable install finds them too.
+DETECTORS_DIR = Path(__file__).resolve().parent / "detectors"
 
 
 def load_detector_file(path: str | Path) -> DetectorSpec:

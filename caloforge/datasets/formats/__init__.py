@@ -41,9 +41,9 @@ def resolve_detector(
 ) -> tuple[str, DetectorSpec | None]:
     """Resolve what the user called the detector of a file into ``(name, spec or None)``.
 
-    ``detector`` is a built-in detector name (``configs/detectors/<name>.yaml``), a detector YAML path or a
-    ``DetectorSpec``. Any other name is an error unless ``custom_ok`` (the caller was given the mesh shape
-    explicitly), in which case the detector is a custom one known only by name.
+    ``detector`` is a built-in detector name (``caloforge/platform/detectors/<name>.yaml``), a detector YAML
+    path or a ``DetectorSpec``. Any other name is an error unless ``custom_ok`` (the caller was given the mesh
+    shape explicitly), in which case the detector is a custom one known only by name.
     """
     if isinstance(detector, DetectorSpec):
         return detector.name, detector
