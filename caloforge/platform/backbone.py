@@ -321,7 +321,7 @@ class ShowerDiT(nn.Module):
         self.config = config
         self.n_detector_slots = n_detector_slots
         # Under autocast, carry the residual stream in the autocast dtype (bf16) instead of fp32; set from
-        # ``ShowerModelConfig.stream_precision`` (no effect without autocast). See ``forward``.
+        # ``ShowerModelConfig.residual_stream`` (no effect without autocast). See ``forward``.
         self.autocast_stream = False
         d = config.width
         self.n_pos_freq = d // 6  # frequencies per coordinate (sin + cos for 3 coordinates: 6·n ≤ D)
