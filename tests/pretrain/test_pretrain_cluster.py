@@ -3,8 +3,9 @@
 A real head node (``ray start --head`` on this machine: GCS, raylet, dashboard with the job server on
 127.0.0.1) stands in for a cluster. The job's driver must join it through the ``RAY_ADDRESS`` the job server
 sets instead of starting an embedded Ray, run 2 DeepSpeed workers there, and leave the same run directory,
-checkpoints, bundle and MLflow run as a laptop run. Ray 2.59+ turns token authentication on for such local
-clusters, so the submitting client runs with ``RAY_AUTH_MODE=token`` (docs/pretraining.md).
+checkpoints, bundle and MLflow run as a laptop run. The head runs with token authentication and its own
+token (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN``), as a secured cluster does; the submitting client needs
+both (docs/pretraining.md). Nothing here reads or writes ``~/.ray``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -77,7 +79,10 @@ def _stop(proc: subprocess.Popen) -> None:
 def ray_head(tmp_path: Path) -> Iterator[Head]:
     temp_dir = Path(tempfile.mkdtemp(prefix="cfray-", dir="/tmp"))  # short: Ray's socket paths are limited
     gcs_port, dash_port = _free_port(), _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | QUIET
+    # `ray start` turns token auth on only if it finds a token (~/.ray/auth_token): be explicit instead.
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
+    env |= QUIET | token
     log = (tmp_path / "head.log").open("w")
     proc = subprocess.Popen(
         [
@@ -99,7 +104,7 @@ def ray_head(tmp_path: Path) -> Iterator[Head]:
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    head = Head(gcs_port, f"http://127.0.0.1:{dash_port}", env | {"RAY_AUTH_MODE": "token"})
+    head = Head(gcs_port, f"http://127.0.0.1:{dash_port}", env)
     try:
         deadline = time.monotonic() + 120
         while True:  # the job server answers (with the token) once the head is up
@@ -166,6 +171,17 @@ def test_ray_job_submit_runs_pretraining_on_an_existing_cluster(
     )
     out = submit.stdout + submit.stderr
     assert submit.returncode == 0 and "succeeded" in out, out[-4000:]
+    # The job server refuses a client without the cluster's token.
+    anonymous = {k: v for k, v in ray_head.client_env.items() if not k.startswith("RAY_AUTH_")}
+    anonymous["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on: the request carries no token
+    refused = subprocess.run(
+        [str(BIN / "ray"), "job", "list", "--address", ray_head.dashboard],
+        env=anonymous,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode != 0 and "Unauthorized" in refused.stdout + refused.stderr
     # The driver joined the head (RAY_ADDRESS set by the job server) and started no Ray of its own.
     joined = [line for line in out.splitlines() if "joining the Ray cluster at RAY_ADDRESS=" in line]
     assert joined and joined[0].rstrip().endswith(f":{ray_head.gcs_port}"), out[-4000:]
