@@ -198,6 +198,29 @@ def plan_groups(manifest: Manifest, split: str, config: StreamConfig) -> list[St
     return groups
 
 
+def trained_ranges(manifest: Manifest, groups: list[StreamGroup]) -> dict[str, str]:
+    """What a model trained on ``groups`` has seen, as ``Lineage.extra`` strings (the names of the stats
+    block): ``energy_mev_min``/``max`` and ``theta_rad_min``/``max``, the union of the groups' detectors'
+    train-split ranges in the manifest stats, and ``particles``, the particles of the groups' shards. The
+    model card's valid ranges (``caloforge.registry.card.ranges_from_lineage``) come from these."""
+    if not groups:
+        raise ValueError("trained_ranges: no stream groups")
+    per_detector = (manifest.stats or {}).get("per_detector") or {}
+    detectors = sorted({g.detector for g in groups})
+    missing = [d for d in detectors if d not in per_detector]
+    if missing:
+        raise ValueError(f"{manifest.directory}: manifest stats have no per-detector block for {missing}")
+    blocks = [per_detector[d] for d in detectors]
+    particles = sorted({sh.particle for g in groups for sh in g.shards})
+    return {
+        "energy_mev_min": repr(float(min(b["energy_mev_min"] for b in blocks))),
+        "energy_mev_max": repr(float(max(b["energy_mev_max"] for b in blocks))),
+        "theta_rad_min": repr(float(min(b["theta_rad_min"] for b in blocks))),
+        "theta_rad_max": repr(float(max(b["theta_rad_max"] for b in blocks))),
+        "particles": ",".join(particles),
+    }
+
+
 def _seed_int(*entropy: int) -> int:
     return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0])
 
@@ -518,4 +541,4 @@ def load_split(
     )
 
 
-__all__ = ["ShowerStream", "StreamConfig", "StreamGroup", "load_split", "plan_groups"]
+__all__ = ["ShowerStream", "StreamConfig", "StreamGroup", "load_split", "plan_groups", "trained_ranges"]

@@ -44,7 +44,7 @@ from torch import nn
 from caloforge.config import from_dict
 from caloforge.datasets.batch import ShowerBatch
 from caloforge.datasets.shards import Manifest, shard_samples
-from caloforge.datasets.streaming import ShowerStream
+from caloforge.datasets.streaming import ShowerStream, trained_ranges
 from caloforge.platform.conditioning import Conditions, ConditionVocab
 from caloforge.platform.geometry import Mesh
 from caloforge.platform.shower_model import Lineage, ShowerModel
@@ -497,11 +497,13 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         detectors = tuple(payload["detectors"])
         mesh_shape = manifest.mesh_shape(detectors[0])
         vocab = ConditionVocab.create(detectors, cfg.spare_detector_slots)
-        lineage = Lineage(dataset_manifest_hash=manifest.fingerprint, extra={"run_uri": run.uri})
-        model = ShowerModel.build(cfg.model, vocab, manifest.stats["pooled"], mesh_shape, lineage=lineage)
         micro = cfg.loop.micro_batch_size(world)
         stream_cfg = dataclasses.replace(cfg.data.stream, batch_size=micro)
         stream: Any = ShowerStream(manifest.directory, stream_cfg, "train", rank, world, seed=cfg.loop.seed)
+        # The trained ranges go into the bundle's lineage: the registry's model card reads them.
+        extra = {**trained_ranges(manifest, stream.groups), "run_uri": run.uri}
+        lineage = Lineage(dataset_manifest_hash=manifest.fingerprint, extra=extra)
+        model = ShowerModel.build(cfg.model, vocab, manifest.stats["pooled"], mesh_shape, lineage=lineage)
         backend = _make_backend(cfg, device)
         if rank == 0:
             log.info(

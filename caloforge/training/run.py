@@ -41,7 +41,7 @@ from torch import nn
 
 from caloforge.config import ConfigError, dump_yaml, from_dict, read_yaml, to_dict
 from caloforge.datasets.shards import ShardConfig
-from caloforge.datasets.streaming import StreamConfig
+from caloforge.datasets.streaming import StreamConfig, trained_ranges
 from caloforge.platform.shower_model import ShowerModelConfig
 from caloforge.training.config import LoopConfig
 
@@ -435,6 +435,7 @@ def train(config: TrainConfig, run_dir: str | Path | None = None) -> TrainResult
         lineage = Lineage(
             dataset_manifest_hash=manifest.fingerprint,
             extra={
+                **trained_ranges(manifest, stream.groups),  # the model card's valid ranges
                 "run_dir": str(run_dir.resolve()),
                 "run_name": config.name,
                 "steps": str(trainer.step),

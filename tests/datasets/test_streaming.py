@@ -17,7 +17,7 @@ import torch
 from caloforge.datasets.batch import ShowerBatch
 from caloforge.datasets.formats import native
 from caloforge.datasets.shards import ShardConfig, SplitFractions, shard_samples, write_shards
-from caloforge.datasets.streaming import ShowerStream, StreamConfig, load_split, plan_groups
+from caloforge.datasets.streaming import ShowerStream, StreamConfig, load_split, plan_groups, trained_ranges
 
 SMALL_MESH = (6, 4, 3)
 
@@ -134,6 +134,33 @@ def test_explicit_mixing_weights_are_observed(shard_dir: Path) -> None:
         ("det-b", 22),
     }  # det-b e-: weight 0
     assert abs(np.mean(pdg == 22) - 0.75) < 4 * np.sqrt(0.75 * 0.25 / len(pdg))
+
+
+def test_trained_ranges_cover_the_streamed_groups_only(shard_dir: Path) -> None:
+    from caloforge.datasets.shards import Manifest
+    from caloforge.registry.card import ranges_from_lineage
+
+    manifest = Manifest.load(shard_dir)
+    stats = manifest.stats["per_detector"]
+    both = trained_ranges(manifest, plan_groups(manifest, "train", StreamConfig()))
+    assert float(both["energy_mev_min"]) == min(stats[d]["energy_mev_min"] for d in ("det-a", "det-b"))
+    assert float(both["energy_mev_max"]) == max(stats[d]["energy_mev_max"] for d in ("det-a", "det-b"))
+    assert float(both["theta_rad_max"]) == max(stats[d]["theta_rad_max"] for d in ("det-a", "det-b"))
+    assert both["particles"] == "e-,gamma"
+    # det-b's e- left out by explicit weights: det-b's ranges, and only the particle that was streamed
+    only_b_gamma = trained_ranges(
+        manifest,
+        plan_groups(manifest, "train", StreamConfig(mixing="explicit", weights={"det-b/gamma": 1.0})),
+    )
+    assert float(only_b_gamma["energy_mev_min"]) == stats["det-b"]["energy_mev_min"]
+    assert float(only_b_gamma["theta_rad_min"]) == stats["det-b"]["theta_rad_min"]
+    assert only_b_gamma["particles"] == "gamma"
+    # what the model card makes of them
+    card = ranges_from_lineage({"extra": only_b_gamma}, ("det-b",))
+    assert card.source == "lineage" and card.particles == ("gamma",)
+    assert card.energy_mev == (stats["det-b"]["energy_mev_min"], stats["det-b"]["energy_mev_max"])
+    with pytest.raises(ValueError, match="no stream groups"):
+        trained_ranges(manifest, [])
 
 
 def test_proportional_temperature_and_batch_level_mixing(shard_dir: Path) -> None:

@@ -3,7 +3,9 @@ different config, and the final bundle with its lineage (tiny simulated data, a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import yaml
 from caloforge.cli import main
 from caloforge.config import ConfigError, load_config
 from caloforge.platform.shower_model import ShowerModel
+from caloforge.registry.card import ranges_from_lineage
 from caloforge.training.hooks import read_metrics
 from caloforge.training.run import TrainConfig, load_train_config, train
 
@@ -94,6 +97,12 @@ def test_train_writes_the_run_directory_and_resumes(tmp_path, capsys) -> None:
     assert model.lineage.dataset_manifest_hash == summary["manifest_hash"]
     assert model.lineage.extra["steps"] == "4"
     assert model.vocab.detectors == ("par04-siw", "pbwo4") and model.vocab.n_detector_slots == 3
+    # the trained ranges reach the bundle (and so the model card): debug.yaml simulates e-/pi+ at
+    # 2–100 GeV, θ = 90°
+    card = ranges_from_lineage(dataclasses.asdict(model.lineage), model.vocab.detectors)
+    assert card.source == "lineage" and card.particles == ("e-", "pi+")
+    assert card.energy_mev is not None and 2e3 <= card.energy_mev[0] < card.energy_mev[1] <= 1e5
+    assert card.theta_rad == pytest.approx((math.pi / 2, math.pi / 2))
     assert "resumed" not in (run_dir / "train.log").read_text()
 
     # a second call resumes (here: a finished run) and a longer run continues from the checkpoint
