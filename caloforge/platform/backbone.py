@@ -218,6 +218,15 @@ def kinematic_features(cond: ConditionTensors, n_freq: int) -> torch.Tensor:
     return torch.cat([ang.sin(), ang.cos(), scalars], dim=-1)
 
 
+def xavier_init_linears(module: nn.Module, gen: torch.Generator) -> None:
+    """Xavier-uniform weights and zero biases for every ``nn.Linear`` in ``module`` (module order), drawn
+    from ``gen``: the common first step of the DiT initialisation, shared by the layer-energy head."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.xavier_uniform_(sub.weight, generator=gen)
+            nn.init.zeros_(sub.bias)
+
+
 def modulate(x_BTD: torch.Tensor, shift_BD: torch.Tensor, scale_BD: torch.Tensor) -> torch.Tensor:
     return x_BTD * (1 + scale_BD[:, None, :]) + shift_BD[:, None, :]
 
@@ -344,10 +353,7 @@ class ShowerDiT(nn.Module):
         """DiT initialisation (xavier-uniform linears, N(0, 0.02) embeddings and timestep MLP, zero adaLN
         modulation and output layer), drawn from ``torch.Generator().manual_seed(seed)``."""
         gen = torch.Generator().manual_seed(int(seed))
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight, generator=gen)
-                nn.init.zeros_(module.bias)
+        xavier_init_linears(self, gen)
         for emb in (self.particle_embed, self.detector_embed):
             nn.init.normal_(emb.weight, std=0.02, generator=gen)
         for lin in (self.t_embedder.fc1, self.t_embedder.fc2):

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caloforge.platform.backbone import TIME_FREQ_DIM, timestep_features
+from caloforge.platform.backbone import TIME_FREQ_DIM, timestep_features, xavier_init_linears
 from caloforge.platform.denoisers import NOISE_LABEL_SCALE
 from caloforge.platform.samplers import SAMPLERS
 
@@ -182,10 +182,7 @@ class LayerEnergyFlow(nn.Module):
     def reset_parameters(self, seed: int = 0) -> None:
         """Xavier-uniform linears from ``torch.Generator().manual_seed(seed)``; zero FiLM and output."""
         gen = torch.Generator().manual_seed(int(seed))
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight, generator=gen)
-                nn.init.zeros_(module.bias)
+        xavier_init_linears(self, gen)
         for lin in (self.time_fc1, self.time_fc2):
             nn.init.normal_(lin.weight, std=0.02, generator=gen)
         for block in self.blocks:
