@@ -46,7 +46,7 @@ CALODIT2_CPU_MS = 101.0  # one-step CaloDiT-2, CPU, 1 thread, batch 1 (backgroun
 
 
 def build(size: str, sampler: str, steps: int, stats: dict) -> ShowerModel:
-    cfg = ShowerModelConfig(backbone=size, objective="edm", sampler=sampler, num_steps=steps)
+    cfg = ShowerModelConfig(backbone=size, parametrisation="edm", sampler=sampler, num_steps=steps)
     return ShowerModel.build(cfg, ConditionVocab.create(DETECTORS), stats, MESH).eval()
 
 

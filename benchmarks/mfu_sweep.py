@@ -91,7 +91,7 @@ def raw_throughput(args: argparse.Namespace, device: torch.device) -> dict[str, 
     from caloforge.datasets.stats import compute_stats
     from caloforge.platform.backbone import forward_flops
     from caloforge.platform.conditioning import ConditionVocab
-    from caloforge.platform.objectives import OBJECTIVES
+    from caloforge.platform.objectives import make_objective
     from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig
     from caloforge.training.config import OptimConfig
     from caloforge.training.optim import build_optimizer
@@ -99,7 +99,9 @@ def raw_throughput(args: argparse.Namespace, device: torch.device) -> dict[str, 
     gpu = device.type == "cuda"
     showers, cond, detectors = ps._synthetic(args.batch)
     residual_stream = getattr(args, "residual_stream", "fp32")
-    cfg = ShowerModelConfig(backbone=args.engine_model, objective="edm", residual_stream=residual_stream)
+    cfg = ShowerModelConfig(
+        backbone=args.engine_model, parametrisation="edm", residual_stream=residual_stream
+    )
     vocab = ConditionVocab.create(detectors)
     model = ShowerModel.build(cfg, vocab, compute_stats(showers, cond.energy_mev, cond.theta_rad), ps.MESH)
     model.to(device).train()
@@ -113,7 +115,7 @@ def raw_throughput(args: argparse.Namespace, device: torch.device) -> dict[str, 
 
     def step() -> None:
         with torch.autocast(device.type, dtype=precision, enabled=gpu):
-            loss = OBJECTIVES["edm"](model, x1, ct, gen).mean()
+            loss = make_objective("edm")(model, x1, ct, gen).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -32,13 +32,13 @@ from common import DETECTORS, MESH, git_commit, synthetic, write_results
 from caloforge.datasets.stats import compute_stats
 from caloforge.platform.backbone import BACKBONE_FLAVORS, count_parameters, forward_flops
 from caloforge.platform.conditioning import ConditionVocab
-from caloforge.platform.objectives import OBJECTIVES
+from caloforge.platform.objectives import OBJECTIVES, make_objective
 from caloforge.platform.samplers import SAMPLERS
 from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig
 
 
 def build(flavor: str, objective: str, stats: dict, device: torch.device) -> ShowerModel:
-    cfg = ShowerModelConfig(backbone=flavor, objective=objective)
+    cfg = ShowerModelConfig(backbone=flavor, parametrisation=objective)
     return ShowerModel.build(cfg, ConditionVocab.create(DETECTORS), stats, MESH).to(device)
 
 
@@ -86,7 +86,7 @@ def time_training(model: ShowerModel, objective: str, batch: int, iters: int, pr
 
     def step() -> None:
         with autocast(device, precision):
-            loss_B = OBJECTIVES[objective](model, x1, ct, gen)
+            loss_B = make_objective(objective)(model, x1, ct, gen)
             if model.has_energy_head:
                 loss_B = loss_B + weight * model.energy_loss(showers_t, ct, gen)
             loss = loss_B.mean()

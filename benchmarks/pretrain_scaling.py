@@ -71,7 +71,9 @@ def _run_config(args: argparse.Namespace, workers: int, storage: Path, gpu: bool
             },
             "stream": {"shuffle_buffer": 64},
         },
-        "model": {"backbone": "S", "objective": "edm"} if gpu else {"backbone": "debug", "objective": "edm"},
+        "model": {"backbone": "S", "parametrisation": "edm"}
+        if gpu
+        else {"backbone": "debug", "parametrisation": "edm"},
         "loop": {
             "steps": args.steps,
             "batch_size": micro * workers,
@@ -345,7 +347,7 @@ def engine_throughput(
         peak = peak or peak_matmul_flops(device, torch.float32, 1024, 10)
     showers, cond, detectors = _synthetic(args.batch * 4)
     model_cfg = ShowerModelConfig(
-        backbone=args.engine_model, objective="edm", residual_stream=residual_stream
+        backbone=args.engine_model, parametrisation="edm", residual_stream=residual_stream
     )
     model = ShowerModel.build(
         model_cfg,

@@ -146,14 +146,32 @@ def read_bundle_config(directory: str | Path) -> dict[str, Any]:
     return data
 
 
+def migrate_model_config(model_config: dict[str, Any], schema_version: int) -> dict[str, Any]:
+    """A ``model_config`` of an older bundle in today's terms (a copy; today's is returned unchanged).
+
+    - v1 bundles predate the layer-energy head: ``layer_energy.enabled = false``;
+    - v1/v2 bundles name the training objective (``objective``) where the model now records its
+      parametrisation (same names: ``edm`` and ``flow_matching`` are both), and keep the objective's
+      options in the model config: ``edm.p_mean``/``edm.p_std`` and the ``flow_matching`` block move out
+      (they describe how the weights were trained, not what they compute).
+    """
+    out = dict(model_config)
+    if schema_version < 2 and "layer_energy" not in out:
+        out["layer_energy"] = {"enabled": False}
+    if "objective" in out and "parametrisation" not in out:
+        out["parametrisation"] = out.pop("objective")
+    out.pop("flow_matching", None)
+    if isinstance(out.get("edm"), dict):
+        out["edm"] = {k: v for k, v in out["edm"].items() if k not in ("p_mean", "p_std")}
+    return out
+
+
 def load_bundle(directory: str | Path, device: torch.device | str = "cpu") -> ShowerModel:
     """Rebuild a ``ShowerModel`` from a bundle (eval mode, on ``device``)."""
     directory = Path(directory)
     data = read_bundle_config(directory)
     cfg_path = directory / CONFIG_FILE
-    model_config = dict(data["model_config"])
-    if data["schema_version"] < 2 and "layer_energy" not in model_config:
-        model_config["layer_energy"] = {"enabled": False}  # v1 bundles have no layer-energy head
+    model_config = migrate_model_config(data["model_config"], data["schema_version"])
     config = from_dict(ShowerModelConfig, model_config, f"{cfg_path}: model_config")
     try:
         vocab = ConditionVocab.from_dict(data["vocab"])
@@ -199,6 +217,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "bundle_config",
     "load_bundle",
+    "migrate_model_config",
     "read_bundle_config",
     "save_bundle",
 ]

@@ -29,6 +29,8 @@ Shape legend: B batch, Z layers, P angular bins, R radial bins, T tokens, C coor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -36,6 +38,26 @@ from caloforge.platform.backbone import ShowerDiT
 from caloforge.platform.conditioning import ConditionTensors
 
 NOISE_LABEL_SCALE = 1000.0
+
+
+@dataclass(frozen=True)
+class EDMPrecondConfig:
+    """The model-side EDM settings (``ShowerModelConfig.edm``): the preconditioning's σ_data and the
+    sampling grid (σ_min, σ_max, ρ). The training noise distribution is the objective's
+    (``objectives.EDMLossConfig``)."""
+
+    sigma_data: float = 0.5
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+
+    def __post_init__(self) -> None:
+        if not self.sigma_data > 0:
+            raise ValueError(f"edm.sigma_data must be > 0, got {self.sigma_data}")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"edm: need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+        if not self.rho > 0:
+            raise ValueError(f"edm.rho must be > 0, got {self.rho}")
 
 
 def as_batch_time(t: torch.Tensor | float, x_BZPR: torch.Tensor) -> torch.Tensor:
@@ -69,6 +91,12 @@ class Denoiser(nn.Module):
     def __init__(self, net: ShowerDiT) -> None:
         super().__init__()
         self.net = net
+
+    @classmethod
+    def from_config(cls, net: ShowerDiT, edm: EDMPrecondConfig) -> Denoiser:
+        """The denoiser of a ``ShowerModelConfig`` (``parametrisation`` picks the class; kinds without
+        options ignore ``edm``)."""
+        return cls(net)
 
     def forward(
         self,
@@ -155,14 +183,13 @@ class EDMDenoiser(Denoiser):
         super().__init__(net)
         self.configure(sigma_data, sigma_min, sigma_max, rho)
 
+    @classmethod
+    def from_config(cls, net: ShowerDiT, edm: EDMPrecondConfig) -> EDMDenoiser:
+        return cls(net, edm.sigma_data, edm.sigma_min, edm.sigma_max, edm.rho)
+
     def configure(self, sigma_data: float, sigma_min: float, sigma_max: float, rho: float) -> None:
         """Set σ_data (preconditioning) and the sampling grid (σ_min, σ_max, ρ)."""
-        if not sigma_data > 0:
-            raise ValueError(f"edm.sigma_data must be > 0, got {sigma_data}")
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"edm: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-        if not rho > 0:
-            raise ValueError(f"edm.rho must be > 0, got {rho}")
+        EDMPrecondConfig(sigma_data, sigma_min, sigma_max, rho)  # validates
         self.sigma_data = float(sigma_data)
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
@@ -225,9 +252,19 @@ class EDMDenoiser(Denoiser):
         return (sigma_B**2 + self.sigma_data**2) / (sigma_B * self.sigma_data) ** 2
 
 
+# The parametrisations a ShowerModel can have (``ShowerModelConfig.parametrisation``): what the network
+# output means. A new one (e.g. a consistency parametrisation with its boundary condition) is one entry.
 DENOISERS: dict[str, type[Denoiser]] = {
     "flow_matching": FlowMatchingDenoiser,
     "edm": EDMDenoiser,
 }
 
-__all__ = ["DENOISERS", "Denoiser", "EDMDenoiser", "FlowMatchingDenoiser", "as_batch_time", "edm_sigma_grid"]
+__all__ = [
+    "DENOISERS",
+    "Denoiser",
+    "EDMDenoiser",
+    "EDMPrecondConfig",
+    "FlowMatchingDenoiser",
+    "as_batch_time",
+    "edm_sigma_grid",
+]

@@ -17,7 +17,8 @@ per-shower seeds as EDM's ``StackedRandomGenerator``):
 
 ``generate(conditions, ...)`` chains them in batches and returns float32 numpy (N, n_z, n_phi, n_r) in MeV.
 ``forward(x_t_BZPR, t_B, cond)`` is the training-time network call used by the objectives (so DDP/DeepSpeed
-wrappers see it): flow matching returns the velocity, EDM the denoised D(x; σ) with t = σ.
+wrappers see it); what it returns is the model's *parametrisation*: ``flow_matching`` the velocity, ``edm``
+the denoised D(x; σ) with t = σ. Which objective trains it is the training job's choice.
 
 Shape legend: N showers, B batch, Z layers, P angular bins, R radial bins, T tokens, C coordinates.
 """
@@ -25,6 +26,7 @@ Shape legend: N showers, B batch, Z layers, P angular bins, R radial bins, T tok
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,7 +45,7 @@ from caloforge.platform.backbone import (
     patch_coordinates,
 )
 from caloforge.platform.conditioning import Conditions, ConditionTensors, ConditionVocab
-from caloforge.platform.denoisers import Denoiser, EDMDenoiser, FlowMatchingDenoiser
+from caloforge.platform.denoisers import DENOISERS, Denoiser, EDMPrecondConfig
 from caloforge.platform.energy import (
     LayerEnergyConfig,
     LayerEnergyFlow,
@@ -53,7 +55,6 @@ from caloforge.platform.energy import (
     rescale_layers,
 )
 from caloforge.platform.geometry import Mesh
-from caloforge.platform.objectives import OBJECTIVES, EDMConfig, FlowMatchingConfig
 from caloforge.platform.samplers import SAMPLERS, get_sampler
 from caloforge.platform.transforms import (
     CALOCHALLENGE_THRESHOLD_MEV,
@@ -73,8 +74,11 @@ class ShowerModelConfig:
     """Everything needed to rebuild a ShowerModel's architecture (weights come from the state dict).
 
     ``backbone``: a flavour name of ``BACKBONE_FLAVORS`` or an explicit ``BackboneConfig``;
-    ``patch_size`` overrides the backbone's patch (None: keep it). ``objective``: a key of ``OBJECTIVES``
-    (it also selects the denoiser); its options live in ``flow_matching`` / ``edm``. ``transform``: a key of
+    ``patch_size`` overrides the backbone's patch (None: keep it). ``parametrisation``: what the network
+    output means, a key of ``denoisers.DENOISERS`` (``edm``: the preconditioned denoiser D(x; σ);
+    ``flow_matching``: the velocity); ``edm``: the EDM preconditioning and sampling grid (used by the
+    ``edm`` parametrisation). How the weights are trained (the objective and its options) is the training
+    job's choice, recorded in the lineage, not part of the model. ``transform``: a key of
     ``TRANSFORMS``; ``threshold_mev``: readout threshold (calibrated MeV) applied by the transform.
     ``sampler`` / ``num_steps``: generation defaults. ``init_seed``: weight initialisation seed.
     ``layer_energy``: the layer-energy head (``caloforge.platform.energy``; on by default).
@@ -86,9 +90,8 @@ class ShowerModelConfig:
 
     backbone: str | BackboneConfig = "S"
     patch_size: tuple[int, int, int] | None = None
-    objective: str = "edm"
-    flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
-    edm: EDMConfig = field(default_factory=EDMConfig)
+    parametrisation: str = "edm"
+    edm: EDMPrecondConfig = field(default_factory=EDMPrecondConfig)
     transform: str = "log_standardize"
     threshold_mev: float = CALOCHALLENGE_THRESHOLD_MEV
     sampler: str = "heun"
@@ -104,8 +107,10 @@ class ShowerModelConfig:
             )
         if self.patch_size is not None:
             backbone_config(self.backbone, self.patch_size)  # validates the patch
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective: unknown {self.objective!r} (known: {sorted(OBJECTIVES)})")
+        if self.parametrisation not in DENOISERS:
+            raise ValueError(
+                f"parametrisation: unknown {self.parametrisation!r} (known: {sorted(DENOISERS)})"
+            )
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform: unknown {self.transform!r} (known: {sorted(TRANSFORMS)})")
         if self.sampler not in SAMPLERS:
@@ -176,11 +181,8 @@ def seeded_noise(
 
 
 def make_denoiser(config: ShowerModelConfig, net: ShowerDiT) -> Denoiser:
-    if config.objective == "edm":
-        e = config.edm
-        return EDMDenoiser(net, e.sigma_data, e.sigma_min, e.sigma_max, e.rho)
-    assert config.objective == "flow_matching", config.objective
-    return FlowMatchingDenoiser(net)
+    """The denoiser of ``config.parametrisation`` (``DENOISERS``) around ``net``."""
+    return DENOISERS[config.parametrisation].from_config(net, config.edm)
 
 
 class ShowerModel(nn.Module):
@@ -282,31 +284,20 @@ class ShowerModel(nn.Module):
     def config(self) -> ShowerModelConfig:
         return self._config
 
-    @config.setter
-    def config(self, value: ShowerModelConfig) -> None:
-        """Replace the config (e.g. objective options chosen at training time). Fields that define the
-        architecture or the fitted transform must not change; EDM σ settings propagate to the denoiser."""
-        if not isinstance(value, ShowerModelConfig):
-            raise ValueError(f"config must be a ShowerModelConfig, got {type(value).__name__}")
-        old = self._config
-        fixed = {
-            "backbone": (old.backbone_config(), value.backbone_config()),
-            "objective": (old.objective, value.objective),
-            "transform": (old.transform, value.transform),
-            "threshold_mev": (old.threshold_mev, value.threshold_mev),
-            "layer_energy.enabled/width/depth": (
-                (old.layer_energy.enabled, old.layer_energy.width, old.layer_energy.depth),
-                (value.layer_energy.enabled, value.layer_energy.width, value.layer_energy.depth),
-            ),
-        }
-        changed = sorted(name for name, (a, b) in fixed.items() if a != b)
-        if changed:
-            raise ValueError(f"config: {changed} cannot change on a built model (build a new one)")
-        if isinstance(self.denoiser, EDMDenoiser):
-            e = value.edm
-            self.denoiser.configure(e.sigma_data, e.sigma_min, e.sigma_max, e.rho)
-        self.network.autocast_stream = value.residual_stream == "autocast"
-        self._config = value
+    def set_sampling_defaults(self, sampler: str | None = None, num_steps: int | None = None) -> None:
+        """Change the default sampler and/or step count (what ``generate`` and the export use); the
+        weights' meaning does not change."""
+        changes: dict[str, Any] = {}
+        if sampler is not None:
+            changes["sampler"] = sampler
+        if num_steps is not None:
+            changes["num_steps"] = num_steps
+        self._config = dataclasses.replace(self._config, **changes)  # validated by __post_init__
+
+    def set_residual_stream(self, mode: Literal["fp32", "autocast"]) -> None:
+        """Switch the backbone's residual stream under autocast (a numerics choice, see the config)."""
+        self._config = dataclasses.replace(self._config, residual_stream=mode)
+        self.network.autocast_stream = mode == "autocast"
 
     @property
     def network(self) -> ShowerDiT:
@@ -334,7 +325,7 @@ class ShowerModel(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"objective={self.config.objective}, mesh={self.mesh_shape}, "
+            f"parametrisation={self.config.parametrisation}, mesh={self.mesh_shape}, "
             f"detectors={list(self.vocab.detectors)}/{self.vocab.n_detector_slots}, "
             f"sampler={self.config.sampler}×{self.config.num_steps}, "
             f"layer_energy={'on' if self.has_energy_head else 'off'}"

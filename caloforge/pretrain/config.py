@@ -1,8 +1,9 @@
 """The pretraining job config (``configs/pretrain/*.yaml``) and its driver-side validation.
 
 ``PretrainConfig`` is one frozen dataclass loaded strictly through ``caloforge.config``: the model
-(``ShowerModelConfig``), the data (a shard set plus how to stream and mix it), the loop (``LoopConfig``:
-steps, global batch, accumulation, optimizer, schedule, EMA), the engine (DeepSpeed ZeRO stage or plain DDP),
+(``ShowerModelConfig``), the objective that trains it (``ObjectiveConfig``), the data (a shard set plus how
+to stream and mix it), the loop (``LoopConfig``: steps, global batch, accumulation, optimizer, schedule,
+EMA), the engine (DeepSpeed ZeRO stage or plain DDP),
 the cluster (Ray Train scaling, storage, failure/checkpoint policy), quick validation, MLflow tracking and the
 test-only fault injection. Field checks live in ``__post_init__``; everything that needs files or the machine
 (the shard manifest, the mixing detectors, the mesh, GPUs) is checked by :func:`validate_pretrain_config`,
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from caloforge.datasets.streaming import StreamConfig
+from caloforge.platform.objectives import ObjectiveConfig, make_objective
 from caloforge.platform.shower_model import ShowerModelConfig
 from caloforge.training.config import LoopConfig
 from caloforge.training.run import SimulateConfig
@@ -189,6 +191,7 @@ class PretrainConfig:
     data: PretrainDataConfig
     name: str = "pretrain"  # default run name (``--run-name`` overrides)
     model: ShowerModelConfig = field(default_factory=ShowerModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     detectors: tuple[str, ...] = ()  # the model's vocabulary, in slot order (default: the data's detectors)
     spare_detector_slots: int = 4  # embedding rows kept free for detectors added by adaptation
     loop: LoopConfig = field(default_factory=LoopConfig)
@@ -201,6 +204,7 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if self.spare_detector_slots < 0:
             raise ValueError(f"spare_detector_slots must be >= 0, got {self.spare_detector_slots}")
+        make_objective(self.objective, self.model.parametrisation)  # the pairing, before any worker starts
         if len(set(self.detectors)) != len(self.detectors):
             raise ValueError(f"detectors: duplicate names in {list(self.detectors)}")
         if self.engine.find_unused_parameters and self.model.layer_energy.enabled:

@@ -88,7 +88,7 @@ class BundleInfo:
     n_detector_slots: int
     mesh_shape: tuple[int, int, int]
     r_edges_mm: tuple[float, ...]
-    objective: str
+    parametrisation: str
     backbone: Any
     transform: str
     sampler: str
@@ -146,7 +146,7 @@ class BundleInfo:
             "detectors": list(self.detectors),
             "detector_index": {d: i for i, d in enumerate(self.detectors)},
             "n_detector_slots": self.n_detector_slots,
-            "objective": self.objective,
+            "parametrisation": self.parametrisation,
             "backbone": backbone,
             "transform": self.transform,
             "sampler": self.sampler,
@@ -200,7 +200,7 @@ def _summarise(directory: Path, config: dict[str, Any], model: ShowerModel) -> B
         n_detector_slots=int(model.vocab.n_detector_slots),
         mesh_shape=tuple(int(v) for v in model.mesh_shape),  # type: ignore[arg-type]
         r_edges_mm=tuple(float(r) for r in model.mesh.r_edges_mm),
-        objective=mc.objective,
+        parametrisation=mc.parametrisation,
         backbone=backbone,
         transform=mc.transform,
         sampler=mc.sampler,

@@ -9,7 +9,8 @@ first and the last step) it holds ``loss``, ``grad_norm``, ``lr``, ``samples_per
 (e.g. ``eval/…``) that hooks later in the list see.
 
 Built-ins: :class:`ConsoleProgress` (tqdm on rank 0), :class:`MetricsWriter` (``metrics.jsonl``),
-:class:`PeriodicCheckpoint`, :class:`PeriodicEval` (runs a callback on the EMA weights).
+:class:`PeriodicEval` (runs a callback on the EMA weights). Periodic checkpoints are the loop's own
+(``loop.checkpoint_every``), saved after the step's hooks with the step's metrics.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ __all__ = [
     "Hook",
     "HookProtocol",
     "MetricsWriter",
-    "PeriodicCheckpoint",
     "PeriodicEval",
     "read_metrics",
 ]
@@ -178,23 +178,6 @@ def read_metrics(path: Path) -> list[dict]:
                 break
             raise ValueError(f"{path}:{i + 1}: not a JSON line") from None
     return rows
-
-
-class PeriodicCheckpoint(Hook):
-    """Save a checkpoint every ``every`` steps (all ranks take part). The loop also saves at the end."""
-
-    def __init__(self, every: int) -> None:
-        if every < 1:
-            raise ValueError(f"checkpoint every must be >= 1, got {every}")
-        self.every = every
-        self._trainer: Trainer | None = None
-
-    def on_train_start(self, trainer: Trainer) -> None:
-        self._trainer = trainer
-
-    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
-        if self._trainer is not None and step % self.every == 0 and step < self._trainer.config.steps:
-            self._trainer.save_checkpoint()
 
 
 class PeriodicEval(Hook):

@@ -5,10 +5,13 @@ outside (a :class:`~caloforge.training.backend.Backend` and hooks).
 One optimizer step = ``grad_accum`` micro-batches of ``config.micro_batch_size(world_size)`` showers per
 rank (the global batch is ``config.batch_size``). Per micro-batch the loop re-seeds its own
 ``torch.Generator`` from ``(seed, purpose, rank, step, micro)`` and calls
-``loss_fn(backend.module, batch, generator) -> loss_B``; so the noise of step ``s`` does not depend on how
-the run was split into resumed pieces. After each update it folds the weights into the EMA and calls the
-hooks. ``fit()`` first resumes from ``<run_dir>/checkpoints/latest`` when it exists (a fresh run is a
-resume from nothing) and saves a checkpoint when it stops.
+``loss_fn(backend.module, batch, generator, ctx) -> loss_B`` with a
+:class:`~caloforge.platform.objectives.LossContext` (step, device, target network, frozen teacher); so the
+noise of step ``s`` does not depend on how the run was split into resumed pieces. After each update it
+folds the weights into the EMA (and the target network, when the job keeps one) and calls the hooks.
+``fit()`` first resumes from the checkpoint manager's latest checkpoint when there is one (a fresh run is a
+resume from nothing) and saves a checkpoint when it stops; the latest log-step metrics go to the manager
+with every save.
 """
 
 from __future__ import annotations
@@ -27,18 +30,20 @@ import torch
 from torch import nn
 
 from caloforge.config import to_dict
+from caloforge.platform.objectives import LossContext
 from caloforge.training.backend import Backend, StepInfo
 from caloforge.training.config import LoopConfig
 from caloforge.training.ema import EMA
-from caloforge.training.hooks import HookProtocol, PeriodicCheckpoint
+from caloforge.training.hooks import HookProtocol
 from caloforge.training.state import CheckpointManager, TrainState, capture_rng, restore_rng
+from caloforge.training.target import TargetNetwork
 
 __all__ = ["SEED_PURPOSE_LOSS", "FitResult", "LossFn", "Trainer", "derive_seed"]
 
 log = logging.getLogger("caloforge.training")
 
-LossFn = Callable[[nn.Module, Any, torch.Generator], torch.Tensor]
-"""``loss_fn(module, batch, generator) -> loss_B``: per-sample losses of one micro-batch."""
+LossFn = Callable[[nn.Module, Any, torch.Generator, LossContext], torch.Tensor]
+"""``loss_fn(module, batch, generator, ctx) -> loss_B``: per-sample losses of one micro-batch."""
 
 SEED_PURPOSE_LOSS = 1  # the loss_fn's generator (noise levels, noise, couplings)
 
@@ -58,7 +63,7 @@ class FitResult:
     step: int  # optimizer steps done in total (including resumed ones)
     metrics: dict[str, float]  # the last log-step metrics of this call (empty if no step ran)
     history: list[dict] = field(default_factory=list)  # every log-step row of this call: {"step": s, ...}
-    checkpoint: Path | None = None  # the checkpoint saved at the end (None without run_dir)
+    checkpoint: Path | None = None  # the checkpoint saved at the end (None without a checkpoint manager)
     resumed_from: Path | None = None  # the checkpoint this run resumed from
 
 
@@ -67,17 +72,24 @@ class Trainer:
 
     Args:
         model: the (unwrapped) model; the backend places and wraps it.
-        loss_fn: ``(module, batch, generator) -> loss_B`` (``module`` is ``backend.module``; batches arrive
-            as the stream yields them, on the CPU; the loss_fn moves what it needs to the module's device).
+        loss_fn: ``(module, batch, generator, ctx) -> loss_B`` (``module`` is ``backend.module``; batches
+            arrive as the stream yields them, on the CPU; the loss_fn moves what it needs to the module's
+            device; ``ctx`` is the step's ``LossContext``).
         backend: a fresh :class:`Backend` (``setup`` is called here).
         stream: an iterable of micro-batches of exactly ``config.micro_batch_size(world_size)`` samples
             (infinite for training); with ``state_dict()/load_state_dict()`` when checkpoints are written.
         config: the loop configuration.
         hooks: called in order on every rank (see ``training/hooks.py``).
-        run_dir: where checkpoints live (``run_dir/checkpoints``); ``None``: no checkpoints, no resume.
+        checkpoints: where checkpoints are saved and found (``CheckpointManager`` or the pretraining's Ray
+            manager); ``None``: no checkpoints, no resume. With a manager the loop saves every
+            ``config.checkpoint_every`` updates (after the step's hooks, so the saved metrics include
+            what they added) and when it stops.
         trainable: parameters to optimise (default: all with ``requires_grad``); adaptation passes LoRA or
             embedding parameters here.
-        keep_last: committed checkpoints to keep.
+        teacher: a frozen model for distillation objectives (moved to the backend's device, eval mode,
+            no gradients), handed to the loss as ``ctx.teacher``.
+        target_decay: keep a target network θ⁻ with this EMA decay (``training/target.py``), handed to the
+            loss as ``ctx.target``; ``None``: none.
     """
 
     def __init__(
@@ -88,10 +100,11 @@ class Trainer:
         stream: Iterable[Any],
         config: LoopConfig,
         hooks: Sequence[HookProtocol] = (),
-        run_dir: str | Path | None = None,
+        checkpoints: CheckpointManager | None = None,
         *,
         trainable: list[nn.Parameter] | None = None,
-        keep_last: int = 3,
+        teacher: nn.Module | None = None,
+        target_decay: float | None = None,
     ) -> None:
         if config.seed < 0:
             raise ValueError(f"seed must be >= 0, got {config.seed}")
@@ -99,26 +112,27 @@ class Trainer:
         self.loss_fn = loss_fn
         self.backend = backend
         self.stream = stream
-        self.run_dir = Path(run_dir) if run_dir is not None else None
         backend.setup(model, config, trainable)
         self.micro_batch_size = config.micro_batch_size(backend.world_size)
         self.ema = EMA(backend.model, config.ema, trainable) if config.ema.enabled else None
+        self.target = TargetNetwork(backend.model, target_decay) if target_decay is not None else None
+        self.teacher = (
+            teacher.to(backend.device).eval().requires_grad_(False) if teacher is not None else None
+        )
         self.generator = torch.Generator(device=backend.device)
         self.step = 0
         self.samples_seen = 0
         self.skipped_updates = 0
         self._skipped_pending: list[bool | torch.Tensor] = []  # StepInfo.skipped since the last flush
-        self.checkpoints: CheckpointManager | None = None
+        self.checkpoints = checkpoints
         self.hooks: list[HookProtocol] = list(hooks)
-        if self.run_dir is not None:
-            if not (hasattr(stream, "state_dict") and hasattr(stream, "load_state_dict")):
-                raise ValueError(
-                    f"stream {type(stream).__name__} has no state_dict()/load_state_dict(): it cannot be "
-                    "checkpointed (pass run_dir=None to train without checkpoints)"
-                )
-            self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last)
-            if config.checkpoint_every and not any(isinstance(h, PeriodicCheckpoint) for h in self.hooks):
-                self.hooks.insert(0, PeriodicCheckpoint(config.checkpoint_every))
+        self.last_metrics: dict[str, float] = {}  # the latest log-step metrics (saved with checkpoints)
+        checkpointable = hasattr(stream, "state_dict") and hasattr(stream, "load_state_dict")
+        if checkpoints is not None and not checkpointable:
+            raise ValueError(
+                f"stream {type(stream).__name__} has no state_dict()/load_state_dict(): it cannot be "
+                "checkpointed (pass checkpoints=None to train without checkpoints)"
+            )
         self.resumed_from: Path | None = None
         self._restored = False
         self._iterator: Iterator[Any] | None = None
@@ -157,6 +171,7 @@ class Trainer:
                 "samples_seen": self.samples_seen,
                 "skipped_updates": self.skipped_updates,
                 "loop_config": to_dict(self.config),
+                **({"target": self.target.state_dict()} if self.target is not None else {}),
             },
         )
 
@@ -173,6 +188,12 @@ class Trainer:
             if state.ema is None:
                 raise ValueError("checkpoint has no EMA state but this run keeps an EMA (ema.enabled)")
             self.ema.load_state_dict(state.ema)
+        if (self.target is not None) != ("target" in state.extra):
+            has = "has" if "target" in state.extra else "has no"
+            keeps = "keeps one" if self.target is not None else "keeps none"
+            raise ValueError(f"checkpoint {has} target network but this run {keeps} (target_decay)")
+        if self.target is not None:
+            self.target.load_state_dict(state.extra["target"])
         if state.stream is not None:
             self.stream.load_state_dict(state.stream)  # type: ignore[attr-defined]
         self._iterator = None
@@ -186,8 +207,8 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Save model, optimizer, scheduler, EMA, stream position and RNG states atomically (all ranks)."""
         if self.checkpoints is None:
-            raise ValueError("save_checkpoint needs a run_dir")
-        path = self.checkpoints.save(self.step, self.backend, self.train_state())
+            raise ValueError("save_checkpoint needs a checkpoint manager")
+        path = self.checkpoints.save(self.step, self.backend, self.train_state(), self.last_metrics)
         self._last_saved_step = self.step
         if self.backend.is_main:
             log.info("saved checkpoint %s", path)
@@ -196,7 +217,7 @@ class Trainer:
         return path
 
     def restore(self, path: str | Path | None = None) -> Path | None:
-        """Resume from ``path`` (default: ``run_dir/checkpoints/latest`` if present); returns that path."""
+        """Resume from ``path`` (default: the checkpoint manager's latest, if any); returns that path."""
         self._restored = True
         if path is None:
             if self.checkpoints is None:
@@ -259,9 +280,15 @@ class Trainer:
             )
         return batch
 
+    def loss_context(self) -> LossContext:
+        """The :class:`LossContext` of the update being computed."""
+        target = self.target.module if self.target is not None else None
+        return LossContext(step=self.step, device=self.backend.device, target=target, teacher=self.teacher)
+
     def _train_step(self) -> tuple[torch.Tensor, StepInfo]:
         """One optimizer update; returns the mean micro-batch loss (a device scalar) and the StepInfo."""
         backend = self.backend
+        ctx = self.loss_context()
         info: StepInfo | None = None
         loss_sum = torch.zeros((), device=backend.device)
         for micro in range(self.config.grad_accum):
@@ -270,7 +297,7 @@ class Trainer:
                 derive_seed(self.config.seed, SEED_PURPOSE_LOSS, backend.rank, self.step, micro)
             )
             with backend.autocast(), backend.accumulate():
-                loss_B = self.loss_fn(backend.module, batch, self.generator)
+                loss_B = self.loss_fn(backend.module, batch, self.generator, ctx)
             if not isinstance(loss_B, torch.Tensor) or loss_B.shape != (self.micro_batch_size,):
                 raise ValueError(
                     f"loss_fn must return per-sample losses of shape ({self.micro_batch_size},), got "
@@ -290,7 +317,7 @@ class Trainer:
     def fit(self, max_steps: int | None = None) -> FitResult:
         """Train until ``config.steps`` (or ``max_steps`` total steps, for splitting a run), resuming first.
 
-        Returns the :class:`FitResult`; with a ``run_dir`` a checkpoint is saved at the stop.
+        Returns the :class:`FitResult`; with a checkpoint manager a checkpoint is saved at the stop.
         """
         if max_steps is not None and max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {max_steps}")
@@ -316,6 +343,8 @@ class Trainer:
             self._skipped_pending.append(info.skipped)
             if self.ema is not None:
                 ema_decay = self.ema.update(backend.model)
+            if self.target is not None:
+                self.target.update(backend.model)
             window_loss += step_loss
             window_steps += 1
             metrics: dict[str, float] = {}
@@ -342,8 +371,12 @@ class Trainer:
             for hook in self.hooks:
                 hook.on_step_end(self.step, metrics)
             if metrics:
+                self.last_metrics = dict(metrics)  # after the hooks: it includes what they added
                 last = metrics
                 history.append({"step": self.step, **metrics})
+            every = self.config.checkpoint_every
+            if self.checkpoints is not None and every and self.step % every == 0 and self.step < target:
+                self.save_checkpoint()
 
         checkpoint = None
         if self.checkpoints is not None:

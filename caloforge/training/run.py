@@ -22,7 +22,6 @@ checkpoint (a finished run only rewrites its bundle and summary).
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import importlib.metadata
 import json
 import logging
@@ -41,7 +40,8 @@ from torch import nn
 
 from caloforge.config import ConfigError, dump_yaml, from_dict, read_yaml, to_dict
 from caloforge.datasets.shards import ShardConfig
-from caloforge.datasets.streaming import StreamConfig, trained_ranges
+from caloforge.datasets.streaming import StreamConfig
+from caloforge.platform.objectives import ObjectiveConfig, make_objective
 from caloforge.platform.shower_model import ShowerModelConfig
 from caloforge.training.config import LoopConfig
 
@@ -140,6 +140,7 @@ class TrainConfig:
     data: DataConfig
     name: str = "train"  # default run directory: $CALOFORGE_HOME/runs/<name>
     model: ShowerModelConfig = field(default_factory=ShowerModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -154,6 +155,8 @@ class TrainConfig:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads must be >= 0 (0: torch's default), got {self.torch_threads}")
+        self.objective.resolve_name(self.model.parametrisation)
+        make_objective(self.objective, self.model.parametrisation)  # the pairing, before any work
         micro = self.loop.micro_batch_size(1)
         given = self.data.stream.batch_size
         if given not in (micro, StreamConfig().batch_size):
@@ -243,34 +246,14 @@ def prepare_data(config: TrainConfig, run_dir: Path) -> Path:
 
 # -- model ------------------------------------------------------------------------------------------------
 def build_model(config: TrainConfig, manifest_dir: Path) -> nn.Module:
-    """A fresh ``ShowerModel`` for the shard set: pooled stats fit the transform; the vocabulary is the
-    manifest's detectors (sorted) + ``data.spare_detector_slots``; the mesh is the detectors' common one."""
+    """A fresh ``ShowerModel`` for the shard set (``training.job.model_for_manifest``)."""
     from caloforge.datasets.shards import Manifest
-    from caloforge.platform.conditioning import ConditionVocab
-    from caloforge.platform.geometry import Mesh
-    from caloforge.platform.shower_model import Lineage, ShowerModel
+    from caloforge.platform.shower_model import Lineage
+    from caloforge.training.job import model_for_manifest
 
     manifest = Manifest.load(manifest_dir)
-    stats = manifest.stats.get("pooled")
-    if stats is None:
-        raise ValueError(
-            f"{manifest_dir}: the detectors have different meshes {manifest.data['mesh_shapes']}; "
-            "one model trains on one mesh shape"
-        )
-    detectors = manifest.detectors
-    meshes = []
-    for det in detectors:
-        spec = manifest.detector_spec(det)
-        meshes.append(
-            Mesh(spec.mesh.n_z, spec.mesh.n_phi, tuple(spec.mesh.r_edges_mm)) if spec is not None else None
-        )
-    shape = manifest.mesh_shape(detectors[0])
-    mesh: Mesh | tuple[int, int, int] = (
-        meshes[0] if meshes[0] is not None and len(set(meshes)) == 1 else shape
-    )
-    vocab = ConditionVocab.create(detectors, spare_slots=config.data.spare_detector_slots)
     lineage = Lineage(dataset_manifest_hash=manifest.fingerprint)
-    return ShowerModel.build(config.model, vocab, stats, mesh, lineage=lineage)
+    return model_for_manifest(config.model, manifest, config.data.spare_detector_slots, lineage=lineage)
 
 
 # -- run directory ----------------------------------------------------------------------------------------
@@ -344,6 +327,7 @@ def _val_loss_fn(config: TrainConfig, manifest_dir: Path, loss_fn: Callable) -> 
     from caloforge.datasets.batch import ShowerBatch
     from caloforge.datasets.shards import Manifest
     from caloforge.datasets.streaming import load_split
+    from caloforge.platform.objectives import LossContext
     from caloforge.training.loop import derive_seed
 
     manifest = Manifest.load(manifest_dir)
@@ -367,7 +351,8 @@ def _val_loss_fn(config: TrainConfig, manifest_dir: Path, loss_fn: Callable) -> 
                 gen = torch.Generator(device=device).manual_seed(
                     derive_seed(config.loop.seed, SEED_PURPOSE_EVAL, i)
                 )
-                total += float(loss_fn(model, batch, gen).sum())
+                ctx = LossContext(step=0, device=device)
+                total += float(loss_fn(model, batch, gen, ctx).sum())
                 count += len(batch)
         return {f"{split}_loss": total / count}
 
@@ -383,10 +368,10 @@ def train(config: TrainConfig, run_dir: str | Path | None = None) -> TrainResult
     from caloforge import paths
     from caloforge.datasets.shards import Manifest
     from caloforge.datasets.streaming import ShowerStream
-    from caloforge.platform.shower_model import Lineage
-    from caloforge.training.hooks import ConsoleProgress, MetricsWriter, PeriodicEval
+    from caloforge.training import job
+    from caloforge.training.hooks import PeriodicEval
     from caloforge.training.loop import Trainer
-    from caloforge.training.tasks import shower_loss_fn
+    from caloforge.training.state import CheckpointManager
     from caloforge.training.torch_backend import TorchBackend
 
     run_dir = Path(run_dir) if run_dir is not None else paths.runs_dir() / config.name
@@ -410,15 +395,21 @@ def train(config: TrainConfig, run_dir: str | Path | None = None) -> TrainResult
 
         manifest_dir = prepare_data(config, run_dir)
         manifest = Manifest.load(manifest_dir)
-        model = build_model(config, manifest_dir)
-        loss_fn = shower_loss_fn(model)
+        model = job.model_for_manifest(config.model, manifest, config.data.spare_detector_slots)
+        loss_fn, objective = job.loss_for(model, config.objective)
         stream = ShowerStream(
             manifest_dir, config.stream_config(1), "train", rank=0, world_size=1, seed=config.loop.seed
         )
-        hooks: list = []
+        lineage = job.training_lineage(
+            manifest,
+            stream.groups,
+            objective,
+            extra={"run_dir": str(run_dir.resolve()), "run_name": config.name},
+        )
+        evals = []
         if config.eval.every:
-            hooks.append(PeriodicEval(config.eval.every, _val_loss_fn(config, manifest_dir, loss_fn)))
-        hooks += [MetricsWriter(run_dir / "metrics.jsonl"), ConsoleProgress(enabled=config.progress)]
+            evals.append(PeriodicEval(config.eval.every, _val_loss_fn(config, manifest_dir, loss_fn)))
+        hooks = job.standard_hooks(run_dir / "metrics.jsonl", progress=config.progress, evals=evals)
         trainer = Trainer(
             model,
             loss_fn,
@@ -426,25 +417,10 @@ def train(config: TrainConfig, run_dir: str | Path | None = None) -> TrainResult
             stream,
             config.loop,
             hooks=hooks,
-            run_dir=run_dir,
-            keep_last=config.keep_checkpoints,
+            checkpoints=CheckpointManager(run_dir / "checkpoints", config.keep_checkpoints),
         )
         fit = trainer.fit()
-
-        final = trainer.averaged_model()
-        lineage = Lineage(
-            dataset_manifest_hash=manifest.fingerprint,
-            extra={
-                **trained_ranges(manifest, stream.groups),  # the model card's valid ranges
-                "run_dir": str(run_dir.resolve()),
-                "run_name": config.name,
-                "steps": str(trainer.step),
-                "samples_seen": str(trainer.samples_seen),
-                "ema": "true" if trainer.ema is not None else "false",
-                "trained_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            },
-        )
-        model_dir = final.save(run_dir / "model", lineage=lineage, overwrite=True)
+        _, model_dir = job.save_final_bundle(trainer, run_dir / "model", lineage)
         metrics = fit.metrics
         if not metrics:  # nothing left to train: report the last logged row of the run
             from caloforge.training.hooks import read_metrics

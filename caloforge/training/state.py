@@ -7,7 +7,7 @@ A checkpoint is a directory ``<run_dir>/checkpoints/step_<NNNNNNNN>/`` holding
   ``model.pt`` and ``optim.pt``, DeepSpeed its own per-rank files),
 - ``trainer_state_rank<RRRRR>.pt`` per rank: the :class:`TrainState` (step, EMA shadow, the rank's stream
   position, RNG states: python, numpy, torch CPU, CUDA when present, and the loop's generator),
-- ``meta.json`` (step, world size, format version), written last.
+- ``meta.json`` (step, world size, format version, the loop's latest log-step metrics), written last.
 
 Atomicity: everything is written into ``.tmp_step_<N>/``, fsynced, then renamed to ``step_<N>/``, and only
 then does the ``latest`` symbolic link move (``os.replace`` of a fresh link, also atomic). A crash at any
@@ -28,6 +28,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ __all__ = [
     "capture_rng",
     "decode_state",
     "encode_state",
+    "finite_metrics",
     "restore_rng",
     "state_file",
 ]
@@ -54,6 +56,16 @@ LATEST = "latest"
 META_FILE = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _NDARRAY_TAG = "__caloforge_ndarray__"
+
+
+def finite_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
+    """The finite float entries of ``metrics`` (what a checkpoint records; JSON has no NaN)."""
+    out = {}
+    for key, value in (metrics or {}).items():
+        v = float(value)
+        if v == v and abs(v) != float("inf"):
+            out[key] = v
+    return out
 
 
 def state_file(rank: int) -> str:
@@ -238,7 +250,11 @@ class CheckpointManager:
         complete = self.complete_checkpoints()
         return complete[-1][1] if complete else None
 
-    def save(self, step: int, backend: Backend, state: TrainState) -> Path:
+    def save(
+        self, step: int, backend: Backend, state: TrainState, metrics: Mapping[str, float] | None = None
+    ) -> Path:
+        """Commit a checkpoint of ``step``; ``metrics`` (the loop's latest log-step metrics, handed over
+        explicitly by the Trainer) are recorded in ``meta.json``."""
         final = self.root / self.step_dir_name(step)
         tmp = self.root / f".tmp_{final.name}"
         if backend.is_main:
@@ -258,6 +274,7 @@ class CheckpointManager:
                 "world_size": backend.world_size,
                 "backend": type(backend).__name__,
                 "saved_at_unix": time.time(),
+                "metrics": finite_metrics(metrics),
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             _fsync_tree(tmp)

@@ -8,7 +8,7 @@ import torch
 from toy_models import SMALL_MESH, make_model, toy_showers
 
 from caloforge.platform.conditioning import Conditions
-from caloforge.platform.objectives import OBJECTIVES
+from caloforge.platform.objectives import OBJECTIVES, make_objective
 from caloforge.platform.samplers import SAMPLERS
 from caloforge.platform.shower_model import ShowerModel
 
@@ -125,7 +125,7 @@ def test_objective_returns_per_sample_finite_loss_with_gradients(objective: str)
     x1 = model.to_model_space(showers)
     ct = model.encode_conditions(cond)
     model.zero_grad()
-    loss = OBJECTIVES[objective](model, x1, ct, torch.Generator().manual_seed(0))
+    loss = make_objective(objective)(model, x1, ct, torch.Generator().manual_seed(0))
     assert loss.shape == (6,) and loss.dtype == torch.float32
     assert torch.isfinite(loss).all() and (loss > 0).all()
     loss.mean().backward()
@@ -136,7 +136,7 @@ def test_objective_returns_per_sample_finite_loss_with_gradients(objective: str)
     head = {n: p.grad for n, p in model.named_parameters() if n.startswith("energy_head.")}
     assert voxel and all(g is not None and torch.isfinite(g).all() for g in voxel.values())
     assert head and all(g is None for g in head.values())
-    again = OBJECTIVES[objective](model, x1, ct, torch.Generator().manual_seed(0))
+    again = make_objective(objective)(model, x1, ct, torch.Generator().manual_seed(0))
     torch.testing.assert_close(loss.detach(), again.detach(), rtol=0, atol=0)
     model.zero_grad()
 

@@ -92,7 +92,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny untrained flow-matching model on the par04-siw mesh (plumbing, not quality)."""
     ref = simulated(seed=9, n=200)
     stats = compute_stats(ref.showers_NZPR, ref.conditions.energy_mev, ref.conditions.theta_rad)
-    cfg = ShowerModelConfig(backbone="debug", objective="flow_matching", sampler="euler", num_steps=1)
+    cfg = ShowerModelConfig(backbone="debug", parametrisation="flow_matching", sampler="euler", num_steps=1)
     model = ShowerModel.build(cfg, ConditionVocab.create(["par04-siw"], spare_slots=1), stats, (45, 16, 9))
     return model.save(tmp_path_factory.mktemp("bundle") / "model")
 

@@ -15,7 +15,7 @@ ALLOWED = {
         "registry/tracking.py",
         "evaluation/mlflow_hook.py",
     },
-    "ray": {"pretrain/launch.py", "pretrain/worker.py"},
+    "ray": {"pretrain/launch.py", "pretrain/worker.py", "pretrain/checkpoints.py"},
     "deepspeed": {"pretrain/deepspeed_backend.py"},
     "peft": {"adapt/strategies.py"},
     "webdataset": {"datasets/shards.py", "datasets/streaming.py"},

@@ -68,7 +68,7 @@ def test_bundle_contents(saved) -> None:
     assert data["schema_version"] == SCHEMA_VERSION and data["caloforge_version"] == caloforge.__version__
     assert data["vocab"] == {"detectors": ["det_a", "det_b"], "n_detector_slots": 4}
     assert data["mesh"] == {"n_z": 12, "n_phi": 8, "r_edges_mm": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]}
-    assert data["model_config"]["objective"] == "edm" and data["model_config"]["backbone"] == "debug"
+    assert data["model_config"]["parametrisation"] == "edm" and data["model_config"]["backbone"] == "debug"
     lineage = data["lineage"]
     assert lineage["parent"] == "registry://base/3" and lineage["dataset_manifest_hash"] == "abc123"
     assert lineage["created_utc"].endswith("+00:00") and lineage["extra"] == {"run": "test"}

@@ -11,14 +11,14 @@ from toy_models import SMALL_MESH, make_model, toy_showers
 
 from caloforge.platform.conditioning import Conditions, ConditionTensors
 from caloforge.platform.objectives import (
-    OBJECTIVES,
     FlowMatchingConfig,
+    ObjectiveConfig,
     condition_groups,
+    make_objective,
     mean_pair_distance,
     ot_couple,
     ot_permutation,
 )
-from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig
 
 
 def tensors(energy: list[float], particle: list[int], detector: list[int], theta: list[float] | None = None):
@@ -79,16 +79,15 @@ def test_ot_shortens_pairs_and_never_mixes_groups() -> None:
 
 def test_flow_matching_with_ot_coupling_is_deterministic_and_uses_the_pairing() -> None:
     model = make_model("flow_matching")
+    # The coupling is an option of the objective (the job's choice), not of the model.
     options = FlowMatchingConfig(coupling="ot", ot_energy_bins_per_decade=1)
-    config = ShowerModelConfig(backbone="debug", objective="flow_matching", flow_matching=options)
-    ot_model = ShowerModel(config, model.vocab, model.mesh)
-    ot_model.load_state_dict(model.state_dict())
+    ot_objective = make_objective(ObjectiveConfig(name="flow_matching", flow_matching=options))
     showers, cond = toy_showers(16, SMALL_MESH, seed=12)
     cond = Conditions.make(np.full(16, 5e3), cond.theta_rad, cond.phi_rad, 11, "det_a")  # one group
     x1, ct = model.to_model_space(showers), model.encode_conditions(cond)
-    loss_ind = OBJECTIVES["flow_matching"](model, x1, ct, torch.Generator().manual_seed(3))
-    loss_ot = OBJECTIVES["flow_matching"](ot_model, x1, ct, torch.Generator().manual_seed(3))
-    again = OBJECTIVES["flow_matching"](ot_model, x1, ct, torch.Generator().manual_seed(3))
+    loss_ind = make_objective("flow_matching")(model, x1, ct, torch.Generator().manual_seed(3))
+    loss_ot = ot_objective(model, x1, ct, torch.Generator().manual_seed(3))
+    again = ot_objective(model, x1, ct, torch.Generator().manual_seed(3))
     torch.testing.assert_close(loss_ot, again, rtol=0, atol=0)
     assert not torch.allclose(loss_ind, loss_ot)
     # Same draws, re-paired: the target x1 − x0 is shorter on average with OT.

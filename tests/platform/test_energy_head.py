@@ -25,6 +25,7 @@ from caloforge.platform.energy import (
     energy_flow_loss,
     rescale_layers,
 )
+from caloforge.platform.objectives import LossContext
 from caloforge.platform.samplers import SAMPLERS
 from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig
 from caloforge.platform.transforms import MAX_LOG
@@ -482,7 +483,7 @@ def test_shower_loss_with_the_head_through_ddp() -> None:
     showers, cond = toy_showers(5, SMALL_MESH, seed=6)
     batch = ShowerBatch.from_numpy(showers, cond)
     loss_fn = shower_loss_fn(model)
-    plain = loss_fn(model, batch, torch.Generator().manual_seed(0))
+    plain = loss_fn(model, batch, torch.Generator().manual_seed(0), LossContext())
     plain.mean().backward()
     plain_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert any(n.startswith("energy_head.") for n in plain_grads)
@@ -491,7 +492,7 @@ def test_shower_loss_with_the_head_through_ddp() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         wrapped = DistributedDataParallel(model)
-        loss = loss_fn(wrapped, batch, torch.Generator().manual_seed(0))
+        loss = loss_fn(wrapped, batch, torch.Generator().manual_seed(0), LossContext())
         loss.mean().backward()
     finally:
         dist.destroy_process_group()

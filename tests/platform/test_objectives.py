@@ -10,7 +10,16 @@ import torch.distributed as dist
 from toy_models import SMALL_MESH, make_model, toy_showers
 
 from caloforge.platform.energy import LayerEnergyConfig
-from caloforge.platform.objectives import OBJECTIVES, get_objective, unwrap_shower_model
+from caloforge.platform.objectives import (
+    OBJECTIVES,
+    EDMLoss,
+    EDMLossConfig,
+    FlowMatchingConfig,
+    LossContext,
+    ObjectiveConfig,
+    make_objective,
+    unwrap_shower_model,
+)
 
 
 def batch(model, n: int = 5, seed: int = 6):
@@ -21,7 +30,7 @@ def batch(model, n: int = 5, seed: int = 6):
 def test_flow_matching_loss_is_the_linear_path_velocity_regression() -> None:
     model = make_model("flow_matching")
     x1, ct = batch(model)
-    loss = OBJECTIVES["flow_matching"](model, x1, ct, torch.Generator().manual_seed(4))
+    loss = make_objective("flow_matching")(model, x1, ct, torch.Generator().manual_seed(4))
     gen = torch.Generator().manual_seed(4)
     x0 = torch.randn(x1.shape, generator=gen)
     t = torch.rand(x1.shape[0], generator=gen)
@@ -35,7 +44,7 @@ def test_flow_matching_loss_is_the_linear_path_velocity_regression() -> None:
 def test_edm_loss_is_weighted_denoising_with_lognormal_sigma() -> None:
     model = make_model("edm")
     x1, ct = batch(model)
-    loss = OBJECTIVES["edm"](model, x1, ct, torch.Generator().manual_seed(4))
+    loss = make_objective("edm")(model, x1, ct, torch.Generator().manual_seed(4))
     gen = torch.Generator().manual_seed(4)
     sigma = torch.exp(torch.randn(x1.shape[0], generator=gen) * 1.2 - 1.2)
     noise = torch.randn(x1.shape, generator=gen)
@@ -59,7 +68,7 @@ def test_objectives_call_through_ddp(objective: str) -> None:
     # The objective alone (the layer-energy head's loss through DDP: tests/platform/test_energy_head.py).
     model = make_model(objective, layer_energy=LayerEnergyConfig(enabled=False))
     x1, ct = batch(model)
-    plain = OBJECTIVES[objective](model, x1, ct, torch.Generator().manual_seed(0))
+    plain = make_objective(objective)(model, x1, ct, torch.Generator().manual_seed(0))
     plain.mean().backward()
     plain_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -68,7 +77,7 @@ def test_objectives_call_through_ddp(objective: str) -> None:
     try:
         wrapped = DistributedDataParallel(model)
         assert unwrap_shower_model(wrapped) is model
-        loss = OBJECTIVES[objective](wrapped, x1, ct, torch.Generator().manual_seed(0))
+        loss = make_objective(objective)(wrapped, x1, ct, torch.Generator().manual_seed(0))
         loss.mean().backward()  # DDP's reducer only fires when the forward went through the wrapper
     finally:
         dist.destroy_process_group()
@@ -82,31 +91,68 @@ def test_objective_input_validation() -> None:
     x1, ct = batch(fm)
     gen = torch.Generator().manual_seed(0)
     with pytest.raises(
-        ValueError, match="objective 'edm' cannot train a model built with objective='flow_matching'"
+        ValueError, match="objective 'edm' cannot train a model with parametrisation='flow_matching'"
     ):
-        OBJECTIVES["edm"](fm, x1, ct, gen)
+        make_objective("edm")(fm, x1, ct, gen)
     with pytest.raises(ValueError, match=r"x1_BZPR must have shape \(B, 12, 8, 6\)"):
-        OBJECTIVES["edm"](edm, x1[:, :6], ct, gen)
+        make_objective("edm")(edm, x1[:, :6], ct, gen)
     with pytest.raises(ValueError, match="cond has 5 rows but x1_BZPR has batch 4"):
-        OBJECTIVES["flow_matching"](fm, x1[:4], ct, gen)
+        make_objective("flow_matching")(fm, x1[:4], ct, gen)
     with pytest.raises(ValueError, match="expected a ShowerModel"):
-        OBJECTIVES["flow_matching"](torch.nn.Linear(2, 2), x1, ct, gen)
-    with pytest.raises(ValueError, match="unknown objective 'score'"):
-        get_objective("score")
+        make_objective("flow_matching")(torch.nn.Linear(2, 2), x1, ct, gen)
+    with pytest.raises(ValueError, match=r"objective\.name: unknown 'score'"):
+        make_objective("score")
+    with pytest.raises(ValueError, match="cannot train a model with parametrisation='edm'"):
+        make_objective("flow_matching", parametrisation="edm")  # checked before any data is seen
+    with pytest.raises(ValueError, match="give an objective name or the model's parametrisation"):
+        make_objective(None)
+
+
+def test_objective_options_live_in_the_objective_config_not_the_model() -> None:
+    """The model records its parametrisation; the job's objective config chooses the loss and its options."""
+    model = make_model("edm")
+    x1, ct = batch(model)
+    native = make_objective(None, parametrisation="edm")
+    assert isinstance(native, EDMLoss) and native.config == EDMLossConfig()
+    shifted = make_objective(ObjectiveConfig(edm=EDMLossConfig(p_mean=0.5, p_std=0.3)), "edm")
+    loss = shifted(model, x1, ct, torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(4)
+    sigma = torch.exp(torch.randn(x1.shape[0], generator=gen) * 0.3 + 0.5)
+    noise = torch.randn(x1.shape, generator=gen)
+    with torch.no_grad():
+        denoised = model(x1 + sigma[:, None, None, None] * noise, sigma, ct)
+    weight = (sigma**2 + 0.25) / (sigma * 0.5) ** 2  # σ_data is the model's (its preconditioning)
+    expected = weight * ((denoised - x1) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-6, atol=1e-6)
+    assert not hasattr(model.config, "flow_matching") and not hasattr(model.config.edm, "p_mean")
+    with pytest.raises(ValueError, match=r"objective\.edm\.p_std must be > 0"):
+        EDMLossConfig(p_std=0.0)
+    with pytest.raises(ValueError, match=r"objective\.flow_matching\.coupling must be one of"):
+        ObjectiveConfig(flow_matching=FlowMatchingConfig(coupling="sinkhorn"))
+
+
+def test_loss_context_names_what_an_objective_needs() -> None:
+    ctx = LossContext(step=3)
+    with pytest.raises(ValueError, match="needs a frozen teacher model"):
+        ctx.require_teacher("consistency distillation")
+    with pytest.raises(ValueError, match="needs a target network"):
+        ctx.require_target("consistency distillation")
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        LossContext(step=-1)
 
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))
 def test_objectives_under_bf16_autocast_and_with_a_bf16_network(objective: str) -> None:
     model = make_model(objective)
     x1, ct = batch(model)
-    reference = OBJECTIVES[objective](model, x1, ct, torch.Generator().manual_seed(0)).detach()
+    reference = make_objective(objective)(model, x1, ct, torch.Generator().manual_seed(0)).detach()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        autocast = OBJECTIVES[objective](model, x1, ct, torch.Generator().manual_seed(0))
+        autocast = make_objective(objective)(model, x1, ct, torch.Generator().manual_seed(0))
     assert autocast.dtype == torch.float32
     torch.testing.assert_close(autocast.detach(), reference, rtol=2e-2, atol=1e-3)
     model.network.autocast_stream = True  # ShowerModelConfig.residual_stream = "autocast"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16_stream = OBJECTIVES[objective](model, x1, ct, torch.Generator().manual_seed(0))
+        bf16_stream = make_objective(objective)(model, x1, ct, torch.Generator().manual_seed(0))
     assert bf16_stream.dtype == torch.float32
     torch.testing.assert_close(bf16_stream.detach(), reference, rtol=2e-2, atol=1e-3)
     bf16_stream.mean().backward()
@@ -115,7 +161,7 @@ def test_objectives_under_bf16_autocast_and_with_a_bf16_network(objective: str) 
     model.zero_grad(set_to_none=True)
     model.network.autocast_stream = False
     model.network.bfloat16()  # what a bf16 DeepSpeed engine does to the weights; inputs stay fp32
-    cast = OBJECTIVES[objective](model, x1, ct, torch.Generator().manual_seed(0))
+    cast = make_objective(objective)(model, x1, ct, torch.Generator().manual_seed(0))
     torch.testing.assert_close(cast.detach(), reference, rtol=2e-2, atol=1e-3)
     cast.mean().backward()
     assert model.network.blocks[0].attn.qkv.weight.grad.dtype == torch.bfloat16

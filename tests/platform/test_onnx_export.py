@@ -33,7 +33,7 @@ def example(model: ShowerModel, n: int, seed: int) -> tuple[torch.Tensor, ...]:
     ct = model.encode_conditions(cond)
     t = (
         torch.linspace(0.1, 0.9, n)
-        if model.config.objective == "flow_matching"
+        if model.config.parametrisation == "flow_matching"
         else torch.logspace(-2, 1.5, n)
     )
     return (model.to_model_space(showers), t, *(getattr(ct, f) for f in ct.fields()))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from toy_models import SMALL_MESH, make_model, toy_showers
 
-from caloforge.platform.objectives import OBJECTIVES
+from caloforge.platform.objectives import OBJECTIVES, make_objective
 
 STEPS = 80
 REPEAT = 8  # each optimizer step sees the 4 showers 8 times with fresh noise / times
@@ -15,7 +15,7 @@ REPEAT = 8  # each optimizer step sees the 4 showers 8 times with fresh noise / 
 def eval_loss(model, objective: str, x1: torch.Tensor, ct, seed: int = 1234) -> float:
     """Loss on fixed draws (same generator seed before and after training), so the comparison is exact."""
     with torch.no_grad():
-        return float(OBJECTIVES[objective](model, x1, ct, torch.Generator().manual_seed(seed)).mean())
+        return float(make_objective(objective)(model, x1, ct, torch.Generator().manual_seed(seed)).mean())
 
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))
@@ -29,7 +29,7 @@ def test_loss_drops_when_overfitting_four_showers(objective: str) -> None:
     gen = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(STEPS):
-        loss = OBJECTIVES[objective](model, x1, ct, gen).mean()
+        loss = make_objective(objective)(model, x1, ct, gen).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

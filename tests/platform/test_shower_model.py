@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -13,21 +11,20 @@ from caloforge.config import ConfigError, from_dict, to_dict
 from caloforge.datasets.stats import compute_stats
 from caloforge.platform.backbone import BackboneConfig
 from caloforge.platform.conditioning import Conditions, ConditionVocab
+from caloforge.platform.denoisers import EDMPrecondConfig
 from caloforge.platform.energy import LayerEnergyConfig
-from caloforge.platform.objectives import FlowMatchingConfig
 from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig, derive_seeds
 
 
 def test_config_round_trips_through_strict_yaml_dicts() -> None:
     cfg = ShowerModelConfig(
         backbone=BackboneConfig(depth=1, width=48, heads=2, mlp_width=96, patch_size=(3, 4, 3)),
-        objective="flow_matching",
-        flow_matching=FlowMatchingConfig(coupling="ot"),
+        parametrisation="flow_matching",
         sampler="rk4",
         num_steps=8,
     )
     data = to_dict(cfg)
-    assert data["backbone"]["patch_size"] == [3, 4, 3] and data["flow_matching"]["coupling"] == "ot"
+    assert data["backbone"]["patch_size"] == [3, 4, 3] and data["parametrisation"] == "flow_matching"
     assert from_dict(ShowerModelConfig, data) == cfg
     patched = from_dict(ShowerModelConfig, {"backbone": "debug", "patch_size": [3, 2, 2]})
     assert patched.backbone_config().patch_size == (3, 2, 2)
@@ -35,9 +32,11 @@ def test_config_round_trips_through_strict_yaml_dicts() -> None:
         from_dict(ShowerModelConfig, {"sampler": "dpm"}, "model.yaml")
     with pytest.raises(ConfigError, match="unknown key"):
         from_dict(ShowerModelConfig, {"edm": {"sigma_dat": 0.5}}, "model.yaml")
+    with pytest.raises(ConfigError, match="unknown key"):  # objective options belong to the job config
+        from_dict(ShowerModelConfig, {"edm": {"p_mean": -1.0}}, "model.yaml")
     for kwargs, match in (
         ({"backbone": "XL"}, "unknown flavour 'XL'"),
-        ({"objective": "score"}, "objective: unknown 'score'"),
+        ({"parametrisation": "score"}, "parametrisation: unknown 'score'"),
         ({"transform": "logit"}, "transform: unknown 'logit'"),
         ({"num_steps": 0}, "num_steps must be >= 1"),
         ({"patch_size": (3, 0, 3)}, "patch_size"),
@@ -167,31 +166,26 @@ def test_build_checks_stats_against_the_mesh() -> None:
     assert "patch_coords_TC" not in model.state_dict()
 
 
-def test_replacing_the_config_keeps_denoiser_and_architecture_consistent() -> None:
+def test_sampling_defaults_and_residual_stream_change_through_named_methods() -> None:
+    """The config is read-only; what may change on a built model has a method (no config setter)."""
     model = make_model("edm", scramble=False)
-    cfg = model.config
-    model.config = dataclasses.replace(
-        cfg, edm=dataclasses.replace(cfg.edm, sigma_data=1.0, p_mean=-1.0), num_steps=7
-    )
-    assert (
-        model.denoiser.sigma_data == 1.0 and model.config.edm.p_mean == -1.0 and model.config.num_steps == 7
-    )
-    c_skip = model.denoiser.preconditioning(torch.tensor([1.0]))[0]
+    with pytest.raises(AttributeError):
+        model.config = model.config  # type: ignore[misc]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    model.set_sampling_defaults(sampler="euler", num_steps=7)
+    assert (model.config.sampler, model.config.num_steps) == ("euler", 7)
+    with pytest.raises(ValueError, match="num_steps must be >= 1"):
+        model.set_sampling_defaults(num_steps=0)
+    assert model.config.num_steps == 7
+    # The residual stream's precision is a numerics choice, not architecture: it reaches the backbone.
+    assert model.network.autocast_stream is False
+    model.set_residual_stream("autocast")
+    assert model.network.autocast_stream is True and model.config.residual_stream == "autocast"
+    model.set_residual_stream("fp32")
+    assert model.network.autocast_stream is False
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, weights[key], rtol=0, atol=0)
+    # σ_data is the model's parametrisation (its preconditioning), fixed at build time.
+    edm = make_model("edm", scramble=False, edm=EDMPrecondConfig(sigma_data=1.0))
+    c_skip = edm.denoiser.preconditioning(torch.tensor([1.0]))[0]
     torch.testing.assert_close(c_skip, torch.tensor([0.5]))
-    for change in ({"backbone": "S"}, {"objective": "flow_matching"}, {"threshold_mev": 0.0}):
-        with pytest.raises(ValueError, match=f"config: \\['{next(iter(change))}'\\] cannot change"):
-            model.config = dataclasses.replace(cfg, **change)
-    with pytest.raises(ValueError, match=r"config: \['layer_energy.enabled/width/depth'\] cannot change"):
-        model.config = dataclasses.replace(cfg, layer_energy=LayerEnergyConfig(width=32))
-    # The head's generation/training options may change; its architecture may not.
-    model.config = dataclasses.replace(cfg, layer_energy=LayerEnergyConfig(num_steps=4, loss_weight=0.5))
-    assert model.config.layer_energy.num_steps == 4 and model.config.layer_energy.loss_weight == 0.5
-    with pytest.raises(ValueError, match="config must be a ShowerModelConfig"):
-        model.config = {"objective": "edm"}  # type: ignore[assignment]
-    # The residual stream's precision is a numerics choice, not architecture: it may change and reaches
-    # the backbone.
-    assert model.network.autocast_stream is False
-    model.config = dataclasses.replace(cfg, residual_stream="autocast")
-    assert model.network.autocast_stream is True
-    model.config = dataclasses.replace(cfg, residual_stream="fp32")
-    assert model.network.autocast_stream is False

@@ -11,7 +11,7 @@ from toy_models import SMALL_MESH, make_model, toy_showers
 
 from caloforge.platform.backbone import LORA_TARGETS
 from caloforge.platform.energy import LayerEnergyConfig
-from caloforge.platform.objectives import OBJECTIVES
+from caloforge.platform.objectives import OBJECTIVES, make_objective
 
 PINNED_DEBUG_STATE_DICT: list[tuple[str, tuple[int, ...]]] = [
     ("denoiser.net.patch_embed.weight", (64, 18)),
@@ -120,7 +120,7 @@ def test_lora_targets_are_pinned_and_match_through_peft() -> None:
     model = make_model("edm")
     showers, cond = toy_showers(3, SMALL_MESH, seed=2)
     x1, ct = model.to_model_space(showers), model.encode_conditions(cond)
-    reference = OBJECTIVES["edm"](model, x1, ct, torch.Generator().manual_seed(0)).detach()
+    reference = make_objective("edm")(model, x1, ct, torch.Generator().manual_seed(0)).detach()
 
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(LORA_TARGETS)))
     adapted = sorted(
@@ -134,7 +134,7 @@ def test_lora_targets_are_pinned_and_match_through_peft() -> None:
 
     # The objective finds the ShowerModel inside the peft wrapper and calls through it; LoRA B starts at
     # zero, so the loss equals the base model's, and gradients reach the adapters only.
-    loss = OBJECTIVES["edm"](peft_model, x1, ct, torch.Generator().manual_seed(0))
+    loss = make_objective("edm")(peft_model, x1, ct, torch.Generator().manual_seed(0))
     torch.testing.assert_close(loss.detach(), reference, rtol=1e-5, atol=1e-6)
     loss.mean().backward()
     grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}

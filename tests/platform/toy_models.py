@@ -62,6 +62,6 @@ def make_model(
 ) -> ShowerModel:
     showers, cond = toy_showers(48, shape, seed=11)
     stats = compute_stats(showers, cond.energy_mev, cond.theta_rad)
-    cfg = ShowerModelConfig(backbone="debug", objective=objective, transform=transform, **config_kwargs)
+    cfg = ShowerModelConfig(backbone="debug", parametrisation=objective, transform=transform, **config_kwargs)
     model = ShowerModel.build(cfg, ConditionVocab.create(DETECTORS, spare_slots=2), stats, shape)
     return scramble_zero_init(model) if scramble else model

@@ -29,8 +29,8 @@ import yaml
 from test_pretrain_run import debug_config
 
 from caloforge.platform.shower_model import ShowerModel
+from caloforge.pretrain.checkpoints import verify_checkpoint
 from caloforge.pretrain.rundir import RunDir
-from caloforge.pretrain.worker import verify_checkpoint
 from caloforge.training.hooks import read_metrics
 
 BIN = Path(sys.executable).parent

@@ -25,6 +25,7 @@ from torch import nn
 from caloforge.pretrain.config import DeepSpeedOptions
 from caloforge.training.config import EMAConfig, LoopConfig, OptimConfig, ScheduleConfig
 from caloforge.training.loop import Trainer
+from caloforge.training.state import CheckpointManager
 from caloforge.training.torch_backend import TorchBackend
 
 WORLD = 2
@@ -85,7 +86,7 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
 
 
-def mse_loss(module: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+def mse_loss(module: nn.Module, batch: Batch, generator: torch.Generator, ctx: object) -> torch.Tensor:
     return ((module(batch.x) - batch.y) ** 2).mean(dim=1)
 
 
@@ -133,7 +134,7 @@ def _train_in_ray(config: dict) -> None:
             DeepSpeedBackend(options, "cpu"),
             BlockStream(rank, world, CFG.grad_accum, micro),
             CFG,
-            run_dir=run_dir,
+            checkpoints=CheckpointManager(run_dir / "checkpoints"),
         )
         first.fit(max_steps=3)
         second = Trainer(
@@ -142,7 +143,7 @@ def _train_in_ray(config: dict) -> None:
             DeepSpeedBackend(options, "cpu"),
             BlockStream(rank, world, CFG.grad_accum, micro),
             CFG,
-            run_dir=run_dir,
+            checkpoints=CheckpointManager(run_dir / "checkpoints"),
         )
         result = second.fit()
         assert result.resumed_from is not None and result.resumed_from.name == "step_00000003"

@@ -26,10 +26,12 @@ from caloforge.config import load_config
 from caloforge.datasets.shards import Manifest, shard_samples
 from caloforge.platform.conditioning import Conditions
 from caloforge.platform.shower_model import ShowerModel
+from caloforge.pretrain.audit import sample_fingerprint
+from caloforge.pretrain.checkpoints import verify_checkpoint
 from caloforge.pretrain.config import PretrainConfig
+from caloforge.pretrain.hooks import FAULT_MARKER
 from caloforge.pretrain.launch import run_pretrain
 from caloforge.pretrain.rundir import RunDir
-from caloforge.pretrain.worker import FAULT_MARKER, sample_fingerprint, verify_checkpoint
 from caloforge.training.hooks import read_metrics
 
 
@@ -40,7 +42,7 @@ def debug_config(shards: Path, storage: Path) -> dict:
         "model": {
             "backbone": "debug",
             "patch_size": [9, 4, 3],
-            "objective": "edm",
+            "parametrisation": "edm",
             "num_steps": 2,
             "sampler": "euler",
         },

@@ -52,7 +52,7 @@ def adapted_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-step student for lar-pb (EDM, Euler × 1 = one D(x; σ_max)), child of caloforge-base v1."""
     path = tmp_path_factory.mktemp("bundles") / "adapted"
     model = tiny_model(
-        objective="edm",
+        parametrisation="edm",
         sampler="euler",
         num_steps=1,
         init_scale=0.1,

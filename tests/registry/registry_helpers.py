@@ -29,7 +29,7 @@ TINY_HEAD = LayerEnergyConfig(width=16, depth=1, num_steps=3)
 
 
 def tiny_model(
-    objective: str = "flow_matching",
+    parametrisation: str = "flow_matching",
     sampler: str = "heun",
     num_steps: int = 2,
     detectors: tuple[str, ...] = DETECTORS,
@@ -47,7 +47,11 @@ def tiny_model(
     x = (rng.lognormal(-2.0, 1.5, size=(128, *MESH)) * (rng.random((128, *MESH)) > 0.4)).astype(np.float32)
     stats = compute_stats(x, rng.uniform(1e3, 1e5, 128), rng.uniform(0.2, 1.0, 128))
     cfg = ShowerModelConfig(
-        backbone="debug", objective=objective, sampler=sampler, num_steps=num_steps, layer_energy=layer_energy
+        backbone="debug",
+        parametrisation=parametrisation,
+        sampler=sampler,
+        num_steps=num_steps,
+        layer_energy=layer_energy,
     )
     lineage = Lineage(
         parent=parent, dataset_manifest_hash="sha256:" + "ab" * 8, extra=dict(TRAINED | (extra or {}))

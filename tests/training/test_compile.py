@@ -9,7 +9,6 @@ eager one does. Toggling ``loop.compile`` does not block resuming a pretraining 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from collections.abc import Iterator
 
@@ -47,7 +46,7 @@ def _data(n: int, seed: int = 0) -> tuple[np.ndarray, Conditions]:
 def _model() -> ShowerModel:
     showers, cond = _data(32)
     stats = compute_stats(showers, cond.energy_mev, cond.theta_rad)
-    cfg = ShowerModelConfig(backbone="debug", objective="edm", sampler="euler", num_steps=4)
+    cfg = ShowerModelConfig(backbone="debug", parametrisation="edm", sampler="euler", num_steps=4)
     return ShowerModel.build(cfg, ConditionVocab.create(["det-a", "det-b"], spare_slots=1), stats, MESH)
 
 
@@ -128,7 +127,7 @@ def test_compiled_model_trains_on_cuda_with_the_same_keys_and_outputs(
 ) -> None:
     torch._dynamo.reset()
     model = _model()
-    model.config = dataclasses.replace(model.config, residual_stream=residual_stream)
+    model.set_residual_stream(residual_stream)
     keys = list(model.state_dict())
     backend = _backend(engine)
     cfg = LoopConfig(steps=3, batch_size=8, precision="bf16", log_every=1, compile=True)

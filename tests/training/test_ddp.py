@@ -15,6 +15,7 @@ from train_helpers import InMemoryStream, TinyDenoiser, deterministic_loss, make
 
 from caloforge.training.config import EMAConfig, LoopConfig, OptimConfig, ScheduleConfig
 from caloforge.training.loop import Trainer
+from caloforge.training.state import CheckpointManager
 from caloforge.training.torch_backend import DDPBackend, TorchBackend
 
 WORLD = 2
@@ -56,9 +57,13 @@ def _worker(rank: int, world: int, tmp: str) -> None:
 
         run_dir = Path(tmp) / "run"
         model, stream = _parts(rank, world, CFG.micro_batch_size(world))
-        Trainer(model, deterministic_loss, DDPBackend("cpu"), stream, CFG, run_dir=run_dir).fit(max_steps=2)
+        checkpoints = CheckpointManager(Path(run_dir) / "checkpoints")
+        Trainer(model, deterministic_loss, DDPBackend("cpu"), stream, CFG, checkpoints=checkpoints).fit(
+            max_steps=2
+        )
         model, stream = _parts(rank, world, CFG.micro_batch_size(world))
-        resumed = Trainer(model, deterministic_loss, DDPBackend("cpu"), stream, CFG, run_dir=run_dir)
+        checkpoints = CheckpointManager(Path(run_dir) / "checkpoints")
+        resumed = Trainer(model, deterministic_loss, DDPBackend("cpu"), stream, CFG, checkpoints=checkpoints)
         resumed_result = resumed.fit()
         torch.save(
             {

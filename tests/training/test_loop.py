@@ -3,7 +3,9 @@ equivalence (weights, EMA, optimizer, scheduler, stream, RNG), hooks, metrics an
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from train_helpers import InMemoryStream, TinyDenoiser, denoise_loss, determinis
 from caloforge.training.config import EMAConfig, LoopConfig, OptimConfig, ScheduleConfig
 from caloforge.training.hooks import Hook, MetricsWriter, PeriodicEval, read_metrics
 from caloforge.training.loop import Trainer, derive_seed
+from caloforge.training.state import CheckpointManager
 from caloforge.training.torch_backend import TorchBackend
 
 SHOWERS, COND = make_showers(96, seed=1)
@@ -40,7 +43,8 @@ def _trainer(cfg: LoopConfig, run_dir=None, hooks=(), loss=denoise_loss, dropout
     np.random.seed(0)
     model = TinyDenoiser(dropout=dropout)
     stream = InMemoryStream(SHOWERS, COND, cfg.micro_batch_size(), seed=5)
-    return Trainer(model, loss, TorchBackend("cpu"), stream, cfg, hooks=hooks, run_dir=run_dir, **kw)
+    checkpoints = CheckpointManager(Path(run_dir) / "checkpoints") if run_dir is not None else None
+    return Trainer(model, loss, TorchBackend("cpu"), stream, cfg, hooks=hooks, checkpoints=checkpoints, **kw)
 
 
 def test_derive_seed_is_stable_and_distinct() -> None:
@@ -184,17 +188,22 @@ def test_hooks_eval_on_ema_weights_without_perturbing_training(tmp_path) -> None
 
     recorder = _Recorder()
     trainer = _trainer(cfg, run_dir=tmp_path, hooks=[PeriodicEval(2, evaluation), recorder])
-    trainer.fit()
+    row2 = next(r for r in trainer.fit().history if r["step"] == 2)
+    # Periodic checkpoints are the loop's: saved after the step's hooks ran.
     assert recorder.calls == [
         ("start", 0),
         ("step", 1, []),
-        ("checkpoint", 2, "step_00000002"),
         ("step", 2, ["eval/weight_norm"]),
+        ("checkpoint", 2, "step_00000002"),
         ("step", 3, []),
         ("step", 4, ["eval/weight_norm"]),
         ("checkpoint", 4, "step_00000004"),
         ("end", 4),
     ]
+    # ... so the step's metrics, including what hooks added, reach the checkpoint manager explicitly.
+    meta = json.loads((tmp_path / "checkpoints" / "step_00000002" / "meta.json").read_text())
+    assert meta["metrics"]["loss"] == pytest.approx(row2["loss"])
+    assert meta["metrics"]["eval/weight_norm"] == pytest.approx(row2["eval/weight_norm"])
     assert torch.equal(seen[-1], trainer.ema.shadow["out.weight"])  # evaluated with the EMA weights
     assert trainer.backend.model.training
     plain = _trainer(cfg)
@@ -212,7 +221,7 @@ def test_input_errors(tmp_path) -> None:
     with pytest.raises(ValueError, match="batch_size=4"):
         Trainer(model, denoise_loss, TorchBackend("cpu"), wrong, cfg).fit()
 
-    def mean_loss(module, batch, generator):
+    def mean_loss(module, batch, generator, ctx):
         return denoise_loss(module, batch, generator).mean()
 
     with pytest.raises(ValueError, match=r"per-sample losses of shape \(4,\)"):
@@ -221,7 +230,14 @@ def test_input_errors(tmp_path) -> None:
     with pytest.raises(ValueError, match="stream ended at step 1"):
         Trainer(TinyDenoiser(), denoise_loss, TorchBackend("cpu"), finite, cfg).fit()
     with pytest.raises(ValueError, match="state_dict"):
-        Trainer(TinyDenoiser(), denoise_loss, TorchBackend("cpu"), finite, cfg, run_dir=tmp_path)
+        Trainer(
+            TinyDenoiser(),
+            denoise_loss,
+            TorchBackend("cpu"),
+            finite,
+            cfg,
+            checkpoints=CheckpointManager(tmp_path / "checkpoints"),
+        )
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -230,15 +246,66 @@ def test_skipped_updates_are_counted_at_log_steps_and_in_checkpoints(tmp_path, f
     the loop folds the flags into ``skipped_updates`` at log steps and before saving a checkpoint."""
     poisoned = {3, 4, 7}
 
-    def loss_fn(module, batch, generator):
-        loss_B = denoise_loss(module, batch, generator)
+    def loss_fn(module, batch, generator, ctx):
+        loss_B = denoise_loss(module, batch, generator, ctx)
         return loss_B * float("nan") if trainer.step + 1 in poisoned else loss_B
 
     cfg = _config(steps=8, batch_size=8, grad_accum=1, log_every=4)
     torch.manual_seed(0)
     stream = InMemoryStream(SHOWERS, COND, cfg.micro_batch_size(), seed=5)
     backend = TorchBackend("cpu", fused_adamw=fused)
-    trainer = Trainer(TinyDenoiser(dropout=0.0), loss_fn, backend, stream, cfg, run_dir=tmp_path)
+    checkpoints = CheckpointManager(tmp_path / "checkpoints")
+    trainer = Trainer(TinyDenoiser(dropout=0.0), loss_fn, backend, stream, cfg, checkpoints=checkpoints)
     rows = trainer.fit().history
     assert [(r["step"], r["skipped_updates"]) for r in rows] == [(1, 0), (4, 2), (8, 3)]
     assert trainer.train_state().extra["skipped_updates"] == 3
+
+
+def test_loss_context_carries_step_teacher_and_target_network(tmp_path) -> None:
+    """The loss sees the update index, a frozen teacher on the backend's device and the target network
+    θ⁻ ← μ θ⁻ + (1 − μ) θ; θ⁻ is checkpointed, so a resumed run continues with the same one."""
+    cfg = _config(steps=6, grad_accum=1, checkpoint_every=0)
+    teacher = TinyDenoiser(dropout=0.0)
+    seen: list[tuple[int, bool, bool]] = []
+
+    def distill_like(module, batch, generator, ctx):
+        assert ctx.teacher is teacher and ctx.device == torch.device("cpu")
+        seen.append((ctx.step, ctx.teacher.training, ctx.target.training))
+        with torch.no_grad():
+            _ = ctx.teacher.out.weight.sum() + ctx.target.out.weight.sum()
+        return denoise_loss(module, batch, generator, ctx)
+
+    trainer = _trainer(cfg, loss=distill_like, dropout=0.0, teacher=teacher, target_decay=0.5)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    start = {n: p.detach().clone() for n, p in trainer.backend.model.named_parameters()}
+    expected = dict(start)
+    weights_after: list[dict[str, torch.Tensor]] = []
+
+    class _Follow(Hook):
+        def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+            weights_after.append({n: p.detach().clone() for n, p in trainer.backend.model.named_parameters()})
+
+    trainer.hooks.append(_Follow())
+    trainer.fit()
+    assert [s for s, _, _ in seen] == list(range(6)) and not any(t or g for _, t, g in seen)
+    for current in weights_after:
+        expected = {n: torch.lerp(expected[n], current[n], 0.5) for n in expected}
+    for n, p in trainer.target.module.named_parameters():
+        torch.testing.assert_close(p, expected[n], rtol=0, atol=1e-7, msg=n)
+        assert not p.requires_grad
+
+    straight = _trainer(cfg, loss=distill_like, dropout=0.0, teacher=teacher, target_decay=0.5)
+    straight.fit()
+    first = _trainer(cfg, run_dir=tmp_path, loss=distill_like, dropout=0.0, teacher=teacher, target_decay=0.5)
+    first.fit(max_steps=3)
+    second = _trainer(
+        cfg, run_dir=tmp_path, loss=distill_like, dropout=0.0, teacher=teacher, target_decay=0.5
+    )
+    second.fit()
+    for (n, a), b in zip(
+        straight.target.module.named_parameters(), second.target.module.parameters(), strict=True
+    ):
+        assert torch.equal(a, b), n
+    without = _trainer(cfg, run_dir=tmp_path, loss=distill_like, dropout=0.0, teacher=teacher)
+    with pytest.raises(ValueError, match="target"):
+        without.fit()  # a run without θ⁻ cannot pretend to resume one that had it (and vice versa)

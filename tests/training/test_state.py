@@ -56,7 +56,10 @@ def _trainer(run_dir: Path | None, backend: TorchBackend | None = None, **kw) ->
     np.random.seed(0)
     stream = InMemoryStream(SHOWERS, COND, 4, seed=7)
     cfg = LoopConfig(**{**CFG.__dict__, **kw})
-    return Trainer(TinyDenoiser(), denoise_loss, backend or TorchBackend("cpu"), stream, cfg, run_dir=run_dir)
+    checkpoints = CheckpointManager(Path(run_dir) / "checkpoints") if run_dir is not None else None
+    return Trainer(
+        TinyDenoiser(), denoise_loss, backend or TorchBackend("cpu"), stream, cfg, checkpoints=checkpoints
+    )
 
 
 def test_encode_decode_round_trip() -> None:

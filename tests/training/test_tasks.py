@@ -11,10 +11,17 @@ from caloforge.datasets.batch import ShowerBatch
 from caloforge.datasets.stats import compute_stats
 from caloforge.platform.conditioning import Conditions, ConditionVocab
 from caloforge.platform.energy import LayerEnergyConfig
-from caloforge.platform.objectives import OBJECTIVES
+from caloforge.platform.objectives import (
+    OBJECTIVES,
+    FlowMatchingConfig,
+    LossContext,
+    ObjectiveConfig,
+    make_objective,
+)
 from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig
 from caloforge.training.config import LoopConfig, OptimConfig
 from caloforge.training.loop import Trainer
+from caloforge.training.state import CheckpointManager
 from caloforge.training.tasks import shower_loss_fn
 from caloforge.training.torch_backend import TorchBackend
 
@@ -36,7 +43,7 @@ def _model(objective: str = "flow_matching", **config_kwargs) -> ShowerModel:
     showers, cond = _data()
     stats = compute_stats(showers, cond.energy_mev, cond.theta_rad)
     cfg = ShowerModelConfig(
-        backbone="debug", objective=objective, sampler="euler", num_steps=4, **config_kwargs
+        backbone="debug", parametrisation=objective, sampler="euler", num_steps=4, **config_kwargs
     )
     return ShowerModel.build(cfg, ConditionVocab.create(["det-a", "det-b"], spare_slots=1), stats, MESH)
 
@@ -47,13 +54,13 @@ def test_loss_fn_is_the_objective_plus_the_weighted_head_loss(objective: str) ->
     showers, cond = _data(8, seed=1)
     batch = ShowerBatch.from_numpy(showers, cond)
     loss_fn = shower_loss_fn(model)
-    loss_B = loss_fn(model, batch, torch.Generator().manual_seed(3))
+    loss_B = loss_fn(model, batch, torch.Generator().manual_seed(3), LossContext())
     assert loss_B.shape == (8,) and loss_B.dtype == torch.float32 and torch.isfinite(loss_B).all()
     # One generator, in order: the objective's draws, then the head's (y₀ then t, ``energy_flow_loss``).
     gen = torch.Generator().manual_seed(3)
     x1 = model.transform(torch.from_numpy(showers))
     ct = model.vocab.encode(cond)
-    objective_B = OBJECTIVES[objective](model, x1, ct, gen)
+    objective_B = make_objective(objective)(model, x1, ct, gen)
     head_B = model.energy_loss(torch.from_numpy(showers), ct, gen)
     torch.testing.assert_close(loss_B, objective_B + 0.25 * head_B, rtol=0, atol=0)
     assert (head_B > 0).all()
@@ -75,30 +82,35 @@ def test_loss_fn_without_the_head_is_the_objective_on_transformed_inputs(objecti
     model = _model(objective, layer_energy=LayerEnergyConfig(enabled=False))
     showers, cond = _data(8, seed=1)
     batch = ShowerBatch.from_numpy(showers, cond)
-    loss_B = shower_loss_fn(model)(model, batch, torch.Generator().manual_seed(3))
+    loss_B = shower_loss_fn(model)(model, batch, torch.Generator().manual_seed(3), LossContext())
     x1 = model.transform(torch.from_numpy(showers))
-    expected = OBJECTIVES[objective](model, x1, model.vocab.encode(cond), torch.Generator().manual_seed(3))
+    expected = make_objective(objective)(
+        model, x1, model.vocab.encode(cond), torch.Generator().manual_seed(3)
+    )
     torch.testing.assert_close(loss_B, expected, rtol=0, atol=0)
     loss_B.mean().backward()
     assert model.network.detector_embed.weight.grad is not None
 
 
-def test_options_are_recorded_and_mistakes_are_value_errors() -> None:
+def test_the_objective_comes_from_the_job_config_and_mistakes_are_value_errors() -> None:
     model = _model("flow_matching")
-    shower_loss_fn(model, "flow_matching", coupling="ot")
-    assert model.config.flow_matching.coupling == "ot"
-    with pytest.raises(ValueError, match="unknown option"):
-        shower_loss_fn(model, "flow_matching", sigma=1.0)
-    with pytest.raises(ValueError, match="built with objective='flow_matching'"):
+    showers, cond = _data(8, seed=1)
+    batch = ShowerBatch.from_numpy(showers, cond)
+    ot = ObjectiveConfig(name="flow_matching", flow_matching=FlowMatchingConfig(coupling="ot"))
+    loss_fn = shower_loss_fn(model, ot)
+    assert loss_fn.objective.config.coupling == "ot"  # what trained the weights (for the lineage)
+    assert not hasattr(model.config, "flow_matching")  # the model is not changed by the job's choice
+    plain = shower_loss_fn(model)(model, batch, torch.Generator().manual_seed(3), LossContext())
+    coupled = loss_fn(model, batch, torch.Generator().manual_seed(3), LossContext())
+    assert not torch.allclose(plain, coupled)
+    with pytest.raises(ValueError, match="cannot train a model with parametrisation='flow_matching'"):
         shower_loss_fn(model, "edm")
     with pytest.raises(ValueError, match="unknown 'score'"):
         shower_loss_fn(model, "score")
     with pytest.raises(ValueError, match="needs a ShowerModel"):
         shower_loss_fn(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="coupling"):
-        shower_loss_fn(model, coupling="sinkhorn")
     with pytest.raises(ValueError, match="expected a ShowerBatch"):
-        shower_loss_fn(model)(model, torch.zeros(2), torch.Generator())
+        shower_loss_fn(model)(model, torch.zeros(2), torch.Generator(), LossContext())
 
 
 class _ListStream:
@@ -128,8 +140,9 @@ def test_trainer_drives_a_shower_model(tmp_path) -> None:
         ShowerBatch.from_numpy(showers[i : i + 8], cond.subset(slice(i, i + 8))) for i in range(0, 32, 8)
     ]
     cfg = LoopConfig(steps=3, batch_size=8, log_every=1, optim=OptimConfig(lr=1e-3))
+    checkpoints = CheckpointManager(tmp_path / "checkpoints")
     trainer = Trainer(
-        model, shower_loss_fn(model), TorchBackend("cpu"), _ListStream(batches), cfg, run_dir=tmp_path
+        model, shower_loss_fn(model), TorchBackend("cpu"), _ListStream(batches), cfg, checkpoints=checkpoints
     )
     result = trainer.fit()
     assert result.step == 3 and all(np.isfinite(r["loss"]) for r in result.history)

@@ -15,6 +15,7 @@ from torch import nn
 
 from caloforge.datasets.batch import ShowerBatch
 from caloforge.platform.conditioning import Conditions
+from caloforge.platform.objectives import LossContext
 
 MESH = (3, 4, 2)
 DETECTORS = ("det-a", "det-b")
@@ -108,7 +109,9 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def denoise_loss(module: nn.Module, batch: ShowerBatch, generator: torch.Generator) -> torch.Tensor:
+def denoise_loss(
+    module: nn.Module, batch: ShowerBatch, generator: torch.Generator, ctx: LossContext | None = None
+) -> torch.Tensor:
     """Conditional flow matching on standardised log-energies: noise and time from ``generator``."""
     device = _device_of(module)
     dtype = next(module.parameters()).dtype
@@ -121,7 +124,9 @@ def denoise_loss(module: nn.Module, batch: ShowerBatch, generator: torch.Generat
     return ((v - (x1 - x0)) ** 2).mean(dim=1)
 
 
-def deterministic_loss(module: nn.Module, batch: ShowerBatch, generator: torch.Generator) -> torch.Tensor:
+def deterministic_loss(
+    module: nn.Module, batch: ShowerBatch, generator: torch.Generator, ctx: LossContext | None = None
+) -> torch.Tensor:
     """The same regression without randomness (for exact equivalence tests)."""
     device = _device_of(module)
     dtype = next(module.parameters()).dtype

@@ -1,58 +1,112 @@
-"""Training objectives by name: ``OBJECTIVES[name](module, x1_BZPR, cond, generator) -> loss_B``.
+"""Training objectives by name: ``OBJECTIVES[name]`` is an :class:`Objective` class; an instance, built
+from its options (the job config's ``objective`` block, :class:`ObjectiveConfig`), is the callable
+``objective(module, x1_BZPR, cond, generator, ctx) -> loss_B`` (see ``common.py`` for the contract).
 
-``x1_BZPR`` is a batch already in model (transformed) space, ``cond`` its ``ConditionTensors``, ``module``
-the possibly wrapped ``ShowerModel`` (objectives call ``module(x_t, t, cond)``; options come from the
-model's ``ShowerModelConfig``), ``generator`` the only source of randomness. The result is the per-sample
-loss (B,) in float32; the training loop averages it.
+The model records its *parametrisation* (``ShowerModelConfig.parametrisation``: what the network output
+means), the job chooses the *objective* that trains it; :func:`make_objective` checks they fit. Each
+parametrisation has a native objective (``NATIVE_OBJECTIVES``), used when the job names none.
 
 - ``flow_matching``: conditional flow matching, linear path (Lipman et al. 2023); ``coupling = "ot"`` adds
-  minibatch OT pairing within condition groups (Tong et al. 2023; AllShowers).
-- ``edm``: EDM denoising loss with log-normal σ and λ(σ) weighting (Karras et al. 2022).
+  minibatch OT pairing within condition groups (Tong et al. 2023; AllShowers). Trains ``flow_matching``.
+- ``edm``: EDM denoising loss with log-normal σ and λ(σ) weighting (Karras et al. 2022). Trains ``edm``.
+
+A new objective (e.g. consistency distillation) is one class here plus one options field in
+:class:`ObjectiveConfig`; it reads a teacher or target network from the :class:`LossContext`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass, field
 
-import torch
-from torch import nn
-
-from caloforge.platform.conditioning import ConditionTensors
-from caloforge.platform.objectives.common import unwrap_shower_model
+from caloforge.platform.objectives.common import (
+    LossContext,
+    Objective,
+    check_objective_inputs,
+    unwrap_shower_model,
+)
 from caloforge.platform.objectives.coupling import (
     condition_groups,
     mean_pair_distance,
     ot_couple,
     ot_permutation,
 )
-from caloforge.platform.objectives.edm import EDMConfig, edm_loss
-from caloforge.platform.objectives.flow_matching import COUPLINGS, FlowMatchingConfig, flow_matching_loss
+from caloforge.platform.objectives.edm import EDMLoss, EDMLossConfig
+from caloforge.platform.objectives.flow_matching import COUPLINGS, FlowMatchingConfig, FlowMatchingLoss
 
-ObjectiveFn = Callable[[nn.Module, torch.Tensor, ConditionTensors, torch.Generator], torch.Tensor]
-
-OBJECTIVES: dict[str, ObjectiveFn] = {
-    "flow_matching": flow_matching_loss,
-    "edm": edm_loss,
+OBJECTIVES: dict[str, type[Objective]] = {
+    "flow_matching": FlowMatchingLoss,
+    "edm": EDMLoss,
 }
 
+# The objective a parametrisation is trained with when the job names none.
+NATIVE_OBJECTIVES: dict[str, str] = {"flow_matching": "flow_matching", "edm": "edm"}
 
-def get_objective(name: str) -> ObjectiveFn:
-    try:
-        return OBJECTIVES[name]
-    except KeyError:
-        raise ValueError(f"unknown objective {name!r} (known: {sorted(OBJECTIVES)})") from None
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """The job config's ``objective`` block: which objective trains the model, and each one's options.
+
+    ``name``: a key of ``OBJECTIVES``; ``None`` (the default) means the model's native objective
+    (``NATIVE_OBJECTIVES[model.config.parametrisation]``). Only the chosen objective's section is used.
+    """
+
+    name: str | None = None
+    edm: EDMLossConfig = field(default_factory=EDMLossConfig)
+    flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+
+    def __post_init__(self) -> None:
+        if self.name is not None and self.name not in OBJECTIVES:
+            raise ValueError(f"objective.name: unknown {self.name!r} (known: {sorted(OBJECTIVES)})")
+
+    def resolve_name(self, parametrisation: str) -> str:
+        """The objective's name for a model of ``parametrisation``."""
+        if self.name is not None:
+            return self.name
+        try:
+            return NATIVE_OBJECTIVES[parametrisation]
+        except KeyError:
+            raise ValueError(
+                f"objective.name: parametrisation {parametrisation!r} has no native objective; name one "
+                f"(known: {sorted(OBJECTIVES)})"
+            ) from None
+
+
+def make_objective(
+    config: ObjectiveConfig | str | None = None, parametrisation: str | None = None
+) -> Objective:
+    """The configured objective. ``config``: an :class:`ObjectiveConfig`, an objective name (default
+    options) or ``None`` (the native objective of ``parametrisation``). With ``parametrisation`` the
+    pairing is checked here (ValueError naming both), so a job fails before it trains."""
+    if config is None or isinstance(config, str):
+        config = ObjectiveConfig(name=config)
+    if config.name is None and parametrisation is None:
+        raise ValueError("make_objective: give an objective name or the model's parametrisation")
+    name = config.resolve_name(parametrisation) if parametrisation is not None else str(config.name)
+    cls = OBJECTIVES[name]
+    options = getattr(config, name, None)
+    objective = cls(options) if options is not None else cls()  # type: ignore[call-arg]
+    if parametrisation is not None and parametrisation not in cls.parametrisations:
+        raise ValueError(
+            f"objective {name!r} cannot train a model with parametrisation={parametrisation!r}; it trains "
+            f"{list(cls.parametrisations)}"
+        )
+    return objective
 
 
 __all__ = [
     "COUPLINGS",
+    "NATIVE_OBJECTIVES",
     "OBJECTIVES",
-    "EDMConfig",
+    "EDMLoss",
+    "EDMLossConfig",
     "FlowMatchingConfig",
-    "ObjectiveFn",
+    "FlowMatchingLoss",
+    "LossContext",
+    "Objective",
+    "ObjectiveConfig",
+    "check_objective_inputs",
     "condition_groups",
-    "edm_loss",
-    "flow_matching_loss",
-    "get_objective",
+    "make_objective",
     "mean_pair_distance",
     "ot_couple",
     "ot_permutation",

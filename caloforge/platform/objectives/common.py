@@ -1,15 +1,24 @@
-"""Helpers shared by the objectives: find the ShowerModel inside distributed/adapter wrappers and check
-that an objective matches the model it trains.
+"""What every objective shares: the loss context, the objective interface, and the checks.
 
-Objectives must *call* the wrapper (``module(x_t, t, cond)``) so DDP/DeepSpeed see the forward, but they
-read hyper-parameters (σ_data, coupling, …) from the wrapped ``ShowerModel``. Wrappers are unwrapped through
-their public handles: ``.module`` (DDP, FSDP, DeepSpeed engine), ``._orig_mod`` (``torch.compile``) and
-``.get_base_model()`` (peft ``PeftModel``).
+An **objective** is a small configured callable ``objective(module, x1_BZPR, cond, generator, ctx) ->
+loss_B``: ``module`` the possibly wrapped ``ShowerModel`` (objectives *call* the wrapper,
+``module(x_t, t, cond)``, so DDP/DeepSpeed see the forward), ``x1_BZPR`` a batch in model (transformed)
+space, ``cond`` its ``ConditionTensors``, ``generator`` the only source of randomness and ``ctx`` the
+:class:`LossContext` (step, device, target network, teacher). Its options come from its own frozen
+config (the job config's ``objective`` block), never from the model: the model records only its
+**parametrisation** (what the network output means: ``ShowerModelConfig.parametrisation``, a key of
+``denoisers.DENOISERS``), and an objective names the parametrisations it can train
+(``Objective.parametrisations``). So "an EDM-parametrised student trained with a consistency loss" is a
+model config plus an objective config.
+
+Wrappers are unwrapped through their public handles: ``.module`` (DDP, FSDP, DeepSpeed engine),
+``._orig_mod`` (``torch.compile``) and ``.get_base_model()`` (peft ``PeftModel``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -20,6 +29,65 @@ if TYPE_CHECKING:
     from caloforge.platform.shower_model import ShowerModel
 
 _MAX_WRAP_DEPTH = 8
+
+
+@dataclass(frozen=True)
+class LossContext:
+    """What the loop hands a loss besides the batch (one per micro-batch).
+
+    ``step``: optimizer updates done before this one (0-based index of the update being computed);
+    ``device``: the backend's device; ``target``: the loop's target network (an EMA of the trained
+    weights with its own decay, frozen; ``None`` unless the job asks for one: consistency training's θ⁻);
+    ``teacher``: a frozen model on ``device`` (``None`` unless the job has one: distillation).
+    """
+
+    step: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    target: nn.Module | None = None
+    teacher: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        if self.step < 0:
+            raise ValueError(f"LossContext.step must be >= 0, got {self.step}")
+
+    def require_target(self, who: str) -> nn.Module:
+        if self.target is None:
+            raise ValueError(f"{who} needs a target network: the job must set a target decay")
+        return self.target
+
+    def require_teacher(self, who: str) -> nn.Module:
+        if self.teacher is None:
+            raise ValueError(f"{who} needs a frozen teacher model: the job must give one")
+        return self.teacher
+
+
+class Objective:
+    """Base class of the objectives: ``name``, the ``parametrisations`` it can train, ``config``."""
+
+    name: ClassVar[str] = ""
+    parametrisations: ClassVar[tuple[str, ...]] = ()
+
+    def __call__(
+        self,
+        module: nn.Module,
+        x1_BZPR: torch.Tensor,
+        cond: ConditionTensors,
+        generator: torch.Generator,
+        ctx: LossContext | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define __call__")
+
+    def check_model(self, model: ShowerModel) -> None:
+        """ValueError when ``model``'s parametrisation is not one this objective trains."""
+        param = model.config.parametrisation
+        if param not in self.parametrisations:
+            raise ValueError(
+                f"objective {self.name!r} cannot train a model with parametrisation={param!r} (the network "
+                f"output means something else); it trains {list(self.parametrisations)}"
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({getattr(self, 'config', '')})"
 
 
 def unwrap_shower_model(module: nn.Module) -> ShowerModel:
@@ -45,16 +113,15 @@ def unwrap_shower_model(module: nn.Module) -> ShowerModel:
 
 
 def check_objective_inputs(
-    model: ShowerModel, objective: str, x1_BZPR: torch.Tensor, cond: ConditionTensors
+    model: ShowerModel, objective: Objective, x1_BZPR: torch.Tensor, cond: ConditionTensors
 ) -> None:
-    """ValueError when the model was built for another objective or the batch does not fit the model."""
-    if model.config.objective != objective:
-        raise ValueError(
-            f"objective {objective!r} cannot train a model built with objective={model.config.objective!r} "
-            "(the network output means something else)"
-        )
+    """ValueError when the model's parametrisation does not fit the objective or the batch the model."""
+    objective.check_model(model)
     if x1_BZPR.ndim != 4 or tuple(x1_BZPR.shape[1:]) != model.mesh_shape:
         mesh = ", ".join(map(str, model.mesh_shape))
         raise ValueError(f"x1_BZPR must have shape (B, {mesh}), got {tuple(x1_BZPR.shape)}")
     if len(cond) != x1_BZPR.shape[0]:
         raise ValueError(f"cond has {len(cond)} rows but x1_BZPR has batch {x1_BZPR.shape[0]}")
+
+
+__all__ = ["LossContext", "Objective", "check_objective_inputs", "unwrap_shower_model"]

@@ -18,7 +18,12 @@ import torch
 from torch import nn
 
 from caloforge.platform.conditioning import ConditionTensors
-from caloforge.platform.objectives.common import check_objective_inputs, unwrap_shower_model
+from caloforge.platform.objectives.common import (
+    LossContext,
+    Objective,
+    check_objective_inputs,
+    unwrap_shower_model,
+)
 from caloforge.platform.objectives.coupling import condition_groups, ot_couple
 
 COUPLINGS = ("independent", "ot")
@@ -34,35 +39,51 @@ class FlowMatchingConfig:
 
     def __post_init__(self) -> None:
         if self.coupling not in COUPLINGS:
-            raise ValueError(f"flow_matching.coupling must be one of {COUPLINGS}, got {self.coupling!r}")
+            raise ValueError(
+                f"objective.flow_matching.coupling must be one of {COUPLINGS}, got {self.coupling!r}"
+            )
         if self.ot_energy_bins_per_decade < 1:
             raise ValueError(
-                f"flow_matching.ot_energy_bins_per_decade must be >= 1, got {self.ot_energy_bins_per_decade}"
+                "objective.flow_matching.ot_energy_bins_per_decade must be >= 1, got "
+                f"{self.ot_energy_bins_per_decade}"
             )
         if self.ot_theta_bins < 0:
-            raise ValueError(f"flow_matching.ot_theta_bins must be >= 0, got {self.ot_theta_bins}")
+            raise ValueError(f"objective.flow_matching.ot_theta_bins must be >= 0, got {self.ot_theta_bins}")
 
 
-def flow_matching_loss(
-    module: nn.Module, x1_BZPR: torch.Tensor, cond: ConditionTensors, generator: torch.Generator
-) -> torch.Tensor:
-    """Per-sample CFM loss (B,). ``module`` is the (possibly DDP/DeepSpeed/peft-wrapped) ShowerModel."""
-    model = unwrap_shower_model(module)
-    check_objective_inputs(model, "flow_matching", x1_BZPR, cond)
-    options: FlowMatchingConfig = model.config.flow_matching
-    b = x1_BZPR.shape[0]
-    x0_BZPR = torch.randn(x1_BZPR.shape, generator=generator, device=generator.device)
-    t_B = torch.rand(b, generator=generator, device=generator.device)
-    x0_BZPR = x0_BZPR.to(device=x1_BZPR.device, dtype=x1_BZPR.dtype)
-    t_B = t_B.to(x1_BZPR.device)
-    if options.coupling == "ot":
-        groups = condition_groups(cond, options.ot_energy_bins_per_decade, options.ot_theta_bins)
-        x0_BZPR = ot_couple(x0_BZPR, x1_BZPR, groups)
-    t_b = t_B[:, None, None, None].to(x1_BZPR.dtype)
-    x_t_BZPR = (1.0 - t_b) * x0_BZPR + t_b * x1_BZPR
-    v_BZPR = module(x_t_BZPR, t_B, cond)
-    target_BZPR = x1_BZPR - x0_BZPR
-    return (v_BZPR.float() - target_BZPR.float()).pow(2).mean(dim=(1, 2, 3))
+class FlowMatchingLoss(Objective):
+    """Per-sample CFM loss (B,) of a velocity-parametrised model (see the module docstring)."""
+
+    name = "flow_matching"
+    parametrisations = ("flow_matching",)
+
+    def __init__(self, config: FlowMatchingConfig | None = None) -> None:
+        self.config = config if config is not None else FlowMatchingConfig()
+
+    def __call__(
+        self,
+        module: nn.Module,
+        x1_BZPR: torch.Tensor,
+        cond: ConditionTensors,
+        generator: torch.Generator,
+        ctx: LossContext | None = None,
+    ) -> torch.Tensor:
+        model = unwrap_shower_model(module)
+        check_objective_inputs(model, self, x1_BZPR, cond)
+        options = self.config
+        b = x1_BZPR.shape[0]
+        x0_BZPR = torch.randn(x1_BZPR.shape, generator=generator, device=generator.device)
+        t_B = torch.rand(b, generator=generator, device=generator.device)
+        x0_BZPR = x0_BZPR.to(device=x1_BZPR.device, dtype=x1_BZPR.dtype)
+        t_B = t_B.to(x1_BZPR.device)
+        if options.coupling == "ot":
+            groups = condition_groups(cond, options.ot_energy_bins_per_decade, options.ot_theta_bins)
+            x0_BZPR = ot_couple(x0_BZPR, x1_BZPR, groups)
+        t_b = t_B[:, None, None, None].to(x1_BZPR.dtype)
+        x_t_BZPR = (1.0 - t_b) * x0_BZPR + t_b * x1_BZPR
+        v_BZPR = module(x_t_BZPR, t_B, cond)
+        target_BZPR = x1_BZPR - x0_BZPR
+        return (v_BZPR.float() - target_BZPR.float()).pow(2).mean(dim=(1, 2, 3))
 
 
-__all__ = ["COUPLINGS", "FlowMatchingConfig", "flow_matching_loss"]
+__all__ = ["COUPLINGS", "FlowMatchingConfig", "FlowMatchingLoss"]
