@@ -501,8 +501,13 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         stream_cfg = dataclasses.replace(cfg.data.stream, batch_size=micro)
         stream: Any = ShowerStream(manifest.directory, stream_cfg, "train", rank, world, seed=cfg.loop.seed)
         # The trained ranges go into the bundle's lineage: the registry's model card reads them.
-        extra = {**trained_ranges(manifest, stream.groups), "run_uri": run.uri}
-        lineage = Lineage(dataset_manifest_hash=manifest.fingerprint, extra=extra)
+        lineage = Lineage(
+            kind="base",
+            objective=cfg.model.objective,
+            dataset_manifest_hash=manifest.fingerprint,
+            trained=trained_ranges(manifest, stream.groups),
+            extra={"run_uri": run.uri},
+        )
         model = ShowerModel.build(cfg.model, vocab, manifest.stats["pooled"], mesh_shape, lineage=lineage)
         backend = _make_backend(cfg, device)
         if rank == 0:

@@ -433,9 +433,11 @@ def train(config: TrainConfig, run_dir: str | Path | None = None) -> TrainResult
 
         final = trainer.averaged_model()
         lineage = Lineage(
+            kind="base",
+            objective=config.model.objective,
             dataset_manifest_hash=manifest.fingerprint,
+            trained=trained_ranges(manifest, stream.groups),  # the model card's valid ranges
             extra={
-                **trained_ranges(manifest, stream.groups),  # the model card's valid ranges
                 "run_dir": str(run_dir.resolve()),
                 "run_name": config.name,
                 "steps": str(trainer.step),
