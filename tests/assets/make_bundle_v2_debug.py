@@ -1,4 +1,4 @@
-"""How ``tests/assets/bundle_v2_debug/`` (+ ``bundle_v2_debug_expected.npz``) was made: a STORED schema-2 bundle.
+"""How the STORED schema-2 bundle ``tests/assets/bundle_v2_debug/`` (+ its ``_expected.npz``) was made.
 
 It was written once, by the code of commit 3ea94eb (bundle schema 2, lineage strings in ``extra``), so
 that the tests load a bundle exactly as that version wrote it; re-running this script with a newer
