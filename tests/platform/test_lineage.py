@@ -65,7 +65,8 @@ def test_stored_v2_bundle_loads_with_typed_lineage_and_identical_showers() -> No
     expected = np.load(ASSETS / "bundle_v2_debug_expected.npz")
     cond = Conditions(*(expected[f] for f in Conditions.fields()))
     out = model.generate(cond, seeds=expected["seeds"], batch_size=3)
-    np.testing.assert_allclose(out, expected["showers"], rtol=1e-5, atol=1e-6)
+    # float32 GEMM rounding differs between CPUs; wrong or misloaded weights differ by O(1)
+    np.testing.assert_allclose(out, expected["showers"], rtol=1e-4, atol=1e-5)
 
 
 def test_v1_lineage_migrates_the_same_way(tmp_path: Path) -> None:
