@@ -70,6 +70,7 @@ from caloforge.datasets.batch import ShowerBatch
 from caloforge.datasets.schema import ShowerSet
 from caloforge.datasets.shards import Manifest, ShardInfo, VerifyMode, shard_samples
 from caloforge.platform.conditioning import Conditions
+from caloforge.platform.lineage import TrainedRanges
 
 log = logging.getLogger("caloforge.datasets.streaming")
 
@@ -198,11 +199,12 @@ def plan_groups(manifest: Manifest, split: str, config: StreamConfig) -> list[St
     return groups
 
 
-def trained_ranges(manifest: Manifest, groups: list[StreamGroup]) -> dict[str, str]:
-    """What a model trained on ``groups`` has seen, as ``Lineage.extra`` strings (the names of the stats
-    block): ``energy_mev_min``/``max`` and ``theta_rad_min``/``max``, the union of the groups' detectors'
-    train-split ranges in the manifest stats, and ``particles``, the particles of the groups' shards. The
-    model card's valid ranges (``caloforge.registry.card.ranges_from_lineage``) come from these."""
+def trained_ranges(manifest: Manifest, groups: list[StreamGroup]) -> TrainedRanges:
+    """What a model trained on ``groups`` has seen (``Lineage.trained``): ``energy_mev`` and ``theta_rad``,
+    the union of the groups' detectors' train-split ranges in the manifest stats (``energy_mev_min``/``max``,
+    ``theta_rad_min``/``max``), ``particles``, the particles of the groups' shards, and ``detectors``, the
+    groups' detectors (all sorted). The model card's valid ranges
+    (``caloforge.registry.card.ranges_from_lineage``) come from these."""
     if not groups:
         raise ValueError("trained_ranges: no stream groups")
     per_detector = (manifest.stats or {}).get("per_detector") or {}
@@ -212,13 +214,18 @@ def trained_ranges(manifest: Manifest, groups: list[StreamGroup]) -> dict[str, s
         raise ValueError(f"{manifest.directory}: manifest stats have no per-detector block for {missing}")
     blocks = [per_detector[d] for d in detectors]
     particles = sorted({sh.particle for g in groups for sh in g.shards})
-    return {
-        "energy_mev_min": repr(float(min(b["energy_mev_min"] for b in blocks))),
-        "energy_mev_max": repr(float(max(b["energy_mev_max"] for b in blocks))),
-        "theta_rad_min": repr(float(min(b["theta_rad_min"] for b in blocks))),
-        "theta_rad_max": repr(float(max(b["theta_rad_max"] for b in blocks))),
-        "particles": ",".join(particles),
-    }
+    return TrainedRanges(
+        energy_mev=(
+            float(min(b["energy_mev_min"] for b in blocks)),
+            float(max(b["energy_mev_max"] for b in blocks)),
+        ),
+        theta_rad=(
+            float(min(b["theta_rad_min"] for b in blocks)),
+            float(max(b["theta_rad_max"] for b in blocks)),
+        ),
+        particles=tuple(particles),
+        detectors=tuple(detectors),
+    )
 
 
 def _seed_int(*entropy: int) -> int:

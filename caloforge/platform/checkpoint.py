@@ -1,18 +1,31 @@
 """Model bundles: a directory with ``config.json`` + ``model.safetensors``; no pickles, no training code.
 
-``config.json`` (schema_version 2; version 1 bundles predate the layer-energy head and load with
-``layer_energy.enabled = false``)::
+``config.json`` (schema_version 3)::
 
     {
       "format": "caloforge.shower_model",
-      "schema_version": 2,
+      "schema_version": 3,
       "caloforge_version": "0.1.0", "torch_version": "...",
       "model_config": {...ShowerModelConfig as plain data...},
       "vocab": {"detectors": [...], "n_detector_slots": K},
       "mesh": {"n_z": 45, "n_phi": 16, "r_edges_mm": [...]},
-      "lineage": {"parent": ..., "dataset_manifest_hash": ..., "created_utc": ..., "extra": {...}},
+      "lineage": {"kind": "base" | "adapted" | "distilled", "parent_uri": ..., "parent_version": ...,
+                  "strategy": ..., "objective": ..., "target_detector": ..., "dataset_manifest_hash": ...,
+                  "trained": {"energy_mev": [lo, hi], "theta_rad": [lo, hi], "particles": [...],
+                              "detectors": [...]} | null,
+                  "created_utc": ..., "extra": {...free-form strings...}},
       "weights": {"file": "model.safetensors", "sha256": "...", "n_tensors": ..., "n_parameters": ...}
     }
+
+The lineage is ``caloforge.platform.lineage.Lineage`` (typed, validated). Older bundles still load:
+
+- version 1 predates the layer-energy head (loads with ``layer_energy.enabled = false``) and the data-range
+  clamp (``transform.log_max_Z`` keeps its neutral default);
+- versions 1 and 2 kept the lineage as ``parent`` plus strings in ``extra`` (``kind``, ``parent_version``,
+  ``adaptation_method``, ``target_detector`` and the trained ranges ``energy_mev_min``/``max``,
+  ``theta_rad_min``/``max``, ``particles``); ``_migrate_lineage`` turns them into the typed fields
+  (``parent`` → ``parent_uri``, ``adaptation_method`` → ``strategy``, the ranges → ``trained``; ``kind``
+  defaults to ``adapted`` when there is a parent, else ``base``) and keeps the rest of ``extra``.
 
 ``model.safetensors`` holds ``ShowerModel.state_dict()``: the network weights and the transform buffers
 (so users always get MeV). The patch coordinates are derived from the mesh and not stored.
@@ -31,7 +44,8 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import asdict, replace
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +57,11 @@ import caloforge
 from caloforge.config import from_dict, to_dict
 from caloforge.platform.conditioning import ConditionVocab
 from caloforge.platform.geometry import Mesh
-from caloforge.platform.shower_model import Lineage, ShowerModel, ShowerModelConfig
+from caloforge.platform.lineage import LEGACY_FIELD_KEYS, LEGACY_RANGE_KEYS, Lineage
+from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig
 
 BUNDLE_FORMAT = "caloforge.shower_model"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -69,7 +84,7 @@ def bundle_config(model: ShowerModel, lineage: Lineage, weights: dict[str, Any])
         "model_config": to_dict(model.config),
         "vocab": model.vocab.to_dict(),
         "mesh": {"n_z": model.mesh.n_z, "n_phi": model.mesh.n_phi, "r_edges_mm": list(model.mesh.r_edges_mm)},
-        "lineage": asdict(lineage),
+        "lineage": to_dict(lineage),
         "weights": weights,
     }
 
@@ -166,6 +181,57 @@ def migrate_model_config(model_config: dict[str, Any], schema_version: int) -> d
     return out
 
 
+def _legacy_range(extra: Mapping[str, str], name: str, where: str) -> list[float] | None:
+    lo, hi = extra.get(f"{name}_min"), extra.get(f"{name}_max")
+    if lo is None and hi is None:
+        return None
+    if lo is None or hi is None:
+        missing = f"{name}_min" if lo is None else f"{name}_max"
+        raise ValueError(f"{where}: lineage.extra has only one bound of {name} ({missing} missing)")
+    try:
+        return [float(lo), float(hi)]
+    except ValueError:
+        raise ValueError(
+            f"{where}: lineage.extra {name}_min/_max must be numbers, got {lo!r}, {hi!r}"
+        ) from None
+
+
+def _migrate_lineage(lineage: Mapping[str, Any], version: int, where: str) -> dict[str, Any]:
+    """The schema-3 ``lineage`` object of a config.json written with schema ``version`` (a new dict).
+
+    Schema 1/2: ``parent`` → ``parent_uri``; ``extra`` strings ``kind``, ``parent_version``,
+    ``adaptation_method`` (→ ``strategy``) and ``target_detector`` become fields; the trained ranges
+    (``energy_mev_min``/``max``, ``theta_rad_min``/``max``, comma-separated ``particles`` names or PDG ids)
+    become ``trained`` (detectors were not recorded); empty strings count as unrecorded; ``kind`` defaults to
+    ``adapted`` with a parent, else ``base``. Unknown keys are kept, so that loading names them.
+    """
+    if version >= 3:
+        return dict(lineage)
+    old = dict(lineage)
+    extra = old.pop("extra", None) or {}
+    if not isinstance(extra, Mapping) or not all(isinstance(v, str) for v in extra.values()):
+        raise ValueError(f"{where}: lineage.extra must be an object of strings, got {extra!r}")
+    extra = {
+        k: v for k, v in extra.items() if not (k in (*LEGACY_FIELD_KEYS, *LEGACY_RANGE_KEYS) and v == "")
+    }
+    parent = old.pop("parent", None) or None
+    new: dict[str, Any] = {"parent_uri": parent}
+    new.update({field: extra.pop(key) for key, field in LEGACY_FIELD_KEYS.items() if key in extra})
+    new.setdefault("kind", "adapted" if parent is not None else "base")
+    names = [p.strip() for p in extra.get("particles", "").split(",") if p.strip()]
+    trained = {
+        "energy_mev": _legacy_range(extra, "energy_mev", where),
+        "theta_rad": _legacy_range(extra, "theta_rad", where),
+        "particles": names or None,
+        "detectors": None,  # not recorded before schema 3
+    }
+    if any(v is not None for v in trained.values()):
+        new["trained"] = trained
+    for key in LEGACY_RANGE_KEYS:
+        extra.pop(key, None)
+    return {**new, **old, "extra": extra}  # old: dataset_manifest_hash, created_utc (+ unknown keys)
+
+
 def load_bundle(directory: str | Path, device: torch.device | str = "cpu") -> ShowerModel:
     """Rebuild a ``ShowerModel`` from a bundle (eval mode, on ``device``)."""
     directory = Path(directory)
@@ -177,7 +243,13 @@ def load_bundle(directory: str | Path, device: torch.device | str = "cpu") -> Sh
         vocab = ConditionVocab.from_dict(data["vocab"])
         m = data["mesh"]
         mesh = Mesh(int(m["n_z"]), int(m["n_phi"]), tuple(float(r) for r in m["r_edges_mm"]))
-        lineage = from_dict(Lineage, data["lineage"], f"{cfg_path}: lineage")
+        lineage_data = _migrate_lineage(data["lineage"], data["schema_version"], str(cfg_path))
+        old_objective = data["model_config"].get("objective")
+        if data["schema_version"] < 3 and isinstance(old_objective, str):
+            # v1/v2 models were trained by the objective their config named (then also their
+            # parametrisation): that is what trained the weights.
+            lineage_data.setdefault("objective", old_objective)
+        lineage = from_dict(Lineage, lineage_data, f"{cfg_path}: lineage")
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{cfg_path}: invalid vocab/mesh/lineage: {exc!r}") from exc
     weights = data["weights"]

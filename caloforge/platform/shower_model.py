@@ -55,6 +55,7 @@ from caloforge.platform.energy import (
     rescale_layers,
 )
 from caloforge.platform.geometry import Mesh
+from caloforge.platform.lineage import Lineage  # re-exported: defined in lineage.py
 from caloforge.platform.samplers import SAMPLERS, get_sampler
 from caloforge.platform.transforms import (
     CALOCHALLENGE_THRESHOLD_MEV,
@@ -124,16 +125,6 @@ class ShowerModelConfig:
 
     def backbone_config(self) -> BackboneConfig:
         return backbone_config(self.backbone, self.patch_size)
-
-
-@dataclass(frozen=True)
-class Lineage:
-    """Where a model came from (stored in the bundle's config.json)."""
-
-    parent: str | None = None  # the model this one was adapted/distilled from (registry URI or bundle path)
-    dataset_manifest_hash: str | None = None  # hash of the shard manifest it was trained on
-    created_utc: str | None = None  # ISO-8601; filled by save_bundle when None
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def as_mesh(mesh: Mesh | tuple[int, int, int] | list[int]) -> Mesh:

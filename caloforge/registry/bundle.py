@@ -6,20 +6,16 @@ that does not fit) and returns a ``BundleInfo``: detectors, particles and ranges
 lineage, mesh, sampler defaults and the sha256 of every file (recorded at registration, checked after
 every download).
 
-Lineage fields the registry reads from the bundle's ``config.json`` → ``lineage``:
-
-- ``parent``: registry URI (``models:/caloforge-base/3``) or path of the model it was adapted from;
-- ``dataset_manifest_hash``;
-- ``extra`` (strings): ``kind`` (base | adapted | distilled), ``adaptation_method``, ``target_detector``,
-  ``parent_version``, and the trained ranges ``energy_mev_min``/``energy_mev_max``/``theta_rad_min``/
-  ``theta_rad_max`` (same names as the stats block of ``caloforge.datasets.stats``) and ``particles``
-  (comma-separated names or PDG ids). See docs/registry.md.
+The registry reads the loaded model's typed ``Lineage`` (``caloforge.platform.lineage``; bundles of
+schema 1/2 are migrated by ``load_bundle``): ``kind`` (base | adapted | distilled), ``parent_uri`` (registry
+URI such as ``models:/caloforge-base/3`` or path of the model it was derived from), ``parent_version``,
+``strategy`` (registered as the ``adaptation_method`` tag), ``target_detector``, ``dataset_manifest_hash``
+and ``trained`` (the ranges of the model card). See docs/registry.md.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from caloforge.registry.card import ValidRanges, ranges_from_lineage
 
 if TYPE_CHECKING:
+    from caloforge.platform.lineage import Lineage
     from caloforge.platform.shower_model import ShowerModel
 
 _URI_RE = re.compile(r"^(?:models:/)?(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))?/?$")
@@ -79,7 +76,7 @@ def verify_bundle_files(directory: str | Path, expected: Mapping[str, str], what
 
 @dataclass(frozen=True)
 class BundleInfo:
-    """A summary of one loaded bundle (JSON-able parts only)."""
+    """A summary of one loaded bundle (JSON-able parts and its typed lineage)."""
 
     path: Path
     schema_version: int
@@ -94,13 +91,14 @@ class BundleInfo:
     sampler: str
     num_steps: int
     n_parameters: int
-    lineage: dict[str, Any]
+    lineage: Lineage
     ranges: ValidRanges
     files: dict[str, str] = field(default_factory=dict)
 
     @property
     def extra(self) -> dict[str, str]:
-        return dict(self.lineage.get("extra") or {})
+        """The lineage's free-form run information."""
+        return dict(self.lineage.extra)
 
     @property
     def particles(self) -> tuple[str, ...]:
@@ -113,14 +111,14 @@ class BundleInfo:
         return tuple(pdg_of(p) for p in self.particles)
 
     @property
-    def kind(self) -> str | None:
-        return self.extra.get("kind")
+    def kind(self) -> str:
+        return self.lineage.kind
 
     def lineage_tags(self) -> dict[str, str]:
-        """Registry tags (short keys) derived from the bundle's lineage."""
-        extra = self.extra
-        parent = self.lineage.get("parent") or ""
-        parent_version = extra.get("parent_version", "")
+        """Registry tags (short keys) derived from the bundle's lineage (empty string: not recorded)."""
+        lineage = self.lineage
+        parent = lineage.parent_uri or ""
+        parent_version = lineage.parent_version or ""
         if parent.startswith("models:/") and not parent_version:
             try:
                 _, version, alias = parse_model_uri(parent)
@@ -130,9 +128,9 @@ class BundleInfo:
         return {
             "parent_uri": parent,
             "parent_version": parent_version,
-            "adaptation_method": extra.get("adaptation_method", ""),
-            "target_detector": extra.get("target_detector", ""),
-            "dataset_manifest_hash": self.lineage.get("dataset_manifest_hash") or "",
+            "adaptation_method": lineage.strategy or "",
+            "target_detector": lineage.target_detector or "",
+            "dataset_manifest_hash": lineage.dataset_manifest_hash or "",
         }
 
     def summary(self) -> dict[str, Any]:
@@ -189,7 +187,6 @@ def inspect_bundle(directory: str | Path, what: str | None = None) -> BundleInfo
 def _summarise(directory: Path, config: dict[str, Any], model: ShowerModel) -> BundleInfo:
     from caloforge.config import to_dict
 
-    lineage = json.loads(json.dumps(config.get("lineage") or {}))
     mc = model.config
     backbone = mc.backbone if isinstance(mc.backbone, str) else to_dict(mc.backbone)
     return BundleInfo(
@@ -206,7 +203,7 @@ def _summarise(directory: Path, config: dict[str, Any], model: ShowerModel) -> B
         sampler=mc.sampler,
         num_steps=int(mc.num_steps),
         n_parameters=int(sum(p.numel() for p in model.parameters())),
-        lineage=lineage,
-        ranges=ranges_from_lineage(lineage, model.vocab.detectors),
+        lineage=model.lineage,  # typed; migrated from schema 1/2 by load_bundle
+        ranges=ranges_from_lineage(model.lineage, model.vocab.detectors),
         files=bundle_files(directory),
     )

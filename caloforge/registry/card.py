@@ -8,7 +8,9 @@ and ``caloforge export``)::
       "model": {"name": "caloforge-lar-pb", "version": 3, "uri": "models:/caloforge-lar-pb/3",
                 "aliases": ["champion"], "kind": "adapted"},          # name/version null for a local bundle
       "architecture": {... mesh_shape, detectors, detector_index, sampler, num_steps, n_parameters ...},
-      "lineage": {"parent": ..., "dataset_manifest_hash": ..., "created_utc": ..., "extra": {...}},
+      "lineage": {"kind": ..., "parent_uri": ..., "parent_version": ..., "strategy": ..., "objective": ...,
+                  "target_detector": ..., "dataset_manifest_hash": ..., "trained": {...} | null,
+                  "created_utc": ..., "extra": {...}},   # the bundle's typed Lineage (+ "registry")
       "metrics": {"fpd": ..., "kpd": ..., "auc_low": ..., "auc_high": ...},
       "valid_ranges": {"energy_mev": [lo, hi], "theta_rad": [lo, hi], "particles": [...],
                        "detectors": [...], "source": "lineage" | "detector-configs" | "unrecorded"},
@@ -16,6 +18,10 @@ and ``caloforge export``)::
       "registry": {... version tags, promotion records ...},
       "created_utc": "..."
     }
+
+The valid ranges are the bundle's ``lineage.trained`` (``caloforge.platform.lineage.TrainedRanges``;
+``source: "lineage"``); only a bundle without trained ranges falls back to the built-in detector configs of
+its detectors (``source: "detector-configs"``), else nothing is checked (``"unrecorded"``).
 
 ``ValidRanges.check(conditions, strict)`` is the guard every entry point uses: a detector the model does
 not know is always an error; energies, angles or particles outside the trained ranges are a
@@ -39,13 +45,13 @@ import numpy as np
 
 if TYPE_CHECKING:
     from caloforge.platform.conditioning import Conditions
+    from caloforge.platform.lineage import Lineage
     from caloforge.registry.bundle import BundleInfo
 
 log = logging.getLogger("caloforge.registry")
 
 CARD_VERSION = 1
 CARD_FILE = "model_card.json"
-RANGE_KEYS = ("energy_mev_min", "energy_mev_max", "theta_rad_min", "theta_rad_max")
 
 
 class ConditionRangeWarning(UserWarning):
@@ -140,28 +146,19 @@ class ValidRanges:
         return problems
 
 
-def ranges_from_lineage(lineage: Mapping[str, Any], detectors: Sequence[str]) -> ValidRanges:
-    """Trained ranges recorded in a bundle's ``lineage.extra`` (stats-block names), else the union of the
-    built-in detector configs of ``detectors`` (``energy_range_gev``, ``particles``), else unrecorded."""
-    from caloforge.platform.conditioning import particle_name, pdg_of
-
-    extra = lineage.get("extra") or {}
+def ranges_from_lineage(lineage: Lineage, detectors: Sequence[str]) -> ValidRanges:
+    """The trained ranges of a bundle's typed lineage (``lineage.trained``; a quantity it did not record is
+    not checked), else, for a bundle without trained ranges, the union of the built-in detector configs of
+    ``detectors`` (``energy_range_gev``, ``particles``), else unrecorded. ``detectors`` are the ones the
+    model knows (its vocabulary)."""
     detectors = tuple(detectors)
-    if any(k in extra for k in (*RANGE_KEYS, "particles")):
-        particles = None
-        if extra.get("particles"):
-            particles = tuple(
-                particle_name(pdg_of(p.strip())) for p in str(extra["particles"]).split(",") if p.strip()
-            )
+    trained = lineage.trained
+    if trained is not None:
         return ValidRanges(
             detectors=detectors,
-            energy_mev=_pair(
-                extra.get("energy_mev_min"), extra.get("energy_mev_max"), "lineage.extra energy_mev"
-            ),
-            theta_rad=_pair(
-                extra.get("theta_rad_min"), extra.get("theta_rad_max"), "lineage.extra theta_rad"
-            ),
-            particles=particles,
+            energy_mev=trained.energy_mev,
+            theta_rad=trained.theta_rad,
+            particles=trained.particles,
             source="lineage",
         )
     return _ranges_from_detector_configs(detectors)
@@ -271,9 +268,11 @@ def build_card(
 ) -> ModelCard:
     """A card for a bundle; ``registered`` is ``RegisteredVersion.to_dict()`` when it came from the registry
     (its metrics, kind, aliases and promotion records are included)."""
+    from caloforge.config import to_dict
+
     reg = dict(registered or {})
     tags = dict(reg.get("tags") or {})
-    kind = reg.get("kind") or info.kind or ("base" if not info.lineage.get("parent") else "adapted")
+    kind = reg.get("kind") or info.kind
     all_metrics = {**dict(reg.get("metrics") or {}), **{k: float(v) for k, v in (metrics or {}).items()}}
     promotions = {
         k.split(".", 2)[2]: json.loads(v) for k, v in tags.items() if k.startswith("caloforge.promotion.")
@@ -288,7 +287,7 @@ def build_card(
             "bundle": str(info.path) if not reg else None,
         },
         architecture=info.summary(),
-        lineage={**info.lineage, **({"registry": reg.get("lineage")} if reg.get("lineage") else {})},
+        lineage={**to_dict(info.lineage), **({"registry": reg.get("lineage")} if reg.get("lineage") else {})},
         metrics=all_metrics,
         valid_ranges=info.ranges,
         registry={"description": reg.get("description", ""), "promotions": promotions, "tags": tags}

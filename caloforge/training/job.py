@@ -25,6 +25,7 @@ import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -103,14 +104,18 @@ def training_lineage(
     groups: Sequence[StreamGroup],
     objective: str,
     extra: Mapping[str, str] | None = None,
-    parent: str | None = None,
+    **fields: Any,
 ) -> Lineage:
     """The lineage of weights trained on ``groups`` of ``manifest`` with ``objective``: the dataset's
-    fingerprint, the trained ranges (the model card's valid ranges) and the objective."""
+    fingerprint, the trained ranges (the model card's valid ranges), the objective, free-form run ``extra``
+    and the typed ``fields`` of an adapted or distilled model (``kind``, ``parent_uri``, ``parent_version``,
+    ``strategy``, ``target_detector``; ``kind`` defaults to ``base``)."""
     return Lineage(
-        parent=parent,
+        objective=objective,
         dataset_manifest_hash=manifest.fingerprint,
-        extra={**trained_ranges(manifest, list(groups)), "objective": objective, **dict(extra or {})},
+        trained=trained_ranges(manifest, list(groups)),
+        extra=dict(extra or {}),
+        **fields,
     )
 
 

@@ -138,27 +138,36 @@ def test_explicit_mixing_weights_are_observed(shard_dir: Path) -> None:
 
 def test_trained_ranges_cover_the_streamed_groups_only(shard_dir: Path) -> None:
     from caloforge.datasets.shards import Manifest
+    from caloforge.platform.lineage import Lineage, TrainedRanges
     from caloforge.registry.card import ranges_from_lineage
 
     manifest = Manifest.load(shard_dir)
     stats = manifest.stats["per_detector"]
     both = trained_ranges(manifest, plan_groups(manifest, "train", StreamConfig()))
-    assert float(both["energy_mev_min"]) == min(stats[d]["energy_mev_min"] for d in ("det-a", "det-b"))
-    assert float(both["energy_mev_max"]) == max(stats[d]["energy_mev_max"] for d in ("det-a", "det-b"))
-    assert float(both["theta_rad_max"]) == max(stats[d]["theta_rad_max"] for d in ("det-a", "det-b"))
-    assert both["particles"] == "e-,gamma"
+    assert both == TrainedRanges(
+        energy_mev=(
+            min(stats[d]["energy_mev_min"] for d in ("det-a", "det-b")),
+            max(stats[d]["energy_mev_max"] for d in ("det-a", "det-b")),
+        ),
+        theta_rad=(
+            min(stats[d]["theta_rad_min"] for d in ("det-a", "det-b")),
+            max(stats[d]["theta_rad_max"] for d in ("det-a", "det-b")),
+        ),
+        particles=("e-", "gamma"),
+        detectors=("det-a", "det-b"),
+    )
     # det-b's e- left out by explicit weights: det-b's ranges, and only the particle that was streamed
     only_b_gamma = trained_ranges(
         manifest,
         plan_groups(manifest, "train", StreamConfig(mixing="explicit", weights={"det-b/gamma": 1.0})),
     )
-    assert float(only_b_gamma["energy_mev_min"]) == stats["det-b"]["energy_mev_min"]
-    assert float(only_b_gamma["theta_rad_min"]) == stats["det-b"]["theta_rad_min"]
-    assert only_b_gamma["particles"] == "gamma"
+    assert only_b_gamma.energy_mev == (stats["det-b"]["energy_mev_min"], stats["det-b"]["energy_mev_max"])
+    assert only_b_gamma.theta_rad == (stats["det-b"]["theta_rad_min"], stats["det-b"]["theta_rad_max"])
+    assert (only_b_gamma.particles, only_b_gamma.detectors) == (("gamma",), ("det-b",))
     # what the model card makes of them
-    card = ranges_from_lineage({"extra": only_b_gamma}, ("det-b",))
+    card = ranges_from_lineage(Lineage(trained=only_b_gamma), ("det-b",))
     assert card.source == "lineage" and card.particles == ("gamma",)
-    assert card.energy_mev == (stats["det-b"]["energy_mev_min"], stats["det-b"]["energy_mev_max"])
+    assert card.energy_mev == only_b_gamma.energy_mev and card.theta_rad == only_b_gamma.theta_rad
     with pytest.raises(ValueError, match="no stream groups"):
         trained_ranges(manifest, [])
 

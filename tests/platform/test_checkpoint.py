@@ -16,7 +16,8 @@ from toy_models import SMALL_MESH, make_model, toy_showers
 
 import caloforge
 from caloforge.platform.checkpoint import SCHEMA_VERSION, load_bundle, read_bundle_config, save_bundle
-from caloforge.platform.shower_model import Lineage, ShowerModel
+from caloforge.platform.lineage import Lineage, TrainedRanges
+from caloforge.platform.shower_model import ShowerModel
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,7 +42,15 @@ CHILD = textwrap.dedent(
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> tuple[ShowerModel, Path]:
     model = make_model("edm", transform="layer_log_standardize", num_steps=4, sampler="heun")
-    lineage = Lineage(parent="registry://base/3", dataset_manifest_hash="abc123", extra={"run": "test"})
+    lineage = Lineage(
+        kind="adapted",
+        parent_uri="registry://base/3",
+        strategy="full",
+        objective="edm",
+        dataset_manifest_hash="abc123",
+        trained=TrainedRanges(energy_mev=(1e3, 1e5), particles=("e-",), detectors=("det_a",)),
+        extra={"run": "test"},
+    )
     path = save_bundle(model, tmp_path_factory.mktemp("bundles") / "model", lineage=lineage)
     return model, path
 
@@ -70,15 +79,29 @@ def test_bundle_contents(saved) -> None:
     assert data["mesh"] == {"n_z": 12, "n_phi": 8, "r_edges_mm": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]}
     assert data["model_config"]["parametrisation"] == "edm" and data["model_config"]["backbone"] == "debug"
     lineage = data["lineage"]
-    assert lineage["parent"] == "registry://base/3" and lineage["dataset_manifest_hash"] == "abc123"
-    assert lineage["created_utc"].endswith("+00:00") and lineage["extra"] == {"run": "test"}
+    assert lineage["created_utc"].endswith("+00:00")
+    assert lineage == {
+        "kind": "adapted",
+        "parent_uri": "registry://base/3",
+        "parent_version": None,
+        "strategy": "full",
+        "objective": "edm",
+        "target_detector": None,
+        "dataset_manifest_hash": "abc123",
+        "trained": {"energy_mev": [1e3, 1e5], "theta_rad": None, "particles": ["e-"], "detectors": ["det_a"]},
+        "created_utc": lineage["created_utc"],
+        "extra": {"run": "test"},
+    }
     # safetensors, not a pickle: 8-byte little-endian header size, then a JSON header naming every tensor.
     raw = (path / "model.safetensors").read_bytes()
     (header_len,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + header_len])
     assert set(header) - {"__metadata__"} == set(model.state_dict())
     loaded = load_bundle(path)
-    assert loaded.lineage.parent == "registry://base/3" and not loaded.training
+    assert loaded.lineage == model.lineage and not loaded.training
+    assert loaded.lineage.trained == TrainedRanges(
+        energy_mev=(1e3, 1e5), particles=("e-",), detectors=("det_a",)
+    )
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     assert bool(loaded.transform.fitted)

@@ -43,7 +43,7 @@ def fresh_store(tmp_path: Path, empty_mlflow_db: Path):
 def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A base model bundle (flow matching, Heun × 2 steps) on detectors lar-pb and pbwo4."""
     path = tmp_path_factory.mktemp("bundles") / "base"
-    tiny_model(extra={"kind": "base"}).save(path)
+    tiny_model(lineage={"kind": "base", "objective": "flow_matching"}).save(path)
     return path
 
 
@@ -56,8 +56,13 @@ def adapted_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         sampler="euler",
         num_steps=1,
         init_scale=0.1,
-        extra={"kind": "distilled", "adaptation_method": "consistency", "target_detector": "lar-pb"},
-        parent="models:/caloforge-base/1",
+        lineage={
+            "kind": "distilled",
+            "parent_uri": "models:/caloforge-base/1",
+            "strategy": "consistency",
+            "objective": "edm",
+            "target_detector": "lar-pb",
+        },
         seed=1,
     )
     model.save(path)

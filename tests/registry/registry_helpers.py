@@ -12,17 +12,14 @@ import torch
 from caloforge.datasets.stats import compute_stats
 from caloforge.platform.conditioning import ConditionVocab
 from caloforge.platform.energy import LayerEnergyConfig
-from caloforge.platform.shower_model import Lineage, ShowerModel, ShowerModelConfig
+from caloforge.platform.lineage import Lineage, TrainedRanges
+from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig
 
 MESH = (6, 4, 3)
 DETECTORS = ("lar-pb", "pbwo4")
-TRAINED = {
-    "energy_mev_min": "1000",
-    "energy_mev_max": "100000",
-    "theta_rad_min": "0.2",
-    "theta_rad_max": "1.0",
-    "particles": "e-,gamma,pi+",
-}
+TRAINED = TrainedRanges(
+    energy_mev=(1e3, 1e5), theta_rad=(0.2, 1.0), particles=("e-", "gamma", "pi+"), detectors=DETECTORS
+)
 # A small layer-energy head (the default one unrolls 16 midpoint steps into every ONNX graph: slow exports).
 # Three steps, unlike the voxel sampler's two, so a graph that mixed up the two grids would fail parity.
 TINY_HEAD = LayerEnergyConfig(width=16, depth=1, num_steps=3)
@@ -33,8 +30,7 @@ def tiny_model(
     sampler: str = "heun",
     num_steps: int = 2,
     detectors: tuple[str, ...] = DETECTORS,
-    extra: dict[str, str] | None = None,
-    parent: str | None = None,
+    lineage: dict[str, object] | None = None,
     seed: int = 0,
     init_scale: float = 0.03,
     layer_energy: LayerEnergyConfig = TINY_HEAD,
@@ -42,7 +38,7 @@ def tiny_model(
     """A debug-size model on a 6×4×3 mesh, transform fitted on simulated-looking showers, and every
     zero-initialised tensor (adaLN-Zero, final layer) filled with small seeded noise so the network's
     output depends on its inputs (an untrained DiT would otherwise be the identity; the layer-energy head
-    would give v = 0)."""
+    would give v = 0). ``lineage``: fields of its ``Lineage`` beside the manifest hash and ``TRAINED``."""
     rng = np.random.default_rng(seed)
     x = (rng.lognormal(-2.0, 1.5, size=(128, *MESH)) * (rng.random((128, *MESH)) > 0.4)).astype(np.float32)
     stats = compute_stats(x, rng.uniform(1e3, 1e5, 128), rng.uniform(0.2, 1.0, 128))
@@ -53,11 +49,9 @@ def tiny_model(
         num_steps=num_steps,
         layer_energy=layer_energy,
     )
-    lineage = Lineage(
-        parent=parent, dataset_manifest_hash="sha256:" + "ab" * 8, extra=dict(TRAINED | (extra or {}))
-    )
+    fields = {"dataset_manifest_hash": "sha256:" + "ab" * 8, "trained": TRAINED, **(lineage or {})}
     model = ShowerModel.build(
-        cfg, ConditionVocab.create(list(detectors), spare_slots=2), stats, MESH, lineage
+        cfg, ConditionVocab.create(list(detectors), spare_slots=2), stats, MESH, Lineage(**fields)
     )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

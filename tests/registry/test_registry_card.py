@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from caloforge.config import to_dict
 from caloforge.platform.conditioning import Conditions
+from caloforge.platform.lineage import Lineage, TrainedRanges
 from caloforge.registry.bundle import inspect_bundle
 from caloforge.registry.card import (
     CARD_VERSION,
@@ -20,6 +22,7 @@ from caloforge.registry.card import (
     ranges_from_lineage,
 )
 
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 RANGES = ValidRanges(("lar-pb",), energy_mev=(1e3, 1e5), theta_rad=(0.2, 1.0), particles=("e-", "pi+"))
 
 
@@ -46,21 +49,76 @@ def test_outside_ranges_warns_names_everything_and_strict_refuses() -> None:
 
 
 def test_ranges_from_lineage_then_detector_configs_then_unrecorded() -> None:
-    lineage = {"extra": {"energy_mev_min": "2000", "energy_mev_max": "5e5", "particles": "11, pi-,gamma"}}
+    lineage = Lineage(trained=TrainedRanges(energy_mev=(2e3, 5e5), particles=("11", "pi-", "gamma")))
     r = ranges_from_lineage(lineage, ("lar-pb",))
-    assert (r.source, r.energy_mev, r.theta_rad, r.particles) == (
+    assert (r.source, r.detectors, r.energy_mev, r.theta_rad, r.particles) == (
         "lineage",
+        ("lar-pb",),
         (2e3, 5e5),
-        None,
+        None,  # not recorded: not checked
         ("e-", "pi-", "gamma"),
     )
-    r = ranges_from_lineage({"extra": {}}, ("lar-pb", "pbwo4"))  # built-in detector YAMLs
+    r = ranges_from_lineage(Lineage(extra={"run_dir": "/x"}), ("lar-pb", "pbwo4"))  # built-in detector YAMLs
     assert r.source == "detector-configs" and r.energy_mev == (1e3, 1e6)
     assert r.particles is not None and "pi+" in r.particles
-    r = ranges_from_lineage({}, ("my-private-detector",))
+    r = ranges_from_lineage(Lineage(), ("my-private-detector",))
     assert (r.source, r.energy_mev, r.particles) == ("unrecorded", None, None)
-    with pytest.raises(ValueError, match="invalid range"):
-        ranges_from_lineage({"extra": {"energy_mev_min": "10", "energy_mev_max": "1"}}, ("lar-pb",))
+
+
+def test_card_from_typed_lineage(adapted_bundle_dir: Path) -> None:
+    info = inspect_bundle(adapted_bundle_dir)
+    assert info.kind == "distilled" and isinstance(info.lineage, Lineage)
+    assert info.lineage_tags() == {
+        "parent_uri": "models:/caloforge-base/1",
+        "parent_version": "1",  # from the registry URI
+        "adaptation_method": "consistency",
+        "target_detector": "lar-pb",
+        "dataset_manifest_hash": "sha256:" + "ab" * 8,
+    }
+    card = build_card(info).to_dict()
+    assert card["model"]["kind"] == "distilled"
+    lineage = card["lineage"]
+    assert (lineage["kind"], lineage["strategy"], lineage["objective"]) == ("distilled", "consistency", "edm")
+    assert lineage["trained"] == {
+        "energy_mev": [1e3, 1e5],
+        "theta_rad": [0.2, 1.0],
+        "particles": ["e-", "gamma", "pi+"],
+        "detectors": ["lar-pb", "pbwo4"],
+    }
+    assert card["valid_ranges"] == {
+        "energy_mev": [1e3, 1e5],
+        "theta_rad": [0.2, 1.0],
+        "particles": ["e-", "gamma", "pi+"],
+        "detectors": ["lar-pb", "pbwo4"],
+        "source": "lineage",
+    }
+
+
+def test_card_from_the_stored_v2_bundle_reads_its_migrated_ranges() -> None:
+    """The schema-2 asset (tests/assets/make_bundle_v2_debug.py) kept everything as lineage.extra strings."""
+    info = inspect_bundle(ASSETS / "bundle_v2_debug")
+    assert info.schema_version == 2 and info.kind == "adapted"
+    assert info.extra == {"run_dir": "/runs/bundle-v2-debug", "steps": "10"}
+    assert info.lineage_tags() == {
+        "parent_uri": "models:/caloforge-base/1",
+        "parent_version": "1",
+        "adaptation_method": "full",
+        "target_detector": "det-a",
+        "dataset_manifest_hash": "33792a3d7968c133fd3ac054d8894ee456f1fa11a834d61a41d96634e1a082ba",
+    }
+    card = build_card(info)
+    assert card.valid_ranges == ValidRanges(
+        ("det-a", "det-b"),
+        energy_mev=(1135.3288378048267, 91511.2544479989),
+        theta_rad=(0.7142178854745943, 2.397547340871947),
+        particles=("e-", "gamma", "pi+"),
+        source="lineage",
+    )
+    assert card.model["kind"] == "adapted"
+    assert card.lineage == to_dict(info.lineage) and card.lineage["parent_uri"] == "models:/caloforge-base/1"
+    assert "parent" not in card.lineage and "energy_mev_min" not in card.lineage["extra"]
+    with pytest.warns(ConditionRangeWarning, match=r"energy_mev: 1 of 2 value\(s\) outside"):
+        card.valid_ranges.check(Conditions.make([2e3, 2e5], 1.0, 0.0, 11, "det-a"))
 
 
 def test_card_roundtrip_and_version_check(bundle_dir: Path, tmp_path: Path) -> None:

@@ -3,7 +3,6 @@ different config, and the final bundle with its lineage (tiny simulated data, a 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -99,7 +98,13 @@ def test_train_writes_the_run_directory_and_resumes(tmp_path, capsys) -> None:
     assert model.vocab.detectors == ("par04-siw", "pbwo4") and model.vocab.n_detector_slots == 3
     # the trained ranges reach the bundle (and so the model card): debug.yaml simulates e-/pi+ at
     # 2–100 GeV, θ = 90°
-    card = ranges_from_lineage(dataclasses.asdict(model.lineage), model.vocab.detectors)
+    assert (model.lineage.kind, model.lineage.objective, model.lineage.parent_uri) == (
+        "base",
+        "flow_matching",
+        None,
+    )
+    assert model.lineage.trained is not None and model.lineage.trained.detectors == ("par04-siw", "pbwo4")
+    card = ranges_from_lineage(model.lineage, model.vocab.detectors)
     assert card.source == "lineage" and card.particles == ("e-", "pi+")
     assert card.energy_mev is not None and 2e3 <= card.energy_mev[0] < card.energy_mev[1] <= 1e5
     assert card.theta_rad == pytest.approx((math.pi / 2, math.pi / 2))
