@@ -104,7 +104,9 @@ def test_legacy_defaults_partial_ranges_and_pdg_ids(tmp_path: Path) -> None:
     child = _copy_with_lineage(
         tmp_path, "child", {"parent": "/models/x", "extra": {"parent_version": "", "run": "r"}}
     )
-    assert load_bundle(child).lineage == Lineage(kind="adapted", parent_uri="/models/x", extra={"run": "r"})
+    assert load_bundle(child).lineage == Lineage(
+        kind="adapted", parent_uri="/models/x", objective="flow_matching", extra={"run": "r"}
+    )
 
 
 @pytest.mark.parametrize(
