@@ -32,6 +32,7 @@ from caloforge.training.config import LoopConfig
 from caloforge.training.ema import EMA
 from caloforge.training.hooks import HookProtocol, PeriodicCheckpoint
 from caloforge.training.state import CheckpointManager, TrainState, capture_rng, restore_rng
+from caloforge.training.trainable import TrainableSpec
 
 __all__ = ["SEED_PURPOSE_LOSS", "FitResult", "LossFn", "Trainer", "derive_seed"]
 
@@ -76,7 +77,8 @@ class Trainer:
         hooks: called in order on every rank (see ``training/hooks.py``).
         run_dir: where checkpoints live (``run_dir/checkpoints``); ``None``: no checkpoints, no resume.
         trainable: parameters to optimise (default: all with ``requires_grad``); adaptation passes LoRA or
-            embedding parameters here.
+            embedding parameters here, or a ``Trainable`` selection (``training/trainable.py``) that trains
+            only some rows of a parameter (e.g. a new detector's embedding row).
         keep_last: committed checkpoints to keep.
     """
 
@@ -90,7 +92,7 @@ class Trainer:
         hooks: Sequence[HookProtocol] = (),
         run_dir: str | Path | None = None,
         *,
-        trainable: list[nn.Parameter] | None = None,
+        trainable: TrainableSpec = None,
         keep_last: int = 3,
     ) -> None:
         if config.seed < 0:
