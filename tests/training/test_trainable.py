@@ -261,6 +261,38 @@ def test_without_the_row_mask_the_other_rows_move() -> None:
     assert changed == [True, True, True, True]
 
 
+def test_a_resumed_run_equals_the_straight_one(tmp_path: Path) -> None:
+    """Checkpoint at step 2 and resume: the mask is installed again by the new backend, and the weights
+    and EMA end bit-identical to the straight run."""
+    straight = _model()
+    start = _snapshot(straight)
+    reference = _trainer(straight, _row_selection(straight))
+    reference.fit()
+
+    def split() -> tuple[ShowerModel, Trainer]:
+        model = _model()
+        stream = _stream(CFG.micro_batch_size(1))
+        trainer = Trainer(
+            model,
+            shower_loss_fn(model),
+            TorchBackend("cpu"),
+            stream,
+            CFG,
+            run_dir=tmp_path,
+            trainable=_row_selection(model),
+        )
+        return model, trainer
+
+    split()[1].fit(max_steps=2)
+    model, resumed = split()
+    assert resumed.fit().resumed_from.name == "step_00000002"
+    for name, p in model.named_parameters():
+        assert torch.equal(_bits(p), _bits(straight.get_parameter(name))), name
+    for name, shadow in resumed.ema.shadow.items():
+        assert torch.equal(_bits(shadow), _bits(reference.ema.shadow[name])), name
+    _check_trained(resumed, start, model.vocab.detector_index("det-new"))
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_clipping_and_a_skipped_non_finite_update_keep_the_rows(fused: bool) -> None:
     model = _model()
