@@ -49,6 +49,7 @@ from caloforge.training.torch_backend import (
     resolve_precision,
     use_fused_adamw,
 )
+from caloforge.training.trainable import TrainableSpec, resolve
 
 if TYPE_CHECKING:
     from caloforge.pretrain.config import DeepSpeedOptions, PretrainConfig
@@ -175,9 +176,7 @@ class DeepSpeedBackend(Backend):
             os.environ.setdefault(key, value)
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
 
-    def setup(
-        self, model: nn.Module, config: LoopConfig, trainable: list[nn.Parameter] | None = None
-    ) -> None:
+    def setup(self, model: nn.Module, config: LoopConfig, trainable: TrainableSpec = None) -> None:
         if self._engine is not None:
             raise RuntimeError("backend.setup called twice; use a fresh backend per Trainer")
         # DeepSpeed picks its accelerator once, at import: tell it which one instead of letting it probe.
@@ -194,7 +193,9 @@ class DeepSpeedBackend(Backend):
         self.ds_config = build_deepspeed_config(config, self.options, self.world_size, self.precision)
         model.to(self.device)
         self.compiled = compile_model(model, config.compile, self.device)
-        optimizer = build_optimizer(model, config.optim, trainable, fused=self.fused_adamw)
+        selection = resolve(model, trainable)
+        optimizer = build_optimizer(model, config.optim, selection, fused=self.fused_adamw)
+        selection.mask_gradients(model)  # before the engine registers its own gradient hooks
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
         scheduler = build_scheduler(optimizer, config.schedule, config.steps)
         engine, ds_optimizer, _, _ = deepspeed.initialize(

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from caloforge.training.config import LoopConfig
+from caloforge.training.trainable import TrainableSpec
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,11 @@ class Backend(ABC):
     device: torch.device = torch.device("cpu")
 
     @abstractmethod
-    def setup(
-        self, model: nn.Module, config: LoopConfig, trainable: list[nn.Parameter] | None = None
-    ) -> None:
+    def setup(self, model: nn.Module, config: LoopConfig, trainable: TrainableSpec = None) -> None:
         """Place/wrap ``model``, build AdamW over ``trainable`` (default: params with requires_grad) and the
-        LR schedule from ``config`` (horizon ``config.steps`` optimizer updates)."""
+        LR schedule from ``config`` (horizon ``config.steps`` optimizer updates). A ``Trainable`` selection's
+        gradient masks are installed here (``Trainable.mask_gradients``), so row-restricted parameters
+        change only in their selected rows."""
 
     @property
     @abstractmethod

@@ -7,8 +7,12 @@ therefore forgets the random initialisation quickly.
 
 The shadow copies are float32 on the model's device, whatever the model's own dtype. Only parameters
 with ``requires_grad`` are averaged (frozen ones are constant, so their average is themselves); buffers
-are not averaged. ``apply(model)`` swaps the averaged weights in for evaluation and swaps back on exit;
-``copy_to(model)`` writes them in for good (the final model bundle).
+are not averaged. Of a parameter that trains only some rows (a ``Trainable`` selection,
+``training/trainable.py``) only those rows are averaged: the shadow's other rows stay bitwise the copy
+taken at construction (as the weights themselves do).
+
+``apply(model)`` swaps the averaged weights in for evaluation and swaps back on exit; ``copy_to(model)``
+writes them in for good (the final model bundle).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 
 from caloforge.training.config import EMAConfig
+from caloforge.training.trainable import TrainableSpec, resolve
 
 __all__ = ["EMA", "ema_decay"]
 
@@ -37,22 +42,21 @@ class EMA:
     """Float32 shadow of ``model``'s trainable parameters (by name).
 
     ``trainable``: the parameters to average (default: all with ``requires_grad``), e.g. the optimizer's
-    subset during adaptation.
+    subset during adaptation; a ``Trainable`` selection averages only the selected rows of its
+    row-restricted parameters.
     """
 
-    def __init__(
-        self, model: nn.Module, config: EMAConfig, trainable: list[nn.Parameter] | None = None
-    ) -> None:
+    def __init__(self, model: nn.Module, config: EMAConfig, trainable: TrainableSpec = None) -> None:
         self.config = config
         self.num_updates = 0
-        chosen = {id(p) for p in trainable} if trainable is not None else None
+        selection = resolve(model, trainable)
         self.shadow: dict[str, torch.Tensor] = {
-            name: p.detach().to(dtype=torch.float32, copy=True)
-            for name, p in model.named_parameters()
-            if (p.requires_grad if chosen is None else id(p) in chosen)
+            name: p.detach().to(dtype=torch.float32, copy=True) for name, p in selection.params(model)
         }
-        if not self.shadow:
-            raise ValueError("ema: the model has no trainable parameters to average")
+        # row-restricted parameters: name -> trained row indices (on the shadow's device)
+        self._rows: dict[str, torch.Tensor] = {
+            name: selection.row_index(name, self.shadow[name].device) for name in selection.rows
+        }
         self._backup: dict[str, torch.Tensor] | None = None
 
     def _params(self, model: nn.Module) -> list[nn.Parameter]:
@@ -66,10 +70,18 @@ class EMA:
     def update(self, model: nn.Module) -> float:
         """Fold the current weights into the average; returns the decay used."""
         decay = ema_decay(self.config, self.num_updates)
-        params = self._params(model)
-        shadows = list(self.shadow.values())
-        current = [p.detach().to(torch.float32) for p in params]
-        torch._foreach_lerp_(shadows, current, 1.0 - decay)
+        shadows, current = [], []
+        for (name, shadow), p in zip(self.shadow.items(), self._params(model), strict=True):
+            rows = self._rows.get(name)
+            if rows is None:
+                shadows.append(shadow)
+                current.append(p.detach().to(torch.float32))
+            else:  # only the trained rows: the others are never written (bitwise unchanged)
+                averaged = shadow.index_select(0, rows)
+                averaged.lerp_(p.detach().index_select(0, rows).to(torch.float32), 1.0 - decay)
+                shadow.index_copy_(0, rows, averaged)
+        if shadows:
+            torch._foreach_lerp_(shadows, current, 1.0 - decay)
         self.num_updates += 1
         return decay
 

@@ -37,6 +37,7 @@ from caloforge.training.ema import EMA
 from caloforge.training.hooks import HookProtocol
 from caloforge.training.state import CheckpointManager, TrainState, capture_rng, restore_rng
 from caloforge.training.target import TargetNetwork
+from caloforge.training.trainable import TrainableSpec
 
 __all__ = ["SEED_PURPOSE_LOSS", "FitResult", "LossFn", "Trainer", "derive_seed"]
 
@@ -85,7 +86,8 @@ class Trainer:
             ``config.checkpoint_every`` updates (after the step's hooks, so the saved metrics include
             what they added) and when it stops.
         trainable: parameters to optimise (default: all with ``requires_grad``); adaptation passes LoRA or
-            embedding parameters here.
+            embedding parameters here, or a ``Trainable`` selection (``training/trainable.py``) that trains
+            only some rows of a parameter (e.g. a new detector's embedding row).
         teacher: a frozen model for distillation objectives (moved to the backend's device, eval mode,
             no gradients), handed to the loss as ``ctx.teacher``.
         target_decay: keep a target network θ⁻ with this EMA decay (``training/target.py``), handed to the
@@ -102,7 +104,7 @@ class Trainer:
         hooks: Sequence[HookProtocol] = (),
         checkpoints: CheckpointManager | None = None,
         *,
-        trainable: list[nn.Parameter] | None = None,
+        trainable: TrainableSpec = None,
         teacher: nn.Module | None = None,
         target_decay: float | None = None,
     ) -> None:
@@ -115,7 +117,9 @@ class Trainer:
         backend.setup(model, config, trainable)
         self.micro_batch_size = config.micro_batch_size(backend.world_size)
         self.ema = EMA(backend.model, config.ema, trainable) if config.ema.enabled else None
-        self.target = TargetNetwork(backend.model, target_decay) if target_decay is not None else None
+        self.target = (
+            TargetNetwork(backend.model, target_decay, trainable) if target_decay is not None else None
+        )
         self.teacher = (
             teacher.to(backend.device).eval().requires_grad_(False) if teacher is not None else None
         )

@@ -14,18 +14,20 @@ updates, ``W = round(warmup_frac·T)`` warm-up updates and ``m = min_lr_frac``:
 - ``constant``: 1 after warm-up.
 
 Past ``T`` every schedule stays at its end value. Weight decay applies to matrices and embeddings
-(``ndim >= 2``) only, not to biases and norm gains (the nanoGPT/DiT convention).
+(``ndim >= 2``) only, not to biases and norm gains (the nanoGPT/DiT convention), and not to parameters
+of which only some rows train (``training/trainable.py``: decay would shrink the frozen rows).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 import torch
 from torch import nn
 
 from caloforge.training.config import OptimConfig, ScheduleConfig
+from caloforge.training.trainable import TrainableSpec, resolve
 
 __all__ = [
     "build_optimizer",
@@ -78,14 +80,23 @@ def schedule_factor(config: ScheduleConfig, total_steps: int) -> Callable[[int],
     return factor
 
 
-def param_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Split named parameters into a decayed group (``ndim >= 2``) and a non-decayed one (biases, norms)."""
+def param_groups(
+    params: Iterable[tuple[str, nn.Parameter]],
+    weight_decay: float,
+    *,
+    row_restricted: Collection[str] = (),
+) -> list[dict]:
+    """Split named parameters into a decayed group (``ndim >= 2``) and a non-decayed one (biases, norms,
+    and the parameters named in ``row_restricted``, of which only some rows train); empty groups are left
+    out."""
     decay, no_decay = [], []
-    for _, p in params:
+    for name, p in params:
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+        (decay if p.ndim >= 2 and name not in row_restricted else no_decay).append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
@@ -94,26 +105,22 @@ def param_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float
 def build_optimizer(
     model: nn.Module,
     config: OptimConfig,
-    trainable: list[nn.Parameter] | None = None,
+    trainable: TrainableSpec = None,
     *,
     fused: bool = False,
 ) -> torch.optim.AdamW:
     """AdamW over ``trainable`` (default: every parameter of ``model`` with ``requires_grad``).
 
+    ``trainable`` may be a :class:`~caloforge.training.trainable.Trainable` selection: its row-restricted
+    parameters go to the non-decayed group, and the caller must also install its gradient masks
+    (``selection.mask_gradients(model)``, which the backends do in ``setup``) so that AdamW leaves their
+    other rows unchanged.
+
     ``fused``: PyTorch's single-kernel AdamW (``fused=True``; the backends ask for it on CUDA, where it is
     one launch per step instead of a few per parameter group; CPU keeps the default implementation)."""
-    if trainable is None:
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    else:
-        ids = {id(p) for p in trainable}
-        known = {id(p) for p in model.parameters()}
-        if not ids <= known:
-            raise ValueError("trainable: some parameters do not belong to the model")
-        named = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
-    if not named:
-        raise ValueError("optimizer: the model has no trainable parameters")
+    selection = resolve(model, trainable)
     return torch.optim.AdamW(
-        param_groups(named, config.weight_decay),
+        param_groups(selection.params(model), config.weight_decay, row_restricted=selection.restricted),
         lr=config.lr,
         betas=config.betas,
         eps=config.eps,

@@ -2,10 +2,12 @@
 follow them as an exponential moving average with its own decay μ (Song et al. 2023, "Consistency
 Models", Alg. 2: θ⁻ ← stopgrad(μ θ⁻ + (1 − μ) θ); CaloDiT-2 and CaloClouds II use μ = 0.95).
 
-It is not the evaluation EMA (``ema.py``, decay ~0.999 with warm-up, averaged for the final bundle): the
-two serve different purposes and have different decays. The loop keeps it when the job sets
-``target_decay`` and hands it to the loss as ``LossContext.target``; its weights are saved in every
-checkpoint, so a resumed run continues with the same θ⁻.
+It is not the evaluation EMA (decay ~0.999 with warm-up, averaged for the final bundle): the two serve
+different purposes and have different decays. Both are the same average (``ema.EMA``, constant decay here,
+over the same trainable selection, so rows that do not train stay bitwise unchanged); the target keeps a
+module copy that the loss can call. The loop keeps one when the job sets ``target_decay`` and hands it to
+the loss as ``LossContext.target``; its weights are saved in every checkpoint, so a resumed run continues
+with the same θ⁻.
 """
 
 from __future__ import annotations
@@ -15,42 +17,32 @@ import copy
 import torch
 from torch import nn
 
+from caloforge.training.config import EMAConfig
+from caloforge.training.ema import EMA
+from caloforge.training.trainable import TrainableSpec
+
 __all__ = ["TargetNetwork"]
 
 
 class TargetNetwork:
     """A frozen, eval-mode copy of ``model`` updated by :meth:`update` after every optimizer step."""
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module, decay: float, trainable: TrainableSpec = None) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"target_decay must be in [0, 1), got {decay}")
         self.decay = float(decay)
+        self.average = EMA(model, EMAConfig(enabled=True, decay=decay, warmup=False), trainable)
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self._names = [n for n, p in model.named_parameters() if p.requires_grad]
-        if not self._names:
-            raise ValueError("target network: the model has no trainable parameters to follow")
-        self._own = dict(self.module.named_parameters())
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """θ⁻ ← μ θ⁻ + (1 − μ) θ for the trained parameters (frozen ones are equal already)."""
-        named = dict(model.named_parameters())
-        targets = [self._own[n] for n in self._names]
-        current = [named[n].detach().to(self._own[n].dtype) for n in self._names]
-        torch._foreach_lerp_(targets, current, 1.0 - self.decay)
+        self.average.update(model)
+        self.average.copy_to(self.module)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: self._own[n].detach().clone() for n in self._names}
+    def state_dict(self) -> dict:
+        return self.average.state_dict()
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if set(state) != set(self._names):
-            diff = sorted(set(state) ^ set(self._names))[:5]
-            raise ValueError(f"target network: checkpoint parameters differ from the model's (e.g. {diff})")
-        with torch.no_grad():
-            for n in self._names:
-                if state[n].shape != self._own[n].shape:
-                    raise ValueError(
-                        f"target network: {n!r} is {tuple(state[n].shape)} in the checkpoint, "
-                        f"{tuple(self._own[n].shape)} in the model"
-                    )
-                self._own[n].copy_(state[n])
+    def load_state_dict(self, state: dict) -> None:
+        self.average.load_state_dict(state)
+        self.average.copy_to(self.module)

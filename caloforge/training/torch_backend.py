@@ -29,6 +29,7 @@ from torch import nn
 from caloforge.training.backend import Backend, StepInfo
 from caloforge.training.config import LoopConfig
 from caloforge.training.optim import build_optimizer, build_scheduler
+from caloforge.training.trainable import TrainableSpec, resolve
 
 __all__ = [
     "DDPBackend",
@@ -131,16 +132,16 @@ class TorchBackend(Backend):
         self.compiled = False  # whether setup compiled the model's forward (LoopConfig.compile on CUDA)
 
     # -- setup -----------------------------------------------------------------------------------------
-    def setup(
-        self, model: nn.Module, config: LoopConfig, trainable: list[nn.Parameter] | None = None
-    ) -> None:
+    def setup(self, model: nn.Module, config: LoopConfig, trainable: TrainableSpec = None) -> None:
         if self._model is not None:
             raise RuntimeError("backend.setup called twice; use a fresh backend per Trainer")
         self.precision = resolve_precision(self._precision_override or config.precision, self.device)
         model.to(self.device)
         self.compiled = compile_model(model, config.compile, self.device)
         self._model = model
-        self.optimizer = build_optimizer(model, config.optim, trainable, fused=self.fused_adamw)
+        selection = resolve(model, trainable)
+        self.optimizer = build_optimizer(model, config.optim, selection, fused=self.fused_adamw)
+        selection.mask_gradients(model)
         self._params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scheduler = build_scheduler(self.optimizer, config.schedule, config.steps)
         self._grad_accum = config.grad_accum
