@@ -26,7 +26,6 @@ the file and what is wrong.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
@@ -43,20 +42,13 @@ import caloforge
 from caloforge.config import from_dict, to_dict
 from caloforge.platform.conditioning import ConditionVocab
 from caloforge.platform.geometry import Mesh
+from caloforge.platform.hashing import sha256_file as _sha256
 from caloforge.platform.shower_model import Lineage, ShowerModel, ShowerModelConfig
 
 BUNDLE_FORMAT = "caloforge.shower_model"
 SCHEMA_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def bundle_config(model: ShowerModel, lineage: Lineage, weights: dict[str, Any]) -> dict[str, Any]:

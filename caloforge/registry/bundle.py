@@ -18,7 +18,6 @@ Lineage fields the registry reads from the bundle's ``config.json`` → ``lineag
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from caloforge.platform.hashing import sha256_file
 from caloforge.registry.card import ValidRanges, ranges_from_lineage
 
 if TYPE_CHECKING:
@@ -43,14 +43,6 @@ def parse_model_uri(uri: str) -> tuple[str, int | None, str | None]:
         )
     version = m.group("version")
     return m.group("name"), (int(version) if version else None), m.group("alias")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def bundle_files(directory: str | Path) -> dict[str, str]:

@@ -231,14 +231,6 @@ def _not_found(exc: MlflowException) -> bool:
     return exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
 
 
-def _default_artifact_root(tracking_uri: str) -> str | None:
-    """Artifacts next to a sqlite database (MLflow would otherwise use ./mlruns of the working directory)."""
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///") :])
-        return (db.parent / "artifacts").resolve().as_uri()
-    return None  # file stores and servers decide themselves
-
-
 def _finite_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, value in (metrics or {}).items():
@@ -277,7 +269,7 @@ class RegistryStore:
         self.tracking_uri = tracking_uri or paths.mlflow_tracking_uri()
         self.registry_uri = registry_uri or self.tracking_uri
         if artifact_root is None:
-            self.artifact_root = _default_artifact_root(self.tracking_uri)
+            self.artifact_root = paths.mlflow_artifact_root(self.tracking_uri)
         else:
             self.artifact_root = (
                 artifact_root if isinstance(artifact_root, str) else Path(artifact_root).resolve().as_uri()
