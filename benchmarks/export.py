@@ -40,7 +40,9 @@ from caloforge.datasets.stats import compute_stats
 from caloforge.platform.backbone import BACKBONE_FLAVORS, forward_flops
 from caloforge.platform.conditioning import ConditionVocab
 from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig, derive_seeds
-from caloforge.registry.export import SamplerGraph, export_onnx, onnx_feeds, ort_session, seeded_noise
+from caloforge.registry.export import export_onnx
+from caloforge.registry.onnx_graph import SamplerGraph, seeded_noise
+from caloforge.registry.onnx_runtime import onnx_feeds, ort_session
 
 CALODIT2_CPU_MS = 101.0  # one-step CaloDiT-2, CPU, 1 thread, batch 1 (background.md §3)
 

@@ -2,7 +2,7 @@
 
 - ``data/``    simulated/converted datasets and shards
 - ``runs/``    training / pretraining run directories (resolved config, metrics.jsonl, logs, checkpoints)
-- ``mlflow/``  the default MLflow store: ``mlflow.db`` (sqlite) + ``artifacts/``
+- ``mlflow/``  the default MLflow store: ``mlflow.db`` (sqlite) + ``artifacts/`` (``mlflow_artifact_root``)
 """
 
 from __future__ import annotations
@@ -36,6 +36,14 @@ def mlflow_tracking_uri() -> str:
     return f"sqlite:///{mlflow_dir() / 'mlflow.db'}"
 
 
-def mlflow_artifact_root() -> Path:
-    """Artifact root for experiments created against the default local store."""
-    return mlflow_dir() / "artifacts"
+def mlflow_artifact_root(tracking_uri: str) -> str | None:
+    """Artifact location (a ``file://`` URI) for experiments created against ``tracking_uri``.
+
+    A sqlite store keeps its artifacts in ``artifacts/`` next to the database (for the default store:
+    ``$CALOFORGE_HOME/mlflow/artifacts``); MLflow would otherwise use ``./mlruns`` of the working directory.
+    None for file stores and tracking servers, which decide themselves.
+    """
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///") :])
+        return (db.parent / "artifacts").resolve().as_uri()
+    return None

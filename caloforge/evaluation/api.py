@@ -57,13 +57,13 @@ from caloforge.evaluation.report import EvalReport, PlotData
 from caloforge.evaluation.seeding import derive_seed, rng
 from caloforge.platform.conditioning import Conditions, particle_name
 from caloforge.platform.geometry import Mesh, load_detector
+from caloforge.platform.transforms import CALOCHALLENGE_THRESHOLD_MEV
 
 if TYPE_CHECKING:
     from caloforge.platform.shower_model import ShowerModel
 
 log = logging.getLogger("caloforge.evaluation")
 
-CALOCHALLENGE_THRESHOLD_MEV = 0.5e-3 / 0.033  # 0.5 keV readout / 0.033 sampling fraction (ds2/ds3)
 SCALE_1E3 = ("fpd", "fpd_err", "kpd", "kpd_err")
 _WARNED: set[str] = set()
 

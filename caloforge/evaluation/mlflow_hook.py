@@ -30,13 +30,6 @@ def mlflow_key(key: str, prefix: str = "") -> str:
     return _UNSAFE.sub("_", prefix + key.replace("+", "plus"))
 
 
-def _artifact_location(tracking_uri: str) -> str | None:
-    """Artifacts next to a sqlite database (as the registry does; MLflow would use ./mlruns otherwise)."""
-    if tracking_uri.startswith("sqlite:///"):
-        return (Path(tracking_uri[len("sqlite:///") :]).parent / "artifacts").resolve().as_uri()
-    return None
-
-
 def log_report_to_mlflow(
     report: EvalReport,
     run_id: str | None = None,
@@ -63,7 +56,11 @@ def log_report_to_mlflow(
     own_run = run_id is None
     if own_run:
         exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment, _artifact_location(uri))
+        exp_id = (
+            exp.experiment_id
+            if exp
+            else client.create_experiment(experiment, paths.mlflow_artifact_root(uri))
+        )
         run_id = client.create_run(exp_id, run_name="caloforge-evaluate").info.run_id
     assert run_id is not None
     status = "FAILED"

@@ -39,7 +39,6 @@ the file and what is wrong.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
@@ -57,6 +56,7 @@ import caloforge
 from caloforge.config import from_dict, to_dict
 from caloforge.platform.conditioning import ConditionVocab
 from caloforge.platform.geometry import Mesh
+from caloforge.platform.hashing import sha256_file
 from caloforge.platform.lineage import LEGACY_FIELD_KEYS, LEGACY_RANGE_KEYS, Lineage
 from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig
 
@@ -64,14 +64,6 @@ BUNDLE_FORMAT = "caloforge.shower_model"
 SCHEMA_VERSION = 3
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def bundle_config(model: ShowerModel, lineage: Lineage, weights: dict[str, Any]) -> dict[str, Any]:
@@ -112,7 +104,7 @@ def save_bundle(
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "bundle_format": BUNDLE_FORMAT})
         weights = {
             "file": WEIGHTS_FILE,
-            "sha256": _sha256(tmp / WEIGHTS_FILE),
+            "sha256": sha256_file(tmp / WEIGHTS_FILE),
             "n_tensors": len(tensors),
             "n_parameters": sum(p.numel() for p in model.parameters()),
         }
@@ -259,7 +251,7 @@ def load_bundle(directory: str | Path, device: torch.device | str = "cpu") -> Sh
     expected = weights.get("sha256")
     if not isinstance(expected, str):
         raise ValueError(f"{cfg_path}: weights.sha256 missing")
-    actual = _sha256(weights_path)
+    actual = sha256_file(weights_path)
     if actual != expected:
         raise ValueError(f"{weights_path}: corrupt (sha256 {actual[:12]}… != recorded {expected[:12]}…)")
     try:

@@ -15,13 +15,13 @@ and ``trained`` (the ranges of the model card). See docs/registry.md.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from caloforge.platform.hashing import sha256_file
 from caloforge.registry.card import ValidRanges, ranges_from_lineage
 
 if TYPE_CHECKING:
@@ -40,14 +40,6 @@ def parse_model_uri(uri: str) -> tuple[str, int | None, str | None]:
         )
     version = m.group("version")
     return m.group("name"), (int(version) if version else None), m.group("alias")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def bundle_files(directory: str | Path) -> dict[str, str]:

@@ -342,7 +342,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     )
     source = Path(args.model)
     if source.is_dir() and (source / "model_card.json").is_file() and (source / "model.onnx").is_file():
-        from caloforge.registry.export import OnnxShowerGenerator
+        from caloforge.registry.onnx_runtime import OnnxShowerGenerator
 
         if args.steps is not None:
             raise ValueError("--steps: an ONNX file has its step count frozen in; pull another with --steps")

@@ -74,14 +74,6 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _default_artifact_location(tracking_uri: str) -> str | None:
-    """Artifacts next to a sqlite database (MLflow would otherwise use ./mlruns of the working directory)."""
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///") :])
-        return (db.parent / "artifacts").resolve().as_uri()
-    return None  # file stores and tracking servers decide themselves
-
-
 class RunTracker:
     """One MLflow run: create it (``run_id=None``) or continue an existing one.
 
@@ -133,7 +125,7 @@ class RunTracker:
                 raise ValueError(f"MLflow experiment {name!r} is deleted; restore it or pick another name")
             return exp.experiment_id
         return self.client.create_experiment(
-            name, artifact_location=_default_artifact_location(self.tracking_uri)
+            name, artifact_location=paths.mlflow_artifact_root(self.tracking_uri)
         )
 
     @property

@@ -11,6 +11,10 @@ PKG = Path(__file__).resolve().parents[2] / "caloforge"
 ALLOWED = {
     "mlflow": {
         "registry/store.py",
+        "registry/registration.py",
+        "registry/lookup.py",
+        "registry/promotion.py",
+        "registry/download.py",
         "registry/pyfunc.py",
         "registry/tracking.py",
         "evaluation/mlflow_hook.py",

@@ -149,3 +149,12 @@ def test_dead_layer_statistics_do_not_divide_by_zero(data: tuple[np.ndarray, dic
     assert stats["layer_log_max"][11] == math.log(stats["log_eps"])
     assert float(transform.log_max_Z[11]) == MAX_LOG
     assert (transform.log_max_Z[:11] < 20).all()
+
+
+def test_one_calochallenge_threshold_for_transform_reader_and_evaluation() -> None:
+    from caloforge.datasets.formats import calochallenge
+    from caloforge.evaluation import api
+
+    assert math.isclose(THRESHOLD, 15.1515e-3, rel_tol=1e-4)  # 0.5 keV visible / sampling fraction 0.033
+    assert calochallenge.VOXEL_THRESHOLD_MEV is api.CALOCHALLENGE_THRESHOLD_MEV is THRESHOLD
+    assert calochallenge.SAMPLING_FRACTION == 0.033

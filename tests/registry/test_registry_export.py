@@ -16,23 +16,20 @@ from registry_helpers import DETECTORS, MESH, rewrite_config, tiny_model
 from caloforge.platform.conditioning import Conditions
 from caloforge.platform.energy import LayerEnergyConfig
 from caloforge.platform.shower_model import ShowerModel, derive_seeds
+from caloforge.registry import export as export_module
 from caloforge.registry.bundle import bundle_files
 from caloforge.registry.card import CARD_FILE, ConditionRangeWarning, ModelCard
-from caloforge.registry.export import (
+from caloforge.registry.export import export_bundle, export_onnx, export_torch
+from caloforge.registry.onnx_graph import (
     ONNX_OUTPUT_NAME,
-    OnnxShowerGenerator,
     SamplerGraph,
-    export_bundle,
-    export_onnx,
-    export_torch,
     initial_layer_noise,
     initial_noise,
     io_spec,
-    onnx_feeds,
     onnx_input_names,
-    ort_session,
     seeded_noise,
 )
+from caloforge.registry.onnx_runtime import OnnxShowerGenerator, onnx_feeds, ort_session
 
 CONDITION_INPUTS = [
     ("energy_mev", "float32", ["B"]),
@@ -78,6 +75,28 @@ def test_contract_names_are_pinned() -> None:
         assert spec["outputs"] == [
             {"name": "shower_mev", "dtype": "float32", "shape": ["B", *MESH], "unit": "MeV"}
         ]
+
+
+def test_contract_names_resolve_from_the_export_module() -> None:
+    """docs/inference_contract.md and the seed convention stored in every file and card name
+    ``caloforge.registry.export``: the names they cite are the ones of the graph/runtime modules."""
+    import importlib
+
+    for layer_energy in (False, True):
+        text = export_module.seed_convention(layer_energy)
+        assert ("/ initial_layer_noise" in text) == layer_energy  # i.e. caloforge.registry.export's
+        for ref in (
+            "caloforge.registry.export.initial_noise",
+            "caloforge.platform.shower_model.derive_seeds",
+        ):
+            assert ref in text
+            module, name = ref.rsplit(".", 1)
+            assert callable(getattr(importlib.import_module(module), name))
+    assert export_module.initial_noise is initial_noise
+    assert export_module.initial_layer_noise is initial_layer_noise
+    assert export_module.OnnxShowerGenerator is OnnxShowerGenerator
+    assert export_module.SamplerGraph is SamplerGraph
+    assert set(export_module.__all__) <= set(dir(export_module))
 
 
 def test_initial_layer_noise_follows_the_seed_convention() -> None:

@@ -228,7 +228,7 @@ def test_failure_after_creation_rolls_everything_back(
         store.register_bundle(bundle_dir, kind="base", metrics={"fpd": 1.0}, aliases=("candidate",))
     assert not any("rollback: could not" in note for note in getattr(info.value, "__notes__", []))
     assert store.list_models() == []
-    assert store._versions(None) == []
+    assert store.search() == []
     exp = store.client.get_experiment_by_name("caloforge-registry")
     runs = store.client.search_runs([exp.experiment_id], run_view_type=3)  # ALL
     assert runs and all(r.info.lifecycle_stage == "deleted" for r in runs)

@@ -65,13 +65,13 @@ from caloforge.datasets.formats import (
 from caloforge.datasets.schema import ShowerSet
 from caloforge.platform.conditioning import Conditions, pdg_of
 from caloforge.platform.geometry import DetectorSpec, Mesh, builtin_detector_names
+from caloforge.platform.transforms import CALOCHALLENGE_SAMPLING_FRACTION as SAMPLING_FRACTION
+from caloforge.platform.transforms import CALOCHALLENGE_THRESHOLD_MEV as VOXEL_THRESHOLD_MEV
 
 log = logging.getLogger("caloforge.datasets.formats.calochallenge")
 
 ENERGY_KEY = "incident_energies"
 SHOWERS_KEY = "showers"
-SAMPLING_FRACTION = 0.033  # Par04 SiW, datasets 2 and 3
-VOXEL_THRESHOLD_MEV = 0.5e-3 / SAMPLING_FRACTION  # 15.15 keV: the evaluation's readout threshold
 DEFAULT_THETA_RAD = math.pi / 2
 DEFAULT_PHI_RAD = 0.0
 DEFAULT_PARTICLE = "e-"
