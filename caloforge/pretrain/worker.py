@@ -288,14 +288,10 @@ class QuickValidation:
         split: str,
         detectors: tuple[str, ...],
         config: ValidationConfig,
-        mesh_shape: tuple[int, int, int],
     ) -> None:
         self.config = config
         self.sets = _validation_sets(manifest, split, detectors, config.showers_per_detector, config.seed)
-        self.meshes: dict[str, Mesh] = {}
-        for det in self.sets:
-            spec = manifest.detector_spec(det)
-            self.meshes[det] = spec.geometry if spec is not None else _unit_mesh(mesh_shape)
+        self.meshes: dict[str, Mesh] = {det: manifest.geometry(det) for det in self.sets}
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         from caloforge.evaluation.features import compute_features, voxel_log_edges
@@ -332,10 +328,6 @@ class QuickValidation:
             for key in ("etot_rel_err", "long_profile_sep"):
                 out[key] = float(np.mean([out[f"{d}/{key}"] for d in self.sets]))
         return out
-
-
-def _unit_mesh(shape: tuple[int, int, int]) -> Mesh:
-    return Mesh(shape[0], shape[1], tuple(float(r) for r in range(shape[2] + 1)))
 
 
 # -- hooks -----------------------------------------------------------------------------------------------
@@ -495,7 +487,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 f"{manifest.fingerprint[:12]} != {payload['manifest_hash'][:12]})"
             )
         detectors = tuple(payload["detectors"])
-        mesh_shape = manifest.mesh_shape(detectors[0])
+        mesh = manifest.model_mesh(detectors)  # ValueError naming the manifest when a spec is not recorded
         vocab = ConditionVocab.create(detectors, cfg.spare_detector_slots)
         micro = cfg.loop.micro_batch_size(world)
         stream_cfg = dataclasses.replace(cfg.data.stream, batch_size=micro)
@@ -503,7 +495,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         # The trained ranges go into the bundle's lineage: the registry's model card reads them.
         extra = {**trained_ranges(manifest, stream.groups), "run_uri": run.uri}
         lineage = Lineage(dataset_manifest_hash=manifest.fingerprint, extra=extra)
-        model = ShowerModel.build(cfg.model, vocab, manifest.stats["pooled"], mesh_shape, lineage=lineage)
+        model = ShowerModel.build(cfg.model, vocab, manifest.stats["pooled"], mesh, lineage=lineage)
         backend = _make_backend(cfg, device)
         if rank == 0:
             log.info(
@@ -532,7 +524,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         hooks: list[Any] = [ResourceMetrics(device), ConsoleProgress(enabled=False)]
         if cfg.validation.enabled:
             validation = (
-                QuickValidation(manifest, cfg.data.val_split, detectors, cfg.validation, mesh_shape)
+                QuickValidation(manifest, cfg.data.val_split, detectors, cfg.validation)
                 if rank == 0
                 else None
             )

@@ -244,10 +244,9 @@ def prepare_data(config: TrainConfig, run_dir: Path) -> Path:
 # -- model ------------------------------------------------------------------------------------------------
 def build_model(config: TrainConfig, manifest_dir: Path) -> nn.Module:
     """A fresh ``ShowerModel`` for the shard set: pooled stats fit the transform; the vocabulary is the
-    manifest's detectors (sorted) + ``data.spare_detector_slots``; the mesh is the detectors' common one."""
+    manifest's detectors (sorted) + ``data.spare_detector_slots``; the mesh is ``Manifest.model_mesh``."""
     from caloforge.datasets.shards import Manifest
     from caloforge.platform.conditioning import ConditionVocab
-    from caloforge.platform.geometry import Mesh
     from caloforge.platform.shower_model import Lineage, ShowerModel
 
     manifest = Manifest.load(manifest_dir)
@@ -258,16 +257,7 @@ def build_model(config: TrainConfig, manifest_dir: Path) -> nn.Module:
             "one model trains on one mesh shape"
         )
     detectors = manifest.detectors
-    meshes = []
-    for det in detectors:
-        spec = manifest.detector_spec(det)
-        meshes.append(
-            Mesh(spec.mesh.n_z, spec.mesh.n_phi, tuple(spec.mesh.r_edges_mm)) if spec is not None else None
-        )
-    shape = manifest.mesh_shape(detectors[0])
-    mesh: Mesh | tuple[int, int, int] = (
-        meshes[0] if meshes[0] is not None and len(set(meshes)) == 1 else shape
-    )
+    mesh = manifest.model_mesh(detectors)  # ValueError naming the manifest when a spec is not recorded
     vocab = ConditionVocab.create(detectors, spare_slots=config.data.spare_detector_slots)
     lineage = Lineage(dataset_manifest_hash=manifest.fingerprint)
     return ShowerModel.build(config.model, vocab, stats, mesh, lineage=lineage)
