@@ -104,3 +104,28 @@ def test_model_mesh_of_detectors_with_different_radial_edges_uses_bin_index(
     assert m.detector_spec("fe-sci") == fesci  # built-ins are recorded by name
     assert m.model_mesh() == Mesh(45, 16, tuple(float(i) for i in range(10)))
     assert m.model_mesh(["my-calo"]) == mine.geometry
+
+
+def test_convert_keeps_or_adds_the_spec(tmp_path: Path, showers_factory, detector_yaml) -> None:
+    from caloforge.cli import main
+    from caloforge.datasets.formats import calochallenge
+
+    yaml_path = detector_yaml("my-calo", CUSTOM_MESH)
+    spec = load_detector(yaml_path)
+    data = showers_factory(10, CUSTOM_MESH, detector="my-calo")
+    src = native.write(tmp_path / "a.h5", data, [spec])
+    assert main(["data", "convert", str(src), str(tmp_path / "b.h5"), "--to", "native"]) == 0
+    assert native.read_detector_specs(tmp_path / "b.h5") == {"my-calo": spec}
+    cc = calochallenge.write(tmp_path / "cc.h5", data, include_conditions=True)
+    args = [
+        "data",
+        "convert",
+        str(cc),
+        str(tmp_path / "c.h5"),
+        "--detector",
+        str(yaml_path),
+        "--to",
+        "native",
+    ]
+    assert main(args) == 0
+    assert native.read_detector_specs(tmp_path / "c.h5") == {"my-calo": spec}
