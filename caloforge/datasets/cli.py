@@ -229,6 +229,20 @@ def _mesh_arg(text: str | None) -> Any:
     return shape
 
 
+def _input_specs(args: argparse.Namespace) -> list[Any]:
+    """The DetectorSpecs a conversion to native records: those of a native input, else ``--detector``'s."""
+    from caloforge.datasets import formats
+    from caloforge.datasets.formats import native
+
+    fmt = args.src_format if args.src_format != "auto" else formats.detect_format(args.input)
+    if fmt == "native":
+        return list(native.read_detector_specs(args.input).values())
+    if args.detector is None:
+        return []
+    _, spec = formats.resolve_detector(args.detector, path=args.input, custom_ok=True)
+    return [spec] if spec is not None else []
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from caloforge.datasets import formats
     from caloforge.datasets.formats import calochallenge
@@ -260,7 +274,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                 if args.dst_format == "native":
                     meta = {"converted_from": str(args.input), "input_format": chunk.metadata.get("format")}
                     writer = formats.NativeWriter(
-                        args.output, chunk.mesh_shape, chunk.source, chunk.seed, meta
+                        args.output, chunk.mesh_shape, chunk.source, chunk.seed, meta, _input_specs(args)
                     )
                 else:
                     writer = calochallenge.CaloChallengeWriter(

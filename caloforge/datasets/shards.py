@@ -25,7 +25,9 @@ Sources (our native HDF5, CaloChallenge and LEMURS files, any mix) are streamed 
 - **Atomicity.** Everything is written into a temporary sibling directory that is renamed into place at the
   end (an existing shard set is only replaced with ``overwrite``); a failure leaves no partial set behind.
 - **Manifest.** format + version, payload, config, sources, ``detectors`` ({name: DetectorSpec as dict}
-  when the spec is known — a built-in or a YAML — else {"mesh_shape": [...]}), ``mesh_shapes``,
+  when the spec is known — a built-in, a detector YAML given as a source's detector, or the spec a native
+  file records — else {"mesh_shape": [...]}; two sources with different specs under one name are an
+  error), ``mesh_shapes``,
   ``particles``, ``counts`` per split/detector/particle, ``ranges`` of energy and angles, ``shards`` per split
   (name, detector, particle, pdg, n_samples, bytes, sha256) and ``stats = {"pooled": <stats block>,
   "per_detector": {name: <stats block>}}`` (``caloforge.datasets.stats``) over the TRAIN split, computed on
@@ -59,9 +61,10 @@ from webdataset.tariterators import group_by_keys
 import caloforge
 from caloforge.config import to_dict
 from caloforge.datasets import formats
+from caloforge.datasets.formats import native
 from caloforge.datasets.stats import StatsAccumulator
 from caloforge.platform.conditioning import particle_name, pdg_of
-from caloforge.platform.geometry import DetectorSpec, builtin_detector_names, load_detector
+from caloforge.platform.geometry import DetectorSpec, Mesh, builtin_detector_names, load_detector
 
 log = logging.getLogger("caloforge.datasets.shards")
 
@@ -295,7 +298,9 @@ class Manifest:
             ) from None
 
     def detector_spec(self, detector: str) -> DetectorSpec | None:
-        """The DetectorSpec recorded for ``detector`` (None when only the mesh shape is known)."""
+        """The DetectorSpec recorded for ``detector``: every built-in detector and every detector whose spec
+        came with its source (a detector YAML, or a native file that records it, as ``caloforge data
+        simulate`` writes). None only for a custom detector known by name and mesh shape alone."""
         from caloforge.config import from_dict
 
         self.mesh_shape(detector)
@@ -303,6 +308,44 @@ class Manifest:
         if set(entry) == {"mesh_shape"}:
             return None
         return from_dict(DetectorSpec, entry, f"{self.directory / MANIFEST}: detectors.{detector}")
+
+    def detector_specs(self) -> dict[str, DetectorSpec]:
+        """{name: DetectorSpec} of the detectors whose spec is recorded (see ``detector_spec``)."""
+        specs = {d: self.detector_spec(d) for d in self.detectors}
+        return {d: s for d, s in specs.items() if s is not None}
+
+    def geometry(self, detector: str) -> Mesh:
+        """The recorded mesh geometry (radial edges in mm) of ``detector``; ValueError naming the manifest
+        when only its mesh shape is known."""
+        spec = self.detector_spec(detector)
+        if spec is None:
+            raise ValueError(
+                f"{self.directory / MANIFEST}: detector {detector!r} has no recorded DetectorSpec (only its "
+                f"mesh shape {self.mesh_shape(detector)}), so its geometry is unknown: re-shard with the "
+                "detector given as a YAML path (SOURCE as PATH:FORMAT:DETECTOR.yaml, or a native file from "
+                "`caloforge data simulate`)"
+            )
+        return spec.geometry
+
+    def model_mesh(self, detectors: Sequence[str] | None = None) -> Mesh:
+        """The one mesh of a model trained on ``detectors`` (default: all): their common recorded geometry;
+        when they share the mesh shape but differ in radial edges, radial bin-index edges (0, 1, …, n_r), so
+        the model's radius coordinate is the bin fraction. ValueError naming the manifest when a detector has
+        no recorded spec or the mesh shapes differ."""
+        names = list(detectors) if detectors is not None else self.detectors
+        if not names:
+            raise ValueError(f"{self.directory / MANIFEST}: model_mesh needs at least one detector")
+        meshes = {d: self.geometry(d) for d in names}
+        shapes = {m.shape for m in meshes.values()}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"{self.directory / MANIFEST}: detectors {names} have different meshes "
+                f"{ {d: m.shape for d, m in meshes.items()} }; one model trains on one mesh shape"
+            )
+        first = meshes[names[0]]
+        if all(m == first for m in meshes.values()):
+            return first
+        return Mesh(first.n_z, first.n_phi, tuple(float(i) for i in range(first.n_r + 1)))
 
     def shards(self, split: str) -> list[ShardInfo]:
         if split not in self.data["shards"]:
@@ -713,14 +756,19 @@ def _write_sources(
         lo, hi = formats.check_rows(spec.path, info.n_showers, spec.start, spec.max_showers)
         n = hi - lo
         split_ids = _split_ids(n, config.split, config.seed, si)
-        if spec.detector is not None and info.format != "native":
+        if info.format == "native":  # the file records its specs; a declared YAML must agree (iter_native)
+            for name, det_spec in native.read_detector_specs(spec.path).items():
+                _record_spec(spec_of, name, det_spec, spec.path)
+            if spec.detector is not None and native.declares_spec(spec.detector):
+                name, det_spec = formats.resolve_detector(spec.detector, path=spec.path)
+                _record_spec(spec_of, name, det_spec, spec.path)
+        elif spec.detector is not None:
             name, det_spec = formats.resolve_detector(
                 spec.detector,
                 path=spec.path,
                 custom_ok=spec.mesh_shape is not None or spec.calibration is not None,
             )
-            if spec_of.get(name) is None:
-                spec_of[name] = det_spec
+            _record_spec(spec_of, name, det_spec, spec.path)
         done = 0
         bar = tqdm(total=n, desc=f"shard {spec.path.name}", unit="shower", disable=not progress)
         chunks = formats.iter_any(
@@ -759,6 +807,22 @@ def _write_sources(
             }
         )
     return sources_meta, spec_of
+
+
+def _record_spec(
+    spec_of: dict[str, DetectorSpec | None], name: str, spec: DetectorSpec | None, path: Path
+) -> None:
+    """Remember ``name``'s spec; two sources with different specs for one detector name are an error."""
+    known = spec_of.get(name)
+    if spec is None:
+        spec_of.setdefault(name, None)
+    elif known is None:
+        spec_of[name] = spec
+    elif known != spec:
+        raise ValueError(
+            f"{path}: detector {name!r} comes with a different DetectorSpec than in an earlier source "
+            "(one name, one detector: rename one of them)"
+        )
 
 
 def _build_manifest(

@@ -32,7 +32,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +56,7 @@ from caloforge.evaluation.prdc import prdc
 from caloforge.evaluation.report import EvalReport, PlotData
 from caloforge.evaluation.seeding import derive_seed, rng
 from caloforge.platform.conditioning import Conditions, particle_name
-from caloforge.platform.geometry import Mesh, load_detector
+from caloforge.platform.geometry import DetectorSpec, Mesh, builtin_detector_names, load_detector
 from caloforge.platform.transforms import CALOCHALLENGE_THRESHOLD_MEV
 
 if TYPE_CHECKING:
@@ -117,44 +117,59 @@ def _subsample(s: ShowerSet, n: int | None, seed: int, purpose: str) -> ShowerSe
     return s.subset(idx)
 
 
-def _detector_mesh(name: str, shape: tuple[int, int, int], config: EvalConfig) -> Mesh:
+def _detector_mesh(
+    name: str,
+    shape: tuple[int, int, int],
+    config: EvalConfig,
+    specs: Mapping[str, DetectorSpec],
+    fallback: Mesh | None = None,
+) -> Mesh:
+    """``config.r_edges_mm``, else the given spec's geometry, else the built-in detector's, else ``fallback``
+    (a model bundle's mesh)."""
     if config.r_edges_mm is not None:
         mesh = Mesh(shape[0], shape[1], tuple(config.r_edges_mm))
+    elif name in specs:
+        mesh = specs[name].geometry
+    elif name in builtin_detector_names():
+        mesh = load_detector(name).geometry
+    elif fallback is not None:
+        log.info("detector %r: no DetectorSpec given, using the model bundle's mesh geometry", name)
+        mesh = fallback
     else:
-        try:
-            mesh = load_detector(name).geometry
-        except ValueError as exc:
-            raise ValueError(
-                f"evaluate: detector {name!r} is not a built-in detector, so its mesh geometry is unknown; "
-                f"pass r_edges_mm in the EvalConfig ({exc})"
-            ) from None
+        raise ValueError(
+            f"evaluate: detector {name!r} is not a built-in detector and has no DetectorSpec (from a shard "
+            "set or native file that records it, or --detector DETECTOR.yaml), so its mesh geometry is "
+            "unknown; give its spec or pass r_edges_mm in the EvalConfig"
+        )
     if mesh.shape != shape:
         raise ValueError(f"evaluate: showers have mesh shape {shape}, detector {name!r} has {mesh.shape}")
     return mesh
 
 
-def _detector_threshold(name: str, config: EvalConfig) -> float:
+def _detector_threshold(name: str, config: EvalConfig, specs: Mapping[str, DetectorSpec]) -> float:
     if config.voxel_threshold_mev is not None:
         return float(config.voxel_threshold_mev)
-    try:
+    if name in specs:
+        spec = specs[name]
+    elif name in builtin_detector_names():
         spec = load_detector(name)
-    except ValueError:
-        if name in _WARNED:
-            return CALOCHALLENGE_THRESHOLD_MEV
-        _WARNED.add(name)
-        log.warning(
-            "detector %r is not built-in: using the CaloChallenge voxel threshold %.4g MeV",
-            name,
-            CALOCHALLENGE_THRESHOLD_MEV,
-        )
+    else:
+        if name not in _WARNED:
+            _WARNED.add(name)
+            log.warning(
+                "detector %r is neither built-in nor given a DetectorSpec: using the CaloChallenge voxel "
+                "threshold %.4g MeV",
+                name,
+                CALOCHALLENGE_THRESHOLD_MEV,
+            )
         return CALOCHALLENGE_THRESHOLD_MEV
     return float(spec.readout_threshold_mev / spec.sampling_fraction)
 
 
-def _thresholds(cond: Conditions, config: EvalConfig) -> np.ndarray:
-    """Per-shower voxel threshold (MeV), looked up once per detector."""
+def _thresholds(cond: Conditions, per_detector: Mapping[str, float]) -> np.ndarray:
+    """Per-shower voxel threshold (MeV) from the per-detector thresholds."""
     dets, inverse = np.unique(cond.detector, return_inverse=True)
-    per_det = np.array([_detector_threshold(str(d), config) for d in dets], dtype=np.float64)
+    per_det = np.array([per_detector[str(d)] for d in dets], dtype=np.float64)
     return per_det[inverse.reshape(-1)]
 
 
@@ -185,6 +200,7 @@ class _Side:
 class _Context:
     config: EvalConfig
     meshes: dict[str, Mesh]
+    thresholds: dict[str, float]
     voxel_edges: np.ndarray
     standardiser: Standardiser | None = None
     low_shift_scale: tuple[float, float] = (0.0, 1.0)
@@ -239,7 +255,7 @@ def _voxel_edges(reference: ShowerSet, thresholds: np.ndarray, n_bins: int) -> n
 
 
 def _prepare(s: ShowerSet, ctx: _Context) -> _Side:
-    thresholds = _thresholds(s.conditions, ctx.config)
+    thresholds = _thresholds(s.conditions, ctx.thresholds)
     with ctx.timer("features"):
         feats = _features(s, thresholds, ctx)
         hlf = feats.vector(ctx.config.hlf_vector)
@@ -436,9 +452,22 @@ def _group_keys(comps: list[np.ndarray], n: int) -> dict[str, np.ndarray]:
 
 
 # -------------------------------------------------------------------------------------------- public
-def evaluate(sample: ShowerSet, reference: ShowerSet, config: EvalConfig | None = None) -> EvalReport:
-    """Compare ``sample`` with ``reference`` (module docstring); returns an ``EvalReport``."""
+def evaluate(
+    sample: ShowerSet,
+    reference: ShowerSet,
+    config: EvalConfig | None = None,
+    *,
+    detectors: Mapping[str, DetectorSpec] | None = None,
+    mesh: Mesh | None = None,
+) -> EvalReport:
+    """Compare ``sample`` with ``reference`` (module docstring); returns an ``EvalReport``.
+
+    Each detector's geometry and voxel threshold come from ``detectors`` (the specs a shard manifest or a
+    native file records: ``Manifest.detector_specs``, ``native.read_detector_specs``), else from the
+    built-in detector of that name; ``mesh`` (a model bundle's) is the geometry of a detector with neither
+    (``config.r_edges_mm`` / ``voxel_threshold_mev`` override all of them)."""
     config = config or EvalConfig()
+    specs = dict(detectors or {})
     t_start, c_start = time.perf_counter(), time.process_time()
     _check_inputs(sample, reference, config)
     if (
@@ -457,9 +486,10 @@ def evaluate(sample: ShowerSet, reference: ShowerSet, config: EvalConfig | None 
         set(np.unique(reference.conditions.detector).tolist())
         | set(np.unique(sample.conditions.detector).tolist())
     )
-    meshes = {d: _detector_mesh(d, reference.mesh_shape, config) for d in detectors}
-    ref_thr = _thresholds(reference.conditions, config)
-    ctx = _Context(config, meshes, _voxel_edges(reference, ref_thr, config.voxel_bins))
+    meshes = {d: _detector_mesh(d, reference.mesh_shape, config, specs, mesh) for d in detectors}
+    per_detector = {d: _detector_threshold(d, config, specs) for d in detectors}
+    ref_thr = _thresholds(reference.conditions, per_detector)
+    ctx = _Context(config, meshes, per_detector, _voxel_edges(reference, ref_thr, config.voxel_bins))
 
     log.info(
         "evaluate: %d sample vs %d reference showers on mesh %s",
@@ -511,7 +541,7 @@ def evaluate(sample: ShowerSet, reference: ShowerSet, config: EvalConfig | None 
         "mesh_shape": list(reference.mesh_shape),
         "detectors": detectors,
         "particles": sorted({particle_name(int(p)) for p in np.unique(reference.conditions.pdg)}),
-        "voxel_threshold_mev": {d: _detector_threshold(d, config) for d in detectors},
+        "voxel_threshold_mev": per_detector,
         "hlf_vector": config.hlf_vector,
         "hlf_dim": int(ref.hlf.shape[1]),
         "groups": group_table,
@@ -623,17 +653,23 @@ def evaluate_model(
     sampler: str | None = None,
     batch_size: int = 256,
     device: str | None = None,
+    detectors: Mapping[str, DetectorSpec] | None = None,
 ) -> EvalReport:
     """Generate ``n`` showers with the conditions of ``n`` reference showers and evaluate them.
 
     ``model`` is a ``ShowerModel`` or a bundle directory (loaded on ``device``, default cpu; a model object
     must already be on ``device`` when one is given). The ``n`` reference showers are a seeded random subset
     (all when ``n`` is None); per-shower generation seeds derive from ``config.seed``, so the same call gives
-    the same numbers. The comparison runs with ``conditions="match"``.
+    the same numbers. The comparison runs with ``conditions="match"``. ``detectors``: as for ``evaluate``;
+    the model's mesh is the geometry of a detector without a spec.
     """
     from dataclasses import replace
 
+    from caloforge.platform.shower_model import ShowerModel
+
     config = config or EvalConfig()
+    if not isinstance(model, ShowerModel):
+        model = load_model(model, device)
     sample, reference = generate_sample(
         model,
         reference,
@@ -644,10 +680,22 @@ def evaluate_model(
         batch_size=batch_size,
         device=device,
     )
-    report = evaluate(sample, reference, replace(config, conditions="match"))
+    report = evaluate(
+        sample, reference, replace(config, conditions="match"), detectors=detectors, mesh=model.mesh
+    )
     report.info["generation_s"] = sample.metadata["generation_s"]
     report.info["generation_ms_per_shower"] = round(1e3 * sample.metadata["generation_s"] / len(sample), 4)
     return report
+
+
+def load_model(bundle: str | Path, device: str | None = None) -> ShowerModel:
+    """A model bundle directory loaded on ``device`` (default cpu)."""
+    from caloforge.platform.shower_model import ShowerModel
+
+    path = Path(bundle)
+    if not path.is_dir():
+        raise ValueError(f"model bundle {path}: not a directory")
+    return ShowerModel.load(path, device=device or "cpu")
 
 
 def generate_sample(
@@ -669,10 +717,7 @@ def generate_sample(
     from caloforge.platform.shower_model import ShowerModel
 
     if not isinstance(model, ShowerModel):
-        path = Path(model)
-        if not path.is_dir():
-            raise ValueError(f"model bundle {path}: not a directory")
-        model = ShowerModel.load(path, device=device or "cpu")
+        model = load_model(model, device)
     if model.mesh_shape != reference.mesh_shape:
         raise ValueError(f"model mesh {model.mesh_shape} != reference mesh shape {reference.mesh_shape}")
     if n is not None:

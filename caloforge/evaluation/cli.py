@@ -9,7 +9,10 @@ Examples::
         --write-calochallenge eval/z/generated_cc.h5   # then run the official evaluate.py on it
 
 ``--reference`` is a shard directory (``caloforge data shard``; ``--split``, default ``test``) or an HDF5
-file (native, CaloChallenge or LEMURS; ``--detector`` names the detector of files that do not record it).
+file (native, CaloChallenge or LEMURS; ``--detector`` names the detector of files that do not record it, as
+a built-in name or a detector YAML). Each detector's geometry and voxel threshold come from the DetectorSpec
+the inputs record (the shard manifest, native files) or ``--detector``'s YAML, else the built-in detector of
+that name, else (``--model``) the bundle's mesh.
 The report (report.json, report.md, PNGs) goes to ``--out``.
 """
 
@@ -50,7 +53,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "seeded reference showers; --generated: cap on each set)",
     )
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory for the report")
-    p.add_argument("--detector", help="detector of HDF5 inputs that do not record one (CaloChallenge/LEMURS)")
+    p.add_argument(
+        "--detector",
+        help="detector of HDF5 inputs that do not record one (CaloChallenge/LEMURS): a built-in name or a "
+        "detector YAML (whose geometry and threshold the evaluation then uses)",
+    )
     p.add_argument(
         "--calibration", type=float, help="factor applied to CaloChallenge/LEMURS voxels when reading"
     )
@@ -85,12 +92,44 @@ def _load_reference(args: argparse.Namespace):  # -> ShowerSet
 
     ref = Path(args.reference)
     if ref.is_dir():
+        from caloforge.datasets.formats import resolve_detector
         from caloforge.datasets.streaming import load_split
 
-        return load_split(ref, args.split, detector=args.detector)
+        name = None if args.detector is None else resolve_detector(args.detector, path=ref, custom_ok=True)[0]
+        return load_split(ref, args.split, detector=name)
     if not ref.is_file():
         raise ValueError(f"--reference {ref}: no such file or shard directory")
     return read_any(ref, detector=args.detector, calibration=_calibration_for(ref, args.calibration))
+
+
+def _detector_specs(args: argparse.Namespace) -> dict:  # -> {name: DetectorSpec}
+    """The DetectorSpecs the inputs record (shard manifest, native files) plus ``--detector`` as a YAML; two
+    different specs under one name are an error."""
+    from caloforge.datasets.formats import detect_format, native, resolve_detector
+    from caloforge.datasets.shards import Manifest
+
+    found: list[tuple[str, dict]] = []
+    for path in (args.reference, args.generated):
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_dir():
+            found.append((str(path), Manifest.load(path).detector_specs()))
+        elif path.is_file() and detect_format(path) == "native":
+            found.append((str(path), native.read_detector_specs(path)))
+    if args.detector is not None and native.declares_spec(args.detector):
+        name, spec = resolve_detector(args.detector, path=args.reference)
+        found.append((f"--detector {args.detector}", {name: spec}))
+    specs: dict = {}
+    origin: dict[str, str] = {}
+    for where, entries in found:
+        for name, spec in entries.items():
+            if name in specs and specs[name] != spec:
+                raise ValueError(
+                    f"detector {name!r}: {where} gives a different DetectorSpec than {origin[name]}"
+                )
+            specs[name], origin[name] = spec, where
+    return specs
 
 
 def _calibration_for(path: Path, calibration: float | None) -> float | None:
@@ -116,13 +155,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--n must be >= 4, got {args.n}")
 
     from caloforge.datasets.formats import calochallenge, read_any
-    from caloforge.evaluation.api import evaluate, generate_sample
+    from caloforge.evaluation.api import evaluate, generate_sample, load_model
 
     reference = _load_reference(args)
+    specs = _detector_specs(args)
     log.info("reference: %d showers (%s) from %s", len(reference), reference.source, args.reference)
+    model_mesh = None
     if args.model is not None:
+        model = load_model(args.model, args.device)
+        model_mesh = model.mesh
         sample, reference = generate_sample(
-            args.model,
+            model,
             reference,
             args.n,
             config.seed,
@@ -144,7 +187,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         gen_s = None
     log.info("sample: %d showers (%s)", len(sample), sample.source)
 
-    report = evaluate(sample, reference, config)
+    report = evaluate(sample, reference, config, detectors=specs, mesh=model_mesh)
     if gen_s is not None:
         report.info["generation_s"] = gen_s
         report.info["generation_ms_per_shower"] = round(1e3 * gen_s / len(sample), 4)

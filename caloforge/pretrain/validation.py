@@ -10,7 +10,7 @@ from torch import nn
 from caloforge.datasets.shards import Manifest, shard_samples
 from caloforge.platform.conditioning import Conditions
 from caloforge.platform.geometry import Mesh
-from caloforge.platform.shower_model import ShowerModel, as_mesh
+from caloforge.platform.shower_model import ShowerModel
 from caloforge.pretrain.config import ValidationConfig
 
 __all__ = ["QuickValidation"]
@@ -75,14 +75,10 @@ class QuickValidation:
         split: str,
         detectors: tuple[str, ...],
         config: ValidationConfig,
-        mesh: Mesh | tuple[int, int, int],
     ) -> None:
         self.config = config
         self.sets = _validation_sets(manifest, split, detectors, config.showers_per_detector, config.seed)
-        self.meshes: dict[str, Mesh] = {}
-        for det in self.sets:
-            spec = manifest.detector_spec(det)
-            self.meshes[det] = spec.geometry if spec is not None else as_mesh(mesh)
+        self.meshes: dict[str, Mesh] = {det: manifest.geometry(det) for det in self.sets}
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         from caloforge.evaluation.features import compute_features, voxel_log_edges

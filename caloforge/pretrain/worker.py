@@ -173,9 +173,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         metrics_path = run.local_path / "metrics.jsonl" if run.is_local else staging / "metrics.jsonl"
         evals = []
         if cfg.validation.enabled:
-            mesh = job.manifest_mesh(manifest, detectors)
             validation = (
-                QuickValidation(manifest, cfg.data.val_split, detectors, cfg.validation, mesh)
+                QuickValidation(manifest, cfg.data.val_split, detectors, cfg.validation)
                 if rank == 0
                 else None
             )

@@ -5,7 +5,7 @@ adaptation and distillation jobs are *callers* of this module, not copies of it:
 
 - :func:`model_for_manifest`: a fresh ``ShowerModel`` for a shard set (transform fitted from the
   manifest's pooled stats, vocabulary = the manifest's detectors + spare slots, the detectors' common mesh
-  from their recorded specs);
+  from their recorded specs, ``Manifest.model_mesh``);
 - :func:`loss_for`: the loop's ``loss_fn`` for a model and the job's objective config (checks that the
   objective can train the model's parametrisation);
 - :func:`training_lineage`: the bundle lineage of a trained model (dataset, trained ranges, objective);
@@ -32,7 +32,6 @@ import torch
 from caloforge.datasets.shards import Manifest
 from caloforge.datasets.streaming import StreamGroup, trained_ranges
 from caloforge.platform.conditioning import ConditionVocab
-from caloforge.platform.geometry import Mesh
 from caloforge.platform.objectives import ObjectiveConfig, make_objective
 from caloforge.platform.shower_model import Lineage, ShowerModel, ShowerModelConfig
 from caloforge.training.hooks import ConsoleProgress, Hook, MetricsWriter, PeriodicEval
@@ -42,7 +41,6 @@ from caloforge.training.tasks import shower_loss_fn
 __all__ = [
     "final_model",
     "loss_for",
-    "manifest_mesh",
     "model_for_manifest",
     "save_final_bundle",
     "standard_hooks",
@@ -50,29 +48,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("caloforge.training")
-
-
-def manifest_mesh(manifest: Manifest, detectors: Sequence[str] | None = None) -> Mesh | tuple[int, int, int]:
-    """The common mesh of ``detectors`` (default: all of the manifest's): the recorded geometry when every
-    detector has one and they agree, else the common mesh shape. ValueError when the shapes differ (one
-    model trains on one mesh shape)."""
-    names = list(detectors) if detectors is not None else list(manifest.detectors)
-    if not names:
-        raise ValueError(f"{manifest.directory}: no detectors")
-    shapes = {manifest.mesh_shape(d) for d in names}
-    if len(shapes) != 1:
-        per = {d: manifest.mesh_shape(d) for d in names}
-        raise ValueError(
-            f"{manifest.directory}: the detectors have different meshes {per}; one model trains on one mesh "
-            "shape"
-        )
-    meshes = []
-    for det in names:
-        spec = manifest.detector_spec(det)
-        meshes.append(spec.geometry if spec is not None else None)
-    if meshes[0] is not None and all(m == meshes[0] for m in meshes):
-        return meshes[0]
-    return shapes.pop()
 
 
 def model_for_manifest(
@@ -83,13 +58,14 @@ def model_for_manifest(
     lineage: Lineage | None = None,
 ) -> ShowerModel:
     """A fresh model for a shard set: the pooled stats fit the transform; the vocabulary is ``detectors``
-    (default: the manifest's, sorted) + ``spare_detector_slots``; the mesh is :func:`manifest_mesh`."""
+    (default: the manifest's, sorted) + ``spare_detector_slots``; the mesh is the detectors' recorded
+    geometry (``Manifest.model_mesh``: ValueError naming the manifest when a spec is not recorded)."""
     names = tuple(detectors) if detectors is not None else tuple(manifest.detectors)
     stats = (manifest.stats or {}).get("pooled")
     if stats is None:
         raise ValueError(f"{manifest.directory}: the manifest has no pooled stats to fit the transform")
     vocab = ConditionVocab.create(names, spare_slots=spare_detector_slots)
-    return ShowerModel.build(config, vocab, stats, manifest_mesh(manifest, names), lineage=lineage)
+    return ShowerModel.build(config, vocab, stats, manifest.model_mesh(names), lineage=lineage)
 
 
 def loss_for(model: ShowerModel, objective: ObjectiveConfig) -> tuple[LossFn, str]:

@@ -1,8 +1,8 @@
 """A single-process training run from one config: ``caloforge train`` and :func:`train` (quickstart).
 
 Thin entry point (torchtitan's train.py): config → data (shards, or simulate + shard into the run
-directory) → ``ShowerModel.build`` (transform fitted from the manifest's pooled stats, vocabulary from the
-manifest's detectors + spare slots) → the one loop with ``TorchBackend`` → the EMA model bundle.
+directory) → the job assembly (``training/job.py``: the model for the manifest, the objective's loss, the
+lineage, the standard hooks) → the one loop with ``TorchBackend`` → the EMA model bundle.
 
 Run directory (``run_dir``)::
 
@@ -51,7 +51,6 @@ __all__ = [
     "SimulateConfig",
     "TrainConfig",
     "TrainResult",
-    "build_model",
     "prepare_data",
     "train",
 ]
@@ -242,18 +241,6 @@ def prepare_data(config: TrainConfig, run_dir: Path) -> Path:
         log.info("using the simulated shards of this run: %s", shard_dir)
         return shard_dir
     return _simulate_and_shard(config.data.simulate, run_dir / "data")
-
-
-# -- model ------------------------------------------------------------------------------------------------
-def build_model(config: TrainConfig, manifest_dir: Path) -> nn.Module:
-    """A fresh ``ShowerModel`` for the shard set (``training.job.model_for_manifest``)."""
-    from caloforge.datasets.shards import Manifest
-    from caloforge.platform.shower_model import Lineage
-    from caloforge.training.job import model_for_manifest
-
-    manifest = Manifest.load(manifest_dir)
-    lineage = Lineage(dataset_manifest_hash=manifest.fingerprint)
-    return model_for_manifest(config.model, manifest, config.data.spare_detector_slots, lineage=lineage)
 
 
 # -- run directory ----------------------------------------------------------------------------------------

@@ -3,7 +3,11 @@
 Datasets: ``showers`` float32 (N, n_z, n_phi, n_r) MeV (chunks of 256 showers, lzf); ``energy_mev``,
 ``theta_rad``, ``phi_rad`` float64 (N,); ``pdg`` int64 (N,); ``detector`` (N,) UTF-8 strings. Attributes:
 ``format`` = "caloforge-showers", ``format_version``, ``source``, ``seed`` (-1 when none),
-``caloforge_version``, ``metadata_json``.
+``caloforge_version``, ``metadata_json`` and, when the writer knows them, ``detectors_json``: the full
+``DetectorSpec`` of each detector as a JSON object {name: spec as dict} (``read_detector_specs``), so a
+detector defined by a user's YAML keeps its geometry, materials and ranges through sharding and training.
+Files written before that attribute existed still yield the spec the simulator put in ``metadata_json``
+(``detector_spec``).
 
 One writer (``NativeWriter``; ``write`` appends once) and one reader (``iter_native`` in validated chunks;
 ``read`` concatenates them), so there is one definition of the layout.
@@ -12,7 +16,7 @@ One writer (``NativeWriter``; ``write`` appends once) and one reader (``iter_nat
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import h5py
@@ -30,15 +34,52 @@ from caloforge.datasets.formats import (
 )
 from caloforge.datasets.schema import ShowerSet
 from caloforge.platform.conditioning import Conditions
+from caloforge.platform.geometry import DetectorSpec
+
+SPECS_ATTR = "detectors_json"
 
 FORMAT = "caloforge-showers"
 FORMAT_VERSION = 1
 
 
+def read_detector_specs(path: str | Path) -> dict[str, DetectorSpec]:
+    """The ``DetectorSpec`` recorded for each detector of a native file ({} when none is recorded).
+
+    Reads the ``detectors_json`` attribute, else (files written before it) the simulator's
+    ``metadata_json["detector_spec"]``. A spec whose mesh differs from the file's showers is a ValueError."""
+    from caloforge.config import from_dict
+
+    path = Path(path)
+    with open_h5(path) as f:
+        if f.attrs.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a {FORMAT} file (attribute 'format' = {f.attrs.get('format')!r})")
+        if SPECS_ATTR in f.attrs:
+            raw = json.loads(f.attrs[SPECS_ATTR])
+            key = SPECS_ATTR
+        else:
+            legacy = json.loads(f.attrs.get("metadata_json", "{}")).get("detector_spec")
+            raw = {legacy["name"]: legacy} if isinstance(legacy, dict) and "name" in legacy else {}
+            key = "metadata_json.detector_spec"
+        shape = tuple(int(v) for v in f["showers"].shape[1:]) if "showers" in f else None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: attribute {key!r} must be a JSON object {{name: spec}}")
+    specs = {}
+    for name, entry in raw.items():
+        spec = from_dict(DetectorSpec, entry, f"{path}: {key}.{name}")
+        if spec.name != name:
+            raise ValueError(f"{path}: {key}.{name} holds the spec of detector {spec.name!r}")
+        if shape is not None and spec.geometry.shape != shape:
+            raise ValueError(
+                f"{path}: {key}.{name} has mesh {spec.geometry.shape}, the file's showers {shape}"
+            )
+        specs[name] = spec
+    return specs
+
+
 def iter_native(
     path: str | Path,
     *,
-    detector: str | None = None,
+    detector: str | Path | DetectorSpec | None = None,
     start: int = 0,
     max_showers: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SHOWERS,
@@ -46,11 +87,14 @@ def iter_native(
 ) -> Iterator[ShowerSet]:
     """Read the native layout in chunks of ``chunk_size`` showers, validated.
 
-    ``detector``, when given, must be the (only) detector named in the rows read.
+    ``detector``, when given (a name, a detector YAML path or a ``DetectorSpec``), must be the (only)
+    detector named in the rows read; a spec given that way must equal the one the file records.
     """
     path = Path(path)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if detector is not None:
+        detector = _declared_detector(path, detector)
     with open_h5(path) as f:
         if f.attrs.get("format") != FORMAT:
             raise ValueError(f"{path}: not a {FORMAT} file (attribute 'format' = {f.attrs.get('format')!r})")
@@ -104,11 +148,34 @@ def iter_native(
             )
 
 
+def declares_spec(detector: str | Path | DetectorSpec) -> bool:
+    """Whether a declared detector is a spec (a ``DetectorSpec`` or a detector YAML path), not just a name."""
+    return isinstance(detector, DetectorSpec) or Path(str(detector)).suffix in (".yaml", ".yml")
+
+
+def _declared_detector(path: Path, detector: str | Path | DetectorSpec) -> str:
+    """The name of a declared detector; a declared spec (not a bare name) must equal the file's recorded
+    one."""
+    from caloforge.datasets.formats import resolve_detector
+
+    if not declares_spec(detector):
+        return str(detector)
+    name, spec = resolve_detector(detector, path=path)
+    if spec is not None:
+        recorded = read_detector_specs(path).get(name)
+        if recorded is not None and recorded != spec:
+            raise ValueError(
+                f"{path}: the file records a different DetectorSpec for {name!r} than the declared "
+                f"{str(detector) if not isinstance(detector, DetectorSpec) else 'spec'}"
+            )
+    return name
+
+
 class NativeWriter(AtomicH5Writer):
     """Append ShowerSets chunk by chunk (temp file, then rename on close; removed on abort).
 
     ``write`` is this writer with one append; large conversions append chunk by chunk without holding the
-    data in memory.
+    data in memory. ``detectors``: the specs recorded in ``detectors_json`` (each must have the file's mesh).
     """
 
     def __init__(
@@ -118,9 +185,11 @@ class NativeWriter(AtomicH5Writer):
         source: str = "unknown",
         seed: int | None = None,
         metadata: dict | None = None,
+        detectors: Sequence[DetectorSpec] = (),
     ) -> None:
-        super().__init__(path)
         self.mesh_shape = tuple(int(v) for v in mesh_shape)
+        specs = _specs_json(path, self.mesh_shape, detectors)
+        super().__init__(path)
         self.n = 0
         f = self._f
         f.create_dataset(
@@ -143,6 +212,8 @@ class NativeWriter(AtomicH5Writer):
         f.attrs["seed"] = -1 if seed is None else int(seed)
         f.attrs["caloforge_version"] = caloforge.__version__
         f.attrs["metadata_json"] = json.dumps(metadata or {}, sort_keys=True)
+        if specs is not None:
+            f.attrs[SPECS_ATTR] = specs
 
     def append(self, data: ShowerSet) -> None:
         if data.mesh_shape != self.mesh_shape:
@@ -165,11 +236,46 @@ class NativeWriter(AtomicH5Writer):
         self.n = b
 
 
-def write(path: str | Path, data: ShowerSet) -> Path:
-    """Write ``data`` atomically (temp file + rename), so a crash never leaves a half-written file."""
-    with NativeWriter(Path(path), data.mesh_shape, data.source, data.seed, data.metadata) as w:
+def _specs_json(
+    path: str | Path, mesh_shape: tuple[int, ...], detectors: Sequence[DetectorSpec]
+) -> str | None:
+    from caloforge.config import to_dict
+
+    if not detectors:
+        return None
+    specs: dict[str, dict] = {}
+    for spec in detectors:
+        if not isinstance(spec, DetectorSpec):
+            raise ValueError(f"{path}: detectors must be DetectorSpecs, got {type(spec).__name__}")
+        if spec.geometry.shape != mesh_shape:
+            raise ValueError(
+                f"{path}: detector {spec.name!r} has mesh {spec.geometry.shape}, the file {mesh_shape}"
+            )
+        if spec.name in specs:
+            raise ValueError(f"{path}: detector {spec.name!r} given twice")
+        specs[spec.name] = to_dict(spec)
+    return json.dumps(specs, sort_keys=True)
+
+
+def write(path: str | Path, data: ShowerSet, detectors: Sequence[DetectorSpec] | None = None) -> Path:
+    """Write ``data`` atomically (temp file + rename), so a crash never leaves a half-written file.
+
+    ``detectors``: the specs to record (``detectors_json``); None records the spec the simulator puts in
+    ``data.metadata["detector_spec"]`` (``caloforge.datasets.simulator``), if any."""
+    if detectors is None:
+        detectors = _specs_from_metadata(data.metadata, path)
+    with NativeWriter(Path(path), data.mesh_shape, data.source, data.seed, data.metadata, detectors) as w:
         w.append(data)
     return Path(path)
+
+
+def _specs_from_metadata(metadata: dict, path: str | Path) -> list[DetectorSpec]:
+    from caloforge.config import from_dict
+
+    entry = metadata.get("detector_spec")
+    if entry is None:
+        return []
+    return [from_dict(DetectorSpec, entry, f"{path}: metadata.detector_spec")]
 
 
 def read(path: str | Path) -> ShowerSet:

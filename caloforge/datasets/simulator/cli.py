@@ -3,8 +3,9 @@
     caloforge data simulate --detector lar-pb --particles e-,gamma,pi+ --n 10000 --energy-gev 1:1000 \\
         --log-uniform --theta-deg 50:130 [--phi-deg -180:180] --seed 7 --out DIR
 
-writes ``DIR/<detector>.h5`` (``caloforge.datasets.formats.native``) per detector of the comma list; detector
-i gets the seed derived from (seed, i). The group ``caloforge data`` calls ``register`` with its subparsers.
+writes ``DIR/<detector>.h5`` (``caloforge.datasets.formats.native``, recording the full ``DetectorSpec``) per
+detector of the comma list (built-in names or detector YAML paths); detector i gets the seed derived from
+(seed, i). The group ``caloforge data`` calls ``register`` with its subparsers.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         data = simulate(det, cond, seed, progress=args.progress)
         elapsed = time.perf_counter() - start
-        path = native.write(out_dir / f"{det.name}.h5", data)
+        path = native.write(out_dir / f"{det.name}.h5", data, detectors=[det])
         ratio = data.total_energy_mev() / cond.energy_mev
         per_particle = ", ".join(
             f"{particle_name(p)} {ratio[cond.pdg == p].mean():.3f}" for p in np.unique(cond.pdg)
