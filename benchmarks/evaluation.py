@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from caloforge.cli import apply_default_env
 from caloforge.config import load_config, to_dict
 from caloforge.datasets.simulator import SIMULATOR_VERSION, simulate_dataset
+from caloforge.environment import apply_default_env
 from caloforge.evaluation import EvalConfig, evaluate
 from caloforge.platform.geometry import load_detector
 

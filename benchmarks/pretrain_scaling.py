@@ -51,7 +51,7 @@ TARGET_RATIO = 1.7
 
 
 def _env() -> None:
-    from caloforge.cli import apply_default_env
+    from caloforge.environment import apply_default_env
 
     apply_default_env()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -10,17 +10,10 @@ import argparse
 import importlib
 import importlib.util
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
-# Quiet and local by default (users can still override these in their environment).
-DEFAULT_ENV = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "ORT_DISABLE_TELEMETRY": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+from caloforge.environment import apply_default_env
 
 # Modules registering subcommands, in the order shown by --help.
 COMMAND_MODULES = (
@@ -31,27 +24,6 @@ COMMAND_MODULES = (
     "caloforge.registry.cli",
     "caloforge.quickstart",
 )
-
-
-def apply_default_env() -> None:
-    for key, value in DEFAULT_ENV.items():
-        os.environ.setdefault(key, value)
-
-
-def add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    """The standard trio of a config-driven command: --config, --set KEY=VALUE (repeatable), --dry-run."""
-    parser.add_argument(
-        "--config", default=default, help="YAML config file" + (f" (default {default})" if default else "")
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a config value (repeatable), e.g. --set optim.lr=1e-4",
-    )
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
 def setup_logging(verbose: bool = False) -> None:

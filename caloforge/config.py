@@ -11,6 +11,7 @@ tuple[T, ...], tuple[T1, T2], list[T], dict[str, T], T | None.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import enum
 import re
@@ -216,3 +217,19 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
 
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def add_config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """The standard trio of a config-driven command: --config, --set KEY=VALUE (repeatable), --dry-run."""
+    parser.add_argument(
+        "--config", default=default, help="YAML config file" + (f" (default {default})" if default else "")
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config value (repeatable), e.g. --set optim.lr=1e-4",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")

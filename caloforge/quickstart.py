@@ -297,7 +297,7 @@ def _handler(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    from caloforge.cli import add_config_args
+    from caloforge.config import add_config_args
 
     p = subparsers.add_parser(
         "quickstart",

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from caloforge.cli import apply_default_env
+from caloforge.environment import apply_default_env
 
 apply_default_env()
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from caloforge.cli import add_config_args
+from caloforge.config import add_config_args
 
 log = logging.getLogger("caloforge.datasets")
 

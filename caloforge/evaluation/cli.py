@@ -22,7 +22,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from caloforge.cli import add_config_args
+from caloforge.config import add_config_args
 
 log = logging.getLogger("caloforge.evaluation")
 

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from caloforge.cli import add_config_args
+from caloforge.config import add_config_args
 
 __all__ = ["register"]
 

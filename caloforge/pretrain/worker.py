@@ -113,7 +113,7 @@ def _make_backend(cfg: PretrainConfig, device: torch.device) -> Backend:
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``: ``payload`` is built by ``launch.run_pretrain``."""
-    from caloforge.cli import apply_default_env
+    from caloforge.environment import apply_default_env
 
     apply_default_env()
     _quiet_libraries()

@@ -11,7 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from caloforge.cli import add_config_args
+from caloforge.config import add_config_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

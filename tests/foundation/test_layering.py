@@ -66,3 +66,68 @@ def test_platform_is_pure() -> None:
             if any(name == f or name.startswith(f + ".") for f in PLATFORM_FORBIDDEN):
                 offenders.append(f"{path.relative_to(PKG)} imports {name}")
     assert not offenders, offenders
+
+
+# Components import only downward: platform ← datasets ← training ← pretrain / adapt; evaluation and the
+# registry sit beside training (the registry may use evaluation: the export's fidelity gate); the CLI is on
+# top. ``BASE`` modules (configs, paths, the process environment) are importable from everywhere.
+BASE = {"__init__", "config", "paths", "environment"}
+MAY_IMPORT = {
+    "platform": set(),
+    "datasets": {"platform"},
+    "training": {"platform", "datasets"},
+    "evaluation": {"platform", "datasets"},
+    "registry": {"platform", "datasets", "evaluation"},
+    "pretrain": {"platform", "datasets", "training", "evaluation", "registry"},
+    "adapt": {"platform", "datasets", "training", "evaluation", "registry"},
+}
+TOP = {"cli", "quickstart"}  # may import every component
+SERVICE = "caloforge.adapt.service"
+
+
+def _component(rel: str) -> str:
+    parts = rel.split("/")
+    return parts[0] if len(parts) > 1 else parts[0].removesuffix(".py")
+
+
+def _internal_imports(path: Path) -> set[str]:
+    """Every ``caloforge.*`` module imported anywhere in ``path`` (function-level imports included)."""
+    return {n for n in _imports(path) if n == "caloforge" or n.startswith("caloforge.")}
+
+
+def test_components_import_only_downward() -> None:
+    offenders = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG).as_posix()
+        source = _component(rel)
+        if source in BASE or source in TOP or rel.endswith("/cli.py"):
+            continue  # component CLIs are the CLI layer: they may use other components' public API
+        assert source in MAY_IMPORT, f"{rel}: component {source!r} has no place in the layering (add it)"
+        for name in _internal_imports(path):
+            target = name.split(".")[1] if "." in name else "__init__"
+            if target in (source, *BASE) or target in MAY_IMPORT[source]:
+                continue
+            offenders.append(f"{rel} imports {name} ({source} may import {sorted(MAY_IMPORT[source])})")
+    assert not offenders, offenders
+
+
+def test_nothing_imports_the_service_and_components_do_not_import_the_cli() -> None:
+    offenders = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG).as_posix()
+        for name in _internal_imports(path):
+            if name.startswith(SERVICE) and not (rel == "cli.py" or rel.startswith("adapt/service/")):
+                offenders.append(f"{rel} imports {name}")
+            if name == "caloforge.cli" and rel != "__main__.py":
+                offenders.append(f"{rel} imports the top-level CLI (use caloforge.config / environment)")
+    assert not offenders, offenders
+
+
+def test_pretraining_does_not_reach_into_the_train_runner() -> None:
+    offenders = [
+        f"{path.relative_to(PKG)} imports {name}"
+        for path in sorted((PKG / "pretrain").rglob("*.py"))
+        for name in _internal_imports(path)
+        if name.startswith("caloforge.training.run") or name.startswith("caloforge.training.cli")
+    ]
+    assert not offenders, offenders
