@@ -45,6 +45,7 @@ from caloforge.config import from_dict
 from caloforge.datasets.batch import ShowerBatch
 from caloforge.datasets.shards import Manifest, shard_samples
 from caloforge.datasets.streaming import ShowerStream, trained_ranges
+from caloforge.platform import seeding
 from caloforge.platform.conditioning import Conditions, ConditionVocab
 from caloforge.platform.geometry import Mesh
 from caloforge.platform.shower_model import Lineage, ShowerModel
@@ -253,7 +254,7 @@ def _validation_sets(
                         break
                 if taken >= per_particle:
                     break
-        rng = np.random.default_rng([seed, len(xs)])
+        rng = seeding.rng(seed, len(xs))  # no purpose (historical); same as default_rng([seed, len(xs)])
         keep = np.sort(rng.permutation(len(xs))[:n])
         x = np.stack([xs[i] for i in keep]).astype(np.float32)
         cond = Conditions(
