@@ -4,10 +4,10 @@ Sources (our native HDF5, CaloChallenge and LEMURS files, any mix) are streamed 
 ``chunk_showers`` and written into per-split tar shards ``<split>-NNNNNN.tar`` plus ``manifest.json``:
 
 - **Split.** Each source's rows are assigned to train/val/test by a seeded permutation (exact counts
-  ``round(f·n)``; seed derived from (seed, "split", source index)), independent of chunking.
+  ``round(f·n)``; seed derived from (seed, SHARD_SPLIT, source index)), independent of chunking.
 - **Groups.** A shard holds showers of one (split, detector, particle) group only, so that streams can keep
   one sub-pipeline per detector (or per detector and particle) and mix them with weights.
-- **Order.** Rows are shuffled within each chunk (seed derived from (seed, "chunk", source, chunk index)),
+- **Order.** Rows are shuffled within each chunk (seed derived from (seed, SHARD_CHUNK, source, chunk index)),
   then appended to their group's open shard; a shard is closed after ``showers_per_shard`` samples.
 - **Samples.** One webdataset sample per shower, key ``<source index:03d>_<row:010d>``, two members:
   ``shower.f32`` (or ``shower.f16``): the raw little-endian (Z, P, R) voxel array in MeV (decoded with
@@ -65,6 +65,7 @@ from caloforge.datasets.formats import native
 from caloforge.datasets.stats import StatsAccumulator
 from caloforge.platform.conditioning import particle_name, pdg_of
 from caloforge.platform.geometry import DetectorSpec, Mesh, builtin_detector_names, load_detector
+from caloforge.platform.seeding import Purpose, rng
 
 log = logging.getLogger("caloforge.datasets.shards")
 
@@ -78,9 +79,6 @@ FLOAT16_MAX = 65504.0
 SOURCE_FORMATS = ("auto", *formats.FORMATS)
 VerifyMode = Literal["sha256", "structure"]
 
-# purposes for derived seeds: np.random.default_rng([seed, PURPOSE, ...])
-_SEED_SPLIT = 1
-_SEED_CHUNK = 2
 _STATS_ROWS = 64
 
 
@@ -670,7 +668,7 @@ class _ShardSetWriter:
 def _split_ids(n: int, fractions: SplitFractions, seed: int, source_id: int) -> np.ndarray:
     n_train = round(fractions.train * n)
     n_val = min(n - n_train, round(fractions.val * n))
-    perm = np.random.default_rng([seed, _SEED_SPLIT, source_id]).permutation(n)
+    perm = rng(seed, Purpose.SHARD_SPLIT, source_id).permutation(n)
     ids = np.full(n, 2, dtype=np.int8)
     ids[perm[:n_train]] = 0
     ids[perm[n_train : n_train + n_val]] = 1
@@ -778,7 +776,7 @@ def _write_sources(
         for ci, chunk in enumerate(chunks):
             m = len(chunk)
             source_name = chunk.source
-            perm = np.random.default_rng([config.seed, _SEED_CHUNK, si, ci]).permutation(m)
+            perm = rng(config.seed, Purpose.SHARD_CHUNK, si, ci).permutation(m)
             writer.add(
                 chunk.subset(perm),
                 split_ids[done : done + m][perm],

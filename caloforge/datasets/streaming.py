@@ -25,7 +25,7 @@ of the split's weighted groups exactly once (complete and disjoint across ranks 
 of a slot may be short (``drop_last`` drops it), and ranks may get different numbers of batches.
 
 **Seeds.** Every draw is derived from (seed, purpose, epoch, group, slot[, pass]) through
-``numpy.random.SeedSequence``; the same manifest, config, split, rank, world_size and seed give the same
+``caloforge.platform.seeding``; the same manifest, config, split, rank, world_size and seed give the same
 batches in the same order (the DataLoader returns worker batches round-robin in order).
 
 **Resumption** (``state_dict()`` / ``load_state_dict()``; states are small dicts of ints and strings).
@@ -71,13 +71,11 @@ from caloforge.datasets.schema import ShowerSet
 from caloforge.datasets.shards import Manifest, ShardInfo, VerifyMode, shard_samples
 from caloforge.platform.conditioning import Conditions
 from caloforge.platform.lineage import TrainedRanges
+from caloforge.platform.seeding import Purpose, derive_seed, rng
 
 log = logging.getLogger("caloforge.datasets.streaming")
 
 STATE_VERSION = 1
-_SEED_SHARDS = 11
-_SEED_SHUFFLE = 12
-_SEED_MIX = 13
 
 
 @dataclass(frozen=True)
@@ -228,10 +226,6 @@ def trained_ranges(manifest: Manifest, groups: list[StreamGroup]) -> TrainedRang
     )
 
 
-def _seed_int(*entropy: int) -> int:
-    return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0])
-
-
 def _group_samples(
     manifest: Manifest,
     group: StreamGroup,
@@ -248,7 +242,7 @@ def _group_samples(
 
     def shard_order() -> Iterator[ShardInfo]:
         for p in range(1 << 62):
-            order = np.random.default_rng([seed, _SEED_SHARDS, epoch, gi, slot, p]).permutation(len(mine))
+            order = rng(seed, Purpose.STREAM_SHARDS, epoch, gi, slot, p).permutation(len(mine))
             for j in order:
                 yield mine[j]
             if not resampled or not mine:
@@ -260,8 +254,8 @@ def _group_samples(
 
     stages: list[Any] = [shard_order, expand]
     if cfg.shuffle_buffer > 1:
-        rng = random.Random(_seed_int(seed, _SEED_SHUFFLE, epoch, gi, slot))
-        stages.append(wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=rng))
+        shuffle_rng = random.Random(derive_seed(seed, Purpose.STREAM_SHUFFLE, epoch, gi, slot))
+        stages.append(wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=shuffle_rng))
     return iter(wds.DataPipeline(*stages))
 
 
@@ -290,7 +284,7 @@ def _slot_batches(
     its = [_group_samples(manifest, g, gi, cfg, seed, epoch, slot, n_slots) for gi, g in enumerate(groups)]
     weights = np.array([g.probability for g in groups])
     active = weights > 0
-    rng = np.random.default_rng([seed, _SEED_MIX, epoch, slot])
+    mix = rng(seed, Purpose.STREAM_MIX, epoch, slot)
     size = cfg.batch_size
     full_only = cfg.drop_last or cfg.mode == "resampled"
 
@@ -302,7 +296,7 @@ def _slot_batches(
         while True:
             samples: list[tuple[dict, np.ndarray]] = []
             while len(samples) < size and active.any():
-                for g in rng.choice(len(groups), size=size - len(samples), p=probabilities()):
+                for g in mix.choice(len(groups), size=size - len(samples), p=probabilities()):
                     try:
                         samples.append(next(its[g]))
                     except StopIteration:
@@ -315,7 +309,7 @@ def _slot_batches(
                 return
     else:
         while active.any():
-            g = int(rng.choice(len(groups), p=probabilities()))
+            g = int(mix.choice(len(groups), p=probabilities()))
             samples = list(islice(its[g], size))
             if len(samples) < size:
                 active[g] = False

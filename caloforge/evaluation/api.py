@@ -54,9 +54,9 @@ from caloforge.evaluation.features import ShowerFeatures, compute_features, voxe
 from caloforge.evaluation.metrics import Standardiser, fpd, kpd
 from caloforge.evaluation.prdc import prdc
 from caloforge.evaluation.report import EvalReport, PlotData
-from caloforge.evaluation.seeding import derive_seed, rng
 from caloforge.platform.conditioning import Conditions, particle_name
 from caloforge.platform.geometry import DetectorSpec, Mesh, builtin_detector_names, load_detector
+from caloforge.platform.seeding import derive_seed, derive_seeds, rng
 from caloforge.platform.transforms import CALOCHALLENGE_THRESHOLD_MEV
 
 if TYPE_CHECKING:
@@ -726,7 +726,7 @@ def generate_sample(
         if n > len(reference):
             raise ValueError(f"evaluate_model: n={n} exceeds the {len(reference)} reference showers")
         reference = _subsample(reference, n, seed, "model/reference")
-    seeds = np.array([derive_seed(seed, "model/generate", i) for i in range(len(reference))], dtype=np.int64)
+    seeds = derive_seeds(seed, len(reference), "model/generate")
     t0 = time.perf_counter()
     showers = model.generate(
         reference.conditions,

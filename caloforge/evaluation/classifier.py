@@ -40,7 +40,7 @@ from scipy.stats import rankdata
 from torch import nn
 
 from caloforge.evaluation.config import ClassifierConfig
-from caloforge.evaluation.seeding import derive_seed
+from caloforge.platform.seeding import derive_seed
 
 log = logging.getLogger("caloforge.evaluation")
 

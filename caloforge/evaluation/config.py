@@ -174,6 +174,8 @@ class EvalConfig:
     plots: PlotConfig = field(default_factory=PlotConfig)
 
     def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.n_bins < 2 or self.voxel_bins < 2:
             raise ValueError(f"n_bins and voxel_bins must be >= 2, got {self.n_bins}, {self.voxel_bins}")
         if self.voxel_threshold_mev is not None and self.voxel_threshold_mev < 0:

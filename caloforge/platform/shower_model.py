@@ -57,6 +57,7 @@ from caloforge.platform.energy import (
 from caloforge.platform.geometry import Mesh
 from caloforge.platform.lineage import Lineage  # re-exported: defined in lineage.py
 from caloforge.platform.samplers import SAMPLERS, get_sampler
+from caloforge.platform.seeding import Purpose, derive_seeds
 from caloforge.platform.transforms import (
     CALOCHALLENGE_THRESHOLD_MEV,
     TRANSFORMS,
@@ -67,7 +68,9 @@ from caloforge.platform.transforms import (
 
 logger = logging.getLogger("caloforge.platform")
 
-GENERATE_SEED_PURPOSE = 0x67656E  # "gen": seeds for generate() are derived from (seed, purpose, index)
+GENERATE_SEED_PURPOSE = (
+    Purpose.GENERATE
+)  # seeds of generate(): derive_seeds(seed, N)[i] (platform/seeding.py)
 
 
 @dataclass(frozen=True)
@@ -136,16 +139,6 @@ def as_mesh(mesh: Mesh | tuple[int, int, int] | list[int]) -> Mesh:
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"mesh_shape must be (n_z, n_phi, n_r) with entries >= 1, got {tuple(mesh)}")
     return Mesh(shape[0], shape[1], tuple(float(r) for r in range(shape[2] + 1)))
-
-
-def derive_seeds(seed: int, n: int, purpose: int = GENERATE_SEED_PURPOSE) -> np.ndarray:
-    """(n,) int64 per-shower seeds from (seed, purpose, index); entry i does not depend on n."""
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    words = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, purpose]).generate_state(
-        n, dtype=np.uint64
-    )
-    return (words >> np.uint64(1)).astype(np.int64)
 
 
 def seeded_noise(

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from caloforge.datasets.prepare import SimulateConfig
 from caloforge.datasets.streaming import StreamConfig
 from caloforge.platform.objectives import ObjectiveConfig, make_objective
 from caloforge.platform.shower_model import ShowerModelConfig
 from caloforge.training.config import LoopConfig
-from caloforge.training.run import SimulateConfig
 
 __all__ = [
     "ClusterConfig",
@@ -45,7 +45,7 @@ class PretrainDataConfig:
 
     ``shards``: a shard set written by ``caloforge data shard`` (the directory holding ``manifest.json``);
     or ``simulate``: a shard set the driver simulates with the built-in simulator before the run — the same
-    block as ``caloforge train`` (``caloforge.training.run.SimulateConfig``), cached by content under
+    block as ``caloforge train`` (``caloforge.datasets.prepare.SimulateConfig``), cached by content under
     ``$CALOFORGE_HOME/data/simulated/<hash>`` (exactly one of the two).
     ``stream``: how each worker streams its share of the ``train`` split — detector/particle mixing
     (``mixing``, ``temperature``, ``weights``), shuffle buffer, DataLoader workers. ``stream.mode`` must be

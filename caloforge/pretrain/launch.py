@@ -207,8 +207,8 @@ def _check_cluster_resources(cfg: PretrainConfig, mode: str) -> None:
 # -- data ------------------------------------------------------------------------------------------------
 def prepare_data(cfg: PretrainConfig) -> Path:
     """The run's shard set: ``data.shards``, or the ``data.simulate`` set — simulated and sharded once by
-    ``caloforge.training.run.prepare_data`` into ``$CALOFORGE_HOME/data/simulated/<hash of the block>`` and
-    reused by every run with the same block."""
+    ``caloforge.datasets.prepare.prepare_shards`` into ``$CALOFORGE_HOME/data/simulated/<hash>`` (of the
+    block, the simulator version and the seed convention) and reused by every run with the same block."""
     import hashlib
     import json
 
@@ -217,15 +217,14 @@ def prepare_data(cfg: PretrainConfig) -> Path:
     sim = cfg.data.simulate
     assert sim is not None
     from caloforge import paths
+    from caloforge.datasets.prepare import SEED_CONVENTION, prepare_shards
     from caloforge.datasets.simulator import SIMULATOR_VERSION
-    from caloforge.training import run as train_run
 
-    key = hashlib.sha256(json.dumps([to_dict(sim), SIMULATOR_VERSION], sort_keys=True).encode()).hexdigest()[
-        :16
-    ]
+    identity = json.dumps([to_dict(sim), SIMULATOR_VERSION, SEED_CONVENTION], sort_keys=True)
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     cache = paths.data_dir() / "simulated" / key
     log.info("data.simulate: shard set %s (simulated on first use)", cache)
-    return train_run.prepare_data(train_run.TrainConfig(data=train_run.DataConfig(simulate=sim)), cache)
+    return prepare_shards(None, sim, cache)
 
 
 # -- run directory ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import numpy as np
 from torch import nn
 
 from caloforge.datasets.shards import Manifest, shard_samples
+from caloforge.platform import seeding
 from caloforge.platform.conditioning import Conditions
 from caloforge.platform.geometry import Mesh
 from caloforge.platform.shower_model import ShowerModel
@@ -40,7 +41,7 @@ def _validation_sets(
                         break
                 if taken >= per_particle:
                     break
-        rng = np.random.default_rng([seed, len(xs)])
+        rng = seeding.rng(seed, len(xs))  # no purpose (historical); same as default_rng([seed, len(xs)])
         keep = np.sort(rng.permutation(len(xs))[:n])
         x = np.stack([xs[i] for i in keep]).astype(np.float32)
         cond = Conditions(

@@ -17,12 +17,14 @@ from typing import Any
 
 import numpy as np
 
+from caloforge.platform import seeding
 from caloforge.platform.conditioning import PARTICLES, Conditions
+from caloforge.platform.seeding import Purpose
 from caloforge.platform.shower_model import ShowerModel, derive_seeds
 from caloforge.registry.card import ValidRanges
 from caloforge.registry.onnx_runtime import OnnxShowerGenerator
 
-PARITY_PURPOSE = 0x6F6E6E78  # "onnx": seeds of the parity check's random conditions
+PARITY_PURPOSE = Purpose.ONNX_PARITY  # seeds of the parity check's random conditions and noise
 DEFAULT_RTOL = 1e-3
 DEFAULT_ATOL_MEV = 1e-5  # 10 eV, far below the 15 keV readout threshold
 
@@ -57,7 +59,7 @@ def random_conditions(
     detectors: Sequence[str], n: int, seed: int, ranges: ValidRanges | None = None
 ) -> Conditions:
     """``n`` random conditions inside ``ranges`` (log-uniform energy; default 1 GeV–1 TeV, θ ∈ [0.1, 1.4])."""
-    rng = np.random.default_rng([int(seed), PARITY_PURPOSE])
+    rng = seeding.rng(int(seed), PARITY_PURPOSE)
     e_lo, e_hi = ranges.energy_mev if ranges and ranges.energy_mev else (1e3, 1e6)
     t_lo, t_hi = ranges.theta_rad if ranges and ranges.theta_rad else (0.1, 1.4)
     names = list(ranges.particles) if ranges and ranges.particles else list(PARTICLES)

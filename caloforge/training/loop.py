@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from caloforge.config import to_dict
 from caloforge.platform.objectives import LossContext
+from caloforge.platform.seeding import Purpose, derive_seed
 from caloforge.training.backend import Backend, StepInfo
 from caloforge.training.config import LoopConfig
 from caloforge.training.ema import EMA
@@ -46,15 +46,7 @@ log = logging.getLogger("caloforge.training")
 LossFn = Callable[[nn.Module, Any, torch.Generator, LossContext], torch.Tensor]
 """``loss_fn(module, batch, generator, ctx) -> loss_B``: per-sample losses of one micro-batch."""
 
-SEED_PURPOSE_LOSS = 1  # the loss_fn's generator (noise levels, noise, couplings)
-
-
-def derive_seed(seed: int, *keys: int) -> int:
-    """A 63-bit seed from ``(seed, *keys)`` (numpy ``SeedSequence``: stable across platforms/versions)."""
-    if seed < 0 or any(k < 0 for k in keys):
-        raise ValueError(f"seeds and seed keys must be >= 0, got seed={seed}, keys={keys}")
-    words = np.random.SeedSequence([seed, *keys]).generate_state(2, np.uint32)
-    return ((int(words[0]) << 32) | int(words[1])) & ((1 << 63) - 1)
+SEED_PURPOSE_LOSS = Purpose.LOSS  # the loss_fn's generator (noise levels, noise, couplings)
 
 
 @dataclass(frozen=True)

@@ -34,14 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from caloforge.config import ConfigError, dump_yaml, from_dict, read_yaml, to_dict
-from caloforge.datasets.shards import ShardConfig
+from caloforge.datasets.prepare import SimulateConfig, prepare_shards
 from caloforge.datasets.streaming import StreamConfig
 from caloforge.platform.objectives import ObjectiveConfig, make_objective
+from caloforge.platform.seeding import Purpose
 from caloforge.platform.shower_model import ShowerModelConfig
 from caloforge.training.config import LoopConfig
 
@@ -57,38 +57,7 @@ __all__ = [
 
 log = logging.getLogger("caloforge.training")
 
-SEED_PURPOSE_SIMULATE = 0x51A  # per-detector simulation seeds: (simulate.seed, purpose, detector index)
-SEED_PURPOSE_EVAL = 0xE7A  # the fixed noise of the validation loss
-
-
-@dataclass(frozen=True)
-class SimulateConfig:
-    """``data.simulate``: simulate with the built-in simulator (not Geant4) and shard into the run directory.
-
-    Every detector gets ``n_per_detector`` showers, particles drawn uniformly from ``particles``.
-    """
-
-    detectors: tuple[str, ...]
-    particles: tuple[str, ...]
-    n_per_detector: int = 1000
-    energy_gev: tuple[float, float] = (1.0, 100.0)
-    log_uniform: bool = True
-    theta_deg: tuple[float, float] = (90.0, 90.0)
-    phi_deg: tuple[float, float] = (-180.0, 180.0)
-    seed: int = 0
-    shards: ShardConfig = field(default_factory=lambda: ShardConfig(showers_per_shard=250))
-
-    def __post_init__(self) -> None:
-        if not self.detectors:
-            raise ValueError("simulate.detectors: at least one detector is needed")
-        if len(set(self.detectors)) != len(self.detectors):
-            raise ValueError(f"simulate.detectors: duplicates in {list(self.detectors)}")
-        if not self.particles:
-            raise ValueError("simulate.particles: at least one particle is needed")
-        if self.n_per_detector < 1:
-            raise ValueError(f"simulate.n_per_detector must be >= 1, got {self.n_per_detector}")
-        if self.seed < 0:
-            raise ValueError(f"simulate.seed must be >= 0, got {self.seed}")
+SEED_PURPOSE_EVAL = Purpose.EVAL_LOSS  # the fixed noise of the validation loss
 
 
 @dataclass(frozen=True)
@@ -198,49 +167,9 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
 
 
 # -- data -------------------------------------------------------------------------------------------------
-def _simulate_and_shard(spec: SimulateConfig, data_dir: Path) -> Path:
-    from caloforge.datasets.formats import native
-    from caloforge.datasets.shards import SourceSpec, write_shards
-    from caloforge.datasets.simulator import simulate_dataset
-    from caloforge.platform.geometry import load_detector
-
-    shard_dir = data_dir / "shards"
-    raw_dir = data_dir / "raw"
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    sources = []
-    for i, name in enumerate(spec.detectors):
-        detector = load_detector(name)
-        seed = int(np.random.SeedSequence([spec.seed, SEED_PURPOSE_SIMULATE, i]).generate_state(1)[0])
-        t0 = time.perf_counter()
-        showers = simulate_dataset(
-            detector,
-            list(spec.particles),
-            spec.n_per_detector,
-            spec.energy_gev,
-            spec.log_uniform,
-            spec.theta_deg,
-            spec.phi_deg,
-            seed=seed,
-        )
-        path = native.write(raw_dir / f"{detector.name}.h5", showers)
-        log.info(
-            "simulated %d showers of %s in %.1f s -> %s", len(showers), name, time.perf_counter() - t0, path
-        )
-        sources.append(SourceSpec(path, format="native"))
-    write_shards(sources, shard_dir, dataclasses.replace(spec.shards, overwrite=False))
-    return shard_dir
-
-
 def prepare_data(config: TrainConfig, run_dir: Path) -> Path:
     """The shard directory of this run: ``data.shards``, or ``run_dir/data/shards`` (simulated once)."""
-    if config.data.shards is not None:
-        return Path(config.data.shards)
-    assert config.data.simulate is not None
-    shard_dir = run_dir / "data" / "shards"
-    if (shard_dir / "manifest.json").is_file():
-        log.info("using the simulated shards of this run: %s", shard_dir)
-        return shard_dir
-    return _simulate_and_shard(config.data.simulate, run_dir / "data")
+    return prepare_shards(config.data.shards, config.data.simulate, run_dir / "data")
 
 
 # -- run directory ----------------------------------------------------------------------------------------
@@ -315,7 +244,7 @@ def _val_loss_fn(config: TrainConfig, manifest_dir: Path, loss_fn: Callable) -> 
     from caloforge.datasets.shards import Manifest
     from caloforge.datasets.streaming import load_split
     from caloforge.platform.objectives import LossContext
-    from caloforge.training.loop import derive_seed
+    from caloforge.platform.seeding import derive_seed
 
     manifest = Manifest.load(manifest_dir)
     split = "val" if "val" in manifest.splits and manifest.counts["val"]["total"] > 0 else "train"

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from caloforge.datasets.formats import native
+from caloforge.datasets.prepare import detector_seed
 from caloforge.datasets.schema import SIMULATOR_SOURCE
 from caloforge.datasets.simulator import (
     CHUNK_SIZE,
@@ -22,7 +23,7 @@ from caloforge.datasets.simulator import (
     simulate_dataset,
     simulate_with_truth,
 )
-from caloforge.datasets.simulator.cli import derived_seed, register
+from caloforge.datasets.simulator.cli import register
 from caloforge.platform.conditioning import PARTICLES, Conditions
 from caloforge.platform.geometry import load_detector
 
@@ -455,7 +456,7 @@ def test_cli_simulate_writes_one_file_per_detector(
     for i, name in enumerate(("par04-siw", "fe-sci")):
         data = native.read(tmp_path / f"{name}.h5")
         assert len(data) == 24 and set(np.unique(data.conditions.detector)) == {name}
-        assert data.source == "caloforge-gflash" and data.seed == derived_seed(7, i)
+        assert data.source == "caloforge-gflash" and data.seed == detector_seed(7, i)
         assert data.metadata["detector"] == name
         e_gev = data.conditions.energy_mev / 1000
         assert e_gev.min() >= 1 and e_gev.max() <= 100

@@ -4,8 +4,10 @@
         --log-uniform --theta-deg 50:130 [--phi-deg -180:180] --seed 7 --out DIR
 
 writes ``DIR/<detector>.h5`` (``caloforge.datasets.formats.native``, recording the full ``DetectorSpec``) per
-detector of the comma list (built-in names or detector YAML paths); detector i gets the seed derived from
-(seed, i). The group ``caloforge data`` calls ``register`` with its subparsers.
+detector of the comma list (built-in names or detector YAML paths); detector i gets the seed
+``caloforge.datasets.prepare.detector_seed(seed, i)``, the same as detector i of a training config's
+``data.simulate`` block (so ``--seed 7`` and ``data.simulate.seed: 7`` give identical showers). The group
+``caloforge data`` calls ``register`` with its subparsers.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import numpy as np
 
 from caloforge import paths
 
-SEED_PURPOSE_DETECTOR = 0x5D37  # spawn key: per-detector seeds of one CLI call
 _NUMBER = r"-?(\d+\.?\d*|\.\d+)(e-?\d+)?"
 _NEGATIVE_RANGE = re.compile(rf"^-(\d+\.?\d*|\.\d+)(e-?\d+)?(:{_NUMBER})?$")
 
@@ -111,15 +112,10 @@ def parse_list(text: str, name: str) -> list[str]:
     return items
 
 
-def derived_seed(seed: int, index: int) -> int:
-    """Seed of detector ``index`` in one call: derived from (seed, index), independent across detectors."""
-    ss = np.random.SeedSequence(seed, spawn_key=(SEED_PURPOSE_DETECTOR, index))
-    return int(ss.generate_state(1, dtype=np.uint32)[0])
-
-
 def run(args: argparse.Namespace) -> int:
     """Handler of ``caloforge data simulate``; user mistakes raise ValueError (printed by the CLI)."""
     from caloforge.datasets.formats import native
+    from caloforge.datasets.prepare import detector_seed
     from caloforge.datasets.simulator import sample_conditions, simulate
     from caloforge.platform.conditioning import particle_name
     from caloforge.platform.geometry import load_detector
@@ -140,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
 
     plans = []
     for i, det in enumerate(detectors):
-        seed = derived_seed(args.seed, i)
+        seed = detector_seed(args.seed, i)
         cond = sample_conditions(
             det,
             particles if particles is not None else list(det.particles),

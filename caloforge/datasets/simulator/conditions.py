@@ -15,11 +15,11 @@ import numpy as np
 
 from caloforge.platform.conditioning import PDG_TO_NAME, Conditions, particle_name, pdg_of
 from caloforge.platform.geometry import DetectorSpec
+from caloforge.platform.seeding import Purpose, seed_sequence
 
 ENERGY_RANGE_GEV = (0.1, 10_000.0)  # validity of the parameterisation (GFlash particle bounds)
 THETA_RANGE_DEG = (10.0, 170.0)  # sin θ ≥ 0.17: the angle rules of docs/simulator.md §4 stay sane
 PHI_LIMIT_DEG = 360.0
-_CONDITIONS_STREAM = 0xC0DD  # spawn key of the conditions stream (simulation chunks use [seed, chunk])
 
 
 def _range(value: object, name: str) -> tuple[float, float]:
@@ -94,7 +94,7 @@ def sample_conditions(
             f"phi_deg: ({p_lo:g}, {p_hi:g}) must lie in [-360, 360] and span at most 360 degrees"
         )
 
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_CONDITIONS_STREAM,)))
+    rng = np.random.default_rng(seed_sequence(seed, spawn_key=(Purpose.SIMULATE_CONDITIONS,)))
     pdg = np.asarray(pdgs, dtype=np.int64)[rng.integers(0, len(pdgs), size=n)]
     u = rng.random(n)
     if log_uniform:

@@ -1,11 +1,11 @@
 """The simulator's driver: fixed-size chunks, per-chunk seeds, one deposition per chunk.
 
 Showers are processed in chunks of ``CHUNK_SIZE`` (in the order of the conditions); chunk k draws from
-``np.random.SeedSequence([seed, k])`` (three spawned streams: shower physics, spot radii, spot azimuths), so
-the same seed and conditions give identical arrays however the work is split internally, and the first
-``k·CHUNK_SIZE`` showers of a longer run equal a shorter run's. Inside a chunk everything is vectorised
-over showers, steps and spots (docs/simulator.md; GFlash, Grindhammer & Peters hep-ex/0001020; CMS FastSim
-HDShower).
+``seed_sequence(seed, k)`` (``caloforge.platform.seeding``: a numpy seed sequence of [seed, k]; three
+spawned streams: shower physics, spot radii, spot azimuths), so the same seed and conditions give identical
+arrays however the work is split internally, and the first ``k·CHUNK_SIZE`` showers of a longer run equal a
+shorter run's. Inside a chunk everything is vectorised over showers, steps and spots (docs/simulator.md;
+GFlash, Grindhammer & Peters hep-ex/0001020; CMS FastSim HDShower).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from caloforge.datasets.simulator.hadronic import hadron_showers
 from caloforge.datasets.simulator.stack import Stack
 from caloforge.platform.conditioning import EM_PDGS, Conditions
 from caloforge.platform.geometry import DetectorSpec
+from caloforge.platform.seeding import seed_sequence
 
 SIMULATOR_VERSION = "1.0.0"
 CHUNK_SIZE = 256
@@ -61,7 +62,7 @@ class ShowerTruth:
 
 
 def _chunk_generators(seed: int, chunk_index: int) -> tuple[np.random.Generator, ...]:
-    root = np.random.SeedSequence([seed, chunk_index])
+    root = seed_sequence(seed, chunk_index)
     return tuple(np.random.Generator(np.random.PCG64(s)) for s in root.spawn(3))
 
 
