@@ -2,13 +2,14 @@
 
 Stages (each prints what it did; the last prints one summary table):
 
-1. simulate a small multi-detector, multi-particle dataset with the built-in simulator;
-2. shard it into webdataset tar shards with a manifest (checksums verified);
-3. stream a few mixed batches and measure the read throughput;
-4. pretrain the ``debug`` model on the embedded local Ray with 2 workers (DeepSpeed ZeRO-2 on CPU),
+1. simulate a small multi-detector, multi-particle dataset with the built-in simulator and shard it into
+   webdataset tar shards with a manifest (checksums verified): ``datasets.prepare.simulate_and_shard``, the
+   code path of a training config's ``data.simulate`` block (same seeds);
+2. stream a few mixed batches and measure the read throughput;
+3. pretrain the ``debug`` model on the embedded local Ray with 2 workers (DeepSpeed ZeRO-2 on CPU),
    tracked in MLflow; the final bundle is registered as a ``caloforge-base`` version;
-5. evaluate the model against the held-out test split (CaloChallenge-style metrics, report + plots);
-6. pull the registered model back as ONNX, run it once with onnxruntime and print its URI.
+4. evaluate the model against the held-out test split (CaloChallenge-style metrics, report + plots);
+5. pull the registered model back as ONNX, run it once with onnxruntime and print its URI.
 
 Everything lands under ``$CALOFORGE_HOME/quickstart`` (data, shards, runs, reports, the pulled model) and
 the default MLflow store; a new quickstart replaces its own previous outputs in that folder.
@@ -27,36 +28,29 @@ from typing import Any
 
 from caloforge import paths
 from caloforge.config import apply_overrides, dump_yaml, from_dict, load_config, read_yaml
+from caloforge.datasets.prepare import SimulateConfig
+from caloforge.datasets.shards import ShardConfig
 
 log = logging.getLogger("caloforge.quickstart")
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "quickstart.yaml"
-
-
-@dataclass(frozen=True)
-class QuickSimulate:
-    detectors: tuple[str, ...] = ("par04-siw", "pbwo4", "fe-sci")
-    particles: tuple[str, ...] = ("e-", "gamma", "pi+")
-    n_per_detector: int = 600
-    energy_gev: tuple[float, float] = (1.0, 100.0)
-    log_uniform: bool = True
-    theta_deg: tuple[float, float] = (80.0, 100.0)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.detectors or not self.particles:
-            raise ValueError("simulate: detectors and particles must not be empty")
-        if self.n_per_detector < 50:
-            raise ValueError(f"simulate.n_per_detector must be >= 50, got {self.n_per_detector}")
+N_STAGES = 5
 
 
 @dataclass(frozen=True)
 class QuickstartConfig:
     """What the quickstart runs (``configs/quickstart.yaml``)."""
 
-    simulate: QuickSimulate = field(default_factory=QuickSimulate)
-    showers_per_shard: int = 40
+    simulate: SimulateConfig = field(
+        default_factory=lambda: SimulateConfig(
+            detectors=("par04-siw", "pbwo4", "fe-sci"),
+            particles=("e-", "gamma", "pi+"),
+            n_per_detector=600,
+            theta_deg=(80.0, 100.0),
+            shards=ShardConfig(showers_per_shard=40),
+        )
+    )
     stream_batches: int = 20
     stream_batch_size: int = 64
     pretrain_config: Path = Path("configs/pretrain/debug.yaml")
@@ -88,7 +82,7 @@ def _fmt_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def _stage(n: int, title: str) -> None:
-    print(f"\n== [{n}/6] {title}", flush=True)
+    print(f"\n== [{n}/{N_STAGES}] {title}", flush=True)
 
 
 def run(config: QuickstartConfig) -> dict[str, Any]:
@@ -96,11 +90,10 @@ def run(config: QuickstartConfig) -> dict[str, Any]:
     import numpy as np
 
     from caloforge.datasets.formats import native
-    from caloforge.datasets.shards import ShardConfig, SplitFractions, write_shards
-    from caloforge.datasets.simulator import simulate_dataset
+    from caloforge.datasets.prepare import simulate_and_shard
+    from caloforge.datasets.shards import Manifest
     from caloforge.datasets.streaming import ShowerStream, StreamConfig, load_split
     from caloforge.platform.conditioning import particle_name
-    from caloforge.platform.geometry import load_detector
 
     base = paths.home() / "quickstart"
     if base.exists():
@@ -110,53 +103,37 @@ def run(config: QuickstartConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {"home": str(base)}
     sim = config.simulate
 
-    _stage(1, f"simulate {len(sim.detectors)} detectors × {len(sim.particles)} particles (caloforge-gflash)")
-    sources = []
+    _stage(
+        1,
+        f"simulate {len(sim.detectors)} detectors × {len(sim.particles)} particles (caloforge-gflash) and "
+        "shard them (the code path of a config's `data.simulate`)",
+    )
+    t0 = time.perf_counter()
+    shard_dir = simulate_and_shard(sim, base / "data")
+    simulate_s = time.perf_counter() - t0
     rows = []
-    for i, det in enumerate(sim.detectors):
-        t0 = time.perf_counter()
-        data = simulate_dataset(
-            load_detector(det),
-            sim.particles,
-            sim.n_per_detector,
-            energy_gev=sim.energy_gev,
-            log_uniform=sim.log_uniform,
-            theta_deg=sim.theta_deg,
-            phi_deg=(-180.0, 180.0),
-            seed=sim.seed + 1000 * i,
-        )
-        path = native.write(base / "data" / f"{det}.h5", data)
-        sources.append(f"{path}:native:{det}")
+    for raw in sorted((base / "data" / "raw").glob("*.h5")):
+        data = native.read(raw)
+        det = raw.stem
         ratio = data.total_energy_mev() / data.conditions.energy_mev
         per_particle = ", ".join(
             f"{particle_name(p)} {ratio[data.conditions.pdg == p].mean():.2f}"
             for p in np.unique(data.conditions.pdg)
         )
-        rows.append([det, len(data), f"{time.perf_counter() - t0:.1f}", per_particle])
-    print(_fmt_table(["detector", "showers", "seconds", "mean E_tot/E_inc per particle"], rows))
-
-    _stage(2, "shard into webdataset tar shards")
-    shard_dir = base / "shards"
-    manifest = write_shards(
-        sources,
-        shard_dir,
-        ShardConfig(
-            showers_per_shard=config.showers_per_shard,
-            split=SplitFractions(train=0.8, val=0.1, test=0.1),
-            seed=sim.seed,
-        ),
-    )
+        rows.append([det, len(data), per_particle])
+    print(_fmt_table(["detector", "showers", "mean E_tot/E_inc per particle"], rows))
+    manifest = Manifest.load(shard_dir)
     problems = manifest.verify()
     if problems:
         raise ValueError(f"{shard_dir}: shard verification failed: {problems}")
     n_shards = sum(len(manifest.shards(s)) for s in manifest.splits)
     n_bytes = sum(p.stat().st_size for p in shard_dir.glob("*.tar"))
     print(
-        f"{n_shards} shards, {n_bytes / 2**20:.1f} MiB, checksums verified, "
+        f"{simulate_s:.1f} s; {n_shards} shards, {n_bytes / 2**20:.1f} MiB, checksums verified, "
         f"manifest {shard_dir}/manifest.json"
     )
 
-    _stage(3, f"stream {config.stream_batches} mixed batches of {config.stream_batch_size}")
+    _stage(2, f"stream {config.stream_batches} mixed batches of {config.stream_batch_size}")
     stream = ShowerStream(
         shard_dir,
         StreamConfig(
@@ -176,7 +153,7 @@ def run(config: QuickstartConfig) -> dict[str, Any]:
             seen[d] = seen.get(d, 0) + 1
     stream_s = time.perf_counter() - t0
     rate = n_stream / stream_s
-    mb_s = rate * 4 * int(np.prod(manifest.mesh_shape(sim.detectors[0]))) / 2**20
+    mb_s = rate * 4 * int(np.prod(manifest.mesh_shape(manifest.detectors[0]))) / 2**20
     print(f"{n_stream} showers in {stream_s:.2f} s: {rate:.0f} showers/s, {mb_s:.1f} MB/s; mix {seen}")
     counts = manifest.counts
     summary["data"] = {
@@ -190,7 +167,7 @@ def run(config: QuickstartConfig) -> dict[str, Any]:
         "counts": counts,
     }
 
-    _stage(4, "pretrain on the embedded local Ray (2 workers, DeepSpeed) and register the bundle")
+    _stage(3, "pretrain on the embedded local Ray (2 workers, DeepSpeed) and register the bundle")
     from caloforge.pretrain.config import PretrainConfig
     from caloforge.pretrain.launch import run_pretrain
 
@@ -222,7 +199,7 @@ def run(config: QuickstartConfig) -> dict[str, Any]:
         "model_uri": model_uri,
     }
 
-    _stage(5, f"evaluate {config.eval_showers} generated showers against the test split")
+    _stage(4, f"evaluate {config.eval_showers} generated showers against the test split")
     from caloforge.evaluation.api import evaluate_model
     from caloforge.evaluation.config import EvalConfig
 
@@ -245,7 +222,7 @@ def run(config: QuickstartConfig) -> dict[str, Any]:
     print(f"report: {report_dir}/report.md")
     summary["evaluation"] = {k: report.metrics.get(k) for k in keys} | {"report": str(report_dir)}
 
-    _stage(6, "pull the registered model as ONNX and run it once with onnxruntime")
+    _stage(5, "pull the registered model as ONNX and run it once with onnxruntime")
     from caloforge.registry.export import OnnxShowerGenerator
     from caloforge.registry.store import RegistryStore
 

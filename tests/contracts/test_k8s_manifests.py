@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 import yaml
 
-from caloforge.cli import DEFAULT_ENV, build_parser, main
+from caloforge.cli import build_parser, main
 from caloforge.config import load_config
+from caloforge.environment import DEFAULT_ENV
 from caloforge.pretrain.config import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
