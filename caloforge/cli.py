@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "caloforge.datasets.cli",
     "caloforge.training.cli",
     "caloforge.pretrain.cli",
+    "caloforge.adapt.cli",
     "caloforge.evaluation.cli",
     "caloforge.registry.cli",
     "caloforge.quickstart",

@@ -23,11 +23,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from caloforge.datasets.shards import Manifest
 from caloforge.datasets.streaming import StreamGroup, trained_ranges
@@ -112,10 +113,15 @@ def standard_hooks(
     return hooks
 
 
-def final_model(trainer: Trainer) -> ShowerModel:
+def final_model(
+    trainer: Trainer, finalize: Callable[[nn.Module], ShowerModel] | None = None
+) -> ShowerModel:
     """The EMA weights (the raw ones without EMA) in a standalone CPU ``ShowerModel`` in eval mode
-    (DeepSpeed's parameters are views of one flat buffer: they are cloned)."""
+    (DeepSpeed's parameters are views of one flat buffer: they are cloned). ``finalize`` turns the trained
+    module into the ``ShowerModel`` to keep (e.g. LoRA adapters merged in)."""
     model = trainer.averaged_model()
+    if finalize is not None:
+        model = finalize(model)
     with torch.no_grad():
         for p in model.parameters():
             p.data = p.data.detach().clone()
@@ -126,11 +132,15 @@ def final_model(trainer: Trainer) -> ShowerModel:
 
 
 def save_final_bundle(
-    trainer: Trainer, directory: Path, lineage: Lineage, extra: Mapping[str, str] | None = None
+    trainer: Trainer,
+    directory: Path,
+    lineage: Lineage,
+    extra: Mapping[str, str] | None = None,
+    finalize: Callable[[nn.Module], ShowerModel] | None = None,
 ) -> tuple[ShowerModel, Path]:
     """Save :func:`final_model` as a bundle in ``directory`` (replacing it), its lineage completed with
     the run's progress (steps, samples seen, EMA or raw weights, time) and ``extra``."""
-    model = final_model(trainer)
+    model = final_model(trainer, finalize)
     final = dataclasses.replace(
         lineage,
         extra={

@@ -1,0 +1,604 @@
+"""Adapt a pretrained model to one detector: validate → train → evaluate → gate → register.
+
+``run_adaptation(config, request)`` is what ``caloforge adapt`` (and the adaptation service) runs:
+
+1. **Validate before anything runs** (:func:`plan_adaptation`): the base model (a bundle directory, or a
+   registry URI / ``NAME@ALIAS`` resolved to an exact version), the target detector (a built-in name or a
+   detector YAML), the data (a shard set of that detector only, whose recorded spec and mesh match the
+   YAML), a spare detector slot when the detector is new, the objective against the base's
+   parametrisation, the evaluation split. Every problem is a ``ValueError`` naming it; nothing is written
+   to the registry.
+2. **Model**: the base with the detector in its vocabulary (a known detector continues from its own row; a
+   new one takes a spare "K+1" slot, its row the mean of the known rows or ``strategy.init_from``'s);
+   another mesh than the base's rebuilds the model for it (``platform.transfer.rebuild_for_mesh``: the
+   transform refitted from the data, mesh-independent weights reused).
+3. **Train** with the strategy's selection (``adapt.strategies``) through the one job assembly
+   (``training.job``) and loop, checkpointed in the run directory (``--resume`` continues).
+4. **Bundle**: the EMA weights (LoRA merged), lineage ``kind=adapted`` with the parent's URI and version, the
+   strategy, the objective and the trained ranges; a LoRA run also keeps its adapter in peft's format.
+5. **Evaluate** against the detector's held-out split (``caloforge.evaluation``; report + plots) and apply
+   the **gate** (``GateConfig``).
+6. **Register** as a version of ``caloforge-<detector>`` with alias ``candidate`` and lineage/metric tags;
+   ``champion`` moves to it when it passes the gate and beats the current champion on the gate metric.
+   Registration is idempotent per run (a tag with the run id): a resumed run never registers twice, and the
+   registrar rolls back a failed registration, so no half-registered version is left.
+
+Run directory (default ``$CALOFORGE_HOME/runs/adapt-<detector>-<name>``)::
+
+    request.json    base, detector, data and the resolved config (a resume must match it)
+    base/           the downloaded base bundle (registry bases)
+    checkpoints/    the loop's checkpoints; metrics.jsonl; adapt.log
+    model/          the adapted bundle        adapter/   the LoRA adapter (peft format; lora only)
+    report/         the evaluation report     result.json  the AdaptResult
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from caloforge.adapt.config import AdaptConfig
+from caloforge.config import to_dict
+from caloforge.datasets.shards import Manifest
+from caloforge.platform.geometry import DetectorSpec, Mesh, builtin_detector_names, load_detector
+from caloforge.platform.objectives import make_objective
+from caloforge.platform.shower_model import ShowerModel
+from caloforge.training.hooks import Hook
+
+__all__ = [
+    "AdaptPlan",
+    "AdaptRequest",
+    "AdaptResult",
+    "GateResult",
+    "apply_gate",
+    "plan_adaptation",
+    "run_adaptation",
+]
+
+log = logging.getLogger("caloforge.adapt")
+
+RUN_TAG = "caloforge.adapt_run"  # the registry tag that makes registration idempotent per run
+
+
+@dataclass(frozen=True)
+class AdaptRequest:
+    """What a user asks for: ``base`` (a bundle directory, ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``
+    or ``NAME@ALIAS``), ``detector`` (a built-in name or a detector YAML path), ``data`` (a shard directory
+    of that detector)."""
+
+    base: str
+    detector: str
+    data: Path
+
+    def to_dict(self) -> dict[str, str]:
+        return {"base": self.base, "detector": self.detector, "data": str(Path(self.data).resolve())}
+
+
+@dataclass(frozen=True)
+class AdaptPlan:
+    """The validated request (:func:`plan_adaptation`): what will run, decided before anything runs."""
+
+    detector: DetectorSpec
+    data_dir: Path
+    manifest_hash: str
+    base_dir: Path  # the bundle (downloaded for registry bases)
+    parent_uri: str
+    parent_version: str | None
+    known_detector: bool  # the base knows the detector (continues from its row) or takes a spare slot
+    data_mesh: Mesh
+    rebuild_mesh: bool  # the data's mesh differs from the base's
+    n_train: int
+    n_eval: int
+    objective: str
+    register_name: str
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "detector": self.detector.name,
+            "base": self.parent_uri + (f" (version {self.parent_version})" if self.parent_version else ""),
+            "detector_row": "its own (known to the base)" if self.known_detector else "a spare slot (new)",
+            "mesh": "x".join(map(str, self.data_mesh.shape))
+            + (" (rebuilt from the base's)" if self.rebuild_mesh else " (the base's)"),
+            "train_showers": self.n_train,
+            "eval_showers": self.n_eval,
+            "objective": self.objective,
+            "registered_model": self.register_name,
+        }
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    checks: dict[str, dict[str, float | bool]] = field(default_factory=dict)  # name -> value, bound, ok
+
+    def reasons(self) -> list[str]:
+        return [
+            f"{name} = {c['value']:.4g} > {c['bound']:.4g}" for name, c in self.checks.items() if not c["ok"]
+        ]
+
+
+@dataclass(frozen=True)
+class AdaptResult:
+    run_dir: Path
+    model_dir: Path
+    adapter_dir: Path | None
+    report_dir: Path
+    strategy: str
+    steps: int
+    trainable_parameters: int
+    total_parameters: int
+    metrics: dict[str, float]
+    gate: GateResult
+    parent_uri: str
+    parent_version: str | None
+    registered: dict[str, Any] | None  # name, version, uri, aliases
+    wall_time_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return json.loads(json.dumps(out, default=str))
+
+
+# -- validation -------------------------------------------------------------------------------------------
+def _resolve_base(base: str, run_dir: Path) -> tuple[Path, str, str | None]:
+    """(bundle dir, parent URI, parent version): a local bundle, or an exact registry version downloaded
+    into ``run_dir/base`` (reused on resume when it is the same version)."""
+    path = Path(base)
+    if path.is_dir():
+        ShowerModel.load(path)  # a clear error for a directory that is not a bundle
+        return path.resolve(), str(path.resolve()), None
+    if not (base.startswith("models:/") or "@" in base):
+        raise ValueError(
+            f"base: {base!r} is neither a bundle directory nor a registry URI (models:/NAME/VERSION, "
+            "models:/NAME@ALIAS or NAME@ALIAS)"
+        )
+    from caloforge.registry.store import RegistryStore
+
+    store = RegistryStore()
+    try:
+        version = store.resolve(base)
+    except ValueError as exc:
+        raise ValueError(f"base: {exc}") from None
+    target = run_dir / "base"
+    marker = target / ".registry_uri"
+    if marker.is_file() and marker.read_text() == version.uri:
+        return target, version.uri, str(version.version)
+    if target.exists():
+        raise ValueError(
+            f"{target}: holds another base model ({marker.read_text() if marker.is_file() else '?'})"
+        )
+    store.download_bundle(version.uri, target)
+    marker.write_text(version.uri)
+    return target, version.uri, str(version.version)
+
+
+def _check_detector_name(spec: DetectorSpec, given: str) -> None:
+    if spec.name in builtin_detector_names() and Path(given).suffix in (".yaml", ".yml"):
+        builtin = load_detector(spec.name)
+        if builtin != spec:
+            raise ValueError(
+                f"detector: {given} is named {spec.name!r} like the built-in detector but describes another "
+                "detector; give it its own name (the file stem and its `name:`)"
+            )
+
+
+def plan_adaptation(config: AdaptConfig, request: AdaptRequest, run_dir: Path) -> AdaptPlan:
+    """Check everything that can be checked before training (see the module docstring)."""
+    try:
+        spec = load_detector(request.detector)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"detector: {exc}") from None
+    _check_detector_name(spec, request.detector)
+    data = Path(request.data)
+    if not (data / "manifest.json").is_file():
+        raise ValueError(f"data: {data} has no manifest.json (a shard directory from `caloforge data shard`)")
+    manifest = Manifest.load(data)
+    if manifest.detectors != [spec.name]:
+        raise ValueError(
+            f"data: {data} holds showers of {manifest.detectors}; adapting to {spec.name!r} needs a shard "
+            f"set of {spec.name!r} only"
+        )
+    recorded = manifest.detector_spec(spec.name)
+    if recorded is None:
+        raise ValueError(
+            f"data: {data}/manifest.json records no spec for {spec.name!r}, so its geometry cannot be "
+            "checked against the detector: re-shard with the detector given as a YAML path"
+        )
+    if recorded != spec:
+        diff = sorted(k for k in to_dict(spec) if to_dict(spec)[k] != to_dict(recorded).get(k))
+        raise ValueError(
+            f"data: {data} was made for another {spec.name!r} than {request.detector} (differs in {diff})"
+        )
+    data_mesh = manifest.model_mesh([spec.name])
+    for split in ("train", config.eval.split):
+        if split not in manifest.splits or manifest.counts[split]["total"] < 1:
+            raise ValueError(f"data: {data} has no {split!r} showers (splits: {manifest.counts})")
+    n_eval = min(config.eval.n_showers, int(manifest.counts[config.eval.split]["total"]))
+    if n_eval < 20:
+        raise ValueError(
+            f"data: {data} has {n_eval} {config.eval.split!r} showers; the evaluation needs >= 20"
+        )
+
+    base_dir, parent_uri, parent_version = _resolve_base(request.base, run_dir)
+    base = ShowerModel.load(base_dir)
+    known = spec.name in base.vocab.detectors
+    if known and data_mesh.shape != base.mesh_shape:
+        raise ValueError(
+            f"detector: the base already knows {spec.name!r} on the mesh {base.mesh_shape}, but the data's "
+            f"mesh is {data_mesh.shape}: a name used with a different mesh; rename the new detector"
+        )
+    if not known:
+        base.vocab.with_detector(spec.name)  # ValueError when no spare slot is left
+    init_from = config.strategy.init_from
+    if init_from is not None and init_from not in base.vocab.detectors:
+        raise ValueError(
+            f"strategy.init_from: the base does not know {init_from!r} "
+            f"(it knows {list(base.vocab.detectors)})"
+        )
+    if data_mesh.shape != base.mesh_shape:
+        base.config.backbone_config().check_mesh(data_mesh.shape)  # the patch must divide the new mesh
+    objective = make_objective(config.objective, base.config.parametrisation).name
+    if config.register.enabled:
+        from caloforge.registry.versions import check_name, validate_alias
+
+        check_name(config.register.name or f"caloforge-{spec.name}")
+        validate_alias(config.register.alias)
+    return AdaptPlan(
+        detector=spec,
+        data_dir=data,
+        manifest_hash=manifest.fingerprint,
+        base_dir=base_dir,
+        parent_uri=parent_uri,
+        parent_version=parent_version,
+        known_detector=known,
+        data_mesh=data_mesh,
+        rebuild_mesh=data_mesh != base.mesh and data_mesh.shape != base.mesh_shape,
+        n_train=int(manifest.counts["train"]["total"]),
+        n_eval=n_eval,
+        objective=objective,
+        register_name=config.register.name or f"caloforge-{spec.name}",
+    )
+
+
+# -- gate -------------------------------------------------------------------------------------------------
+def apply_gate(config: AdaptConfig, metrics: dict[str, float]) -> GateResult:
+    """Check ``metrics`` (an evaluation with its floor) against the configured bounds."""
+    gate = config.gate
+    checks: dict[str, dict[str, float | bool]] = {}
+
+    def check(name: str, value: float, bound: float) -> None:
+        ok = math.isfinite(value) and value <= bound
+        checks[name] = {"value": float(value), "bound": float(bound), "ok": bool(ok)}
+
+    for key, bound in (("auc_low", gate.max_auc_low), ("auc_high", gate.max_auc_high)):
+        if bound is not None:
+            check(key, metrics.get(key, math.nan), bound)
+    for key, bound in (("fpd", gate.max_fpd_over_floor), ("kpd", gate.max_kpd_over_floor)):
+        if bound is not None:
+            floor = metrics.get(f"floor/{key}", math.nan)
+            value = metrics.get(key, math.nan)
+            ratio = value / floor if floor and math.isfinite(floor) and floor > 0 else math.inf
+            check(f"{key}_over_floor", ratio, bound)
+    return GateResult(passed=all(bool(c["ok"]) for c in checks.values()), checks=checks)
+
+
+# -- the run ----------------------------------------------------------------------------------------------
+def _default_run_dir(config: AdaptConfig, request: AdaptRequest) -> Path:
+    from caloforge import paths
+
+    name = Path(request.detector).stem
+    return paths.runs_dir() / f"adapt-{name}-{config.name}"
+
+
+def _check_request(run_dir: Path, record: dict[str, Any], resume: bool) -> str:
+    """The run id; a new run needs an empty directory, a resumed one the same request."""
+    path = run_dir / "request.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if not resume:
+            raise ValueError(
+                f"{run_dir} holds an adaptation run already: pass --resume, or choose another --run-dir"
+            )
+        same = {k: previous.get(k) for k in record} == record
+        if not same:
+            diff = sorted(k for k in record if previous.get(k) != record[k])
+            raise ValueError(f"{run_dir}: --resume with another request or config (differs in {diff})")
+        return str(previous["run_id"])
+    if resume:
+        raise ValueError(f"--resume: {run_dir} holds no adaptation run")
+    run_id = uuid.uuid4().hex
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**record, "run_id": run_id}, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return run_id
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+
+
+def run_adaptation(
+    config: AdaptConfig, request: AdaptRequest, run_dir: str | Path | None = None, resume: bool = False
+) -> AdaptResult:
+    """Run (or resume) one adaptation; returns the :class:`AdaptResult` (also ``run_dir/result.json``)."""
+    import torch
+
+    run_dir = Path(run_dir) if run_dir is not None else _default_run_dir(config, request)
+    record = {"request": request.to_dict(), "config": to_dict(config)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "adapt.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("caloforge")
+    root.addHandler(handler)
+    previous_level, previous_threads = root.level, torch.get_num_threads()
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    t0 = time.perf_counter()
+    try:
+        plan = plan_adaptation(config, request, run_dir)
+        run_id = _check_request(run_dir, record, resume)
+        log.info("adaptation %s: %s", run_dir, plan.describe())
+        prepared, trainer, lineage = _train(config, request, plan, run_dir)
+        model_dir = run_dir / "model"
+        adapted, _ = _bundle(config, prepared, trainer, lineage, model_dir)
+        adapter_dir = None
+        if config.strategy.kind == "lora":
+            adapter_dir = run_dir / "adapter"
+            averaged = trainer.averaged_model()
+            prepared.save_adapter(averaged.to("cpu"), adapter_dir)
+        metrics, report_dir = _evaluate(config, request, plan, model_dir, run_dir)
+        gate = apply_gate(config, metrics)
+        log.info("gate %s%s", "passed" if gate.passed else "failed: ", "; ".join(gate.reasons()))
+        trained, total = prepared.parameter_counts
+        registered = None
+        if config.register.enabled:
+            registered = _register(
+                config, plan, run_id, model_dir, metrics, gate, trainer.step, trained, total
+            )
+        result = AdaptResult(
+            run_dir=run_dir,
+            model_dir=model_dir,
+            adapter_dir=adapter_dir,
+            report_dir=report_dir,
+            strategy=config.strategy.kind,
+            steps=trainer.step,
+            trainable_parameters=trained,
+            total_parameters=total,
+            metrics=metrics,
+            gate=gate,
+            parent_uri=plan.parent_uri,
+            parent_version=plan.parent_version,
+            registered=registered,
+            wall_time_s=time.perf_counter() - t0,
+        )
+        _write_json(run_dir / "result.json", result.to_dict())
+        del adapted
+        return result
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
+        torch.set_num_threads(previous_threads)
+        handler.close()
+
+
+def _train(
+    config: AdaptConfig, request: AdaptRequest, plan: AdaptPlan, run_dir: Path
+) -> tuple[Any, Any, Any]:
+    from caloforge.adapt.strategies import prepare_strategy
+    from caloforge.datasets.streaming import ShowerStream
+    from caloforge.platform.transfer import rebuild_for_mesh
+    from caloforge.training import job
+    from caloforge.training.loop import Trainer
+    from caloforge.training.state import CheckpointManager
+    from caloforge.training.torch_backend import TorchBackend
+
+    manifest = Manifest.load(request.data)
+    name = plan.detector.name
+    base = ShowerModel.load(plan.base_dir)
+    model = base.with_detector(name, init_from=config.strategy.init_from)
+    if plan.rebuild_mesh:
+        model, report = rebuild_for_mesh(model, plan.data_mesh, manifest.stats["pooled"])
+        log.info("rebuilt for the mesh %s: %s", plan.data_mesh.shape, report.summary())
+    prepared = prepare_strategy(model, name, config.strategy)
+    trained, total = prepared.parameter_counts
+    log.info(
+        "strategy %s: %d of %d parameters train (%.3g%%)",
+        config.strategy.kind,
+        trained,
+        total,
+        100.0 * trained / max(total, 1),
+    )
+    print(f"strategy {config.strategy.kind}: {trained:,} trainable of {total:,} parameters", flush=True)
+    _write_json(
+        run_dir / "parameters.json",
+        {
+            "strategy": config.strategy.kind,
+            "trainable": trained,
+            "total": total,
+            **prepared.trainable.to_dict(),
+        },
+    )
+    loss_fn, objective = job.loss_for(prepared.model, config.objective)
+    stream = ShowerStream(
+        request.data, config.stream_config(), "train", rank=0, world_size=1, seed=config.loop.seed
+    )
+    lineage = job.training_lineage(
+        manifest,
+        stream.groups,
+        objective,
+        extra={"run_dir": str(run_dir.resolve()), "run_name": config.name},
+        kind="adapted",
+        parent_uri=plan.parent_uri,
+        parent_version=plan.parent_version,
+        strategy=config.strategy.kind,
+        target_detector=name,
+    )
+    hooks: list[Hook] = []
+    if config.fault_injection_step is not None:
+        hooks.append(_FailAfter(config.fault_injection_step, run_dir))
+    hooks = job.standard_hooks(run_dir / "metrics.jsonl", progress=config.progress, extra=hooks)
+    trainer = Trainer(
+        prepared.module,
+        loss_fn,
+        TorchBackend(config.device),
+        stream,
+        config.loop,
+        hooks,
+        checkpoints=CheckpointManager(run_dir / "checkpoints", config.keep_checkpoints),
+        trainable=prepared.trainable,
+    )
+    trainer.fit()
+    return prepared, trainer, lineage
+
+
+class _FailAfter(Hook):
+    """Test-only (``fault_injection_step``): raise once after that step (a marker keeps a resume going)."""
+
+    def __init__(self, step: int, run_dir: Path) -> None:
+        self.step, self.marker = step, run_dir / "fault_injection_fired"
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        if step == self.step and not self.marker.exists():
+            self.marker.write_text(str(step))
+            raise RuntimeError(f"fault injection (test-only): adaptation fails after step {step}")
+
+
+def _bundle(
+    config: AdaptConfig, prepared: Any, trainer: Any, lineage: Any, model_dir: Path
+) -> tuple[ShowerModel, Path]:
+    from caloforge.training import job
+
+    extra = {}
+    if config.strategy.kind == "lora":
+        extra["lora"] = json.dumps(to_dict(config.strategy.lora), sort_keys=True)
+    return job.save_final_bundle(trainer, model_dir, lineage, extra=extra, finalize=prepared.merged)
+
+
+def _evaluate(
+    config: AdaptConfig, request: AdaptRequest, plan: AdaptPlan, model_dir: Path, run_dir: Path
+) -> tuple[dict[str, float], Path]:
+    """Metrics of the bundle against the held-out split (seeded: a resumed run gets the same numbers)."""
+    from caloforge.datasets.streaming import load_split
+    from caloforge.evaluation.api import evaluate_model
+
+    report_dir = run_dir / "report"
+    reference = load_split(request.data, config.eval.split)
+    report = evaluate_model(
+        model_dir,
+        reference,
+        plan.n_eval,
+        config.eval.metrics,
+        num_steps=config.eval.num_steps,
+        sampler=config.eval.sampler,
+        detectors={plan.detector.name: plan.detector},
+    )
+    report.write(report_dir)
+    metrics = {k: float(v) for k, v in report.metrics.items() if isinstance(v, int | float)}
+    return metrics, report_dir
+
+
+HEADLINE = ("fpd", "kpd", "auc_low", "auc_high", "floor/fpd", "floor/kpd", "floor/auc_low", "floor/auc_high")
+
+
+def _register(
+    config: AdaptConfig,
+    plan: AdaptPlan,
+    run_id: str,
+    model_dir: Path,
+    metrics: dict[str, float],
+    gate: GateResult,
+    steps: int,
+    trained: int,
+    total: int,
+) -> dict[str, Any]:
+    from caloforge.registry.store import RegistryStore
+
+    store = RegistryStore()
+    name = plan.register_name
+    existing = store.search(tags={RUN_TAG: run_id}, name=name) if _model_exists(store, name) else []
+    if existing:
+        version = existing[0]
+        log.info("run %s is registered already as %s (not registered again)", run_id, version.uri)
+    else:
+        tags = {
+            "parent_uri": plan.parent_uri,
+            "adaptation_method": config.strategy.kind,
+            "target_detector": plan.detector.name,
+            "dataset_manifest_hash": plan.manifest_hash,
+            RUN_TAG: run_id,
+            "caloforge.train_showers": str(plan.n_train),
+            "caloforge.steps": str(steps),
+            "caloforge.trainable_parameters": str(trained),
+            "caloforge.total_parameters": str(total),
+            "caloforge.objective": plan.objective,
+            "caloforge.gate": "passed" if gate.passed else "failed: " + "; ".join(gate.reasons()),
+        }
+        if plan.parent_version is not None:
+            tags["parent_version"] = plan.parent_version
+        headline = {k.replace("/", "_"): v for k, v in metrics.items() if k in HEADLINE and math.isfinite(v)}
+        version = store.register_bundle(
+            model_dir,
+            name=name,
+            kind="adapted",
+            tags=tags,
+            metrics=headline,
+            description=f"{config.strategy.kind} adaptation of {plan.parent_uri} to {plan.detector.name}",
+            aliases=(config.register.alias,),
+        )
+    promoted = False
+    if config.register.promote and gate.passed:
+        promoted = _maybe_promote(store, name, version.version, config.gate.metric, metrics)
+    version = store.get(name, version=version.version)
+    return {
+        "name": name,
+        "version": version.version,
+        "uri": version.uri,
+        "aliases": list(version.aliases),
+        "promoted": promoted,
+    }
+
+
+def _model_exists(store: Any, name: str) -> bool:
+    return any(m.name == name for m in store.list_models())
+
+
+def _maybe_promote(store: Any, name: str, version: int, metric: str, metrics: dict[str, float]) -> bool:
+    """Move ``champion`` to ``version`` when there is none or ``version`` beats it on ``metric``."""
+    value = metrics.get(metric, math.nan)
+    if not math.isfinite(value):
+        return False
+    try:
+        champion = store.get(name, alias="champion")
+    except ValueError:
+        champion = None
+    if champion is not None and champion.version == version:
+        return True
+    if champion is not None:
+        current = float(champion.tags.get(f"metric.{metric}", "inf"))
+        if not value < current:
+            log.info(
+                "v%d passed the gate but does not beat champion v%d on %s (%.4g >= %.4g)",
+                version,
+                champion.version,
+                metric,
+                value,
+                current,
+            )
+            return False
+    reason = f"passed the adaptation gate; {metric} {value:.4g}" + (
+        f" beats v{champion.version}" if champion is not None else " (first champion)"
+    )
+    store.promote(name, version, "champion", reason=reason)
+    return True
