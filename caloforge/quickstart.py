@@ -9,7 +9,10 @@ Stages (each prints what it did; the last prints one summary table):
 3. pretrain the ``debug`` model on the embedded local Ray with 2 workers (DeepSpeed ZeRO-2 on CPU),
    tracked in MLflow; the final bundle is registered as a ``caloforge-base`` version;
 4. evaluate the model against the held-out test split (CaloChallenge-style metrics, report + plots);
-5. pull the registered model back as ONNX, run it once with onnxruntime and print its URI.
+5. pull the registered model back as ONNX, run it once with onnxruntime and print its URI;
+6. adapt the base to ``lar-pb`` (held out of pretraining) with a few hundred simulated showers: fine-tune,
+   evaluate against its test split, gate, register ``caloforge-lar-pb`` (``caloforge adapt``);
+7. pull ``caloforge-lar-pb`` as ONNX and run it; the summary shows both models side by side.
 
 Everything lands under ``$CALOFORGE_HOME/quickstart`` (data, shards, runs, reports, the pulled model) and
 the default MLflow store; a new quickstart replaces its own previous outputs in that folder.
@@ -35,7 +38,21 @@ log = logging.getLogger("caloforge.quickstart")
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "quickstart.yaml"
-N_STAGES = 5
+N_STAGES = 7
+
+
+@dataclass(frozen=True)
+class QuickAdapt:
+    """The adaptation stage: the pretrained base adapted to a detector it never saw."""
+
+    detector: str = "lar-pb"  # held out of the pretraining data
+    n_showers: int = 400  # simulated in the target detector (80/10/10 train/val/test)
+    config: Path = Path("configs/adapt/full.yaml")
+    overrides: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.n_showers < 100:
+            raise ValueError(f"adapt.n_showers must be >= 100, got {self.n_showers}")
 
 
 @dataclass(frozen=True)
@@ -58,6 +75,7 @@ class QuickstartConfig:
     eval_config: Path = Path("configs/eval/ci.yaml")
     eval_showers: int = 200
     export_steps: int = 4
+    adapt: QuickAdapt = field(default_factory=QuickAdapt)
 
     def __post_init__(self) -> None:
         if self.stream_batches < 1 or self.stream_batch_size < 1:
@@ -243,6 +261,26 @@ def run(config: QuickstartConfig) -> dict[str, Any]:
         "card": card.get("name", card_path.name),
     }
 
+    _stage(
+        6,
+        f"adapt the base to {config.adapt.detector} (never pretrained on) with "
+        f"{config.adapt.n_showers} simulated showers",
+    )
+    adapted = _adapt(config, base, model_uri)
+    summary["adaptation"] = adapted
+
+    _stage(7, f"pull caloforge-{Path(config.adapt.detector).stem} as ONNX and run it once")
+    adapted_pulled = base / "pulled-adapted"
+    RegistryStore().pull(adapted["uri"], adapted_pulled, "onnx", num_steps=config.export_steps)
+    target_ref = load_split(adapted["data"], "test")
+    cond = target_ref.conditions.subset(slice(0, 4))
+    t0 = time.perf_counter()
+    showers = OnnxShowerGenerator.from_card(adapted_pulled).generate(cond, seed=0)
+    adapted_ms = 1e3 * (time.perf_counter() - t0) / len(cond)
+    e_ratio = showers.reshape(len(cond), -1).sum(1) / cond.energy_mev
+    print(f"ONNX {adapted_pulled}: {adapted_ms:.1f} ms/shower, E_tot/E_inc {np.round(e_ratio, 2)}")
+    summary["adaptation"]["onnx_dir"] = str(adapted_pulled)
+
     nan = float("nan")
     print("\n== CaloForge quickstart summary")
     rows = [
@@ -252,16 +290,91 @@ def run(config: QuickstartConfig) -> dict[str, Any]:
         ["shards / bytes", f"{n_shards} / {n_bytes / 2**20:.1f} MiB"],
         ["stream throughput", f"{rate:.0f} showers/s ({mb_s:.1f} MB/s)"],
         ["pretraining", f"{result.step} steps, {pretrain_s:.0f} s, 2 Ray workers"],
-        [
-            "FPD ×10³ (floor)",
-            f"{report.metrics.get('fpd', nan):.3g} ({report.metrics.get('floor/fpd', nan):.3g})",
-        ],
-        ["model URI", model_uri],
-        ["ONNX", f"{pulled} ({onnx_ms:.1f} ms/shower)"],
     ]
     print(_fmt_table(["what", "value"], rows))
+    am = adapted["metrics"]
+    models = [
+        ["model", model_uri, adapted["uri"]],
+        ["detectors", ", ".join(sim.detectors), adapted["detector"]],
+        [
+            "how",
+            f"pretrained, {result.step} steps",
+            f"{adapted['strategy']} from {adapted['parent']}, {adapted['steps']} steps, "
+            f"{adapted['train_showers']} showers",
+        ],
+        ["trainable parameters", "all", f"{adapted['trainable']:,} of {adapted['total']:,}"],
+        [
+            "FPD (floor)",
+            f"{report.metrics.get('fpd', nan):.3g} ({report.metrics.get('floor/fpd', nan):.3g})",
+            f"{am.get('fpd', nan):.3g} ({am.get('floor/fpd', nan):.3g})",
+        ],
+        [
+            "AUC high-level (floor)",
+            f"{report.metrics.get('auc_high', nan):.3f} ({report.metrics.get('floor/auc_high', nan):.3f})",
+            f"{am.get('auc_high', nan):.3f} ({am.get('floor/auc_high', nan):.3f})",
+        ],
+        [
+            "gate / aliases",
+            "-",
+            f"{'passed' if adapted['gate_passed'] else 'failed'}; @{', @'.join(adapted['aliases'])}",
+        ],
+        ["ONNX ms/shower", f"{onnx_ms:.1f}", f"{adapted_ms:.1f}"],
+    ]
+    print()
+    print(_fmt_table(["", "base model", "adapted model"], models))
     (base / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _adapt(config: QuickstartConfig, base: Path, base_uri: str | None) -> dict[str, Any]:
+    """Stage 6: simulate the target detector, adapt the registered base to it (``caloforge adapt``)."""
+    from caloforge.adapt.config import AdaptConfig
+    from caloforge.adapt.pipeline import AdaptRequest, run_adaptation
+    from caloforge.datasets.prepare import simulate_and_shard
+
+    if base_uri is None:
+        raise ValueError("quickstart: the pretraining run registered no model (tracking.register is off?)")
+    q = config.adapt
+    sim = SimulateConfig(
+        detectors=(q.detector,),
+        particles=config.simulate.particles,
+        n_per_detector=q.n_showers,
+        energy_gev=config.simulate.energy_gev,
+        log_uniform=config.simulate.log_uniform,
+        theta_deg=config.simulate.theta_deg,
+        seed=config.simulate.seed + 1,
+        shards=config.simulate.shards,
+    )
+    data = simulate_and_shard(sim, base / "adapt-data")
+    adapt_cfg = load_config(AdaptConfig, _resolve(q.config), list(q.overrides))
+    (base / "adapt.yaml").write_text(dump_yaml(adapt_cfg))
+    request = AdaptRequest(base=base_uri, detector=q.detector, data=data)
+    t0 = time.perf_counter()
+    result = run_adaptation(adapt_cfg, request, base / "runs" / "adapt")
+    seconds = time.perf_counter() - t0
+    reg = result.registered or {}
+    print(
+        f"{result.strategy}: {result.trainable_parameters:,} of {result.total_parameters:,} parameters, "
+        f"{result.steps} steps in {seconds:.0f} s; gate {'passed' if result.gate.passed else 'failed'}; "
+        f"registered {reg.get('uri')} @{', @'.join(reg.get('aliases', []))}; report {result.report_dir}"
+    )
+    from caloforge.datasets.shards import Manifest
+
+    return {
+        "detector": q.detector,
+        "data": str(data),
+        "train_showers": Manifest.load(data).counts["train"]["total"],
+        "strategy": result.strategy,
+        "steps": result.steps,
+        "seconds": round(seconds, 1),
+        "trainable": result.trainable_parameters,
+        "total": result.total_parameters,
+        "metrics": result.metrics,
+        "gate_passed": result.gate.passed,
+        "uri": reg.get("uri"),
+        "aliases": reg.get("aliases", []),
+        "parent": result.parent_uri,
+    }
 
 
 def _handler(args: argparse.Namespace) -> int:
