@@ -531,6 +531,8 @@ def _register(
     if existing:
         version = existing[0]
         log.info("run %s is registered already as %s (not registered again)", run_id, version.uri)
+        if config.register.alias not in version.aliases:  # interrupted between the version and its alias
+            version = store.set_alias(name, version.version, config.register.alias)
     else:
         tags = {
             "parent_uri": plan.parent_uri,
