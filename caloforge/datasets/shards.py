@@ -244,7 +244,9 @@ class Manifest:
             )
         size = path.stat().st_size
         if size > _MAX_MANIFEST_BYTES:
-            raise ValueError(f"{path}: manifest is {size} bytes (more than {_MAX_MANIFEST_BYTES}); refusing it")
+            raise ValueError(
+                f"{path}: manifest is {size} bytes (more than {_MAX_MANIFEST_BYTES}); refusing it"
+            )
         raw = path.read_bytes()
         try:
             data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
@@ -360,6 +362,18 @@ class Manifest:
 
     def shard_path(self, shard: ShardInfo) -> Path:
         return self.directory / check_shard_name(shard.name, str(self.directory / MANIFEST))
+
+    def check_size(self, shard: ShardInfo) -> None:
+        """The shard file exists and has the manifest's byte size (a stat, nothing is read)."""
+        path = self.shard_path(shard)
+        if not path.is_file():
+            raise ValueError(f"{path}: shard listed in the manifest is missing")
+        size = path.stat().st_size
+        if size != shard.bytes:
+            raise ValueError(
+                f"{path}: shard is {size} bytes, the manifest says {shard.bytes} "
+                f"({'truncated' if size < shard.bytes else 'extra data'})"
+            )
 
     def verify(self, splits: Sequence[str] | None = None, checksums: bool = True) -> list[str]:
         """Problems with the shard files (missing, wrong size, sha256 mismatch), one line per bad shard."""
@@ -533,14 +547,7 @@ def read_shard_bytes(manifest: Manifest, shard: ShardInfo, verify: VerifyMode = 
     if verify not in ("sha256", "structure"):
         raise ValueError(f"verify must be 'sha256' or 'structure', got {verify!r}")
     path = manifest.shard_path(shard)
-    if not path.is_file():
-        raise ValueError(f"{path}: shard listed in the manifest is missing")
-    size = path.stat().st_size
-    if size != shard.bytes:
-        raise ValueError(
-            f"{path}: shard is {size} bytes, the manifest says {shard.bytes} "
-            f"({'truncated' if size < shard.bytes else 'extra data'})"
-        )
+    manifest.check_size(shard)
     with open(path, "rb") as f:
         data = f.read(shard.bytes + 1)  # never more than the manifest allows, even if the file grows now
     if len(data) != shard.bytes:
@@ -669,7 +676,11 @@ def _tar_members(data: bytes, where: str, check_headers: bool) -> Iterator[dict[
         if kind == b"0" or kind == b"\0":
             fname = pax.get("path", name) if pax is not None else name
             pax = None
-            yield {"fname": _member_name(fname, where, start - 512), "data": view[start:end], "__url__": where}
+            yield {
+                "fname": _member_name(fname, where, start - 512),
+                "data": view[start:end],
+                "__url__": where,
+            }
         elif kind == b"x":  # pax extended header for the next member
             if pax is not None:
                 raise ValueError(f"{where}: two pax headers in a row at byte {start - 512}")

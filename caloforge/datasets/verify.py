@@ -172,9 +172,10 @@ def _check_shard(manifest: Manifest, shard: ShardInfo) -> list[str]:
     bad_rows = ~np.isfinite(x).all(axis=1) | (x < 0).any(axis=1)
     if bad_rows.any():
         i = int(np.flatnonzero(bad_rows)[0])
+        worst = x[i][~np.isfinite(x[i]) | (x[i] < 0)][0]
         problems.append(
             f"{where}: {int(bad_rows.sum())} sample(s) with NaN, inf or negative voxel energies "
-            f"(first: sample {keys[i]}, minimum {float(np.nanmin(x[i])) if np.isfinite(x[i]).any() else 'nan'})"
+            f"(first: sample {keys[i]}, value {float(worst)!r})"
         )
     return problems
 
@@ -206,7 +207,10 @@ def _read_cache(path: Path, fingerprint: str, signature: dict[str, list[int]]) -
     except (OSError, ValueError) as exc:
         log.warning("%s: unreadable verification record (%s); verifying again", path, exc)
         return None
-    if not isinstance(data, dict) or (data.get("format"), data.get("version")) != (CACHE_FORMAT, CACHE_VERSION):
+    if not isinstance(data, dict) or (data.get("format"), data.get("version")) != (
+        CACHE_FORMAT,
+        CACHE_VERSION,
+    ):
         return None
     if data.get("fingerprint") != fingerprint or data.get("files") != signature:
         return None
