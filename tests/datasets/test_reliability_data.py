@@ -622,5 +622,10 @@ def test_duplicate_yaml_keys_are_refused_with_file_and_line(tmp_path: Path) -> N
         load_config(ShardConfig, path)
 
 
-def test_builtin_detector_yamls_have_no_duplicate_keys() -> None:
+def test_shipped_yamls_have_no_duplicate_keys() -> None:
+    root = Path(__file__).resolve().parents[2]
+    files = sorted(root.glob("configs/**/*.yaml")) + sorted(root.glob("caloforge/platform/detectors/*.yaml"))
+    assert len(files) > 5
+    for path in files:
+        assert isinstance(read_yaml(path), dict), path
     assert load_detector("par04-siw").name == "par04-siw"
