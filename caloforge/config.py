@@ -3,7 +3,9 @@
 Every job config is a frozen dataclass; YAML is only its serialisation. Loading is strict:
 an unknown key, a missing required key or a value of the wrong type is a ``ConfigError``
 (a ``ValueError``) naming the file and the dotted key path. ``--set a.b=c`` overrides are
-parsed as YAML scalars and applied before validation, so they are checked like the file.
+parsed as YAML scalars and applied before validation, so they are checked like the file; a value that is not
+valid YAML is a ``ConfigError`` too. A mapping that names one key twice is an error (plain YAML loaders keep
+the last value silently).
 
 Supported field types: bool, int, float, str, Path, Literal[...], Enum, nested dataclasses,
 tuple[T, ...], tuple[T1, T2], list[T], dict[str, T], T | None.
@@ -159,15 +161,51 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping naming one key twice (the plain loader keeps the last
+    value silently). Keys brought in by a ``<<`` merge may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base constructor reports it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r} (first at line {first.line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_strict(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=_StrictLoader)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a", "b", "c"], yaml-parsed value)."""
+    """``a.b.c=value`` -> (["a", "b", "c"], yaml-parsed value); a malformed value is a ConfigError."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY.PATH=VALUE")
     key, raw = text.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"--set {text!r}: empty key")
-    return parts, yaml.safe_load(raw) if raw.strip() else ""
+    if not raw.strip():
+        return parts, ""
+    try:
+        return parts, safe_load_strict(raw)
+    except yaml.YAMLError as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({detail})") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -194,7 +232,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load_strict(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
     if data is None:

@@ -2,7 +2,7 @@
 
 - ``caloforge data shard [SOURCE ...] [--out DIR] [--config configs/data/X.yaml] [--set k=v] [--dry-run]``:
   sources as ``PATH[:format[:detector]]`` or from the config's ``sources:`` list (see ``docs/datasets.md``).
-- ``caloforge data inspect DIR [--no-verify] [--json]``: the manifest as tables, and the shard checksums.
+- ``caloforge data inspect DIR [--no-verify] [--json]``: the manifest as tables, then ``verify_shards``.
 - ``caloforge data convert IN OUT --to native|calochallenge [--detector ...]``: chunked format conversion.
 """
 
@@ -47,9 +47,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_args(p)
     p.set_defaults(func=_cmd_shard)
 
-    p = sub.add_parser("inspect", help="print a shard set's manifest and verify its checksums")
+    p = sub.add_parser(
+        "inspect",
+        help="print a shard set's manifest and verify its shards",
+        description=(
+            "Print the manifest as tables, then verify every shard (size, sha256, tar structure, counts, "
+            "finite energies, conditions and voxels) and record the verification (verified.json); exits "
+            "non-zero on any problem."
+        ),
+    )
     p.add_argument("dir", help="shard directory (holding manifest.json)")
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 verification of the shards")
+    p.add_argument("--no-verify", action="store_true", help="skip the verification of the shards")
     p.add_argument("--json", action="store_true", help="print the manifest JSON instead of tables")
     p.set_defaults(func=_cmd_inspect)
 
@@ -200,6 +208,7 @@ def format_manifest(manifest: Any) -> str:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from caloforge.datasets.shards import Manifest
+    from caloforge.datasets.verify import verify_shards
 
     manifest = Manifest.load(args.dir)
     if args.json:
@@ -208,11 +217,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(format_manifest(manifest))
     if args.no_verify:
         return 0
-    n = sum(len(manifest.shards(s)) for s in manifest.splits)
-    problems = manifest.verify()
-    if problems:
-        raise ValueError(f"{len(problems)} of {n} shards failed verification:\n  " + "\n  ".join(problems))
-    print(f"\nverified {n} shards: sizes and sha256 match the manifest")
+    report = verify_shards(args.dir, use_cache=False)
+    print(f"\n{report.summary()}")
     return 0
 
 

@@ -10,14 +10,49 @@ layout), ``.calochallenge`` and ``.lemurs``; shards: ``caloforge.datasets.shards
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from caloforge.platform.conditioning import Conditions
 
 SIMULATOR_SOURCE = "caloforge-gflash"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_conditions(
+    cond: Conditions, *, path: str | Path, keys: dict[str, str] | None = None, row0: int = 0
+) -> None:
+    """Incident energies finite, > 0 and within float32's range, θ in [0, π], φ finite: else a ValueError
+    naming ``path`` (a file, or what is being checked), the key (``keys``: field -> file key) and the first
+    row (``row0`` + index)."""
+    keys = keys or {}
+
+    def fail(field: str, mask: np.ndarray, what: str) -> None:
+        rows = np.flatnonzero(mask)
+        values = getattr(cond, field)[rows[:3]].tolist()
+        raise ValueError(
+            f"{path}: key {keys.get(field, field)!r}: {len(rows)} value(s) {what} (first at row "
+            f"{row0 + int(rows[0])}: {values})"
+        )
+
+    e = cond.energy_mev
+    if not np.isfinite(e).all():
+        fail("energy_mev", ~np.isfinite(e), "are NaN/inf")
+    if (e <= 0).any():
+        fail("energy_mev", e <= 0, "are <= 0 MeV")
+    if (e > FLOAT32_MAX).any():
+        fail("energy_mev", e > FLOAT32_MAX, "exceed float32's range")
+    t = cond.theta_rad
+    bad_t = ~np.isfinite(t) | (t < 0) | (t > math.pi + 1e-9)
+    if bad_t.any():
+        fail("theta_rad", bad_t, "are outside [0, π] rad")
+    p = cond.phi_rad
+    if not np.isfinite(p).all():
+        fail("phi_rad", ~np.isfinite(p), "are NaN/inf")
 
 
 @dataclass(frozen=True)

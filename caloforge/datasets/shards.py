@@ -37,7 +37,8 @@ Reading: :func:`shard_samples` parses a shard strictly (size and sha256 against 
 checksums, the end-of-archive marker, payload sizes, the sample count): a corrupt or truncated shard raises
 a ``ValueError`` naming it before any of its samples is yielded (with sha256 verification; with
 ``verify="structure"`` a flipped payload byte cannot be detected, everything else still is). The tar members
-are grouped into samples by ``webdataset``'s ``group_by_keys``; any webdataset reader can read the shards.
+are grouped into samples as ``webdataset``'s ``group_by_keys`` does, but strictly (no duplicate members or
+keys, flat member names); any webdataset reader can read the shards.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -56,7 +58,6 @@ from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import webdataset as wds
-from webdataset.tariterators import group_by_keys
 
 import caloforge
 from caloforge.config import to_dict
@@ -80,6 +81,7 @@ SOURCE_FORMATS = ("auto", *formats.FORMATS)
 VerifyMode = Literal["sha256", "structure"]
 
 _STATS_ROWS = 64
+_MAX_MANIFEST_BYTES = 256 << 20
 
 
 # -- configuration --------------------------------------------------------------------------------------
@@ -238,10 +240,15 @@ class Manifest:
                 f"{path}: manifest not found{hint}; is {directory} a shard set written by "
                 "`caloforge data shard`?"
             )
+        size = path.stat().st_size
+        if size > _MAX_MANIFEST_BYTES:
+            raise ValueError(
+                f"{path}: manifest is {size} bytes (more than {_MAX_MANIFEST_BYTES}); refusing it"
+            )
         raw = path.read_bytes()
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
             raise ValueError(f"{path}: invalid JSON ({exc})") from exc
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(
@@ -256,6 +263,7 @@ class Manifest:
         for key in ("payload", "detectors", "mesh_shapes", "shards", "counts", "stats"):
             if key not in data:
                 raise ValueError(f"{path}: missing key {key!r}")
+        _validate_manifest(path, data)
         return cls(directory, data, raw)
 
     @property
@@ -351,7 +359,19 @@ class Manifest:
         return [ShardInfo(split=split, **entry) for entry in self.data["shards"][split]]
 
     def shard_path(self, shard: ShardInfo) -> Path:
-        return self.directory / shard.name
+        return self.directory / check_shard_name(shard.name, str(self.directory / MANIFEST))
+
+    def check_size(self, shard: ShardInfo) -> None:
+        """The shard file exists and has the manifest's byte size (a stat, nothing is read)."""
+        path = self.shard_path(shard)
+        if not path.is_file():
+            raise ValueError(f"{path}: shard listed in the manifest is missing")
+        size = path.stat().st_size
+        if size != shard.bytes:
+            raise ValueError(
+                f"{path}: shard is {size} bytes, the manifest says {shard.bytes} "
+                f"({'truncated' if size < shard.bytes else 'extra data'})"
+            )
 
     def verify(self, splits: Sequence[str] | None = None, checksums: bool = True) -> list[str]:
         """Problems with the shard files (missing, wrong size, sha256 mismatch), one line per bad shard."""
@@ -369,93 +389,333 @@ def _manifest_bytes(data: dict[str, Any]) -> bytes:
     return (json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
+_SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.tar")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SHARD_KEYS = {"name", "detector", "particle", "pdg", "n_samples", "bytes", "sha256"}
+_MAX_VOXELS = 1 << 26  # per shower: far above any calorimeter mesh, far below what would exhaust memory
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} overflows to {value}")
+    return value
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_shard_name(name: Any, where: str) -> str:
+    """A shard name from a manifest: a plain ``*.tar`` file name inside the shard directory (no directory
+    parts, no ``..``, not absolute); anything else is a ValueError naming the manifest."""
+    if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(
+            f"{where}: shard name {name!r} is not a plain '<name>.tar' file name in the shard directory "
+            "(directories, '..' and absolute paths are refused)"
+        )
+    return name
+
+
+def _min_sample_bytes(n_voxels: int, itemsize: int) -> int:
+    """The fewest tar bytes one sample can take: two 512-byte headers, a meta.json of >= 1 block and the
+    payload padded to 512."""
+    return 3 * 512 + ((n_voxels * itemsize + 511) & ~511)
+
+
+def _validate_manifest(path: Path, data: dict[str, Any]) -> None:
+    """Structure and internal consistency of a manifest, checked before any shard is opened or anything
+    is allocated from its numbers: payload, mesh shapes, shard entries (names, sizes, checksums, sample
+    counts that fit in their byte sizes, unique names) and the counts per split/detector/particle, which
+    must equal the sums over the shard entries. A ValueError names the manifest and the key."""
+    payload = data["payload"]
+    if not isinstance(payload, dict) or payload.get("dtype") not in PAYLOADS:
+        raise ValueError(f"{path}: payload.dtype must be one of {list(PAYLOADS)}, got {payload!r}")
+    if payload.get("member") != PAYLOADS[payload["dtype"]][0]:
+        raise ValueError(
+            f"{path}: payload.member {payload.get('member')!r} does not match payload.dtype "
+            f"{payload['dtype']!r} (expected {PAYLOADS[payload['dtype']][0]!r})"
+        )
+    itemsize = np.dtype(PAYLOADS[payload["dtype"]][1]).itemsize
+    meshes, detectors = data["mesh_shapes"], data["detectors"]
+    if not isinstance(meshes, dict) or not isinstance(detectors, dict) or set(meshes) != set(detectors):
+        raise ValueError(f"{path}: mesh_shapes and detectors must be mappings over the same detector names")
+    min_bytes: dict[str, int] = {}
+    for det, shape in meshes.items():
+        if (
+            not isinstance(shape, list)
+            or len(shape) != 3
+            or not all(_is_count(v) and v >= 1 for v in shape)
+            or math.prod(shape) > _MAX_VOXELS
+        ):
+            raise ValueError(
+                f"{path}: mesh_shapes.{det} must be three positive ints with at most {_MAX_VOXELS} voxels, "
+                f"got {shape!r}"
+            )
+        min_bytes[det] = _min_sample_bytes(math.prod(shape), itemsize)
+    shards, counts = data["shards"], data["counts"]
+    if not isinstance(shards, dict) or not set(shards) <= set(SPLITS):
+        raise ValueError(f"{path}: shards must map splits {list(SPLITS)} to lists of shards")
+    names: set[str] = set()
+    sums: dict[str, dict[tuple[str, str], int]] = {}
+    for split, entries in shards.items():
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: shards.{split} must be a list")
+        per = sums.setdefault(split, {})
+        for i, entry in enumerate(entries):
+            at = f"{path}: shards.{split}[{i}]"
+            if not isinstance(entry, dict) or set(entry) != _SHARD_KEYS:
+                found = sorted(entry) if isinstance(entry, dict) else entry
+                raise ValueError(f"{at}: expected the keys {sorted(_SHARD_KEYS)}, got {found!r}")
+            name = check_shard_name(entry["name"], at)
+            if name in names:
+                raise ValueError(f"{at}: shard {name!r} is listed twice")
+            names.add(name)
+            det = entry["detector"]
+            if det not in meshes:
+                raise ValueError(f"{at} ({name}): unknown detector {det!r} (known: {sorted(meshes)})")
+            if not isinstance(entry["particle"], str) or not isinstance(entry["pdg"], int):
+                raise ValueError(f"{at} ({name}): particle must be a name and pdg an int")
+            if not isinstance(entry["sha256"], str) or not _SHA256.fullmatch(entry["sha256"]):
+                raise ValueError(f"{at} ({name}): sha256 must be 64 lowercase hex digits")
+            n, size = entry["n_samples"], entry["bytes"]
+            if not _is_count(n) or not _is_count(size):
+                raise ValueError(f"{at} ({name}): n_samples and bytes must be ints >= 0, got {n!r}, {size!r}")
+            need = n * min_bytes[det] + 1024
+            if size < need:
+                raise ValueError(
+                    f"{at} ({name}): {n} samples of mesh {meshes[det]} need at least {need} bytes, "
+                    f"the manifest says the shard has {size}"
+                )
+            per[(det, entry["particle"])] = per.get((det, entry["particle"]), 0) + n
+    if not isinstance(counts, dict):
+        raise ValueError(f"{path}: counts must be a mapping")
+    for split, per in sums.items():
+        c = counts.get(split)
+        at = f"{path}: counts.{split}"
+        if not isinstance(c, dict):
+            raise ValueError(f"{at}: missing (the shards list {sum(per.values())} samples)")
+        expected = {
+            "total": sum(per.values()),
+            "per_detector": _sum_by(per, 0),
+            "per_particle": _sum_by(per, 1),
+            "per_detector_particle": {
+                d: {p: v for (dd, p), v in sorted(per.items()) if dd == d and v} for d in _sum_by(per, 0)
+            },
+        }
+        for key, value in expected.items():
+            found = c.get(key)
+            if isinstance(found, dict):  # a group with 0 samples may be listed or not
+                found = _drop_zeros(found)
+            if found != value:
+                raise ValueError(
+                    f"{at}.{key} = {c.get(key)!r} disagrees with the shard entries, which add up to {value!r}"
+                )
+
+
+def _sum_by(per: dict[tuple[str, str], int], i: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for k, v in sorted(per.items()):
+        if v:
+            out[k[i]] = out.get(k[i], 0) + v
+    return out
+
+
+def _drop_zeros(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = _drop_zeros(v)
+            if v:
+                out[k] = v
+        elif v != 0:
+            out[k] = v
+    return out
+
+
 # -- reading one shard ------------------------------------------------------------------------------------
 _ZERO_BLOCK = bytes(512)
+_OCTAL = re.compile(rb"[0-7]+")
+_MAX_PAX_BYTES = 1 << 16  # a pax header of a CaloForge shard holds a few short records (ours write none)
 
 
 def read_shard_bytes(manifest: Manifest, shard: ShardInfo, verify: VerifyMode = "sha256") -> bytes:
-    """The shard file's bytes after checking existence, size and (``verify="sha256"``) the checksum."""
+    """The shard file's bytes after checking existence, size (before reading a byte) and
+    (``verify="sha256"``) the checksum."""
+    if verify not in ("sha256", "structure"):
+        raise ValueError(f"verify must be 'sha256' or 'structure', got {verify!r}")
     path = manifest.shard_path(shard)
-    if not path.is_file():
-        raise ValueError(f"{path}: shard listed in the manifest is missing")
-    data = path.read_bytes()
+    manifest.check_size(shard)
+    with open(path, "rb") as f:
+        data = f.read(shard.bytes + 1)  # never more than the manifest allows, even if the file grows now
     if len(data) != shard.bytes:
-        raise ValueError(
-            f"{path}: shard is {len(data)} bytes, the manifest says {shard.bytes} "
-            f"({'truncated' if len(data) < shard.bytes else 'extra data'})"
-        )
+        raise ValueError(f"{path}: shard changed size while being read ({len(data)} bytes read)")
     if verify == "sha256":
         digest = hashlib.sha256(data).hexdigest()
         if digest != shard.sha256:
             raise ValueError(
                 f"{path}: sha256 mismatch (file {digest[:16]}…, manifest {shard.sha256[:16]}…): corrupt shard"
             )
-    elif verify != "structure":
-        raise ValueError(f"verify must be 'sha256' or 'structure', got {verify!r}")
     return data
 
 
 def _pax_records(data: bytes | memoryview, where: str, off: int) -> dict[str, str]:
-    """Records ``"<len> <key>=<value>\n"`` of a pax extended header."""
+    """Records ``"<len> <key>=<value>\\n"`` of a pax extended header (strict: every record advances, stays
+    inside the header and ends with a newline; a key appears once)."""
+    buf, i, n = bytes(data), 0, len(data)
+    if n > _MAX_PAX_BYTES:
+        raise ValueError(f"{where}: pax header at byte {off} is {n} bytes (more than {_MAX_PAX_BYTES})")
     records: dict[str, str] = {}
-    buf, i = bytes(data), 0
-    try:
-        while i < len(buf) and buf[i : i + 1] != b"\0":
-            space = buf.index(b" ", i)
-            length = int(buf[i:space])
-            key, _, value = buf[space + 1 : i + length - 1].decode("utf-8").partition("=")
-            records[key] = value
-            i += length
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{where}: corrupt pax header at byte {off} ({exc})") from None
+    while i < n and buf[i] != 0:
+        space = buf.find(b" ", i, min(n, i + 20))
+        digits = buf[i:space] if space > i else b""
+        if not digits.isdigit():
+            raise ValueError(f"{where}: corrupt pax header at byte {off}: record at {i} has no length")
+        length = int(digits)
+        if length <= space - i + 2 or i + length > n or buf[i + length - 1] != 0x0A:
+            raise ValueError(
+                f"{where}: corrupt pax header at byte {off}: record at {i} has length {length} "
+                f"(header is {n} bytes)"
+            )
+        try:
+            text = buf[space + 1 : i + length - 1].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{where}: corrupt pax header at byte {off} ({exc})") from None
+        key, eq, value = text.partition("=")
+        if not eq or not key:
+            raise ValueError(f"{where}: corrupt pax header at byte {off}: record {text[:40]!r} has no key=")
+        if key in records:
+            raise ValueError(f"{where}: pax header at byte {off} repeats the record {key!r}")
+        records[key] = value
+        i += length
     return records
+
+
+def _tar_size(field: bytes, where: str, off: int) -> int:
+    """The size field of a tar header: octal digits, or GNU base-256 (first byte 0x80 / 0xff)."""
+    if field[0] & 0x80:  # base-256: big-endian two's complement over the remaining bytes
+        value = int.from_bytes(field[1:], "big")
+        if field[0] == 0xFF:
+            value -= 1 << (8 * (len(field) - 1))
+        elif field[0] != 0x80:
+            raise ValueError(f"{where}: corrupt tar header at byte {off}: size field {field!r}")
+    else:
+        digits = field.strip(b"\0 ")
+        if digits and not _OCTAL.fullmatch(digits):
+            raise ValueError(f"{where}: corrupt tar header at byte {off}: size field {field!r} is not octal")
+        value = int(digits, 8) if digits else 0
+    if value < 0:
+        raise ValueError(f"{where}: corrupt tar header at byte {off}: negative size {value}")
+    return value
+
+
+def _member_name(name: str, where: str, off: int) -> str:
+    """A member name of a CaloForge shard: ``<key>.<suffix>``, flat (no directories, no ``..``)."""
+    if (
+        not name
+        or "/" in name
+        or "\\" in name
+        or name.startswith(".")
+        or "." not in name
+        or any(ord(c) < 32 for c in name)
+    ):
+        raise ValueError(
+            f"{where}: tar member at byte {off} has the name {name!r}: shard members are flat "
+            "'<key>.<suffix>' names (no directories, no '..', no absolute paths)"
+        )
+    return name
 
 
 def _tar_members(data: bytes, where: str, check_headers: bool) -> Iterator[dict[str, Any]]:
     """Regular-file members of a tar archive (USTAR; pax headers honoured) as webdataset file samples.
 
-    Raises on a header checksum mismatch (when ``check_headers``), a member running past the end, a
-    missing end-of-archive marker (truncation at a member boundary) and unsupported member types.
+    Raises on a header checksum mismatch (when ``check_headers``), a negative or non-octal size, a member
+    running past the end, a corrupt pax header (records that do not advance, a pax header followed by
+    another one or by nothing), member names that are not flat ``<key>.<suffix>``, a missing end-of-archive
+    marker (truncation at a member boundary) and unsupported member types. Every header advances the
+    offset by at least 512 bytes, so parsing ends after at most ``len(data) / 512`` headers.
     """
     view = memoryview(data)
     n, off = len(data), 0
-    pax: dict[str, str] = {}
+    pax: dict[str, str] | None = None
     while True:
         if off + 512 > n:
             raise ValueError(f"{where}: truncated tar (no end-of-archive marker after byte {off})")
         header = data[off : off + 512]
         if header[0] == 0 and header == _ZERO_BLOCK:
+            if pax is not None:
+                raise ValueError(f"{where}: pax header at the end of the archive describes no member")
             return
         if check_headers:
             stored = header[148:156].split(b"\0", 1)[0].strip()
             computed = sum(header[:148]) + 256 + sum(header[156:])
-            if not stored or int(stored, 8) != computed:
+            if not stored or not _OCTAL.fullmatch(stored) or int(stored, 8) != computed:
                 raise ValueError(f"{where}: corrupt tar header at byte {off} (checksum mismatch)")
+        size = _tar_size(header[124:136], where, off)
         try:
-            size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
-            name = header[:100].rstrip(b"\0").decode()
+            name = header[:100].split(b"\0", 1)[0].decode()
             if header[345] and header[257:262] == b"ustar":
-                name = f"{header[345:500].rstrip(bytes(1)).decode()}/{name}"
-        except (ValueError, UnicodeDecodeError) as exc:
+                name = f"{header[345:500].split(bytes(1), 1)[0].decode()}/{name}"
+        except UnicodeDecodeError as exc:
             raise ValueError(f"{where}: corrupt tar header at byte {off} ({exc})") from None
         kind = header[156:157]
-        if pax:
-            size = int(pax.get("size", size))
+        if pax is not None and "size" in pax:
+            if not pax["size"].isdigit():
+                raise ValueError(f"{where}: corrupt pax header before byte {off}: size {pax['size']!r}")
+            size = int(pax["size"])
         start = off + 512
+        if size > n - start:
+            raise ValueError(
+                f"{where}: truncated tar (member {name!r} at byte {off} declares {size} bytes, "
+                f"{n - start} remain in the file)"
+            )
         end = start + size
-        if end > n:
-            raise ValueError(f"{where}: truncated tar (member {name!r} needs {end} bytes, file has {n})")
         off = start + ((size + 511) & ~511)
         if kind == b"0" or kind == b"\0":
-            fname = pax.get("path", name) if pax else name
-            pax = {}
-            yield {"fname": fname, "data": view[start:end], "__url__": where}
+            fname = pax.get("path", name) if pax is not None else name
+            pax = None
+            yield {
+                "fname": _member_name(fname, where, start - 512),
+                "data": view[start:end],
+                "__url__": where,
+            }
         elif kind == b"x":  # pax extended header for the next member
+            if pax is not None:
+                raise ValueError(f"{where}: two pax headers in a row at byte {start - 512}")
             pax = _pax_records(view[start:end], where, start - 512)
-        elif kind != b"g":  # global pax headers carry nothing we use
+        elif kind == b"g":  # global pax headers carry nothing we use
+            if pax is not None:
+                raise ValueError(f"{where}: a global pax header follows a pax header at byte {start - 512}")
+            _pax_records(view[start:end], where, start - 512)
+        else:
             raise ValueError(
                 f"{where}: unsupported tar member type {kind!r} for {name!r} (not a CaloForge shard?)"
             )
+
+
+def _group_members(members: Iterator[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    """Members grouped into webdataset samples ``{"__key__", "__url__", suffix: data}`` (as webdataset's
+    ``group_by_keys``), strictly: a sample's members are adjacent, no member repeats within a sample and no
+    key names two samples."""
+    samples: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    current: dict[str, Any] | None = None
+    for m in members:
+        key, _, suffix = m["fname"].partition(".")
+        if current is None or key != current["__key__"]:
+            if key in seen:
+                raise ValueError(f"{where}: sample key {key!r} appears twice (duplicate sample)")
+            seen.add(key)
+            current = {"__key__": key, "__url__": where}
+            samples.append(current)
+        if suffix in current:
+            raise ValueError(f"{where}: sample {key!r} holds member {m['fname']!r} twice (duplicate member)")
+        current[suffix] = m["data"]
+    return samples
+
+
+def _reject_constant(text: str) -> Any:
+    raise ValueError(f"non-finite number {text}")
 
 
 def shard_samples(
@@ -471,16 +731,16 @@ def shard_samples(
     member, dtype = manifest.payload_member, np.dtype(PAYLOADS[manifest.payload_dtype][1])
     shape = manifest.mesh_shape(shard.detector)
     n_bytes = int(np.prod(shape)) * dtype.itemsize
-    members = list(_tar_members(data, where, check_headers=verify != "sha256"))
-    members.append({})  # end-of-shard marker for group_by_keys
-    samples = list(group_by_keys(iter(members)))
+    samples = _group_members(_tar_members(data, where, check_headers=verify != "sha256"), where)
     if len(samples) != shard.n_samples:
         raise ValueError(f"{where}: shard holds {len(samples)} samples, the manifest says {shard.n_samples}")
     for sample in samples:
-        if META_MEMBER not in sample or member not in sample:
+        extra = sorted(k for k in sample if not k.startswith("__") and k not in (META_MEMBER, member))
+        if META_MEMBER not in sample or member not in sample or extra:
             found = sorted(k for k in sample if not k.startswith("__"))
             raise ValueError(
-                f"{where}: sample {sample['__key__']!r} lacks {META_MEMBER!r} or {member!r} (has {found})"
+                f"{where}: sample {sample['__key__']!r} must hold exactly {META_MEMBER!r} and {member!r} "
+                f"(has {found})"
             )
         if len(sample[member]) != n_bytes:
             raise ValueError(
@@ -488,12 +748,14 @@ def shard_samples(
                 f"mesh {shape} of {dtype} needs {n_bytes}"
             )
     try:  # one JSON document for the whole shard: much cheaper than one parse per sample
-        metas = json.loads(b"[" + b",".join(bytes(x[META_MEMBER]) for x in samples) + b"]")
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        metas = json.loads(
+            b"[" + b",".join(bytes(x[META_MEMBER]) for x in samples) + b"]", parse_constant=_reject_constant
+        )
+    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
         for x in samples:
             try:
-                json.loads(bytes(x[META_MEMBER]))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                json.loads(bytes(x[META_MEMBER]), parse_constant=_reject_constant)
+            except (ValueError, UnicodeDecodeError) as exc:
                 raise ValueError(f"{where}: sample {x['__key__']!r}: invalid {META_MEMBER} ({exc})") from None
         raise ValueError(f"{where}: invalid {META_MEMBER} members") from None
     for x, meta in zip(samples, metas, strict=True):

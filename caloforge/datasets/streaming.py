@@ -515,6 +515,8 @@ def load_split(
             f"{manifest.directory}: split {split!r} has no showers"
             + (f" of detector {detector!r}" if detector else "")
         )
+    for shard in shards:  # the counts are only trusted once the files have the sizes they imply
+        manifest.check_size(shard)
     shape = next(iter(meshes.values()))
     x = np.empty((n, *shape), dtype=np.float32)
     metas: list[dict] = []

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from caloforge.datasets.schema import ShowerSet
+from caloforge.datasets.schema import ShowerSet, check_conditions
 from caloforge.evaluation import histograms as H
 from caloforge.evaluation.classifier import (
     ClassifierResult,
@@ -79,10 +79,13 @@ def _check_inputs(sample: ShowerSet, reference: ShowerSet, config: EvalConfig) -
     for name, s in (("sample", sample), ("reference", reference)):
         if len(s) < 4:
             raise ValueError(f"evaluate: {name} has {len(s)} showers; need at least 4")
-        if not np.all(np.isfinite(s.showers_NZPR)):
-            raise ValueError(f"evaluate: {name} ({s.source}) has non-finite voxel energies")
-        if np.any(s.conditions.energy_mev <= 0):
-            raise ValueError(f"evaluate: {name} ({s.source}) has incident energies <= 0")
+        finite = np.isfinite(s.showers_NZPR).reshape(len(s), -1).all(axis=1)
+        if not finite.all():
+            raise ValueError(
+                f"evaluate: {name} ({s.source}) has non-finite voxel energies in {int((~finite).sum())} "
+                f"shower(s) (first at row {int(np.flatnonzero(~finite)[0])})"
+            )
+        check_conditions(s.conditions, path=f"evaluate: {name} ({s.source})")  # NaN energies and angles
     if config.conditions == "match":
         check_matching_conditions(sample.conditions, reference.conditions)
 

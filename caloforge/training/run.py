@@ -40,6 +40,7 @@ from torch import nn
 from caloforge.config import ConfigError, dump_yaml, from_dict, read_yaml, to_dict
 from caloforge.datasets.prepare import SimulateConfig, prepare_shards
 from caloforge.datasets.streaming import StreamConfig
+from caloforge.datasets.verify import verify_shards
 from caloforge.platform.objectives import ObjectiveConfig, make_objective
 from caloforge.platform.seeding import Purpose
 from caloforge.platform.shower_model import ShowerModelConfig
@@ -310,6 +311,7 @@ def train(config: TrainConfig, run_dir: str | Path | None = None) -> TrainResult
         log.info("run %s: %s", config.name, run_dir)
 
         manifest_dir = prepare_data(config, run_dir)
+        verify_shards(manifest_dir)  # every shard, before any step (cached by the manifest's fingerprint)
         manifest = Manifest.load(manifest_dir)
         model = job.model_for_manifest(config.model, manifest, config.data.spare_detector_slots)
         loss_fn, objective = job.loss_for(model, config.objective)

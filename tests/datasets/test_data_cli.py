@@ -33,7 +33,8 @@ def test_shard_from_command_line_then_inspect(
     assert m.counts["train"]["total"] == 48 and max(s.n_samples for s in m.shards("train")) == 16
     assert main(["data", "inspect", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "verified 5 shards: sizes and sha256 match the manifest" in printed
+    assert "verified 5 shards, 60 showers" in printed and "finite energies, conditions and voxels" in printed
+    assert (out / "verified.json").is_file()
     assert "log mean" in printed and "E_tot/E_inc" in printed
     bad = m.shards("train")[0]
     data = bytearray((out / bad.name).read_bytes())
@@ -41,7 +42,7 @@ def test_shard_from_command_line_then_inspect(
     (out / bad.name).write_bytes(bytes(data))
     assert main(["data", "inspect", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "1 of 5 shards failed verification" in err and bad.name in err and "sha256 mismatch" in err
+    assert "1 problem(s) in 5 shards" in err and bad.name in err and "sha256 mismatch" in err
     assert main(["data", "inspect", str(out), "--no-verify"]) == 0
     assert main(["data", "shard", str(native_file), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err

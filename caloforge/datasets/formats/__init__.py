@@ -15,7 +15,6 @@ mismatched N, wrong shapes: each a ``ValueError`` naming the file, the key and t
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,7 @@ from typing import Any, Literal, Self
 import h5py
 import numpy as np
 
-from caloforge.datasets.schema import ShowerSet
-from caloforge.platform.conditioning import Conditions
+from caloforge.datasets.schema import ShowerSet, check_conditions
 from caloforge.platform.geometry import DetectorSpec, builtin_detector_names, load_detector
 
 log = logging.getLogger("caloforge.datasets.formats")
@@ -116,29 +114,49 @@ def check_voxels(
     return np.where(neg, np.zeros((), dtype=x.dtype), x), n_neg
 
 
-def check_conditions(cond: Conditions, *, path: str | Path, keys: dict[str, str], row0: int = 0) -> None:
-    """Incident energies finite and > 0, θ in [0, π], φ finite; ``keys``: field -> file key for messages."""
-
-    def fail(field: str, mask: np.ndarray, what: str) -> None:
-        rows = np.flatnonzero(mask)
-        values = getattr(cond, field)[rows[:3]].tolist()
+def check_float32(
+    x: np.ndarray, *, path: str | Path, key: str, row0: int = 0, what: str = "the conversion to float32"
+) -> np.ndarray:
+    """``x`` (float32, computed from values already checked finite) must still be finite: a stored value
+    beyond float32's range (±3.4e38, possibly after a calibration factor) became inf. ValueError naming the
+    file, the key and the first row."""
+    finite = np.isfinite(x)
+    if not finite.all():
+        rows = np.flatnonzero(~finite.reshape(len(x), -1).all(axis=1))
         raise ValueError(
-            f"{path}: key {keys.get(field, field)!r}: {len(rows)} value(s) {what} (first at row "
-            f"{row0 + int(rows[0])}: {values})"
+            f"{path}: key {key!r}: {int((~finite).sum())} value(s) in {len(rows)} shower(s) exceed float32's "
+            f"range (±{np.finfo(np.float32).max:.3g}) after {what} (first at row {row0 + int(rows[0])})"
         )
+    return x
 
-    e = cond.energy_mev
-    if not np.isfinite(e).all():
-        fail("energy_mev", ~np.isfinite(e), "are NaN/inf")
-    if (e <= 0).any():
-        fail("energy_mev", e <= 0, "are <= 0 MeV")
-    t = cond.theta_rad
-    bad_t = ~np.isfinite(t) | (t < 0) | (t > math.pi + 1e-9)
-    if bad_t.any():
-        fail("theta_rad", bad_t, "are outside [0, π] rad")
-    p = cond.phi_rad
-    if not np.isfinite(p).all():
-        fail("phi_rad", ~np.isfinite(p), "are NaN/inf")
+
+def to_float32(x: np.ndarray, *, path: str | Path, key: str, row0: int = 0, scale: float = 1.0) -> np.ndarray:
+    """``x × scale`` as float32 (``x`` checked finite before), refusing values that overflow float32."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = (x * scale).astype(np.float32) if scale != 1.0 else x.astype(np.float32, copy=False)
+    what = "the conversion to float32" + (f" and the calibration ×{scale:.6g}" if scale != 1.0 else "")
+    return check_float32(y, path=path, key=key, row0=row0, what=what)
+
+
+def read_rows(ds: Any, a: int, b: int, *, path: str | Path, key: str) -> np.ndarray:
+    """``ds[a:b]`` of an HDF5 dataset; a read error (a damaged chunk, a file cut short) is a ValueError naming
+    the file, the key and the first row that cannot be read, instead of h5py's bare ``OSError``."""
+    try:
+        return ds[a:b]
+    except (OSError, RuntimeError) as exc:
+        lo, hi = a, b  # ds[a:lo] reads, ds[a:hi] does not: bisect to the first unreadable row
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            try:
+                ds[a:mid]
+            except (OSError, RuntimeError):
+                hi = mid
+            else:
+                lo = mid
+        raise ValueError(
+            f"{path}: key {key!r}: cannot read row {lo} (rows {a}..{b - 1} requested): the file is damaged "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def check_rows(path: str | Path, n_total: int, start: int, max_showers: int | None) -> tuple[int, int]:
@@ -347,6 +365,7 @@ __all__ = [
     "FileInfo",
     "NativeWriter",
     "check_conditions",
+    "check_float32",
     "check_rows",
     "check_voxels",
     "concat_chunks",
@@ -355,7 +374,9 @@ __all__ = [
     "iter_any",
     "iter_native",
     "read_any",
+    "read_rows",
     "resolve_detector",
+    "to_float32",
     "write_any",
 ]
 

@@ -59,8 +59,10 @@ from caloforge.datasets.formats import (
     check_voxels,
     concat_chunks,
     open_h5,
+    read_rows,
     require_keys,
     resolve_detector,
+    to_float32,
 )
 from caloforge.datasets.schema import ShowerSet
 from caloforge.platform.conditioning import Conditions, pdg_of
@@ -152,6 +154,23 @@ def _is_builtin_or_spec(detector: object) -> bool:
     return Path(str(detector)).suffix in (".yaml", ".yml") or str(detector) in builtin_detector_names()
 
 
+def _written_calibration(f: h5py.File, path: Path) -> float:
+    """1 / the ``caloforge_calibration`` attribute our writer records (stored = factor × ours), else 1."""
+    written = _attr(f, "caloforge_calibration")
+    if written is None:
+        return 1.0
+    try:
+        factor = float(written)
+    except (TypeError, ValueError):
+        factor = math.nan
+    if not (factor > 0 and math.isfinite(factor) and math.isfinite(1.0 / factor)):
+        raise ValueError(
+            f"{path}: attribute 'caloforge_calibration' = {written!r}: must be a finite factor > 0 (stored "
+            "energies = factor × MeV); the file is damaged, or pass calibration= to override it"
+        )
+    return 1.0 / factor
+
+
 def _attr(f: h5py.File, name: str) -> Any:
     value = f.attrs.get(name)
     return value.item() if isinstance(value, np.generic) else value
@@ -214,8 +233,7 @@ def iter_read(
         shape = _resolve_mesh(path, int(ds.shape[1]), spec, mesh_shape)
         lo, hi = check_rows(path, n, start, max_showers)
         if calibration is None:
-            written = _attr(f, "caloforge_calibration")
-            calibration = 1.0 / float(written) if written is not None else 1.0
+            calibration = _written_calibration(f, path)
         if not (calibration > 0 and math.isfinite(calibration)):
             raise ValueError(f"{path}: calibration must be a finite factor > 0, got {calibration}")
         extras = {k: f[k] for k in ("caloforge_theta_rad", "caloforge_phi_rad", "caloforge_pdg") if k in f}
@@ -239,23 +257,18 @@ def iter_read(
             if overrides[key] is not None:
                 return np.full(b - a, overrides[key], dtype=dtype)
             if key in extras:
-                return extras[key][a:b].astype(dtype)
+                return read_rows(extras[key], a, b, path=path, key=key).astype(dtype)
             return np.full(b - a, defaults[key] if consts[key] is None else consts[key], dtype=dtype)
 
         source = str(_attr(f, "caloforge_source") or f"calochallenge:{path.name}")
         for a in range(lo, hi, chunk_size):
             b = min(hi, a + chunk_size)
-            x = ds[a:b]
+            x = read_rows(ds, a, b, path=path, key=SHOWERS_KEY)
             x, n_clipped = check_voxels(
                 x, path=path, key=SHOWERS_KEY, row0=a, clip_negative_mev=clip_negative_mev
             )
-            x = x.reshape(b - a, *shape)
-            x = (
-                (x * calibration).astype(np.float32)
-                if calibration != 1.0
-                else x.astype(np.float32, copy=False)
-            )
-            energy = de[a:b].reshape(-1).astype(np.float64)
+            x = to_float32(x.reshape(b - a, *shape), path=path, key=SHOWERS_KEY, row0=a, scale=calibration)
+            energy = read_rows(de, a, b, path=path, key=ENERGY_KEY).reshape(-1).astype(np.float64)
 
             cond = Conditions(
                 energy,
@@ -325,7 +338,13 @@ class CaloChallengeWriter(AtomicH5Writer):
         rows = max(1, min(1024, 2**20 // (self.n_voxels * self.dtype.itemsize)))
         f = self._f
         f.create_dataset(
-            ENERGY_KEY, shape=(0, 1), maxshape=(None, 1), dtype=np.float64, chunks=(4096, 1), compression=comp
+            ENERGY_KEY,
+            shape=(0, 1),
+            maxshape=(None, 1),
+            dtype=np.float64,
+            chunks=(4096, 1),
+            compression=comp,
+            fletcher32=True,  # chunk checksums (a built-in HDF5 filter every reader has)
         )
         f.create_dataset(
             SHOWERS_KEY,
@@ -334,6 +353,7 @@ class CaloChallengeWriter(AtomicH5Writer):
             dtype=self.dtype,
             chunks=(rows, self.n_voxels),
             compression=comp,
+            fletcher32=True,
         )
         if include_conditions:
             for k, dt in (

@@ -34,10 +34,12 @@ import numpy as np
 from caloforge.datasets.formats import (
     DEFAULT_CHUNK_SHOWERS,
     check_conditions,
+    check_float32,
     check_rows,
     check_voxels,
     concat_chunks,
     open_h5,
+    read_rows,
     require_keys,
     resolve_detector,
 )
@@ -118,17 +120,32 @@ def iter_read(
         checked_response = False
         for a in range(lo, hi, chunk_size):
             b = min(hi, a + chunk_size)
-            raw = ds[a:b]
+            raw = read_rows(ds, a, b, path=path, key="showers")
             raw, n_clipped = check_voxels(
                 raw, path=path, key="showers", row0=a, clip_negative_mev=clip_negative_mev
             )
-            x = np.ascontiguousarray(raw.transpose(0, 3, 2, 1), dtype=np.float32)
-            if factor * scale != 1.0:
-                x *= np.float32(factor * scale)
+            with np.errstate(over="ignore", invalid="ignore"):
+                x = np.ascontiguousarray(raw.transpose(0, 3, 2, 1), dtype=np.float32)
+                if factor * scale != 1.0:
+                    x *= np.float32(factor * scale)
+            check_float32(
+                x,
+                path=path,
+                key="showers",
+                row0=a,
+                what=f"the conversion to float32 and ×{factor * scale:.6g}",
+            )
             cond = Conditions(
-                f["incident_energy"][a:b].reshape(-1).astype(np.float64) * scale,
-                f["incident_theta"][a:b].reshape(-1).astype(np.float64),
-                f["incident_phi"][a:b].reshape(-1).astype(np.float64),
+                read_rows(f["incident_energy"], a, b, path=path, key="incident_energy")
+                .reshape(-1)
+                .astype(np.float64)
+                * scale,
+                read_rows(f["incident_theta"], a, b, path=path, key="incident_theta")
+                .reshape(-1)
+                .astype(np.float64),
+                read_rows(f["incident_phi"], a, b, path=path, key="incident_phi")
+                .reshape(-1)
+                .astype(np.float64),
                 np.full(b - a, pdg, dtype=np.int64),
                 np.full(b - a, name),
             )

@@ -1,7 +1,11 @@
 """Our own HDF5 layout of the shower record (what ``caloforge data simulate`` writes).
 
 Datasets: ``showers`` float32 (N, n_z, n_phi, n_r) MeV (chunks of 256 showers, lzf); ``energy_mev``,
-``theta_rad``, ``phi_rad`` float64 (N,); ``pdg`` int64 (N,); ``detector`` (N,) UTF-8 strings. Attributes:
+``theta_rad``, ``phi_rad`` float64 (N,); ``pdg`` int64 (N,); ``detector`` (N,) UTF-8 strings;
+``showers_crc32`` uint32 (N,): the CRC32 of each shower's stored voxels, checked on every read (files written
+before it are read unchecked). The numeric datasets carry HDF5's fletcher32 chunk checksums. A damaged chunk
+is a ValueError naming file, key and row (``formats.read_rows``), not data; a chunk zeroed whole, its
+fletcher32 included, passes HDF5's checks (and lzf's) but not the CRC32. Attributes:
 ``format`` = "caloforge-showers", ``format_version``, ``source``, ``seed`` (-1 when none),
 ``caloforge_version``, ``metadata_json`` and, when the writer knows them, ``detectors_json``: the full
 ``DetectorSpec`` of each detector as a JSON object {name: spec as dict} (``read_detector_specs``), so a
@@ -16,6 +20,7 @@ One writer (``NativeWriter``; ``write`` appends once) and one reader (``iter_nat
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -30,16 +35,35 @@ from caloforge.datasets.formats import (
     check_rows,
     check_voxels,
     open_h5,
+    read_rows,
     require_keys,
+    to_float32,
 )
 from caloforge.datasets.schema import ShowerSet
 from caloforge.platform.conditioning import Conditions
 from caloforge.platform.geometry import DetectorSpec
 
 SPECS_ATTR = "detectors_json"
+CRC_KEY = "showers_crc32"  # per shower: CRC32 of its float32 voxels as stored (files before it: not checked)
 
 FORMAT = "caloforge-showers"
 FORMAT_VERSION = 1
+
+
+def row_crc32(x: np.ndarray) -> np.ndarray:
+    """CRC32 of each row's bytes (N,) uint32."""
+    rows = np.ascontiguousarray(x).reshape(len(x), -1)
+    return np.fromiter((zlib.crc32(r) for r in rows), dtype=np.uint32, count=len(rows))
+
+
+def _check_crc(x: np.ndarray, stored: np.ndarray, *, path: Path, row0: int) -> None:
+    bad = row_crc32(x) != stored
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{path}: key 'showers': {int(bad.sum())} shower(s) do not match their CRC32 in {CRC_KEY!r} "
+            f"(first at row {row0 + i}): the file is damaged"
+        )
 
 
 def read_detector_specs(path: str | Path) -> dict[str, DetectorSpec]:
@@ -107,28 +131,43 @@ def iter_native(
         ds = f["showers"]
         if ds.ndim != 4:
             raise ValueError(f"{path}: key 'showers' has shape {ds.shape}, expected (N, n_z, n_phi, n_r)")
+        if not np.issubdtype(ds.dtype, np.floating):
+            raise ValueError(f"{path}: key 'showers' has dtype {ds.dtype}, expected floating point (MeV)")
         n = ds.shape[0]
         for k in ("energy_mev", "theta_rad", "phi_rad", "pdg", "detector"):
             if f[k].shape != (n,):
                 raise ValueError(
                     f"{path}: key {k!r} has shape {f[k].shape}, expected ({n},) to match 'showers'"
                 )
+        has_crc = CRC_KEY in f
+        if has_crc and (f[CRC_KEY].shape != (n,) or ds.dtype != np.float32):
+            raise ValueError(
+                f"{path}: key {CRC_KEY!r} has shape {f[CRC_KEY].shape} for {ds.dtype} showers, expected "
+                f"({n},) for float32 showers"
+            )
         lo, hi = check_rows(path, n, start, max_showers)
         source = str(f.attrs.get("source", "unknown"))
         seed = int(f.attrs.get("seed", -1))
         meta = json.loads(f.attrs.get("metadata_json", "{}"))
         for a in range(lo, hi, chunk_size):
             b = min(hi, a + chunk_size)
-            x = ds[a:b].astype(np.float32, copy=False)
+            x = read_rows(ds, a, b, path=path, key="showers")
+            if has_crc:
+                _check_crc(x, read_rows(f[CRC_KEY], a, b, path=path, key=CRC_KEY), path=path, row0=a)
             x, n_clipped = check_voxels(
                 x, path=path, key="showers", row0=a, clip_negative_mev=clip_negative_mev
             )
+            x = to_float32(x, path=path, key="showers", row0=a)
+
+            def column(key: str, dtype: type, a: int = a, b: int = b) -> np.ndarray:
+                return read_rows(f[key], a, b, path=path, key=key).astype(dtype)
+
             cond = Conditions(
-                f["energy_mev"][a:b].astype(np.float64),
-                f["theta_rad"][a:b].astype(np.float64),
-                f["phi_rad"][a:b].astype(np.float64),
-                f["pdg"][a:b].astype(np.int64),
-                np.asarray(f["detector"].asstr()[a:b], dtype=str),
+                column("energy_mev", np.float64),
+                column("theta_rad", np.float64),
+                column("phi_rad", np.float64),
+                column("pdg", np.int64),
+                np.asarray(read_rows(f["detector"].asstr(), a, b, path=path, key="detector"), dtype=str),
             )
             check_conditions(cond, path=path, keys={}, row0=a)
             if detector is not None:
@@ -199,10 +238,16 @@ class NativeWriter(AtomicH5Writer):
             dtype=np.float32,
             chunks=(256, *self.mesh_shape),
             compression="lzf",
+            fletcher32=True,  # per-chunk checksums: a damaged chunk is a read error, not data
         )
         for k in ("energy_mev", "theta_rad", "phi_rad"):
-            f.create_dataset(k, shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(4096,))
-        f.create_dataset("pdg", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
+            f.create_dataset(
+                k, shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(4096,), fletcher32=True
+            )
+        f.create_dataset("pdg", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,), fletcher32=True)
+        f.create_dataset(
+            CRC_KEY, shape=(0,), maxshape=(None,), dtype=np.uint32, chunks=(4096,), fletcher32=True
+        )
         f.create_dataset(
             "detector", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"), chunks=(4096,)
         )
@@ -224,9 +269,10 @@ class NativeWriter(AtomicH5Writer):
         if m == 0:
             return
         f, a, b = self._f, self.n, self.n + m
-        for k in ("showers", "energy_mev", "theta_rad", "phi_rad", "pdg", "detector"):
+        for k in ("showers", "energy_mev", "theta_rad", "phi_rad", "pdg", "detector", CRC_KEY):
             f[k].resize((b, *f[k].shape[1:]))
         f["showers"][a:b] = data.showers_NZPR
+        f[CRC_KEY][a:b] = row_crc32(data.showers_NZPR)
         c = data.conditions
         f["energy_mev"][a:b] = c.energy_mev
         f["theta_rad"][a:b] = c.theta_rad
