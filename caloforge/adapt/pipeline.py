@@ -47,6 +47,7 @@ from typing import Any
 from caloforge.adapt.config import AdaptConfig
 from caloforge.config import to_dict
 from caloforge.datasets.shards import Manifest
+from caloforge.datasets.verify import verify_shards
 from caloforge.platform.geometry import DetectorSpec, Mesh, builtin_detector_names, load_detector
 from caloforge.platform.objectives import make_objective
 from caloforge.platform.shower_model import ShowerModel
@@ -200,6 +201,7 @@ def plan_adaptation(config: AdaptConfig, request: AdaptRequest, run_dir: Path) -
     if not (data / "manifest.json").is_file():
         raise ValueError(f"data: {data} has no manifest.json (a shard directory from `caloforge data shard`)")
     manifest = Manifest.load(data)
+    verify_shards(data)  # structure, counts, finite energies and conditions (cached by the fingerprint)
     if manifest.detectors != [spec.name]:
         raise ValueError(
             f"data: {data} holds showers of {manifest.detectors}; adapting to {spec.name!r} needs a shard "
