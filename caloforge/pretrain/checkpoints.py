@@ -2,16 +2,23 @@
 
 :class:`RayCheckpointManager` keeps the loop's layout (``meta.json``, one ``trainer_state_rank<r>.pt`` per
 rank, DeepSpeed's own files under ``deepspeed/``) but each rank writes into a node-local temporary directory,
-completes it with a per-rank marker ``_complete/rank<r>.json`` listing that rank's files and sizes, and only
-then hands it to ``ray.train.report``, which merges all ranks' files into one checkpoint directory in
-storage. Loading verifies every rank's marker and file sizes first (:func:`verify_checkpoint`), so a
-checkpoint interrupted while being written never loads half-written.
+completes it with a per-rank marker ``_complete/rank<r>.json`` listing that rank's files with their sizes and
+sha256 digests, and only then hands it to ``ray.train.report``, which merges all ranks' files into one
+checkpoint directory in storage. Loading verifies every rank's marker, sizes and digests first
+(:func:`verify_checkpoint`), so a checkpoint interrupted while being written, or damaged later, never loads.
+
+Resuming (:func:`choose_resume_checkpoint`): Ray hands a restarted worker group its latest reported
+checkpoint; when that one does not verify, the newest older ``checkpoint_*`` in the run's storage that does
+is used instead (every rank makes the same choice from the same files). The run then re-reports the steps
+after it under fresh directory names (``checkpoint_<step>_r<n>`` when ``checkpoint_<step>`` is taken), so a
+damaged directory is never overwritten in place and Ray's own ``num_to_keep`` bookkeeping stays valid.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import time
 from collections.abc import Mapping
@@ -21,22 +28,38 @@ from typing import Any
 import ray.train
 import torch
 
+from caloforge.pretrain.rundir import RunDir
 from caloforge.training.backend import Backend
-from caloforge.training.state import META_FILE, CheckpointManager, TrainState, finite_metrics, state_file
+from caloforge.training.state import (
+    META_FILE,
+    CheckpointManager,
+    TrainState,
+    file_digests,
+    finite_metrics,
+    state_file,
+    verify_files,
+)
 
-__all__ = ["COMPLETE_DIR", "RayCheckpointManager", "verify_checkpoint"]
+__all__ = [
+    "COMPLETE_DIR",
+    "RayCheckpointManager",
+    "checkpoint_step",
+    "choose_resume_checkpoint",
+    "verify_checkpoint",
+]
 
 log = logging.getLogger("caloforge.pretrain")
 
 COMPLETE_DIR = "_complete"
 
 
-def _rank_files(directory: Path) -> dict[str, int]:
-    return {
-        p.relative_to(directory).as_posix(): p.stat().st_size
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.relative_to(directory).parts[0] != COMPLETE_DIR
-    }
+_RAY_DIR = re.compile(r"^checkpoint_(\d{8,})(?:_r(\d+))?$")
+
+
+def checkpoint_step(name: str) -> tuple[int, int] | None:
+    """``(step, re-report index)`` of a ``checkpoint_<step>[_r<n>]`` directory name, else ``None``."""
+    match = _RAY_DIR.match(name)
+    return (int(match.group(1)), int(match.group(2) or 0)) if match else None
 
 
 def verify_checkpoint(directory: Path) -> dict[str, Any]:
@@ -57,15 +80,43 @@ def verify_checkpoint(directory: Path) -> dict[str, Any]:
         info = json.loads(marker.read_text())
         if int(info["step"]) != int(meta["step"]):
             problems.append(f"rank {rank} marker is for step {info['step']}, meta.json for {meta['step']}")
-        for rel, size in info["files"].items():
-            path = directory / rel
-            if not path.is_file():
-                problems.append(f"rank {rank}: {rel} missing")
-            elif path.stat().st_size != int(size):
-                problems.append(f"rank {rank}: {rel} has {path.stat().st_size} bytes, {size} were written")
+        problems += verify_files(directory, info["files"], who=f"rank {rank}: ")
     if problems:
-        raise ValueError(f"checkpoint {directory} is incomplete: " + "; ".join(problems))
+        raise ValueError(f"checkpoint {directory} is incomplete or damaged: " + "; ".join(problems))
     return meta
+
+
+def choose_resume_checkpoint(run: RunDir, latest: Path, latest_name: str, scratch: Path) -> Path:
+    """The checkpoint a worker group resumes from: ``latest`` (Ray's, local directory ``latest`` named
+    ``latest_name`` in storage) when it verifies, else the newest older ``checkpoint_*`` of the run's storage
+    that does (remote storage: downloaded into ``scratch``). ``ValueError`` when none verifies."""
+    try:
+        verify_checkpoint(latest)
+        return latest
+    except ValueError as exc:
+        log.error("%s; looking for an older checkpoint that verifies", exc)
+        problems = [str(exc)]
+    ordered = sorted(
+        ((key, n) for n in run.ray_checkpoints() if (key := checkpoint_step(n)) is not None and n != latest_name),
+        reverse=True,
+    )
+    for _, name in ordered:
+        local = run.download_dir(name, scratch / name)
+        try:
+            meta = verify_checkpoint(local)
+        except ValueError as exc:
+            log.error("%s", exc)
+            problems.append(str(exc))
+            continue
+        log.warning(
+            "resuming from %s/%s (step %d): %d newer checkpoint(s) did not verify",
+            run.uri,
+            name,
+            int(meta["step"]),
+            len(problems),
+        )
+        return local
+    raise ValueError("no checkpoint of the run verifies: " + " | ".join(problems))
 
 
 class RayCheckpointManager(CheckpointManager):
@@ -82,6 +133,17 @@ class RayCheckpointManager(CheckpointManager):
         self.world_size = world_size
         self.restored: Path | None = None
         self._previous: Path | None = None
+        # checkpoint_* names already in storage when this worker group started (re-reported steps after a
+        # fallback get a fresh name instead of overwriting them)
+        self.taken: set[str] = set()
+
+    def dir_name(self, step: int) -> str:
+        """``checkpoint_<step>``, or ``checkpoint_<step>_r<n>`` when that name was taken at start."""
+        name, n = f"checkpoint_{step:08d}", 0
+        while name in self.taken:
+            n += 1
+            name = f"checkpoint_{step:08d}_r{n}"
+        return name
 
     def latest(self) -> Path | None:
         return self.restored
@@ -114,14 +176,14 @@ class RayCheckpointManager(CheckpointManager):
             "rank": self.rank,
             "step": step,
             "world_size": self.world_size,
-            "files": _rank_files(staging),
+            "files": file_digests(staging, exclude=(COMPLETE_DIR,)),
         }
         (staging / COMPLETE_DIR).mkdir()
         (staging / COMPLETE_DIR / f"rank{self.rank:05d}.json").write_text(json.dumps(marker, indent=2) + "\n")
         ray.train.report(
             {"step": step, **finite_metrics(metrics)},
             checkpoint=ray.train.Checkpoint.from_directory(str(staging)),
-            checkpoint_dir_name=f"checkpoint_{step:08d}",
+            checkpoint_dir_name=self.dir_name(step),
         )
         if self._previous is not None and self._previous != staging and self._previous.exists():
             shutil.rmtree(self._previous)
@@ -130,6 +192,5 @@ class RayCheckpointManager(CheckpointManager):
             log.info("checkpoint at step %d reported to Ray storage", step)
         return staging
 
-    def load(self, directory: Path, backend: Backend) -> TrainState:
-        verify_checkpoint(directory)
-        return super().load(directory, backend)
+    def verify(self, directory: Path) -> dict[str, Any]:
+        return verify_checkpoint(directory)

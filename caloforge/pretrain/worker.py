@@ -36,7 +36,7 @@ from caloforge.datasets.shards import Manifest
 from caloforge.datasets.streaming import ShowerStream
 from caloforge.platform.shower_model import Lineage
 from caloforge.pretrain.audit import AuditedStream
-from caloforge.pretrain.checkpoints import RayCheckpointManager
+from caloforge.pretrain.checkpoints import RayCheckpointManager, choose_resume_checkpoint
 from caloforge.pretrain.config import PretrainConfig
 from caloforge.pretrain.hooks import FaultInjection, MlflowMetrics, ResourceMetrics, UploadRunFiles
 from caloforge.pretrain.raylog import DropPrefixes
@@ -203,10 +203,17 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 time.perf_counter() - t_start,
                 type(backend).__name__,
             )
+        manager.taken = set(run.ray_checkpoints())  # before any rank of this group reports
         checkpoint = ray.train.get_checkpoint()  # after a failure, or a run resumed by name
+        restored_from = None
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
-                trainer.restore(Path(directory))  # verifies the completeness markers first
+                # Ray's latest, or the newest older one in storage when that does not verify
+                chosen = choose_resume_checkpoint(
+                    run, Path(directory), Path(checkpoint.path).name, staging / "restore"
+                )
+                restored_from = checkpoint.path if chosen == Path(directory) else f"{run.uri}/{chosen.name}"
+                trainer.restore(chosen)  # verifies markers, sizes and sha256 digests (again) first
         if audited is not None:
             audited.start_step = trainer.step
         if rank == 0:
@@ -214,15 +221,16 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 f"attempts/{time.time_ns()}.json",
                 {
                     "start_step": trainer.step,
-                    "restored_from": checkpoint.path if checkpoint is not None else None,
+                    "restored_from": restored_from,
+                    "pid": os.getpid(),
                     "world_size": world,
                     "host": socket.gethostname(),
                     "device": str(device),
                     "engine": cfg.engine.backend,
                 },
             )
-            if checkpoint is not None:
-                log.info("restored from %s at step %d", checkpoint.path, trainer.step)
+            if restored_from is not None:
+                log.info("restored from %s at step %d", restored_from, trainer.step)
         result = trainer.fit()
         if rank == 0:
             _finish(trainer, result, run, tracker, cfg, staging, evals, lineage)
