@@ -97,7 +97,11 @@ def choose_resume_checkpoint(run: RunDir, latest: Path, latest_name: str, scratc
         log.error("%s; looking for an older checkpoint that verifies", exc)
         problems = [str(exc)]
     ordered = sorted(
-        ((key, n) for n in run.ray_checkpoints() if (key := checkpoint_step(n)) is not None and n != latest_name),
+        (
+            (key, n)
+            for n in run.ray_checkpoints()
+            if (key := checkpoint_step(n)) is not None and n != latest_name
+        ),
         reverse=True,
     )
     for _, name in ordered:

@@ -259,8 +259,8 @@ class DeepSpeedBackend(Backend):
 
         if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
             raise ValueError(
-                f"DeepSpeed chose checkpoint engine {type(engine.checkpoint_engine).__name__}; CaloForge loads "
-                "only through its weights-only TorchCheckpointEngine (remove checkpoint-engine settings)"
+                f"DeepSpeed chose checkpoint engine {type(engine.checkpoint_engine).__name__}; CaloForge "
+                "loads only through its weights-only TorchCheckpointEngine (drop checkpoint-engine settings)"
             )
         engine.checkpoint_engine = weights_only_checkpoint_engine(engine._config)
         self._engine = engine

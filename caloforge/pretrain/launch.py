@@ -292,6 +292,96 @@ def default_bundle_hooks(cfg: PretrainConfig) -> list[FinalBundleHook]:
     return [register]
 
 
+# -- MLflow ----------------------------------------------------------------------------------------------
+def _open_tracker(cfg: PretrainConfig, name: str, run_id: str | None, run: RunDir) -> Any:
+    """The driver's MLflow run (new, or the run's own when resuming). An unreachable server is a clear error
+    before any worker starts (a few short attempts, not MLflow's minutes of retries)."""
+    from caloforge.registry.tracking import RunTracker, TrackingUnavailable, is_unreachable, short_timeouts
+
+    try:
+        with short_timeouts(cfg.tracking.timeout_s, max_retries=2):
+            return RunTracker(
+                cfg.tracking.experiment,
+                run_name=name,
+                run_id=run_id,
+                tags={"caloforge.run_uri": run.uri, "caloforge.kind": "pretrain"},
+            )
+    except Exception as exc:
+        if isinstance(exc, TrackingUnavailable) or is_unreachable(exc):
+            from caloforge import paths
+
+            raise ValueError(
+                f"tracking: cannot reach the MLflow tracking server at {paths.mlflow_tracking_uri()} "
+                f"({str(exc).splitlines()[0][:300]}); start it, point MLFLOW_TRACKING_URI elsewhere, or set "
+                "tracking.enabled=false. Once a run is going, an MLflow outage no longer stops it"
+            ) from exc
+        raise
+
+
+def _replay_pending(
+    tracker: Any, run: RunDir, cfg: PretrainConfig, wait_s: float, bundle_dir: Path | None = None
+) -> None:
+    """Deliver ``tracking_pending.json`` (what rank 0 could not send) and remove it; while MLflow is
+    unreachable, try again every few seconds for up to ``wait_s`` seconds, then leave the file for the next
+    launch with a warning."""
+    from caloforge.pretrain.hooks import PENDING_FILE
+    from caloforge.registry.tracking import is_unreachable, replay_pending, short_timeouts
+
+    if not run.exists(PENDING_FILE):
+        return
+    record = run.read_json(PENDING_FILE)
+    if record.get("run_id") != tracker.run_id:
+        log.warning(
+            "%s/%s belongs to MLflow run %s, not %s: left alone",
+            run.uri,
+            PENDING_FILE,
+            record.get("run_id"),
+            tracker.run_id,
+        )
+        return
+    if bundle_dir is None and any(item[:2] == ["artifacts", "bundle"] for item in record.get("other", [])):
+        bundle_dir = run.download_dir(
+            "bundle", Path(os.environ.get("TMPDIR", "/tmp")) / f"caloforge-{run.name}-b"
+        )
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with short_timeouts(cfg.tracking.timeout_s):
+                n = replay_pending(tracker, record, {"bundle": bundle_dir} if bundle_dir else {})
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "MLflow still unreachable (%s): %s/%s kept; it is replayed by the next --resume launch "
+                    "(metrics.jsonl has every metric)",
+                    str(exc).splitlines()[0][:200],
+                    run.uri,
+                    PENDING_FILE,
+                )
+                return
+            time.sleep(min(5.0, max(0.5, deadline - time.monotonic())))
+            continue
+        # metrics replayed twice (a retried replay) only add duplicate points at the same step
+        run.remove(PENDING_FILE)
+        log.info("replayed %d MLflow call(s) that rank 0 could not deliver during training", n)
+        return
+
+
+def _end_tracker(tracker: Any, status: str, cfg: PretrainConfig) -> None:
+    """Mark the MLflow run ended; an unreachable server only costs a warning (the run's files are on
+    storage, and the next launch marks it again)."""
+    from caloforge.registry.tracking import is_unreachable, short_timeouts
+
+    try:
+        with short_timeouts(cfg.tracking.timeout_s, max_retries=2):
+            tracker.end(status)
+    except Exception as exc:
+        if not is_unreachable(exc):
+            raise
+        log.warning("could not mark MLflow run %s %s (server unreachable): %s", tracker.run_id, status, exc)
+
+
 # -- the driver ------------------------------------------------------------------------------------------
 def _file_log_handler(run: RunDir) -> logging.Handler | None:
     if not run.is_local:
@@ -326,7 +416,7 @@ def run_pretrain(
             worker starts).
         RuntimeError: the run failed after ``cluster.max_failures`` restarts (resume it with ``--resume``).
     """
-    from caloforge.registry.tracking import RunTracker, library_versions
+    from caloforge.registry.tracking import library_versions
 
     name = validate_run_name(run_name or cfg.name)
     run = RunDir(cfg.cluster.storage_path, name)
@@ -348,12 +438,8 @@ def run_pretrain(
         versions = library_versions()
         tracker_id = record.get("mlflow_run_id") if record else None
         if cfg.tracking.enabled:
-            tracker = RunTracker(
-                cfg.tracking.experiment,
-                run_name=name,
-                run_id=tracker_id,
-                tags={"caloforge.run_uri": run.uri, "caloforge.kind": "pretrain"},
-            )
+            tracker = _open_tracker(cfg, name, tracker_id, run)
+            _replay_pending(tracker, run, cfg, wait_s=0.0)  # left by an earlier launch
             tracker.log_params(
                 {
                     "config": to_dict(cfg),
@@ -405,9 +491,11 @@ def run_pretrain(
         bundle_dir = run.download_dir(
             "bundle", Path(os.environ.get("TMPDIR", "/tmp")) / f"caloforge-{name}-bundle"
         )
+        if tracker is not None:
+            _replay_pending(tracker, run, cfg, wait_s=cfg.tracking.final_wait_s, bundle_dir=bundle_dir)
         registered = [hook(bundle_dir, tracker.run_id if tracker else None, metrics) for hook in hooks]
         if tracker is not None:
-            tracker.end("FINISHED")
+            _end_tracker(tracker, "FINISHED", cfg)
         result = PretrainResult(
             run_name=name,
             run_uri=run.uri,
@@ -429,7 +517,7 @@ def run_pretrain(
         return result
     except BaseException as exc:
         if tracker is not None:
-            tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            _end_tracker(tracker, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", cfg)
         raise
     finally:
         if handler is not None:

@@ -38,7 +38,13 @@ from caloforge.platform.shower_model import Lineage
 from caloforge.pretrain.audit import AuditedStream
 from caloforge.pretrain.checkpoints import RayCheckpointManager, choose_resume_checkpoint
 from caloforge.pretrain.config import PretrainConfig
-from caloforge.pretrain.hooks import FaultInjection, MlflowMetrics, ResourceMetrics, UploadRunFiles
+from caloforge.pretrain.hooks import (
+    PENDING_FILE,
+    FaultInjection,
+    MlflowMetrics,
+    ResourceMetrics,
+    UploadRunFiles,
+)
 from caloforge.pretrain.raylog import DropPrefixes
 from caloforge.pretrain.rundir import RunDir
 from caloforge.pretrain.validation import QuickValidation
@@ -163,12 +169,15 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             staging / "checkpoints", rank, world, keep_last=cfg.cluster.num_to_keep
         )
         if rank == 0 and payload.get("mlflow_run_id"):
-            from caloforge.registry.tracking import RunTracker
+            from caloforge.registry.tracking import BestEffortTracker
 
-            tracker = RunTracker(
+            # best effort: connects lazily, short timeouts, queues and replays while MLflow is down
+            tracker = BestEffortTracker(
                 cfg.tracking.experiment,
                 run_id=payload["mlflow_run_id"],
                 tracking_uri=payload["mlflow_tracking_uri"],
+                timeout_s=cfg.tracking.timeout_s,
+                retry_every_s=cfg.tracking.retry_every_s,
             )
         metrics_path = run.local_path / "metrics.jsonl" if run.is_local else staging / "metrics.jsonl"
         evals = []
@@ -190,7 +199,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             files[f"logs/worker_rank{rank}.log"] = logs_dir / f"worker_rank{rank}.log"
             extra.append(UploadRunFiles(run, files))
         if cfg.fault_injection is not None:
-            extra.append(FaultInjection(cfg.fault_injection.rank, cfg.fault_injection.step, rank, run))
+            fault = cfg.fault_injection
+            extra.append(FaultInjection(fault.rank, fault.step, rank, run, fault.kind))
         hooks = job.standard_hooks(metrics_path, progress=False, evals=evals, extra=extra)
 
         audited = AuditedStream(stream, cfg.data.audit_samples, run, rank) if cfg.data.audit_samples else None
@@ -286,4 +296,13 @@ def _finish(
     if tracker is not None:
         tracker.log_artifacts(bundle, "bundle")
         tracker.log_dict(final, "final_metrics.json")
+        if not tracker.flush():
+            # the driver replays this file when MLflow is back (at the end of this launch, or the next)
+            run.write_json(PENDING_FILE, tracker.pending_record())
+            log.warning(
+                "MLflow still unreachable at the end of training: %d call(s) left in %s/%s for the driver",
+                len(tracker.pending),
+                run.uri,
+                PENDING_FILE,
+            )
     log.info("final bundle (EMA weights) written to %s/bundle", run.uri)

@@ -54,9 +54,9 @@ __all__ = [
     "encode_state",
     "file_digests",
     "finite_metrics",
-    "verify_files",
     "restore_rng",
     "state_file",
+    "verify_files",
 ]
 
 log = logging.getLogger("caloforge.training")

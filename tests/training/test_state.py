@@ -231,7 +231,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_no_verifying_incomplete_checkp
     manager = CheckpointManager(root)
     torn = root / ".tmp_step_00000004"
     assert torn.is_dir() and not (torn / "meta.json").exists()
-    with pytest.raises(ValueError, match="no meta.json"):
+    with pytest.raises(ValueError, match=r"no meta\.json"):
         manager.verify(torn)
     assert [s for s, _ in manager.complete_checkpoints()] == [2]
     assert manager.resume_point() == root / "step_00000002"
