@@ -4,7 +4,10 @@ Ray, run ``ray.train.torch.TorchTrainer`` and hand the final bundle to the ``on_
 Ray (one of the two modules importing it, with ``worker.py``):
 
 - without ``RAY_ADDRESS`` an embedded local Ray is started for the run and shut down after it
-  (``include_dashboard=False``, ``_node_ip_address="127.0.0.1"``, usage stats off): a laptop just works;
+  (``include_dashboard=False``, ``_node_ip_address="127.0.0.1"``, usage stats off): a laptop just works. It
+  runs with token authentication, set explicitly (``RAY_AUTH_MODE=token``; Ray keeps the token in
+  ``~/.ray/auth_token``); with ``RAY_AUTH_MODE`` set to anything else in the environment it refuses to start
+  unless ``cluster.allow_unauthenticated_ray`` or ``CALOFORGE_ALLOW_UNAUTHENTICATED_RAY=1`` says so;
 - with ``RAY_ADDRESS`` (set by ``ray job submit``, or by hand: ``ray://…`` / ``host:6379``) the run joins
   that cluster unchanged;
 - when Ray is already initialised in this process (tests, notebooks) it is used as is and left running.
@@ -35,6 +38,7 @@ __all__ = [
     "FinalBundleHook",
     "PretrainResult",
     "default_bundle_hooks",
+    "embedded_auth_mode",
     "prepare_data",
     "ray_session",
     "run_pretrain",
@@ -75,11 +79,50 @@ def _embedded_num_cpus(cfg: PretrainConfig) -> int:
     return max(1, math.ceil(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker))
 
 
+ALLOW_UNAUTHENTICATED_ENV = "CALOFORGE_ALLOW_UNAUTHENTICATED_RAY"
+
+
+def embedded_auth_mode(allow_unauthenticated: bool = False) -> str:
+    """Set (and return) the authentication mode of an embedded local Ray: ``token`` unless
+    ``RAY_AUTH_MODE`` already says otherwise, which is refused (``ValueError``) unless
+    ``allow_unauthenticated`` or ``$CALOFORGE_ALLOW_UNAUTHENTICATED_RAY`` (1/true/yes) opts out by name."""
+    current = os.environ.get("RAY_AUTH_MODE")
+    if current is None or current.strip().lower() == "token":
+        os.environ["RAY_AUTH_MODE"] = "token"
+        # Ray caches its config at import: refresh it so this process (and ray.init, which then creates the
+        # token in ~/.ray/auth_token when there is none) sees token mode, as Ray's own default does.
+        from ray._raylet import AuthenticationMode, Config, get_authentication_mode
+
+        Config.initialize("")
+        if get_authentication_mode() != AuthenticationMode.TOKEN:
+            raise RuntimeError("RAY_AUTH_MODE=token is set but Ray does not report token authentication")
+        return "token"
+    opted = allow_unauthenticated or os.environ.get(ALLOW_UNAUTHENTICATED_ENV, "").lower() in (
+        "1",
+        "true",
+        "yes",
+    )
+    if not opted:
+        raise ValueError(
+            f"RAY_AUTH_MODE={current} is set: the embedded Ray would accept unauthenticated clients (anyone "
+            "who reaches its ports can run code as you). Unset it (CaloForge starts Ray with "
+            "RAY_AUTH_MODE=token), or opt out by name: cluster.allow_unauthenticated_ray=true or "
+            f"{ALLOW_UNAUTHENTICATED_ENV}=1"
+        )
+    log.warning(
+        "embedded Ray WITHOUT authentication (RAY_AUTH_MODE=%s, allowed by %s); it listens on 127.0.0.1 only",
+        current,
+        "cluster.allow_unauthenticated_ray" if allow_unauthenticated else ALLOW_UNAUTHENTICATED_ENV,
+    )
+    return current
+
+
 @contextlib.contextmanager
-def ray_session(num_cpus: int) -> Iterator[str]:
+def ray_session(num_cpus: int, allow_unauthenticated: bool = False) -> Iterator[str]:
     """Ray for one run; yields ``"existing"``, ``"cluster"`` (``RAY_ADDRESS``) or ``"embedded"``.
 
-    ``num_cpus`` sizes an embedded local Ray (ignored when joining a cluster or reusing a session).
+    ``num_cpus`` sizes an embedded local Ray (ignored when joining a cluster or reusing a session);
+    ``allow_unauthenticated``: see :func:`embedded_auth_mode`.
     """
     import ray
 
@@ -92,10 +135,15 @@ def ray_session(num_cpus: int) -> Iterator[str]:
         ray.init(address=address, log_to_driver=True)
         mode = "cluster"
     else:
+        auth = embedded_auth_mode(allow_unauthenticated)  # before anything of Ray's starts
         for key, value in _EMBEDDED_ENV.items():
             os.environ.setdefault(key, value)
         preexisting = _descendant_pids()
-        log.info("starting an embedded local Ray (%d CPUs, dashboard off, 127.0.0.1)", num_cpus)
+        log.info(
+            "starting an embedded local Ray (%d CPUs, dashboard off, 127.0.0.1, %s)",
+            num_cpus,
+            "token authentication" if auth == "token" else f"RAY_AUTH_MODE={auth}",
+        )
         ray.init(
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
@@ -481,7 +529,7 @@ def run_pretrain(
             "mlflow_tracking_uri": tracker.tracking_uri if tracker else None,
             "log_level": logging.getLogger("caloforge").getEffectiveLevel(),
         }
-        with ray_session(_embedded_num_cpus(cfg)) as mode:
+        with ray_session(_embedded_num_cpus(cfg), cfg.cluster.allow_unauthenticated_ray) as mode:
             _check_cluster_resources(cfg, mode)
             _fit(cfg, run, payload)
         new_attempts = sorted(set(_attempt_files(run)) - attempts_before)
