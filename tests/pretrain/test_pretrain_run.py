@@ -146,8 +146,10 @@ def test_pretrain_survives_worker_failure_and_resumes_for_more_steps(
         and model.lineage.dataset_manifest_hash == manifest.fingerprint
     )
     stats = manifest.stats["per_detector"]
-    assert model.lineage.extra["particles"] == "e-,gamma"  # the trained ranges, for the model card
-    assert float(model.lineage.extra["energy_mev_max"]) == max(s["energy_mev_max"] for s in stats.values())
+    trained = model.lineage.trained  # the trained ranges, for the model card
+    assert trained is not None and trained.particles == ("e-", "gamma")
+    assert trained.energy_mev is not None
+    assert trained.energy_mev[1] == max(s["energy_mev_max"] for s in stats.values())
     shower = model.generate(Conditions.make([5e3], 1.5, 0.0, 11, "pbwo4"), num_steps=2, sampler="euler")
     assert shower.shape == (1, 45, 16, 9) and np.isfinite(shower).all()
 

@@ -51,7 +51,9 @@ def test_metrics_queued_during_an_outage_are_replayed_in_order(sqlite_uri: str) 
     now[0] += 30
     tracker.log_metrics({"loss": 0.2}, 4)
     assert tracker.available and not tracker.pending and tracker.replayed == 4
-    history = RunTracker("exp", run_id=run_id, tracking_uri=sqlite_uri).client.get_metric_history(run_id, "loss")
+    history = RunTracker("exp", run_id=run_id, tracking_uri=sqlite_uri).client.get_metric_history(
+        run_id, "loss"
+    )
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3)), (4, 0.2)]
     stamps = [m.timestamp for m in history]
     assert stamps == sorted(stamps)  # original timestamps kept
