@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -45,6 +46,7 @@ __all__ = [
     "RayCheckpointManager",
     "checkpoint_step",
     "choose_resume_checkpoint",
+    "remove_incomplete_checkpoints",
     "verify_checkpoint",
 ]
 
@@ -84,6 +86,33 @@ def verify_checkpoint(directory: Path) -> dict[str, Any]:
     if problems:
         raise ValueError(f"checkpoint {directory} is incomplete or damaged: " + "; ".join(problems))
     return meta
+
+
+def _never_completed(run: RunDir, name: str) -> bool:
+    """A checkpoint directory some rank never completed: no ``meta.json``, or a rank's marker missing.
+    Ray Train registers a checkpoint only once every rank has reported it, so such a directory is a torn
+    upload of a worker group that died mid-report, never one Ray tracks."""
+    if not run.exists(f"{name}/{META_FILE}"):
+        return True
+    try:
+        world = int(run.read_json(f"{name}/{META_FILE}")["world_size"])
+    except (ValueError, KeyError, TypeError):
+        return True
+    return any(not run.exists(f"{name}/{COMPLETE_DIR}/rank{r:05d}.json") for r in range(world))
+
+
+def remove_incomplete_checkpoints(run: RunDir, keep: str | None) -> list[str]:
+    """Rank 0 at a worker-group start: delete ``checkpoint_*`` directories of the run's storage that some
+    rank never completed (see :func:`_never_completed`), except ``keep`` (the one Ray handed over); returns
+    their names. Complete but damaged ones are left to Ray's ``num_to_keep`` (Ray tracks them)."""
+    removed = []
+    for name in run.ray_checkpoints():
+        if name != keep and checkpoint_step(name) is not None and _never_completed(run, name):
+            run.remove_dir(name)
+            removed.append(name)
+    if removed:
+        log.warning("removed torn checkpoint upload(s) of a failed worker group: %s", ", ".join(removed))
+    return removed
 
 
 def choose_resume_checkpoint(run: RunDir, latest: Path, latest_name: str, scratch: Path) -> Path:
@@ -131,8 +160,18 @@ class RayCheckpointManager(CheckpointManager):
     worker group at start (what :meth:`latest` returns).
     """
 
-    def __init__(self, root: Path, rank: int, world_size: int, keep_last: int = 2) -> None:
+    def __init__(
+        self,
+        root: Path,
+        rank: int,
+        world_size: int,
+        keep_last: int = 2,
+        enospc_at: tuple[int, RunDir] | None = None,
+    ) -> None:
+        """``enospc_at=(step, run)``: test-only, the save of ``step`` fails with a real ENOSPC (once per
+        run: the fault-injection marker in ``run`` keeps a restarted group from failing again)."""
         super().__init__(root, keep_last)
+        self.enospc_at = enospc_at
         self.rank = rank
         self.world_size = world_size
         self.restored: Path | None = None
@@ -165,6 +204,8 @@ class RayCheckpointManager(CheckpointManager):
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
         backend.save(staging)  # collective for DeepSpeed; DDP/Torch write on rank 0 only
+        if self.enospc_at is not None and self.enospc_at[0] == step:
+            self._inject_enospc(staging / state_file(self.rank), step, self.enospc_at[1])
         torch.save(state.to_dict(), staging / state_file(self.rank))
         if self.rank == 0:
             meta = {
@@ -198,3 +239,14 @@ class RayCheckpointManager(CheckpointManager):
 
     def verify(self, directory: Path) -> dict[str, Any]:
         return verify_checkpoint(directory)
+
+    def _inject_enospc(self, path: Path, step: int, run: RunDir) -> None:
+        from caloforge.pretrain.hooks import FAULT_MARKER
+
+        if run.exists(FAULT_MARKER):
+            return
+        run.write_json(
+            FAULT_MARKER,
+            {"rank": self.rank, "step": step, "at_unix": time.time(), "pid": os.getpid(), "kind": "enospc"},
+        )
+        path.symlink_to("/dev/full")  # the kernel answers every write with ENOSPC

@@ -196,12 +196,14 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class FaultInjectionConfig:
-    """Test-only: in worker ``rank`` right after optimizer step ``step``, once per run, raise (``raise``)
-    or kill the worker process with SIGKILL (``sigkill``: no Python cleanup, like the kernel's OOM killer)."""
+    """Test-only, once per run, in worker ``rank`` at optimizer step ``step``: raise (``raise``) or kill the
+    worker process with SIGKILL (``sigkill``: no Python cleanup, like the kernel's OOM killer) right after
+    the step, or make the checkpoint save of that step fail with a real ENOSPC from the kernel (``enospc``:
+    the rank's training-state file is written through ``/dev/full``; ``step`` must be a checkpoint step)."""
 
     rank: int
     step: int
-    kind: Literal["raise", "sigkill"] = "raise"
+    kind: Literal["raise", "sigkill", "enospc"] = "raise"
 
 
 @dataclass(frozen=True)

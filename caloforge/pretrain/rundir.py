@@ -151,6 +151,15 @@ class RunDir:
             with self.fs.open_output_stream(target) as fh:
                 fh.write(text.encode())
 
+    def remove_dir(self, rel: str) -> None:
+        """Delete the directory ``rel`` and everything below it (nothing when it does not exist)."""
+        if not rel or not self.exists(rel):
+            return
+        if self.is_local:
+            shutil.rmtree(self._path(rel))
+        else:
+            self.fs.delete_dir(self._path(rel))
+
     def remove(self, rel: str) -> None:
         """Delete the file ``rel`` (nothing when it does not exist)."""
         if self.exists(rel):

@@ -36,7 +36,11 @@ from caloforge.datasets.shards import Manifest
 from caloforge.datasets.streaming import ShowerStream
 from caloforge.platform.shower_model import Lineage
 from caloforge.pretrain.audit import AuditedStream
-from caloforge.pretrain.checkpoints import RayCheckpointManager, choose_resume_checkpoint
+from caloforge.pretrain.checkpoints import (
+    RayCheckpointManager,
+    choose_resume_checkpoint,
+    remove_incomplete_checkpoints,
+)
 from caloforge.pretrain.config import PretrainConfig
 from caloforge.pretrain.hooks import (
     PENDING_FILE,
@@ -165,8 +169,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 ", ".join(f"{k} {v:.2f}" for k, v in stream.probabilities.items()),
             )
 
+        fault = cfg.fault_injection
+        enospc = (fault.step, run) if fault and fault.kind == "enospc" and fault.rank == rank else None
         manager = RayCheckpointManager(
-            staging / "checkpoints", rank, world, keep_last=cfg.cluster.num_to_keep
+            staging / "checkpoints", rank, world, keep_last=cfg.cluster.num_to_keep, enospc_at=enospc
         )
         if rank == 0 and payload.get("mlflow_run_id"):
             from caloforge.registry.tracking import BestEffortTracker
@@ -198,8 +204,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             files = {"metrics.jsonl": metrics_path} if rank == 0 else {}
             files[f"logs/worker_rank{rank}.log"] = logs_dir / f"worker_rank{rank}.log"
             extra.append(UploadRunFiles(run, files))
-        if cfg.fault_injection is not None:
-            fault = cfg.fault_injection
+        if fault is not None and fault.kind != "enospc":
             extra.append(FaultInjection(fault.rank, fault.step, rank, run, fault.kind))
         hooks = job.standard_hooks(metrics_path, progress=False, evals=evals, extra=extra)
 
@@ -213,8 +218,12 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 time.perf_counter() - t_start,
                 type(backend).__name__,
             )
-        manager.taken = set(run.ray_checkpoints())  # before any rank of this group reports
         checkpoint = ray.train.get_checkpoint()  # after a failure, or a run resumed by name
+        if rank == 0:
+            remove_incomplete_checkpoints(run, Path(checkpoint.path).name if checkpoint else None)
+        if world > 1:
+            torch.distributed.barrier()  # every rank lists storage after rank 0 tidied it
+        manager.taken = set(run.ray_checkpoints())  # before any rank of this group reports
         restored_from = None
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
