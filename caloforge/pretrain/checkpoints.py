@@ -115,41 +115,54 @@ def remove_incomplete_checkpoints(run: RunDir, keep: str | None) -> list[str]:
     return removed
 
 
-def choose_resume_checkpoint(run: RunDir, latest: Path, latest_name: str, scratch: Path) -> Path:
-    """The checkpoint a worker group resumes from: ``latest`` (Ray's, local directory ``latest`` named
-    ``latest_name`` in storage) when it verifies, else the newest older ``checkpoint_*`` of the run's storage
-    that does (remote storage: downloaded into ``scratch``). ``ValueError`` when none verifies."""
-    try:
-        verify_checkpoint(latest)
-        return latest
-    except ValueError as exc:
-        log.error("%s; looking for an older checkpoint that verifies", exc)
-        problems = [str(exc)]
-    ordered = sorted(
-        (
-            (key, n)
-            for n in run.ray_checkpoints()
-            if (key := checkpoint_step(n)) is not None and n != latest_name
-        ),
-        reverse=True,
-    )
-    for _, name in ordered:
-        local = run.download_dir(name, scratch / name)
+def choose_resume_checkpoint(
+    run: RunDir, latest: Path | None, latest_name: str | None, scratch: Path
+) -> tuple[str, Path] | None:
+    """``(name, local directory)`` of the checkpoint a worker group resumes from: the newest ``checkpoint_*``
+    of the run's storage that verifies, trying Ray's own latest (``latest``, named ``latest_name``; ``None``
+    when Ray handed none) in its place. ``None`` when the storage holds no checkpoint; ``ValueError`` when
+    none verifies.
+
+    Newer than Ray's latest is possible: Ray Train registers a reported checkpoint only when its controller
+    next hears from the workers, so a worker group SIGKILLed right after every rank reported leaves a complete
+    checkpoint Ray never recorded (seen in the SIGKILL drill). Every rank makes the same choice from the same
+    files. Remote storage: candidates are downloaded into ``scratch``."""
+    names = {n for n in run.ray_checkpoints() if checkpoint_step(n) is not None}
+    if latest_name is not None:
+        names.add(latest_name)
+    ordered = sorted(names, key=lambda n: checkpoint_step(n) or (-1, -1), reverse=True)
+    problems = []
+    for name in ordered:
+        local = (
+            latest if name == latest_name and latest is not None else run.download_dir(name, scratch / name)
+        )
         try:
             meta = verify_checkpoint(local)
         except ValueError as exc:
-            log.error("%s", exc)
+            log.error("%s; trying an older checkpoint", exc)
             problems.append(str(exc))
             continue
-        log.warning(
-            "resuming from %s/%s (step %d): %d newer checkpoint(s) did not verify",
-            run.uri,
-            name,
-            int(meta["step"]),
-            len(problems),
-        )
-        return local
-    raise ValueError("no checkpoint of the run verifies: " + " | ".join(problems))
+        if problems:
+            log.warning(
+                "resuming from %s/%s (step %d): %d newer checkpoint(s) did not verify",
+                run.uri,
+                name,
+                int(meta["step"]),
+                len(problems),
+            )
+        if latest_name is not None and name != latest_name and not problems:
+            log.warning(
+                "resuming from %s/%s (step %d), newer than Ray's latest %s: its worker group died before Ray "
+                "recorded it",
+                run.uri,
+                name,
+                int(meta["step"]),
+                latest_name,
+            )
+        return name, local
+    if problems:
+        raise ValueError("no checkpoint of the run verifies: " + " | ".join(problems))
+    return None
 
 
 class RayCheckpointManager(CheckpointManager):

@@ -13,6 +13,7 @@ test-only fault injection) and the data audit (``audit.py``). At start a worker 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -219,20 +220,21 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 type(backend).__name__,
             )
         checkpoint = ray.train.get_checkpoint()  # after a failure, or a run resumed by name
+        ray_name = Path(checkpoint.path).name if checkpoint is not None else None
         if rank == 0:
-            remove_incomplete_checkpoints(run, Path(checkpoint.path).name if checkpoint else None)
+            remove_incomplete_checkpoints(run, keep=ray_name)
         if world > 1:
             torch.distributed.barrier()  # every rank lists storage after rank 0 tidied it
         manager.taken = set(run.ray_checkpoints())  # before any rank of this group reports
         restored_from = None
-        if checkpoint is not None:
-            with checkpoint.as_directory() as directory:
-                # Ray's latest, or the newest older one in storage when that does not verify
-                chosen = choose_resume_checkpoint(
-                    run, Path(directory), Path(checkpoint.path).name, staging / "restore"
-                )
-                restored_from = checkpoint.path if chosen == Path(directory) else f"{run.uri}/{chosen.name}"
-                trainer.restore(chosen)  # verifies markers, sizes and sha256 digests (again) first
+        with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as directory:
+            # the newest checkpoint in storage that verifies (normally Ray's latest)
+            chosen = choose_resume_checkpoint(
+                run, Path(directory) if directory else None, ray_name, staging / "restore"
+            )
+            if chosen is not None:
+                restored_from = f"{run.uri}/{chosen[0]}"
+                trainer.restore(chosen[1])  # verifies markers, sizes and sha256 digests (again) first
         if audited is not None:
             audited.start_step = trainer.step
         if rank == 0:

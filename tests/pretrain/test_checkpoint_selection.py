@@ -49,7 +49,12 @@ def test_latest_that_verifies_is_used_else_the_newest_older_one(tmp_path: Path) 
     for step in (2, 4, 6):
         _write(run, step)
     six = run.local_path / "checkpoint_00000006"
-    assert choose_resume_checkpoint(run, six, six.name, tmp_path / "scratch") == six
+    assert choose_resume_checkpoint(run, six, six.name, tmp_path / "scratch") == (six.name, six)
+    # Ray recorded only checkpoint 4 (its group died before the controller heard of 6): 6 is complete
+    four = run.local_path / "checkpoint_00000004"
+    assert choose_resume_checkpoint(run, four, four.name, tmp_path / "scratch") == (six.name, six)
+    assert choose_resume_checkpoint(run, None, None, tmp_path / "scratch") == (six.name, six)
+    assert choose_resume_checkpoint(RunDir(str(tmp_path), "empty"), None, None, tmp_path / "s") is None
     state = six / "trainer_state_rank00001.pt"
     data = bytearray(state.read_bytes())
     data[5] ^= 0xFF
@@ -57,10 +62,9 @@ def test_latest_that_verifies_is_used_else_the_newest_older_one(tmp_path: Path) 
     with pytest.raises(ValueError, match=r"rank 1: trainer_state_rank00001\.pt is damaged \(sha256"):
         verify_checkpoint(six)
     chosen = choose_resume_checkpoint(run, six, six.name, tmp_path / "scratch")
-    assert chosen == run.local_path / "checkpoint_00000004"
-    four = run.local_path / "checkpoint_00000004"
+    assert chosen == (four.name, four)
     (four / "trainer_state_rank00000.pt").write_bytes(b"x")
-    assert choose_resume_checkpoint(run, six, six.name, tmp_path / "scratch").name == "checkpoint_00000002"
+    assert choose_resume_checkpoint(run, six, six.name, tmp_path / "scratch")[0] == "checkpoint_00000002"
     (run.local_path / "checkpoint_00000002" / "meta.json").unlink()
     with pytest.raises(
         ValueError, match=r"no checkpoint of the run verifies: .*00000006.*00000004.*00000002"
