@@ -134,7 +134,8 @@ def test_sigkill_and_enospc_resume_from_the_last_complete_checkpoint(
     assert run.ray_checkpoints() == ["checkpoint_00000002", "checkpoint_00000004", "checkpoint_00000006"]
     for name in run.ray_checkpoints():
         verify_checkpoint(run.local_path / name)  # checkpoint 2 intact; 4 re-written whole, not torn
-    assert not [n for n in run.listdir() if n.startswith(".") or "tmp" in n]
+    leftovers = [p for p in run.local_path.rglob("*") if p.name.startswith((".tmp", ".old", ".part"))]
+    assert leftovers == []  # no temporary files of ours or of the atomic writers
     for key, value in ref_weights.items():
         assert torch.equal(_weights(run)[key], value), key
     for name in ("killed", "reference", "full"):
