@@ -245,7 +245,13 @@ def load_bundle(directory: str | Path, device: torch.device | str = "cpu") -> Sh
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{cfg_path}: invalid vocab/mesh/lineage: {exc!r}") from exc
     weights = data["weights"]
-    weights_path = directory / str(weights.get("file", WEIGHTS_FILE))
+    name = weights.get("file", WEIGHTS_FILE)
+    # weights.file names a file of this bundle: no directories, no "..", no link leading out of it
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise ValueError(f"{cfg_path}: weights.file {name!r} must be a file name inside the bundle")
+    weights_path = directory / name
+    if weights_path.is_symlink() or not weights_path.resolve().is_relative_to(directory.resolve()):
+        raise ValueError(f"{cfg_path}: weights.file {name!r} leads outside the bundle (a link)")
     if not weights_path.is_file():
         raise ValueError(f"{weights_path}: missing weights file")
     expected = weights.get("sha256")

@@ -127,6 +127,10 @@ class ClusterConfig:
     max_failures: int = 2  # worker-group restarts from the latest checkpoint before the run fails
     num_to_keep: int = 2  # checkpoints kept in storage (older ones are deleted)
     local_num_cpus: int | None = None
+    # The embedded local Ray is started with token authentication (RAY_AUTH_MODE=token). With
+    # RAY_AUTH_MODE=disabled in the environment it refuses to start unless this is true (or
+    # CALOFORGE_ALLOW_UNAUTHENTICATED_RAY=1 is set): say by name that an unauthenticated Ray is meant.
+    allow_unauthenticated_ray: bool = False
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -174,14 +178,32 @@ class TrackingConfig:
     enabled: bool = True
     experiment: str = "caloforge-pretrain"
     register: bool = False  # register the final bundle as a caloforge-base version (alias "candidate")
+    # During training MLflow is best effort (metrics.jsonl in the run directory is the record): each call
+    # waits at most timeout_s (no retries); after a failure, calls are queued and retried every
+    # retry_every_s; at the end of the run the driver waits up to final_wait_s for the server to replay
+    # what is still queued (what is left stays in <run>/tracking_pending.json and is replayed by --resume).
+    timeout_s: float = 5.0
+    retry_every_s: float = 30.0
+    final_wait_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        for name in ("timeout_s", "retry_every_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"tracking.{name} must be > 0, got {getattr(self, name)}")
+        if self.final_wait_s < 0:
+            raise ValueError(f"tracking.final_wait_s must be >= 0, got {self.final_wait_s}")
 
 
 @dataclass(frozen=True)
 class FaultInjectionConfig:
-    """Test-only: raise in worker ``rank`` right after optimizer step ``step``, once per run."""
+    """Test-only, once per run, in worker ``rank`` at optimizer step ``step``: raise (``raise``) or kill the
+    worker process with SIGKILL (``sigkill``: no Python cleanup, like the kernel's OOM killer) right after
+    the step, or make the checkpoint save of that step fail with a real ENOSPC from the kernel (``enospc``:
+    the rank's training-state file is written through ``/dev/full``; ``step`` must be a checkpoint step)."""
 
     rank: int
     step: int
+    kind: Literal["raise", "sigkill", "enospc"] = "raise"
 
 
 @dataclass(frozen=True)
@@ -247,6 +269,11 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
     "validation",
     "tracking.enabled",
     "tracking.register",
+    "tracking.timeout_s",
+    "tracking.retry_every_s",
+    "tracking.final_wait_s",
+    "loop.max_consecutive_skipped",
+    "cluster.allow_unauthenticated_ray",
     "cluster.storage_path",
     "cluster.max_failures",
     "cluster.num_to_keep",

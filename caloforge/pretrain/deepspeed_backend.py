@@ -32,6 +32,8 @@ import contextlib
 import logging
 import math
 import os
+import pickle
+import re
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -54,7 +56,14 @@ from caloforge.training.trainable import TrainableSpec, resolve
 if TYPE_CHECKING:
     from caloforge.pretrain.config import DeepSpeedOptions, PretrainConfig
 
-__all__ = ["CHECKPOINT_TAG", "DeepSpeedBackend", "build_deepspeed_config", "deepspeed_config"]
+__all__ = [
+    "CHECKPOINT_TAG",
+    "SAFE_GLOBALS",
+    "DeepSpeedBackend",
+    "build_deepspeed_config",
+    "deepspeed_config",
+    "weights_only_checkpoint_engine",
+]
 
 log = logging.getLogger("caloforge.pretrain")
 
@@ -117,6 +126,47 @@ def deepspeed_config(cfg: PretrainConfig, world_size: int) -> dict[str, Any]:
     on_gpu = cfg.cluster.use_gpu
     precision = resolve_precision(cfg.loop.precision, torch.device("cuda" if on_gpu else "cpu"))
     return build_deepspeed_config(cfg.loop, cfg.engine.deepspeed, world_size, precision)
+
+
+# What DeepSpeed pickles into a ZeRO-1/2 optimizer file besides tensors, dicts, lists and OrderedDicts
+# (the model file holds only those): module, class name. An enum, a plain loss-scaler object and a
+# dataclass: rebuilt by the weights-only unpickler without running any of their code.
+SAFE_GLOBALS: tuple[tuple[str, str], ...] = (
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
+
+
+def _safe_globals() -> list[Any]:
+    import importlib
+
+    return [getattr(importlib.import_module(module), name) for module, name in SAFE_GLOBALS]
+
+
+def weights_only_checkpoint_engine(config_params: Any = None) -> Any:
+    """A DeepSpeed ``TorchCheckpointEngine`` whose ``load`` is ``torch.load(weights_only=True)`` with
+    :data:`SAFE_GLOBALS` allowed (saving is unchanged). A file that needs any other global raises
+    ``ValueError`` naming the file and the refused global."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    allowed = _safe_globals()
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as exc:
+                found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+                what = f"it needs {found.group(1)}" if found else str(exc).strip().splitlines()[-1]
+                raise ValueError(
+                    f"checkpoint file {path}: refused to unpickle it, {what}, which is none of the tensors, "
+                    f"containers and {len(allowed)} DeepSpeed classes a CaloForge checkpoint holds (not "
+                    "written by CaloForge's DeepSpeed backend, or tampered with)"
+                ) from None
+
+    return WeightsOnlyCheckpointEngine(config_params)
 
 
 def _free_port() -> int:
@@ -205,6 +255,14 @@ class DeepSpeedBackend(Backend):
             config=self.ds_config,
             dist_init_required=False,
         )
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+            raise ValueError(
+                f"DeepSpeed chose checkpoint engine {type(engine.checkpoint_engine).__name__}; CaloForge "
+                "loads only through its weights-only TorchCheckpointEngine (drop checkpoint-engine settings)"
+            )
+        engine.checkpoint_engine = weights_only_checkpoint_engine(engine._config)
         self._engine = engine
         self._optimizer = ds_optimizer
         self._base_optimizer = optimizer

@@ -4,6 +4,7 @@ rank-local files into remote run storage, and the test-only fault injection."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,17 @@ from caloforge.pretrain.rundir import RunDir
 from caloforge.training.hooks import Hook
 from caloforge.training.loop import Trainer
 
-__all__ = ["FAULT_MARKER", "FaultInjection", "MlflowMetrics", "ResourceMetrics", "UploadRunFiles"]
+__all__ = [
+    "FAULT_MARKER",
+    "PENDING_FILE",
+    "FaultInjection",
+    "MlflowMetrics",
+    "ResourceMetrics",
+    "UploadRunFiles",
+]
 
 FAULT_MARKER = "fault_injection_fired.json"
+PENDING_FILE = "tracking_pending.json"  # MLflow calls rank 0 could not deliver (replayed by the driver)
 
 
 class ResourceMetrics(Hook):
@@ -45,7 +54,8 @@ class ResourceMetrics(Hook):
 
 
 class MlflowMetrics(Hook):
-    """Rank 0: log every log-step's metrics to MLflow."""
+    """Rank 0: hand every log-step's metrics to a ``BestEffortTracker`` (queued and retried while MLflow is
+    unreachable; ``metrics.jsonl`` is the record) and try to deliver what is queued at the end."""
 
     def __init__(self, tracker: Any) -> None:
         self.tracker = tracker
@@ -54,20 +64,26 @@ class MlflowMetrics(Hook):
         if metrics:
             self.tracker.log_metrics(metrics, step)
 
+    def on_train_end(self, step: int, metrics: dict[str, float]) -> None:
+        self.tracker.flush()
+
 
 class FaultInjection(Hook):
-    """Test-only: raise in worker ``rank`` after step ``step`` — once per run (a marker in the run directory
-    keeps the restarted worker group, and later ``--resume`` launches, from raising again)."""
+    """Test-only: raise in (or SIGKILL) worker ``rank`` after step ``step`` — once per run (a marker in the
+    run directory keeps the restarted worker group, and later ``--resume`` launches, from failing again)."""
 
-    def __init__(self, rank: int, step: int, my_rank: int, run: RunDir) -> None:
-        self.rank, self.step, self.my_rank, self.run = rank, step, my_rank, run
+    def __init__(self, rank: int, step: int, my_rank: int, run: RunDir, kind: str = "raise") -> None:
+        self.rank, self.step, self.my_rank, self.run, self.kind = rank, step, my_rank, run, kind
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         if self.my_rank != self.rank or step != self.step or self.run.exists(FAULT_MARKER):
             return
         self.run.write_json(
-            FAULT_MARKER, {"rank": self.rank, "step": step, "at_unix": time.time(), "pid": os.getpid()}
+            FAULT_MARKER,
+            {"rank": self.rank, "step": step, "at_unix": time.time(), "pid": os.getpid(), "kind": self.kind},
         )
+        if self.kind == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"fault injection (test-only): worker rank {self.rank} fails after step {step}")
 
 

@@ -4,7 +4,10 @@ Ray, run ``ray.train.torch.TorchTrainer`` and hand the final bundle to the ``on_
 Ray (one of the two modules importing it, with ``worker.py``):
 
 - without ``RAY_ADDRESS`` an embedded local Ray is started for the run and shut down after it
-  (``include_dashboard=False``, ``_node_ip_address="127.0.0.1"``, usage stats off): a laptop just works;
+  (``include_dashboard=False``, ``_node_ip_address="127.0.0.1"``, usage stats off): a laptop just works. It
+  runs with token authentication, set explicitly (``RAY_AUTH_MODE=token``; Ray keeps the token in
+  ``~/.ray/auth_token``); with ``RAY_AUTH_MODE`` set to anything else in the environment it refuses to start
+  unless ``cluster.allow_unauthenticated_ray`` or ``CALOFORGE_ALLOW_UNAUTHENTICATED_RAY=1`` says so;
 - with ``RAY_ADDRESS`` (set by ``ray job submit``, or by hand: ``ray://…`` / ``host:6379``) the run joins
   that cluster unchanged;
 - when Ray is already initialised in this process (tests, notebooks) it is used as is and left running.
@@ -35,6 +38,7 @@ __all__ = [
     "FinalBundleHook",
     "PretrainResult",
     "default_bundle_hooks",
+    "embedded_auth_mode",
     "prepare_data",
     "ray_session",
     "run_pretrain",
@@ -75,11 +79,50 @@ def _embedded_num_cpus(cfg: PretrainConfig) -> int:
     return max(1, math.ceil(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker))
 
 
+ALLOW_UNAUTHENTICATED_ENV = "CALOFORGE_ALLOW_UNAUTHENTICATED_RAY"
+
+
+def embedded_auth_mode(allow_unauthenticated: bool = False) -> str:
+    """Set (and return) the authentication mode of an embedded local Ray: ``token`` unless
+    ``RAY_AUTH_MODE`` already says otherwise, which is refused (``ValueError``) unless
+    ``allow_unauthenticated`` or ``$CALOFORGE_ALLOW_UNAUTHENTICATED_RAY`` (1/true/yes) opts out by name."""
+    current = os.environ.get("RAY_AUTH_MODE")
+    if current is None or current.strip().lower() == "token":
+        os.environ["RAY_AUTH_MODE"] = "token"
+        # Ray caches its config at import: refresh it so this process (and ray.init, which then creates the
+        # token in ~/.ray/auth_token when there is none) sees token mode, as Ray's own default does.
+        from ray._raylet import AuthenticationMode, Config, get_authentication_mode
+
+        Config.initialize("")
+        if get_authentication_mode() != AuthenticationMode.TOKEN:
+            raise RuntimeError("RAY_AUTH_MODE=token is set but Ray does not report token authentication")
+        return "token"
+    opted = allow_unauthenticated or os.environ.get(ALLOW_UNAUTHENTICATED_ENV, "").lower() in (
+        "1",
+        "true",
+        "yes",
+    )
+    if not opted:
+        raise ValueError(
+            f"RAY_AUTH_MODE={current} is set: the embedded Ray would accept unauthenticated clients (anyone "
+            "who reaches its ports can run code as you). Unset it (CaloForge starts Ray with "
+            "RAY_AUTH_MODE=token), or opt out by name: cluster.allow_unauthenticated_ray=true or "
+            f"{ALLOW_UNAUTHENTICATED_ENV}=1"
+        )
+    log.warning(
+        "embedded Ray WITHOUT authentication (RAY_AUTH_MODE=%s, allowed by %s); it listens on 127.0.0.1 only",
+        current,
+        "cluster.allow_unauthenticated_ray" if allow_unauthenticated else ALLOW_UNAUTHENTICATED_ENV,
+    )
+    return current
+
+
 @contextlib.contextmanager
-def ray_session(num_cpus: int) -> Iterator[str]:
+def ray_session(num_cpus: int, allow_unauthenticated: bool = False) -> Iterator[str]:
     """Ray for one run; yields ``"existing"``, ``"cluster"`` (``RAY_ADDRESS``) or ``"embedded"``.
 
-    ``num_cpus`` sizes an embedded local Ray (ignored when joining a cluster or reusing a session).
+    ``num_cpus`` sizes an embedded local Ray (ignored when joining a cluster or reusing a session);
+    ``allow_unauthenticated``: see :func:`embedded_auth_mode`.
     """
     import ray
 
@@ -92,10 +135,15 @@ def ray_session(num_cpus: int) -> Iterator[str]:
         ray.init(address=address, log_to_driver=True)
         mode = "cluster"
     else:
+        auth = embedded_auth_mode(allow_unauthenticated)  # before anything of Ray's starts
         for key, value in _EMBEDDED_ENV.items():
             os.environ.setdefault(key, value)
         preexisting = _descendant_pids()
-        log.info("starting an embedded local Ray (%d CPUs, dashboard off, 127.0.0.1)", num_cpus)
+        log.info(
+            "starting an embedded local Ray (%d CPUs, dashboard off, 127.0.0.1, %s)",
+            num_cpus,
+            "token authentication" if auth == "token" else f"RAY_AUTH_MODE={auth}",
+        )
         ray.init(
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
@@ -291,6 +339,96 @@ def default_bundle_hooks(cfg: PretrainConfig) -> list[FinalBundleHook]:
     return [register]
 
 
+# -- MLflow ----------------------------------------------------------------------------------------------
+def _open_tracker(cfg: PretrainConfig, name: str, run_id: str | None, run: RunDir) -> Any:
+    """The driver's MLflow run (new, or the run's own when resuming). An unreachable server is a clear error
+    before any worker starts (a few short attempts, not MLflow's minutes of retries)."""
+    from caloforge.registry.tracking import RunTracker, TrackingUnavailable, is_unreachable, short_timeouts
+
+    try:
+        with short_timeouts(cfg.tracking.timeout_s, max_retries=2):
+            return RunTracker(
+                cfg.tracking.experiment,
+                run_name=name,
+                run_id=run_id,
+                tags={"caloforge.run_uri": run.uri, "caloforge.kind": "pretrain"},
+            )
+    except Exception as exc:
+        if isinstance(exc, TrackingUnavailable) or is_unreachable(exc):
+            from caloforge import paths
+
+            raise ValueError(
+                f"tracking: cannot reach the MLflow tracking server at {paths.mlflow_tracking_uri()} "
+                f"({str(exc).splitlines()[0][:300]}); start it, point MLFLOW_TRACKING_URI elsewhere, or set "
+                "tracking.enabled=false. Once a run is going, an MLflow outage no longer stops it"
+            ) from exc
+        raise
+
+
+def _replay_pending(
+    tracker: Any, run: RunDir, cfg: PretrainConfig, wait_s: float, bundle_dir: Path | None = None
+) -> None:
+    """Deliver ``tracking_pending.json`` (what rank 0 could not send) and remove it; while MLflow is
+    unreachable, try again every few seconds for up to ``wait_s`` seconds, then leave the file for the next
+    launch with a warning."""
+    from caloforge.pretrain.hooks import PENDING_FILE
+    from caloforge.registry.tracking import is_unreachable, replay_pending, short_timeouts
+
+    if not run.exists(PENDING_FILE):
+        return
+    record = run.read_json(PENDING_FILE)
+    if record.get("run_id") != tracker.run_id:
+        log.warning(
+            "%s/%s belongs to MLflow run %s, not %s: left alone",
+            run.uri,
+            PENDING_FILE,
+            record.get("run_id"),
+            tracker.run_id,
+        )
+        return
+    if bundle_dir is None and any(item[:2] == ["artifacts", "bundle"] for item in record.get("other", [])):
+        bundle_dir = run.download_dir(
+            "bundle", Path(os.environ.get("TMPDIR", "/tmp")) / f"caloforge-{run.name}-b"
+        )
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with short_timeouts(cfg.tracking.timeout_s):
+                n = replay_pending(tracker, record, {"bundle": bundle_dir} if bundle_dir else {})
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "MLflow still unreachable (%s): %s/%s kept; it is replayed by the next --resume launch "
+                    "(metrics.jsonl has every metric)",
+                    str(exc).splitlines()[0][:200],
+                    run.uri,
+                    PENDING_FILE,
+                )
+                return
+            time.sleep(min(5.0, max(0.5, deadline - time.monotonic())))
+            continue
+        # metrics replayed twice (a retried replay) only add duplicate points at the same step
+        run.remove(PENDING_FILE)
+        log.info("replayed %d MLflow call(s) that rank 0 could not deliver during training", n)
+        return
+
+
+def _end_tracker(tracker: Any, status: str, cfg: PretrainConfig) -> None:
+    """Mark the MLflow run ended; an unreachable server only costs a warning (the run's files are on
+    storage, and the next launch marks it again)."""
+    from caloforge.registry.tracking import is_unreachable, short_timeouts
+
+    try:
+        with short_timeouts(cfg.tracking.timeout_s, max_retries=2):
+            tracker.end(status)
+    except Exception as exc:
+        if not is_unreachable(exc):
+            raise
+        log.warning("could not mark MLflow run %s %s (server unreachable): %s", tracker.run_id, status, exc)
+
+
 # -- the driver ------------------------------------------------------------------------------------------
 def _file_log_handler(run: RunDir) -> logging.Handler | None:
     if not run.is_local:
@@ -325,7 +463,7 @@ def run_pretrain(
             worker starts).
         RuntimeError: the run failed after ``cluster.max_failures`` restarts (resume it with ``--resume``).
     """
-    from caloforge.registry.tracking import RunTracker, library_versions
+    from caloforge.registry.tracking import library_versions
 
     name = validate_run_name(run_name or cfg.name)
     run = RunDir(cfg.cluster.storage_path, name)
@@ -334,7 +472,11 @@ def run_pretrain(
         log.info("run %s %s", run.uri, "exists: resuming it" if resume else "is new: starting it")
     if not resume:
         _refuse_existing(run)  # before simulating data or anything else
-    plan = validate_pretrain_config(cfg, manifest_dir=prepare_data(cfg))
+    manifest_dir = prepare_data(cfg)
+    from caloforge.datasets.verify import verify_shards
+
+    log.info("%s", verify_shards(manifest_dir).summary())  # before any worker starts (cached by fingerprint)
+    plan = validate_pretrain_config(cfg, manifest_dir=manifest_dir)
     hooks = list(on_final_bundle) if on_final_bundle is not None else default_bundle_hooks(cfg)
     record = _prepare_run_dir(run, cfg, plan, resume)
 
@@ -347,12 +489,8 @@ def run_pretrain(
         versions = library_versions()
         tracker_id = record.get("mlflow_run_id") if record else None
         if cfg.tracking.enabled:
-            tracker = RunTracker(
-                cfg.tracking.experiment,
-                run_name=name,
-                run_id=tracker_id,
-                tags={"caloforge.run_uri": run.uri, "caloforge.kind": "pretrain"},
-            )
+            tracker = _open_tracker(cfg, name, tracker_id, run)
+            _replay_pending(tracker, run, cfg, wait_s=0.0)  # left by an earlier launch
             tracker.log_params(
                 {
                     "config": to_dict(cfg),
@@ -394,7 +532,7 @@ def run_pretrain(
             "mlflow_tracking_uri": tracker.tracking_uri if tracker else None,
             "log_level": logging.getLogger("caloforge").getEffectiveLevel(),
         }
-        with ray_session(_embedded_num_cpus(cfg)) as mode:
+        with ray_session(_embedded_num_cpus(cfg), cfg.cluster.allow_unauthenticated_ray) as mode:
             _check_cluster_resources(cfg, mode)
             _fit(cfg, run, payload)
         new_attempts = sorted(set(_attempt_files(run)) - attempts_before)
@@ -404,9 +542,11 @@ def run_pretrain(
         bundle_dir = run.download_dir(
             "bundle", Path(os.environ.get("TMPDIR", "/tmp")) / f"caloforge-{name}-bundle"
         )
+        if tracker is not None:
+            _replay_pending(tracker, run, cfg, wait_s=cfg.tracking.final_wait_s, bundle_dir=bundle_dir)
         registered = [hook(bundle_dir, tracker.run_id if tracker else None, metrics) for hook in hooks]
         if tracker is not None:
-            tracker.end("FINISHED")
+            _end_tracker(tracker, "FINISHED", cfg)
         result = PretrainResult(
             run_name=name,
             run_uri=run.uri,
@@ -428,7 +568,7 @@ def run_pretrain(
         return result
     except BaseException as exc:
         if tracker is not None:
-            tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            _end_tracker(tracker, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", cfg)
         raise
     finally:
         if handler is not None:

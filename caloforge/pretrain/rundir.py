@@ -13,6 +13,7 @@ Ray Train keeps its own state there (``checkpoint_<step>/`` directories, ``check
 ``logs/``                      ``driver.log`` and ``worker_rank<r>.log``
 ``bundle/``                    the final ShowerModel bundle (EMA weights)
 ``final_metrics.json``         the last training + validation metrics
+``tracking_pending.json``      MLflow calls rank 0 could not deliver (replayed and removed by the driver)
 =============================  ==========================================================================
 
 Local paths are written directly (atomically: temp file + rename); remote URIs (``s3://``, ``gs://``,
@@ -149,6 +150,20 @@ class RunDir:
         else:
             with self.fs.open_output_stream(target) as fh:
                 fh.write(text.encode())
+
+    def remove_dir(self, rel: str) -> None:
+        """Delete the directory ``rel`` and everything below it (nothing when it does not exist)."""
+        if not rel or not self.exists(rel):
+            return
+        if self.is_local:
+            shutil.rmtree(self._path(rel))
+        else:
+            self.fs.delete_dir(self._path(rel))
+
+    def remove(self, rel: str) -> None:
+        """Delete the file ``rel`` (nothing when it does not exist)."""
+        if self.exists(rel):
+            self.fs.delete_file(self._path(rel))
 
     def write_json(self, rel: str, data: Any) -> None:
         self.write_text(rel, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

@@ -13,6 +13,7 @@ test-only fault injection) and the data audit (``audit.py``). At start a worker 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -36,9 +37,19 @@ from caloforge.datasets.shards import Manifest
 from caloforge.datasets.streaming import ShowerStream
 from caloforge.platform.shower_model import Lineage
 from caloforge.pretrain.audit import AuditedStream
-from caloforge.pretrain.checkpoints import RayCheckpointManager
+from caloforge.pretrain.checkpoints import (
+    RayCheckpointManager,
+    choose_resume_checkpoint,
+    remove_incomplete_checkpoints,
+)
 from caloforge.pretrain.config import PretrainConfig
-from caloforge.pretrain.hooks import FaultInjection, MlflowMetrics, ResourceMetrics, UploadRunFiles
+from caloforge.pretrain.hooks import (
+    PENDING_FILE,
+    FaultInjection,
+    MlflowMetrics,
+    ResourceMetrics,
+    UploadRunFiles,
+)
 from caloforge.pretrain.raylog import DropPrefixes
 from caloforge.pretrain.rundir import RunDir
 from caloforge.pretrain.validation import QuickValidation
@@ -159,16 +170,21 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 ", ".join(f"{k} {v:.2f}" for k, v in stream.probabilities.items()),
             )
 
+        fault = cfg.fault_injection
+        enospc = (fault.step, run) if fault and fault.kind == "enospc" and fault.rank == rank else None
         manager = RayCheckpointManager(
-            staging / "checkpoints", rank, world, keep_last=cfg.cluster.num_to_keep
+            staging / "checkpoints", rank, world, keep_last=cfg.cluster.num_to_keep, enospc_at=enospc
         )
         if rank == 0 and payload.get("mlflow_run_id"):
-            from caloforge.registry.tracking import RunTracker
+            from caloforge.registry.tracking import BestEffortTracker
 
-            tracker = RunTracker(
+            # best effort: connects lazily, short timeouts, queues and replays while MLflow is down
+            tracker = BestEffortTracker(
                 cfg.tracking.experiment,
                 run_id=payload["mlflow_run_id"],
                 tracking_uri=payload["mlflow_tracking_uri"],
+                timeout_s=cfg.tracking.timeout_s,
+                retry_every_s=cfg.tracking.retry_every_s,
             )
         metrics_path = run.local_path / "metrics.jsonl" if run.is_local else staging / "metrics.jsonl"
         evals = []
@@ -189,8 +205,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             files = {"metrics.jsonl": metrics_path} if rank == 0 else {}
             files[f"logs/worker_rank{rank}.log"] = logs_dir / f"worker_rank{rank}.log"
             extra.append(UploadRunFiles(run, files))
-        if cfg.fault_injection is not None:
-            extra.append(FaultInjection(cfg.fault_injection.rank, cfg.fault_injection.step, rank, run))
+        if fault is not None and fault.kind != "enospc":
+            extra.append(FaultInjection(fault.rank, fault.step, rank, run, fault.kind))
         hooks = job.standard_hooks(metrics_path, progress=False, evals=evals, extra=extra)
 
         audited = AuditedStream(stream, cfg.data.audit_samples, run, rank) if cfg.data.audit_samples else None
@@ -204,9 +220,21 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 type(backend).__name__,
             )
         checkpoint = ray.train.get_checkpoint()  # after a failure, or a run resumed by name
-        if checkpoint is not None:
-            with checkpoint.as_directory() as directory:
-                trainer.restore(Path(directory))  # verifies the completeness markers first
+        ray_name = Path(checkpoint.path).name if checkpoint is not None else None
+        if rank == 0:
+            remove_incomplete_checkpoints(run, keep=ray_name)
+        if world > 1:
+            torch.distributed.barrier()  # every rank lists storage after rank 0 tidied it
+        manager.taken = set(run.ray_checkpoints())  # before any rank of this group reports
+        restored_from = None
+        with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as directory:
+            # the newest checkpoint in storage that verifies (normally Ray's latest)
+            chosen = choose_resume_checkpoint(
+                run, Path(directory) if directory else None, ray_name, staging / "restore"
+            )
+            if chosen is not None:
+                restored_from = f"{run.uri}/{chosen[0]}"
+                trainer.restore(chosen[1])  # verifies markers, sizes and sha256 digests (again) first
         if audited is not None:
             audited.start_step = trainer.step
         if rank == 0:
@@ -214,15 +242,16 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 f"attempts/{time.time_ns()}.json",
                 {
                     "start_step": trainer.step,
-                    "restored_from": checkpoint.path if checkpoint is not None else None,
+                    "restored_from": restored_from,
+                    "pid": os.getpid(),
                     "world_size": world,
                     "host": socket.gethostname(),
                     "device": str(device),
                     "engine": cfg.engine.backend,
                 },
             )
-            if checkpoint is not None:
-                log.info("restored from %s at step %d", checkpoint.path, trainer.step)
+            if restored_from is not None:
+                log.info("restored from %s at step %d", restored_from, trainer.step)
         result = trainer.fit()
         if rank == 0:
             _finish(trainer, result, run, tracker, cfg, staging, evals, lineage)
@@ -278,4 +307,13 @@ def _finish(
     if tracker is not None:
         tracker.log_artifacts(bundle, "bundle")
         tracker.log_dict(final, "final_metrics.json")
+        if not tracker.flush():
+            # the driver replays this file when MLflow is back (at the end of this launch, or the next)
+            run.write_json(PENDING_FILE, tracker.pending_record())
+            log.warning(
+                "MLflow still unreachable at the end of training: %d call(s) left in %s/%s for the driver",
+                len(tracker.pending),
+                run.uri,
+                PENDING_FILE,
+            )
     log.info("final bundle (EMA weights) written to %s/bundle", run.uri)

@@ -50,9 +50,13 @@ def bundle_files(directory: str | Path) -> dict[str, str]:
 
 def verify_bundle_files(directory: str | Path, expected: Mapping[str, str], what: str) -> None:
     """Compare the files of ``directory`` with the digests recorded at registration (ValueError on any
-    difference). An empty ``expected`` (nothing recorded) checks nothing."""
+    difference). Nothing recorded (a version without the ``caloforge.bundle_files`` tag: registered outside
+    CaloForge, or its tag removed) is refused too: such a bundle cannot be verified."""
     if not expected:
-        return
+        raise ValueError(
+            f"{what}: the registry records no file digests for this version (tag caloforge.bundle_files "
+            "missing), so its bundle cannot be verified; register the bundle again through caloforge"
+        )
     actual = bundle_files(directory)
     missing = sorted(set(expected) - set(actual))
     if missing:

@@ -64,10 +64,34 @@ def pull(
     return Path(out_dir) / CARD_FILE
 
 
+def load_pyfunc(client: MlflowClient, tracking_uri: str, uri: str) -> Any:
+    """``mlflow.pyfunc.load_model`` of version ``uri``, but only after its files are verified: the whole
+    model is downloaded, its own files (``MLmodel``, the entry script MLflow executes) and the bundle are
+    checked against the digests recorded at registration, then the local, verified copy is loaded."""
+    from caloforge.registry.pyfunc import verify_model_files
+
+    mv = resolve(client, uri)
+    root = client.get_model_version_download_uri(mv.name, str(mv.version))
+    with tempfile.TemporaryDirectory(prefix="caloforge-pyfunc-") as tmp:
+        try:
+            with quiet_mlflow():
+                local = Path(
+                    mlflow.artifacts.download_artifacts(
+                        artifact_uri=root, dst_path=tmp, tracking_uri=tracking_uri
+                    )
+                )
+        except (MlflowException, OSError) as exc:
+            raise ValueError(f"{mv.uri}: could not download the model ({exc})") from exc
+        verify_model_files(local, mv.model_files, what=mv.uri)
+        verify_bundle_files(local / "artifacts" / BUNDLE_ARTIFACT, mv.bundle_files, what=mv.uri)
+        with quiet_mlflow():
+            return mlflow.pyfunc.load_model(str(local))  # the bundle is read into memory here
+
+
 def model_artifact_uri(client: MlflowClient, uri: str) -> str:
     """Where the pyfunc model of a version lives (for ``mlflow.pyfunc.load_model``)."""
     mv = resolve(client, uri)
     return client.get_model_version_download_uri(mv.name, str(mv.version))
 
 
-__all__ = ["download_bundle", "model_artifact_uri", "pull"]
+__all__ = ["download_bundle", "load_pyfunc", "model_artifact_uri", "pull"]

@@ -26,6 +26,13 @@ directory as its only artifact. Loading it needs the ``caloforge`` package (and 
 Python environment: MLflow's environment capture would record ``torch==X`` without the ``+cpu`` label
 (pulling the CUDA wheel), so ``pip_requirements`` are set explicitly and environment re-creation
 (``--env-manager virtualenv|conda``) is not supported; serve with ``--env-manager local``.
+
+Trust: MLflow runs the entry script when it loads the model, before any CaloForge code can check anything.
+Registration records the sha256 of every file of the model outside the bundle (``caloforge.model_files``:
+``MLmodel``, the entry script, the environment files) next to the bundle's (``caloforge.bundle_files``);
+``RegistryStore.load_pyfunc`` downloads the model, checks both and that the entry script is exactly
+:data:`ENTRY_SCRIPT`, and only then loads it. ``mlflow.pyfunc.load_model("models:/…")`` straight from the
+store checks nothing: it is only as safe as the store is write-protected (docs/registry.md).
 """
 
 from __future__ import annotations
@@ -76,6 +83,42 @@ def quiet_mlflow() -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = old
+
+
+ENTRY_FILE = "caloforge_shower_model.py"
+
+
+def model_files(model_dir: str | Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of the pyfunc model's files outside ``artifacts/bundle`` (those are the
+    bundle's own digests)."""
+    from caloforge.registry.bundle import bundle_files
+
+    return {
+        rel: digest
+        for rel, digest in bundle_files(model_dir).items()
+        if not rel.startswith(f"artifacts/{BUNDLE_ARTIFACT}/")
+    }
+
+
+def verify_model_files(model_dir: str | Path, expected: Mapping[str, str], what: str) -> None:
+    """Refuse (ValueError) a downloaded pyfunc model whose files outside the bundle differ from the digests
+    recorded at registration (also: none recorded, a file added, or an entry script that is not
+    :data:`ENTRY_SCRIPT`) — before MLflow would execute any of it."""
+    if not expected:
+        raise ValueError(
+            f"{what}: the registry records no digests of the pyfunc model's files (tag caloforge.model_files "
+            "missing); its entry script cannot be verified, so it is not loaded"
+        )
+    actual = model_files(model_dir)
+    differ = sorted(f for f in set(actual) | set(expected) if actual.get(f) != expected.get(f))
+    if differ:
+        raise ValueError(
+            f"{what}: pyfunc model file(s) {differ} differ from the digests recorded at registration "
+            "(missing, added or changed in the artifact store); not loaded"
+        )
+    entries = sorted(Path(model_dir).rglob(ENTRY_FILE))
+    if len(entries) != 1 or entries[0].read_text() != ENTRY_SCRIPT:
+        raise ValueError(f"{what}: the entry script {ENTRY_FILE} is not CaloForge's; not loaded")
 
 
 def pip_requirements() -> list[str]:
@@ -212,7 +255,7 @@ def save_pyfunc_model(
     info = info if info is not None else inspect_bundle(bundle_dir)
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="caloforge-pyfunc-") as tmp:
-        entry = Path(tmp) / "caloforge_shower_model.py"
+        entry = Path(tmp) / ENTRY_FILE
         entry.write_text(ENTRY_SCRIPT)
         # MLflow stores a directory artifact under its base name: copy to a fixed name so the bundle always
         # lives at <model>/artifacts/bundle (what RegistryStore.download_bundle fetches).
@@ -233,10 +276,14 @@ def save_pyfunc_model(
 
 
 __all__ = [
+    "ENTRY_FILE",
+    "ENTRY_SCRIPT",
     "INPUT_COLUMNS",
     "ShowerModelPyfunc",
     "conditions_from_table",
+    "model_files",
     "pip_requirements",
     "save_pyfunc_model",
     "signature",
+    "verify_model_files",
 ]

@@ -13,6 +13,7 @@ created it), the logged model and its artifacts and the registration run (MLflow
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -30,7 +31,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 import caloforge
 from caloforge.registry.bundle import BundleInfo, inspect_bundle
 from caloforge.registry.lookup import get_version, not_found
-from caloforge.registry.pyfunc import quiet_mlflow, save_pyfunc_model
+from caloforge.registry.pyfunc import model_files, quiet_mlflow, save_pyfunc_model
 from caloforge.registry.versions import (
     BASE_MODEL_NAME,
     TAG,
@@ -150,6 +151,7 @@ class Registrar:
         with tempfile.TemporaryDirectory(prefix="caloforge-register-") as tmp, quiet_mlflow():
             local = Path(tmp) / "model"
             save_pyfunc_model(local, req.info.path, mlflow_model=mlflow_model, info=req.info)
+            digests = model_files(local)  # the entry script MLflow runs on load: covered like the bundle
             c.log_model_artifacts(logged.model_id, str(local))
         c.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
         c.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
@@ -165,7 +167,11 @@ class Registrar:
             req.name,
             source=logged.artifact_location,
             run_id=run_id,
-            tags={**req.tags, TAG + "logged_model_id": logged.model_id},
+            tags={
+                **req.tags,
+                TAG + "logged_model_id": logged.model_id,
+                TAG + "model_files": json.dumps(digests, sort_keys=True),
+            },
             description=req.description
             or f"{req.kind} model registered {now_iso()} by caloforge {caloforge.__version__}",
             model_id=logged.model_id,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from mlflow import MlflowClient
 
@@ -207,8 +208,14 @@ class RegistryStore:
             overwrite=overwrite,
         )
 
+    def load_pyfunc(self, uri: str) -> Any:
+        """The version's MLflow pyfunc model, loaded only after its entry script, ``MLmodel`` and bundle
+        match the digests recorded at registration (``download.load_pyfunc``)."""
+        return download.load_pyfunc(self.client, self.tracking_uri, uri)
+
     def model_artifact_uri(self, uri: str) -> str:
-        """Where the pyfunc model of a version lives (for ``mlflow.pyfunc.load_model``)."""
+        """Where the pyfunc model of a version lives (for ``mlflow.pyfunc.load_model``, which verifies
+        nothing: prefer :meth:`load_pyfunc`)."""
         return download.model_artifact_uri(self.client, uri)
 
 

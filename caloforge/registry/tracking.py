@@ -9,23 +9,41 @@ A tracker talks to MLflow through an explicit ``MlflowClient`` (no process-globa
 safe inside Ray workers. Resuming a run (``run_id=...``) keeps one metric timeline: MLflow params are
 immutable, so a resumed run records values that changed (e.g. ``loop.steps`` raised for more steps) as
 ``caloforge.resume.<n>.<param>`` tags instead of failing.
+
+:class:`BestEffortTracker` is what a training worker uses: MLflow must never stop a run. Each call waits at
+most ``timeout_s`` without MLflow's own retries (``MLFLOW_HTTP_REQUEST_TIMEOUT`` /
+``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` set around the call, :func:`short_timeouts`); a failure is logged once per
+outage and the call queued; queued calls are replayed in order (metrics with their original timestamps)
+at the next call after ``retry_every_s`` and at the end of the run. An unreachable server is reported as
+such, never as "run not found" (:func:`is_unreachable`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import logging
 import math
+import os
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from caloforge import paths
 
-__all__ = ["RunTracker", "flatten_params", "library_versions"]
+__all__ = [
+    "BestEffortTracker",
+    "RunTracker",
+    "TrackingUnavailable",
+    "flatten_params",
+    "is_unreachable",
+    "library_versions",
+    "replay_pending",
+    "short_timeouts",
+]
 
 log = logging.getLogger("caloforge.registry")
 
@@ -61,6 +79,50 @@ def flatten_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
             text = text[: _MAX_PARAM_VALUE - 1] + "…"
         out[name] = text
     return out
+
+
+class TrackingUnavailable(ConnectionError):
+    """The MLflow tracking server could not be reached (not: the run or experiment does not exist)."""
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether an MLflow client error means "could not talk to the server" (connection refused, timeout,
+    5xx, retries exhausted) rather than an answer from it (not found, invalid value)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, requests.exceptions.RequestException | OSError | TimeoutError):
+        return True
+    if isinstance(exc, MlflowException):
+        if exc.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):
+            return True
+        text = str(exc)
+        return any(
+            s in text
+            for s in ("Max retries exceeded", "Connection refused", "failed with exception", "Read timed out")
+        ) or (exc.error_code == "INTERNAL_ERROR" and "API request to" in text)
+    return False
+
+
+@contextlib.contextmanager
+def short_timeouts(timeout_s: float, max_retries: int = 0) -> Iterator[None]:
+    """MLflow HTTP calls inside wait at most ``timeout_s`` per request, with ``max_retries`` retries
+    (MLflow reads these environment variables per request; the previous values are restored after)."""
+    values = {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout_s))),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(max_retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    }
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def library_versions() -> dict[str, str]:
@@ -102,8 +164,15 @@ class RunTracker:
         if run_id is not None:
             try:
                 run = self.client.get_run(run_id)
-            except MlflowException as exc:
-                raise ValueError(f"MLflow run {run_id!r} not found in {self.tracking_uri}") from exc
+            except Exception as exc:
+                if is_unreachable(exc):
+                    raise TrackingUnavailable(
+                        f"cannot reach the MLflow tracking server at {self.tracking_uri} to continue run "
+                        f"{run_id!r}: {exc}"
+                    ) from exc
+                if isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    raise ValueError(f"MLflow run {run_id!r} not found in {self.tracking_uri}") from exc
+                raise
             if run.info.lifecycle_stage != "active":
                 raise ValueError(f"MLflow run {run_id!r} is deleted; restore it or start a new run")
             self.run_id = run_id
@@ -167,11 +236,12 @@ class RunTracker:
             log.info("MLflow run %s continued with changed params: %s", self.run_id, sorted(changed))
         return changed
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log finite numeric metrics at ``step`` (NaN/inf values are left out, with a debug line)."""
+    def log_metrics(self, metrics: Mapping[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        """Log finite numeric metrics at ``step`` (NaN/inf values are left out, with a debug line);
+        ``timestamp_ms`` default: now."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
         items = []
         for key, value in metrics.items():
             v = float(value)
@@ -199,3 +269,142 @@ class RunTracker:
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"run status must be FINISHED, FAILED or KILLED, got {status!r}")
         self.client.set_terminated(self.run_id, status=status)
+
+
+class BestEffortTracker:
+    """MLflow for a training worker: never blocks for long, never fails the run (see the module docstring).
+
+    Args:
+        experiment, run_id, tracking_uri: the run to continue (created by the driver).
+        timeout_s: the longest one MLflow request may take (no retries).
+        retry_every_s: after a failure, queued calls wait this long before the next attempt.
+        clock: monotonic seconds (tests may pass their own).
+
+    ``pending`` holds the queued calls: ``("metrics", {...}, step, timestamp_ms)``,
+    ``("artifacts", local_dir, artifact_path)``, ``("dict", data, artifact_file)``.
+    """
+
+    def __init__(
+        self,
+        experiment: str,
+        run_id: str,
+        tracking_uri: str,
+        timeout_s: float = 5.0,
+        retry_every_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.experiment, self.run_id, self.tracking_uri = experiment, run_id, tracking_uri
+        self.timeout_s, self.retry_every_s, self.clock = timeout_s, retry_every_s, clock
+        self.pending: list[tuple[Any, ...]] = []
+        self.failures = 0  # failed attempts (each at most timeout_s)
+        self.replayed = 0  # calls delivered after having been queued
+        self._tracker: RunTracker | None = None
+        self._next_try = 0.0
+        self._down_since: float | None = None
+
+    @property
+    def available(self) -> bool:
+        return self._down_since is None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.pending.append(("metrics", dict(metrics), int(step), int(time.time() * 1000)))
+        self._try()
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        self.pending.append(("artifacts", str(local_dir), artifact_path))
+        self._try()
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        self.pending.append(("dict", dict(data), artifact_file))
+        self._try()
+
+    def flush(self) -> bool:
+        """Try to deliver everything queued now (whatever the retry interval); ``True`` when nothing is
+        left."""
+        self._next_try = 0.0
+        return self._try()
+
+    def _deliver(self, item: tuple[Any, ...]) -> None:
+        if self._tracker is None:
+            self._tracker = RunTracker(self.experiment, run_id=self.run_id, tracking_uri=self.tracking_uri)
+        kind = item[0]
+        if kind == "metrics":
+            self._tracker.log_metrics(item[1], item[2], timestamp_ms=item[3])
+        elif kind == "artifacts":
+            self._tracker.log_artifacts(item[1], item[2])
+        elif kind == "dict":
+            self._tracker.log_dict(item[1], item[2])
+        else:
+            raise ValueError(f"BestEffortTracker: unknown queued call {kind!r}")
+
+    def _try(self) -> bool:
+        if not self.pending:
+            return True
+        if self.clock() < self._next_try:
+            return False
+        was_down = self._down_since is not None
+        with short_timeouts(self.timeout_s):
+            while self.pending:
+                try:
+                    self._deliver(self.pending[0])
+                except Exception as exc:
+                    if not is_unreachable(exc):
+                        raise
+                    self.failures += 1
+                    self._next_try = self.clock() + self.retry_every_s
+                    if self._down_since is None:
+                        self._down_since = self.clock()
+                        log.warning(
+                            "MLflow at %s is unreachable (%s); training continues, metrics.jsonl is the "
+                            "record, %d call(s) queued and retried every %.0f s",
+                            self.tracking_uri,
+                            str(exc).splitlines()[0][:300],
+                            len(self.pending),
+                            self.retry_every_s,
+                        )
+                    return False
+                self.pending.pop(0)
+                if was_down:
+                    self.replayed += 1
+        if self._down_since is not None:
+            log.warning(
+                "MLflow at %s is reachable again after %.0f s: %d queued call(s) replayed",
+                self.tracking_uri,
+                self.clock() - self._down_since,
+                self.replayed,
+            )
+            self._down_since = None
+        return True
+
+    def pending_record(self) -> dict[str, Any]:
+        """What is still queued, as JSON (for ``tracking_pending.json`` in the run directory): metrics with
+        their steps and timestamps, ``["artifacts", artifact_path]`` (the directory of that name in the run
+        directory) and ``["dict", data, artifact_file]``."""
+        metrics = [
+            {"step": step, "timestamp_ms": ts, "metrics": values}
+            for kind, values, step, ts in (i for i in self.pending if i[0] == "metrics")
+        ]
+        other = [[i[0], i[2]] for i in self.pending if i[0] == "artifacts"]
+        other += [["dict", i[1], i[2]] for i in self.pending if i[0] == "dict"]
+        return {"run_id": self.run_id, "tracking_uri": self.tracking_uri, "metrics": metrics, "other": other}
+
+
+def replay_pending(tracker: RunTracker, record: Mapping[str, Any], artifact_dirs: Mapping[str, Path]) -> int:
+    """Deliver a :meth:`BestEffortTracker.pending_record` through ``tracker`` (in order; metrics keep their
+    steps and timestamps); ``artifact_dirs`` maps an artifact path to the local directory to upload.
+    Returns the number of calls delivered; raises what the client raises (nothing is skipped)."""
+    n = 0
+    for row in record.get("metrics", []):
+        tracker.log_metrics(row["metrics"], int(row["step"]), timestamp_ms=int(row["timestamp_ms"]))
+        n += 1
+    for item in record.get("other", []):
+        if item[0] == "artifacts":
+            if item[1] not in artifact_dirs:
+                raise ValueError(f"replay: no local directory for queued artifacts {item[1]!r}")
+            tracker.log_artifacts(artifact_dirs[item[1]], item[1])
+        elif item[0] == "dict":
+            tracker.log_dict(item[1], item[2])
+        else:
+            raise ValueError(f"replay: unknown queued call {item[0]!r}")
+        n += 1
+    return n

@@ -19,6 +19,7 @@ tag                                       value
 ``caloforge.version``                     caloforge version that registered it
 ``caloforge.schema_version``              bundle schema version
 ``caloforge.bundle_files``                JSON ``{file: sha256}`` of the bundle (checked on download)
+``caloforge.model_files``                 JSON ``{file: sha256}`` of MLmodel + the entry script
 ``caloforge.mesh_shape``                  e.g. ``45x16x9``
 ``caloforge.logged_model_id``             the MLflow logged model holding the artifacts
 ``metric.<name>``                         evaluation metrics (``fpd``, ``kpd``, ``auc_low``, ...)
@@ -118,6 +119,12 @@ class RegisteredVersion:
     @property
     def bundle_files(self) -> dict[str, str]:
         raw = self.tags.get(TAG + "bundle_files")
+        return json.loads(raw) if raw else {}
+
+    @property
+    def model_files(self) -> dict[str, str]:
+        """Digests of the pyfunc model's files outside the bundle (``MLmodel``, the entry script, …)."""
+        raw = self.tags.get(TAG + "model_files")
         return json.loads(raw) if raw else {}
 
     def to_dict(self) -> dict[str, Any]:

@@ -81,8 +81,13 @@ class LoopConfig:
     # keys stay the same, DDP/DeepSpeed wrap it as usual) on CUDA; ignored on CPU. Same math, faster
     # steps after a one-off compilation of about a minute (docs/pretraining.md, "GPU throughput and MFU").
     compile: bool = False
+    # stop with an error after this many optimizer updates in a row were skipped for a non-finite gradient
+    # norm (checked at log steps); 0: never stop
+    max_consecutive_skipped: int = 100
 
     def __post_init__(self) -> None:
+        if self.max_consecutive_skipped < 0:
+            raise ValueError(f"max_consecutive_skipped must be >= 0, got {self.max_consecutive_skipped}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1 or self.grad_accum < 1:

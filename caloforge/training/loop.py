@@ -119,6 +119,7 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.skipped_updates = 0
+        self.consecutive_skipped = 0  # skipped updates in a row, up to the last flush
         self._skipped_pending: list[bool | torch.Tensor] = []  # StepInfo.skipped since the last flush
         self.checkpoints = checkpoints
         self.hooks: list[HookProtocol] = list(hooks)
@@ -137,20 +138,35 @@ class Trainer:
     # -- state -----------------------------------------------------------------------------------------
     def _flush_skipped(self) -> int:
         """Fold the pending per-step skip flags (host bools or device tensors) into ``skipped_updates``
-        (one device sync for the whole window); returns how many updates of the window were skipped."""
+        (one device sync for the whole window); returns how many updates of the window were skipped.
+
+        Raises ``FloatingPointError`` when ``config.max_consecutive_skipped`` updates in a row were skipped
+        (every rank sees the same flags, so every rank stops at the same step)."""
         if not self._skipped_pending:
             return 0
         flags = self._skipped_pending
         self._skipped_pending = []
-        tensors = [f for f in flags if isinstance(f, torch.Tensor)]
-        n = sum(int(f) for f in flags if not isinstance(f, torch.Tensor))
-        if tensors:
-            n += int(torch.stack([t.reshape(()).to(torch.int64) for t in tensors]).sum())
+        positions = [i for i, f in enumerate(flags) if isinstance(f, torch.Tensor)]
+        values = [bool(f) if not isinstance(f, torch.Tensor) else False for f in flags]
+        if positions:
+            synced = torch.stack([flags[i].reshape(()).to(torch.int64) for i in positions]).tolist()
+            for i, v in zip(positions, synced, strict=True):
+                values[i] = bool(v)
+        n = sum(values)
         if n:
             log.warning(
                 "%d of the last %d optimizer updates were skipped (non-finite gradient norm)", n, len(flags)
             )
         self.skipped_updates += n
+        for skipped in values:
+            self.consecutive_skipped = self.consecutive_skipped + 1 if skipped else 0
+        limit = self.config.max_consecutive_skipped
+        if limit and self.consecutive_skipped >= limit:
+            raise FloatingPointError(
+                f"{self.consecutive_skipped} consecutive optimizer updates were skipped (non-finite loss or "
+                f"gradient norm) up to step {self.step}: stopping (loop.max_consecutive_skipped={limit}). "
+                "Look for NaN/inf in the data or a diverging learning rate; resume from the last checkpoint"
+            )
         return n
 
     def train_state(self) -> TrainState:
@@ -166,6 +182,7 @@ class Trainer:
             extra={
                 "samples_seen": self.samples_seen,
                 "skipped_updates": self.skipped_updates,
+                "consecutive_skipped": self.consecutive_skipped,
                 "loop_config": to_dict(self.config),
                 **({"target": self.target.state_dict()} if self.target is not None else {}),
             },
@@ -198,6 +215,7 @@ class Trainer:
         self.step = state.step
         self.samples_seen = int(state.extra.get("samples_seen", 0))
         self.skipped_updates = int(state.extra.get("skipped_updates", 0))
+        self.consecutive_skipped = int(state.extra.get("consecutive_skipped", 0))
         self._skipped_pending = []
 
     def save_checkpoint(self) -> Path:
@@ -213,12 +231,13 @@ class Trainer:
         return path
 
     def restore(self, path: str | Path | None = None) -> Path | None:
-        """Resume from ``path`` (default: the checkpoint manager's latest, if any); returns that path."""
+        """Resume from ``path`` (default: the checkpoint manager's newest checkpoint that verifies, if any);
+        returns that path."""
         self._restored = True
         if path is None:
             if self.checkpoints is None:
                 return None
-            found = self.checkpoints.latest()
+            found = self.checkpoints.resume_point()
             if found is None:
                 return None
             path = found

@@ -7,13 +7,20 @@ A checkpoint is a directory ``<run_dir>/checkpoints/step_<NNNNNNNN>/`` holding
   ``model.pt`` and ``optim.pt``, DeepSpeed its own per-rank files),
 - ``trainer_state_rank<RRRRR>.pt`` per rank: the :class:`TrainState` (step, EMA shadow, the rank's stream
   position, RNG states: python, numpy, torch CPU, CUDA when present, and the loop's generator),
-- ``meta.json`` (step, world size, format version, the loop's latest log-step metrics), written last.
+- ``meta.json`` (step, world size, format version, the loop's latest log-step metrics, and ``files``: the
+  size and sha256 of every other file of the checkpoint), written last.
 
 Atomicity: everything is written into ``.tmp_step_<N>/``, fsynced, then renamed to ``step_<N>/``, and only
 then does the ``latest`` symbolic link move (``os.replace`` of a fresh link, also atomic). A crash at any
 point leaves either the previous ``latest`` or the new one, never a half-written directory under a
 ``step_*`` name; stale ``.tmp_*`` directories are never read and are removed by the next save. Older
 checkpoints beyond ``keep_last`` are deleted after the new one is committed.
+
+Verification: :meth:`CheckpointManager.verify` checks every file against the sizes and sha256 digests in
+``meta.json`` before anything is read, and :meth:`CheckpointManager.resume_point` (what ``Trainer.restore``
+asks for) returns the newest checkpoint that verifies, logging each newer one that did not (a torn copy, a
+damaged disk block, a file changed on shared storage): a damaged latest checkpoint costs the steps since the
+previous one, never the run.
 
 All files are plain state dicts written with ``torch.save`` and read with ``torch.load(weights_only=True)``;
 numpy arrays inside stream states are stored as tagged tensors and restored as numpy arrays.
@@ -36,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from caloforge.platform.hashing import sha256_file
 from caloforge.training.backend import Backend
 
 __all__ = [
@@ -44,9 +52,11 @@ __all__ = [
     "capture_rng",
     "decode_state",
     "encode_state",
+    "file_digests",
     "finite_metrics",
     "restore_rng",
     "state_file",
+    "verify_files",
 ]
 
 log = logging.getLogger("caloforge.training")
@@ -66,6 +76,41 @@ def finite_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
         if v == v and abs(v) != float("inf"):
             out[key] = v
     return out
+
+
+def file_digests(directory: Path, exclude: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size": bytes, "sha256": hex}}`` of every file under ``directory`` whose first
+    path component is not in ``exclude``."""
+    directory = Path(directory)
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory)
+        if path.is_file() and rel.parts[0] not in exclude:
+            out[rel.as_posix()] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    return out
+
+
+def verify_files(directory: Path, files: Mapping[str, Any], who: str = "") -> list[str]:
+    """Problems of ``directory`` against a :func:`file_digests` record (empty: every file is there with its
+    size and content). Sizes are compared first, so a short file costs no hashing."""
+    directory = Path(directory)
+    problems = []
+    for rel, expected in files.items():
+        if not isinstance(expected, Mapping) or "sha256" not in expected or "size" not in expected:
+            problems.append(f"{who}{rel}: no recorded sha256 (written before content digests were kept)")
+            continue
+        path = directory / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            problems.append(f"{who}{rel}: path leaves the checkpoint")
+        elif not path.is_file():
+            problems.append(f"{who}{rel} missing")
+        elif path.stat().st_size != int(expected["size"]):
+            problems.append(f"{who}{rel} has {path.stat().st_size} bytes, {expected['size']} were written")
+        elif (actual := sha256_file(path)) != expected["sha256"]:
+            problems.append(
+                f"{who}{rel} is damaged (sha256 {actual[:12]}… != recorded {str(expected['sha256'])[:12]}…)"
+            )
+    return problems
 
 
 def state_file(rank: int) -> str:
@@ -250,6 +295,54 @@ class CheckpointManager:
         complete = self.complete_checkpoints()
         return complete[-1][1] if complete else None
 
+    def verify(self, directory: Path) -> dict[str, Any]:
+        """``meta.json`` of a checkpoint whose files all match the sizes and sha256 digests it records;
+        ``ValueError`` naming every missing, short or damaged file otherwise."""
+        directory = Path(directory)
+        meta_path = directory / META_FILE
+        if not meta_path.is_file():
+            raise ValueError(f"checkpoint {directory}: no {META_FILE} (incomplete or not a checkpoint)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"checkpoint {directory}: {META_FILE} is not valid JSON ({exc})") from exc
+        files = meta.get("files")
+        if not isinstance(files, dict) or not files:
+            raise ValueError(
+                f"checkpoint {directory}: {META_FILE} records no file digests (written by an older CaloForge "
+                "or not a checkpoint); it cannot be verified"
+            )
+        problems = verify_files(directory, files)
+        if problems:
+            raise ValueError(f"checkpoint {directory} does not verify: " + "; ".join(problems))
+        return meta
+
+    def resume_candidates(self) -> list[Path]:
+        """Checkpoints to try, best first: ``latest()``, then the other committed ones, newest first."""
+        first = self.latest()
+        others = [p for _, p in reversed(self.complete_checkpoints()) if p != first]
+        return ([first] if first is not None else []) + others
+
+    def resume_point(self) -> Path | None:
+        """The newest checkpoint that verifies (``None`` when there is none at all). A newer one that does
+        not verify is logged and skipped; when checkpoints exist but none verifies, ``ValueError`` (a run
+        must not silently start again from step 0)."""
+        candidates = self.resume_candidates()
+        problems = []
+        for path in candidates:
+            try:
+                self.verify(path)
+            except ValueError as exc:
+                log.error("%s; falling back to an older checkpoint", exc)
+                problems.append(str(exc))
+                continue
+            if problems:
+                log.warning("resuming from %s: %d newer checkpoint(s) did not verify", path, len(problems))
+            return path
+        if problems:
+            raise ValueError("no checkpoint verifies: " + " | ".join(problems))
+        return None
+
     def save(
         self, step: int, backend: Backend, state: TrainState, metrics: Mapping[str, float] | None = None
     ) -> Path:
@@ -275,6 +368,7 @@ class CheckpointManager:
                 "backend": type(backend).__name__,
                 "saved_at_unix": time.time(),
                 "metrics": finite_metrics(metrics),
+                "files": file_digests(tmp, exclude=(META_FILE,)),
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             _fsync_tree(tmp)
@@ -306,11 +400,10 @@ class CheckpointManager:
                 shutil.rmtree(path)
 
     def load(self, directory: Path, backend: Backend) -> TrainState:
+        """Verify (:meth:`verify`), then restore the backend's state and return this rank's
+        :class:`TrainState`."""
         directory = Path(directory)
-        meta_path = directory / META_FILE
-        if not meta_path.is_file():
-            raise ValueError(f"checkpoint {directory}: no {META_FILE} (incomplete or not a checkpoint)")
-        meta = json.loads(meta_path.read_text())
+        meta = self.verify(directory)
         if meta.get("world_size") != backend.world_size:
             raise ValueError(
                 f"checkpoint {directory}: saved with world_size={meta.get('world_size')}, resuming with "

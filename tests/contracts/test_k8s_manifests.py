@@ -104,19 +104,30 @@ def _containers(node: Any) -> Iterator[dict[str, Any]]:
 
 
 def split_image(ref: str) -> tuple[str, str | None]:
+    """``(name, tag)`` of an image reference (a ``@sha256:…`` digest is dropped: see :func:`image_digest`)."""
+    ref = ref.partition("@")[0]
     name, _, tag = ref.rpartition(":")
     if not name or "/" in tag:
         return ref, None
     return name, tag
 
 
+def image_digest(ref: str) -> str | None:
+    return ref.partition("@")[2] or None
+
+
 def _set_image(docs: list[dict[str, Any]], entry: dict[str, Any]) -> None:
+    """kustomize's ``images`` entry: newName, newTag, digest (rendered ``name:tag@digest``)."""
     for doc in docs:
         for container in _containers(doc):
             name, tag = split_image(container["image"])
+            digest = image_digest(container["image"])
             if name == entry["name"]:
                 tag = entry.get("newTag", tag)
-                container["image"] = entry.get("newName", name) + (f":{tag}" if tag else "")
+                digest = entry.get("digest", digest)
+                container["image"] = (
+                    entry.get("newName", name) + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
+                )
 
 
 def _json_patch(doc: dict[str, Any], op: dict[str, Any]) -> None:
@@ -537,13 +548,22 @@ def test_worker_group_matches_the_config(kdir: Path, tmp_path: Path):
 
 
 # -- network exposure --------------------------------------------------------------------------------------
+OPERATOR_NAMESPACE = {"kubernetes.io/metadata.name": "kuberay-system"}
+DNS_PEER = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+}
+MLFLOW_PEER = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}
+
+
 @all_kustomizations
 def test_network_policy_admits_caloforge_and_the_operator_only(kdir: Path):
     """The policy selects every Ray pod (head, workers, submitter); it admits all ports from CaloForge's own
-    pods and only the dashboard port from the KubeRay operator (which polls the job's status there)."""
+    pods and only the dashboard port from the KubeRay operator of one namespace (which polls the job's
+    status there) — never an operator-labelled pod of any other namespace."""
     docs = render(kdir)
     policy = one(docs, "NetworkPolicy")["spec"]
-    assert policy["policyTypes"] == ["Ingress"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
     selector = policy["podSelector"]["matchLabels"]
     assert selector == {"app.kubernetes.io/part-of": "caloforge"}
     for role, template in pod_templates(one(docs, "RayJob")).items():
@@ -556,11 +576,74 @@ def test_network_policy_admits_caloforge_and_the_operator_only(kdir: Path):
                 own.append(rule)
             else:
                 assert set(peer) == {"namespaceSelector", "podSelector"}, peer
+                assert peer["namespaceSelector"] == {"matchLabels": OPERATOR_NAMESPACE}, peer
                 assert peer["podSelector"]["matchLabels"] == OPERATOR_LABELS, peer
                 assert rule.get("ports") == [{"protocol": "TCP", "port": DASHBOARD_PORT}], rule
                 operator.append(rule)
     assert len(own) == 1 and "ports" not in own[0]
     assert len(operator) == 1
+
+
+@all_kustomizations
+def test_network_policy_egress_is_own_pods_dns_and_mlflow_only(kdir: Path):
+    policy = one(render(kdir), "NetworkPolicy")["spec"]
+    rules = {json.dumps(r["to"], sort_keys=True): r.get("ports") for r in policy["egress"]}
+    own = json.dumps([{"podSelector": {"matchLabels": policy["podSelector"]["matchLabels"]}}], sort_keys=True)
+    assert rules.pop(own) is None  # all ports between CaloForge's own pods
+    assert rules.pop(json.dumps([DNS_PEER], sort_keys=True)) == [
+        {"protocol": "UDP", "port": 53},
+        {"protocol": "TCP", "port": 53},
+    ]
+    assert rules.pop(json.dumps([MLFLOW_PEER], sort_keys=True)) == [{"protocol": "TCP", "port": 5000}]
+    assert rules == {}, f"unexpected egress: {rules}"
+    for rule in policy["egress"]:
+        for peer in rule["to"]:
+            assert "ipBlock" not in peer, "no egress to address blocks (the internet)"
+
+
+@all_kustomizations
+def test_pods_run_unprivileged_on_a_read_only_root(kdir: Path):
+    """Every pod: non-root, seccomp RuntimeDefault; every container: no privilege escalation, read-only root
+    filesystem, all capabilities dropped; TMPDIR is a size-limited emptyDir (ZeRO staging, Ray's session)."""
+    job = one(render(kdir), "RayJob")
+    for role, template in pod_templates(job).items():
+        spec = template["spec"]
+        pod = spec.get("securityContext", {})
+        assert pod.get("runAsNonRoot") is True and pod.get("runAsUser", 0) != 0, role
+        assert pod.get("seccompProfile") == {"type": "RuntimeDefault"}, role
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for c in _containers(template):
+            sc = c.get("securityContext", {})
+            assert sc.get("allowPrivilegeEscalation") is False, (role, c["name"])
+            assert sc.get("readOnlyRootFilesystem") is True, (role, c["name"])
+            assert sc.get("privileged", False) is False, (role, c["name"])
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], (role, c["name"])
+            assert not sc.get("capabilities", {}).get("add"), (role, c["name"])
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            tmp = env.get("TMPDIR", "/tmp")
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            assert tmp in mounts, f"{role}: TMPDIR {tmp} is not a volume (read-only root)"
+            volume = volumes[mounts[tmp]]
+            assert "emptyDir" in volume and volume["emptyDir"].get("sizeLimit"), (role, volume)
+            for path, name in mounts.items():  # every writable mount is bounded or the shared volume
+                v = volumes[name]
+                if "emptyDir" in v:
+                    assert v["emptyDir"].get("sizeLimit"), (role, path)
+
+
+@overlays
+def test_overlays_pin_the_image_by_digest(kdir: Path):
+    """Deployments pull ``repository:tag@sha256:…``: a pushed-over tag cannot change what runs. Until the
+    release image is pushed the digest is the documented all-zero placeholder (a pull fails closed)."""
+    entries = kustomization(kdir).get("images", [])
+    assert entries and all(re.fullmatch(r"sha256:[0-9a-f]{64}", e.get("digest", "")) for e in entries), (
+        entries
+    )
+    for c in _containers(one(render(kdir), "RayJob")):
+        assert re.fullmatch(r"[^@]+@sha256:[0-9a-f]{64}", c["image"]), c["image"]
+    text = (kdir / "kustomization.yaml").read_text()
+    if "sha256:" + "0" * 64 in text:
+        assert "PLACEHOLDER" in text and "docker buildx imagetools inspect" in text
 
 
 @all_kustomizations

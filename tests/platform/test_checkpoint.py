@@ -178,3 +178,23 @@ def test_save_is_atomic_and_refuses_to_clobber(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="expects a ShowerModel"):
         save_bundle(torch.nn.Linear(1, 1), tmp_path / "x")  # type: ignore[arg-type]
+
+
+def test_weights_file_must_stay_inside_the_bundle(saved, tmp_path: Path) -> None:
+    """``weights.file`` is a file name of the bundle: a path out of it, or a link out of it, is refused
+    before anything is read (issue 15)."""
+    _, path = saved
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes((path / "model.safetensors").read_bytes())
+    for name in ("../elsewhere.safetensors", str(outside), "sub/model.safetensors", ".."):
+        bundle = _copy(path, tmp_path / f"b{abs(hash(name))}")
+        cfg = json.loads((bundle / "config.json").read_text())
+        cfg["weights"]["file"] = name
+        (bundle / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match=r"weights\.file .* must be a file name inside the bundle"):
+            load_bundle(bundle)
+    linked = _copy(path, tmp_path / "linked")
+    (linked / "model.safetensors").unlink()
+    (linked / "model.safetensors").symlink_to(outside)
+    with pytest.raises(ValueError, match=r"leads outside the bundle"):
+        load_bundle(linked)

@@ -18,9 +18,14 @@ def ray_local() -> Iterator[None]:
     from caloforge.pretrain.launch import ray_session
 
     os.environ.pop("RAY_ADDRESS", None)
+    os.environ.pop("RAY_AUTH_MODE", None)
     with ray_session(num_cpus=2) as mode:
+        from ray._raylet import AuthenticationMode, get_authentication_mode
+
         assert mode == "embedded"
         assert ray.is_initialized()
+        assert os.environ["RAY_AUTH_MODE"] == "token"  # drill 10: set explicitly, not Ray's default
+        assert get_authentication_mode() == AuthenticationMode.TOKEN
         yield
     assert not ray.is_initialized()
 

@@ -266,3 +266,33 @@ def test_default_store_lives_under_caloforge_home(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     assert RegistryStore().tracking_uri == "http://127.0.0.1:1"
     assert RegistryStore().artifact_root is None
+
+
+# -- trust boundaries (issue 15) ---------------------------------------------------------------------------
+def test_version_without_digest_tags_is_refused(fresh_store: RegistryStore, tmp_path: Path, bundle_dir: Path):
+    """A version whose file digests are missing (tag deleted, or registered outside CaloForge) cannot be
+    verified, so it is not downloaded nor loaded."""
+    store = fresh_store
+    v = store.register_bundle(bundle_dir, kind="base")
+    assert set(json.loads(v.tags["caloforge.model_files"])) >= {"MLmodel", "caloforge_shower_model.py"}
+    store.client.delete_model_version_tag(v.name, str(v.version), "caloforge.bundle_files")
+    with pytest.raises(ValueError, match=r"records no file digests .*caloforge\.bundle_files missing"):
+        store.download_bundle(v.uri, tmp_path / "dl")
+    store.client.delete_model_version_tag(v.name, str(v.version), "caloforge.model_files")
+    with pytest.raises(ValueError, match=r"caloforge\.model_files missing"):
+        store.load_pyfunc(v.uri)
+
+
+def test_load_pyfunc_verifies_the_entry_script_before_mlflow_runs_it(
+    fresh_store: RegistryStore, tmp_path: Path, bundle_dir: Path
+) -> None:
+    store = fresh_store
+    v = store.register_bundle(bundle_dir, kind="base")
+    model = store.load_pyfunc(v.uri)  # genuine: verified, then loaded
+    assert model.metadata.metadata["caloforge"]["mesh_shape"] == [6, 4, 3]
+    entry = Path(store.model_artifact_uri(v.uri).removeprefix("file://")) / "caloforge_shower_model.py"
+    canary = tmp_path / "canary"
+    entry.write_text(entry.read_text() + f"\nopen({str(canary)!r}, 'w').write('ran')\n")
+    with pytest.raises(ValueError, match=r"\['caloforge_shower_model\.py'\] differ from the digests"):
+        store.load_pyfunc(v.uri)
+    assert not canary.exists()

@@ -3,6 +3,7 @@ equivalence (weights, EMA, optimizer, scheduler, stream, RNG), hooks, metrics an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -309,3 +310,24 @@ def test_loss_context_carries_step_teacher_and_target_network(tmp_path) -> None:
     without = _trainer(cfg, run_dir=tmp_path, loss=distill_like, dropout=0.0, teacher=teacher)
     with pytest.raises(ValueError, match="target"):
         without.fit()  # a run without θ⁻ cannot pretend to resume one that had it (and vice versa)
+
+
+def test_consecutive_skipped_updates_stop_the_run_with_a_clear_error(tmp_path) -> None:
+    """NaN from step 3 on: updates are skipped, and after ``max_consecutive_skipped`` in a row the run
+    stops at the next log step instead of skipping forever; isolated skips never stop it."""
+
+    def loss_fn(module, batch, generator, ctx):
+        loss_B = denoise_loss(module, batch, generator, ctx)
+        return loss_B * float("nan") if trainer.step + 1 >= 3 else loss_B
+
+    cfg = dataclasses.replace(
+        _config(steps=20, batch_size=8, grad_accum=1, log_every=2), max_consecutive_skipped=4
+    )
+    torch.manual_seed(0)
+    stream = InMemoryStream(SHOWERS, COND, cfg.micro_batch_size(), seed=5)
+    trainer = Trainer(TinyDenoiser(dropout=0.0), loss_fn, TorchBackend("cpu"), stream, cfg)
+    with pytest.raises(FloatingPointError, match=r"4 consecutive optimizer updates were skipped .* step 6"):
+        trainer.fit()
+    assert trainer.step == 6 and trainer.skipped_updates == 4
+    with pytest.raises(ValueError, match="max_consecutive_skipped"):
+        dataclasses.replace(cfg, max_consecutive_skipped=-1)

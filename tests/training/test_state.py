@@ -141,7 +141,105 @@ def test_load_refuses_other_world_size_and_missing_files(tmp_path) -> None:
         _trainer(tmp_path).fit()
     (ckpt / "meta.json").write_text(json.dumps(meta))
     (ckpt / "trainer_state_rank00000.pt").unlink()
-    with pytest.raises(ValueError, match=r"missing trainer_state_rank00000\.pt"):
+    with pytest.raises(ValueError, match=r"no checkpoint verifies: .*trainer_state_rank00000\.pt missing"):
         _trainer(tmp_path).fit()
     with pytest.raises(ValueError, match="keep_last"):
         CheckpointManager(tmp_path, keep_last=0)
+
+
+# -- reliability drills (issue 15): damaged checkpoints, kills mid-write ----------------------------------
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))  # same size: only the content digest can tell
+
+
+def test_same_size_corruption_of_the_latest_checkpoint_falls_back_and_the_run_finishes(tmp_path) -> None:
+    """Drill 3 (in-process): a byte flipped in the latest checkpoint's weights → the manager skips it, the
+    run resumes from the previous checkpoint, re-does the lost steps and ends with the uninterrupted run's
+    weights; the damaged checkpoint is replaced by the next good save."""
+    reference = _trainer(None)
+    reference.fit(max_steps=6)
+    first = _trainer(tmp_path, checkpoint_every=2)
+    first.fit(max_steps=4)
+    root = tmp_path / "checkpoints"
+    manager = CheckpointManager(root)
+    meta = json.loads((root / "step_00000004" / "meta.json").read_text())
+    assert set(meta["files"]) == {MODEL_FILE, "optim.pt", "trainer_state_rank00000.pt"}
+    assert all(len(v["sha256"]) == 64 for v in meta["files"].values())
+    size = (root / "step_00000004" / MODEL_FILE).stat().st_size
+    _flip_byte(root / "step_00000004" / MODEL_FILE, size // 2)
+    with pytest.raises(ValueError, match=r"model\.pt is damaged \(sha256"):
+        manager.verify(root / "step_00000004")
+    assert manager.latest() == root / "step_00000004"  # the link still points there ...
+    assert manager.resume_point() == root / "step_00000002"  # ... resuming does not
+
+    resumed = _trainer(tmp_path, checkpoint_every=2)
+    result = resumed.fit(max_steps=6)
+    assert result.resumed_from == root / "step_00000002"
+    assert [r["step"] for r in result.history] == [3, 4, 5, 6]  # 2 steps lost, redone
+    for pa, pb in zip(resumed.backend.model.parameters(), reference.backend.model.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    for step in (4, 6):
+        manager.verify(root / f"step_{step:08d}")  # step 4 re-written: it verifies again
+
+
+def test_no_checkpoint_verifies_is_an_error_not_a_fresh_start(tmp_path) -> None:
+    _trainer(tmp_path, checkpoint_every=2).fit(max_steps=4)
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        _flip_byte(root / f"step_{step:08d}" / "optim.pt", 100)
+    with pytest.raises(ValueError, match=r"no checkpoint verifies: .*step_00000004.*step_00000002"):
+        _trainer(tmp_path, checkpoint_every=2).fit(max_steps=6)
+
+
+_KILL_MID_WRITE = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)  # as the tests (tests/training/conftest.py)
+import test_state as t
+from caloforge.training.torch_backend import TorchBackend
+
+class KilledMidWrite(TorchBackend):
+    saves = 0
+    def save(self, directory):
+        KilledMidWrite.saves += 1
+        super().save(directory)
+        if KilledMidWrite.saves == 2:  # the model and optimizer files of step 4 are written: die now
+            os.kill(os.getpid(), signal.SIGKILL)
+
+t._trainer(Path({run!r}), KilledMidWrite("cpu"), checkpoint_every=2).fit(max_steps=6)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_checkpoint_write_leaves_no_verifying_incomplete_checkpoint(tmp_path) -> None:
+    """Drill 2: a training process SIGKILLed while writing checkpoint 4 → nothing incomplete verifies; the
+    next run resumes from checkpoint 2 and ends with the uninterrupted run's weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = _KILL_MID_WRITE.format(tests=str(Path(__file__).parent), run=str(tmp_path))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    root = tmp_path / "checkpoints"
+    manager = CheckpointManager(root)
+    torn = root / ".tmp_step_00000004"
+    assert torn.is_dir() and not (torn / "meta.json").exists()
+    with pytest.raises(ValueError, match=r"no meta\.json"):
+        manager.verify(torn)
+    assert [s for s, _ in manager.complete_checkpoints()] == [2]
+    assert manager.resume_point() == root / "step_00000002"
+
+    reference = _trainer(None)
+    reference.fit(max_steps=6)
+    resumed = _trainer(tmp_path, checkpoint_every=2)
+    assert resumed.fit(max_steps=6).resumed_from == root / "step_00000002"
+    for pa, pb in zip(resumed.backend.model.parameters(), reference.backend.model.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    assert not list(root.glob(".tmp_*"))  # the torn write is gone after the next good save
