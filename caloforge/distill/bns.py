@@ -146,6 +146,6 @@ def polynomial_of_solver(solver: BespokeSolver) -> list[float]:
     us: list[list[float]] = []
     x = x0
     for i in range(n):
-        us.append([0.0] + x[:-1])  # u_i = M x_i: shift the powers by one
+        us.append([0.0, *x[:-1]])  # u_i = M x_i: shift the powers by one
         x = [solver.a[i] * x0[k] + sum(solver.b[i][j] * us[j][k] for j in range(i + 1)) for k in range(n + 1)]
     return x
