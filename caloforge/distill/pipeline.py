@@ -573,6 +573,7 @@ def _register(
     else:
         tags = {
             "parent_uri": plan.parent_uri,
+            "adaptation_method": config.method,  # the registry's "how derived" (caloforge.adaptation_method)
             "distill_method": config.method,
             "distill_sampler": plan.sampler,
             "distill_steps": str(plan.num_steps),

@@ -25,7 +25,9 @@ def linear_problem(dim: int = 6, seed: int = 0):
     return velocity, pairs
 
 
-@pytest.mark.parametrize(("n", "reference", "poly"), [(4, "rk4", [1, 1, 1 / 2, 1 / 6, 1 / 24]), (2, "heun", [1, 1, 1 / 2])])
+@pytest.mark.parametrize(
+    ("n", "reference", "poly"), [(4, "rk4", [1, 1, 1 / 2, 1 / 6, 1 / 24]), (2, "heun", [1, 1, 1 / 2])]
+)
 def test_bns_recovers_a_known_solver_on_a_linear_ode(n: int, reference: str, poly: list[float]) -> None:
     """dx/dt = M x from t = 0 to 1; the reference is one step of ``reference`` (exactly an n-evaluation
     member of the family); the fitted solver's polynomial P(M) equals the reference's."""

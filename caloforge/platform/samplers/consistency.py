@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from caloforge.platform.samplers.ode import Sampler, VelocityFn, _time
@@ -37,9 +38,10 @@ RENOISE_SEED = 20_230_302  # Song et al. 2023's arXiv date; any fixed number wou
 
 
 def renoise_permutation(step: int, n_voxels: int) -> torch.Tensor:
-    """(n_voxels,) int64: the fixed voxel permutation π_step of multistep consistency sampling."""
-    gen = torch.Generator().manual_seed(RENOISE_SEED + 7919 * int(step) + int(n_voxels))
-    return torch.randperm(int(n_voxels), generator=gen)
+    """(n_voxels,) int64: the fixed voxel permutation π_step of multistep consistency sampling (drawn with
+    numpy, so an exporter sees a constant, not a random op)."""
+    rng = np.random.default_rng(RENOISE_SEED + 7919 * int(step) + int(n_voxels))
+    return torch.from_numpy(rng.permutation(int(n_voxels)).astype(np.int64))
 
 
 class Consistency(Sampler):
