@@ -149,3 +149,20 @@ def test_consistency_student_onnx_graphs_pass_the_parity_check(teacher_bundle, t
     )
     assert (info.sampler, info.num_steps) == ("consistency", steps)
     assert info.parity.passed, info.parity.summary()
+
+
+@pytest.mark.slow
+def test_bespoke_onnx_graph_passes_the_parity_check(teacher_bundle, tmp_path) -> None:
+    from caloforge.platform.samplers import BespokeSolver
+    from caloforge.registry.export import export_onnx
+
+    model = ShowerModel.load(teacher_bundle)
+    euler = BespokeSolver.euler(model.denoiser.time_grid(2))
+    solver = BespokeSolver(
+        2, euler.times, (1.0, 0.9), ((euler.b[0][0],), (0.5 * euler.b[1][0], euler.b[1][1]))
+    )
+    model.set_bespoke_solvers([solver])
+    model.set_sampling_defaults("bespoke", 2)
+    info = export_onnx(model, tmp_path / "bespoke.onnx", exporter="legacy", parity_batch_sizes=(1, 3))
+    assert (info.sampler, info.num_steps, info.nfe) == ("bespoke", 2, 2)
+    assert info.parity.passed, info.parity.summary()
