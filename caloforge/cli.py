@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "caloforge.training.cli",
     "caloforge.pretrain.cli",
     "caloforge.adapt.cli",
+    "caloforge.distill.cli",
     "caloforge.evaluation.cli",
     "caloforge.registry.cli",
     "caloforge.quickstart",

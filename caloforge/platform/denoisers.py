@@ -24,6 +24,22 @@ c_noise = ¼ ln σ (backbone noise label 1000·c_noise). ODE (Eq. 4 with σ(t) =
 Grid (Eq. 5): σ_i = (σ_max^{1/ρ} + i/(N−1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ for i < N, σ_N = 0.
 ``forward`` returns D (what the EDM loss compares to the clean sample).
 
+**Consistency models** (Song et al. 2023, "Consistency Models", Appendix C; as CaloDiT-2 and CaloClouds II):
+a one/few-step student's *parametrisation*, the consistency function f(x, t) that maps any point of a
+teacher's ODE trajectory to its data end, with the boundary condition f(x, t_data) = x built in.
+
+- ``consistency`` (EDM time, σ from σ_max to σ_min; teachers parametrised ``edm``): EDM's c_in and c_noise
+  (so a student starts from its EDM teacher's weights) with c_skip = σ_data² / ((σ − σ_min)² + σ_data²),
+  c_out = σ_data (σ − σ_min) / √(σ² + σ_data²): c_skip(σ_min) = 1, c_out(σ_min) = 0, so f(x, σ_min) = x.
+- ``consistency_fm`` (flow-matching time t ∈ [0, 1]; teachers parametrised ``flow_matching``):
+  f(x_t, t) = x_t + (1 − t) F(x_t, 1000·t), so f(x, 1) = x and, initialised from a flow-matching teacher,
+  f is exactly the teacher's Euler jump to t = 1.
+
+Both expose ``velocity`` = what the ``euler`` step to the grid end turns into f (EDM: (x − f)/σ; FM:
+F = (f − x)/(1 − t)), so every sampler still runs on them; the ``consistency`` sampler (multistep
+consistency sampling, ``samplers/consistency.py``) is their own. ``cd_levels(N)`` is the N-level
+discretisation of consistency distillation (boundary first), ``noisy(x_1, z, t)`` the forward process.
+
 Shape legend: B batch, Z layers, P angular bins, R radial bins, T tokens, C coordinate channels.
 """
 
@@ -165,6 +181,11 @@ class FlowMatchingDenoiser(Denoiser):
     def prior(self, noise_BZPR: torch.Tensor) -> torch.Tensor:
         return noise_BZPR
 
+    def noisy(self, x1_BZPR: torch.Tensor, noise_BZPR: torch.Tensor, t_B: torch.Tensor) -> torch.Tensor:
+        """x_t = (1 − t) x_0 + t x_1 on the linear path (x_0 = ``noise_BZPR``)."""
+        t_b = t_B[:, None, None, None].to(x1_BZPR.dtype)
+        return (1.0 - t_b) * noise_BZPR + t_b * x1_BZPR
+
 
 class EDMDenoiser(Denoiser):
     """EDM preconditioning (Karras et al. 2022, Table 1); time is σ, from σ_max to 0."""
@@ -239,6 +260,10 @@ class EDMDenoiser(Denoiser):
     def prior(self, noise_BZPR: torch.Tensor) -> torch.Tensor:
         return noise_BZPR * self.sigma_max
 
+    def noisy(self, x1_BZPR: torch.Tensor, noise_BZPR: torch.Tensor, t_B: torch.Tensor) -> torch.Tensor:
+        """x_σ = x_1 + σ n (the variance-exploding process of EDM, n = ``noise_BZPR``)."""
+        return x1_BZPR + t_B[:, None, None, None].to(x1_BZPR.dtype) * noise_BZPR
+
     def options(self) -> dict[str, float]:
         return {
             "sigma_data": self.sigma_data,
@@ -252,15 +277,96 @@ class EDMDenoiser(Denoiser):
         return (sigma_B**2 + self.sigma_data**2) / (sigma_B * self.sigma_data) ** 2
 
 
+class ConsistencyDenoiser(EDMDenoiser):
+    """The consistency function f(x, σ) on EDM's preconditioning (see the module docstring), with
+    f(x, σ_min) = x. ``forward`` returns f; ``velocity`` (x − f)/σ; ``time_grid(n)`` is the multistep
+    consistency sampling grid: the first n levels of EDM's (n + 1)-level ρ grid, then 0 (n = 1:
+    [σ_max, 0])."""
+
+    kind = "consistency"
+    final_singular = True
+    teacher_parametrisations: tuple[str, ...] = ("edm",)
+
+    def preconditioning(
+        self, sigma_B: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(c_skip, c_out, c_in, c_noise): Song et al. 2023, Appendix C, on EDM's c_in and c_noise."""
+        sd, eps = self.sigma_data, self.sigma_min
+        c_skip = sd**2 / ((sigma_B - eps) ** 2 + sd**2)
+        c_out = (sigma_B - eps) * sd / (sigma_B**2 + sd**2).sqrt()
+        c_in = 1.0 / (sigma_B**2 + sd**2).sqrt()
+        c_noise = sigma_B.log() / 4.0
+        return c_skip, c_out, c_in, c_noise
+
+    def time_grid(self, num_steps: int) -> torch.Tensor:
+        n = self._check_steps(num_steps)
+        levels = edm_sigma_grid(n + 1, self.sigma_min, self.sigma_max, self.rho)
+        return torch.cat([levels[:n], torch.zeros(1, dtype=torch.float64)])
+
+    def cd_levels(self, num_scales: int) -> torch.Tensor:
+        """float64 (N,) σ_min = σ_1 < … < σ_N = σ_max (Karras et al. 2022, Eq. 5; Song et al. 2023, §4)."""
+        if num_scales < 2:
+            raise ValueError(f"consistency distillation needs >= 2 noise levels, got {num_scales}")
+        return edm_sigma_grid(num_scales, self.sigma_min, self.sigma_max, self.rho)[:num_scales].flip(0)
+
+
+class ConsistencyFMDenoiser(FlowMatchingDenoiser):
+    """The consistency function on the flow-matching path: f(x_t, t) = x_t + (1 − t) F(x_t, 1000·t), so
+    f(x, 1) = x. ``forward`` returns f; ``velocity`` F (the Euler step to t = 1 lands on f); ``time_grid`` is
+    FM's uniform grid (multistep consistency sampling re-noises at t_1, …, t_{n−1})."""
+
+    kind = "consistency_fm"
+    final_singular = False
+    teacher_parametrisations: tuple[str, ...] = ("flow_matching",)
+
+    def forward(
+        self,
+        x_BZPR: torch.Tensor,
+        t_B: torch.Tensor | float,
+        cond: ConditionTensors,
+        coords_TC: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        t_B = as_batch_time(t_B, x_BZPR)
+        v_BZPR = self.net(x_BZPR, NOISE_LABEL_SCALE * t_B, cond, coords_TC).float()
+        return x_BZPR + (1.0 - t_B)[:, None, None, None] * v_BZPR
+
+    def velocity(
+        self,
+        x_BZPR: torch.Tensor,
+        t_B: torch.Tensor | float,
+        cond: ConditionTensors,
+        coords_TC: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        t_B = as_batch_time(t_B, x_BZPR)
+        return self.net(x_BZPR, NOISE_LABEL_SCALE * t_B, cond, coords_TC)
+
+    def cd_levels(self, num_scales: int) -> torch.Tensor:
+        """float64 (N,) t_1 = 1 > … > t_N = 0: FM's uniform grid, boundary (data) first."""
+        if num_scales < 2:
+            raise ValueError(f"consistency distillation needs >= 2 noise levels, got {num_scales}")
+        return torch.linspace(1.0, 0.0, num_scales, dtype=torch.float64)
+
+
 # The parametrisations a ShowerModel can have (``ShowerModelConfig.parametrisation``): what the network
-# output means. A new one (e.g. a consistency parametrisation with its boundary condition) is one entry.
+# output means.
 DENOISERS: dict[str, type[Denoiser]] = {
     "flow_matching": FlowMatchingDenoiser,
     "edm": EDMDenoiser,
+    "consistency": ConsistencyDenoiser,
+    "consistency_fm": ConsistencyFMDenoiser,
+}
+
+# The consistency parametrisations and the teacher parametrisation each one distils (same time convention).
+CONSISTENCY_TEACHERS: dict[str, tuple[str, ...]] = {
+    "consistency": ConsistencyDenoiser.teacher_parametrisations,
+    "consistency_fm": ConsistencyFMDenoiser.teacher_parametrisations,
 }
 
 __all__ = [
+    "CONSISTENCY_TEACHERS",
     "DENOISERS",
+    "ConsistencyDenoiser",
+    "ConsistencyFMDenoiser",
     "Denoiser",
     "EDMDenoiser",
     "EDMPrecondConfig",

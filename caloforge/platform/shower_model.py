@@ -56,7 +56,14 @@ from caloforge.platform.energy import (
 )
 from caloforge.platform.geometry import Mesh
 from caloforge.platform.lineage import Lineage  # re-exported: defined in lineage.py
-from caloforge.platform.samplers import SAMPLERS, get_sampler
+from caloforge.platform.samplers import (
+    BESPOKE,
+    SAMPLER_NAMES,
+    Bespoke,
+    BespokeSolver,
+    Sampler,
+    get_sampler,
+)
 from caloforge.platform.seeding import Purpose, derive_seeds
 from caloforge.platform.transforms import (
     CALOCHALLENGE_THRESHOLD_MEV,
@@ -84,7 +91,10 @@ class ShowerModelConfig:
     ``edm`` parametrisation). How the weights are trained (the objective and its options) is the training
     job's choice, recorded in the lineage, not part of the model. ``transform``: a key of
     ``TRANSFORMS``; ``threshold_mev``: readout threshold (calibrated MeV) applied by the transform.
-    ``sampler`` / ``num_steps``: generation defaults. ``init_seed``: weight initialisation seed.
+    ``sampler`` / ``num_steps``: generation defaults (``sampler`` a key of ``SAMPLER_NAMES``; ``bespoke``
+    needs a solver for ``num_steps`` in ``bespoke``). ``bespoke``: learned few-step solvers of this model
+    (``samplers.BespokeSolver``, at most one per step count; empty unless ``caloforge distill --method bns``
+    fitted some; older bundles load with none). ``init_seed``: weight initialisation seed.
     ``layer_energy``: the layer-energy head (``caloforge.platform.energy``; on by default).
     ``residual_stream``: the backbone's residual stream under autocast (training or sampling in bf16):
     ``fp32`` (the usual autocast recipe) or ``autocast`` (the autocast dtype, bf16: half the bytes of the
@@ -100,6 +110,7 @@ class ShowerModelConfig:
     threshold_mev: float = CALOCHALLENGE_THRESHOLD_MEV
     sampler: str = "heun"
     num_steps: int = 32
+    bespoke: tuple[BespokeSolver, ...] = ()
     init_seed: int = 0
     layer_energy: LayerEnergyConfig = field(default_factory=LayerEnergyConfig)
     residual_stream: Literal["fp32", "autocast"] = "fp32"
@@ -117,10 +128,15 @@ class ShowerModelConfig:
             )
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform: unknown {self.transform!r} (known: {sorted(TRANSFORMS)})")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler: unknown {self.sampler!r} (known: {sorted(SAMPLERS)})")
+        if self.sampler not in SAMPLER_NAMES:
+            raise ValueError(f"sampler: unknown {self.sampler!r} (known: {sorted(SAMPLER_NAMES)})")
         if isinstance(self.num_steps, bool) or self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps!r}")
+        steps = [s.num_steps for s in self.bespoke]
+        if len(set(steps)) != len(steps):
+            raise ValueError(f"bespoke: at most one solver per step count, got step counts {steps}")
+        if self.sampler == BESPOKE:
+            self.bespoke_solver(self.num_steps)
         if not self.threshold_mev >= 0:
             raise ValueError(f"threshold_mev must be >= 0, got {self.threshold_mev}")
         if self.residual_stream not in ("fp32", "autocast"):
@@ -128,6 +144,17 @@ class ShowerModelConfig:
 
     def backbone_config(self) -> BackboneConfig:
         return backbone_config(self.backbone, self.patch_size)
+
+    def bespoke_solver(self, num_steps: int) -> BespokeSolver:
+        """The learned solver for ``num_steps`` (ValueError naming the step counts there are)."""
+        for solver in self.bespoke:
+            if solver.num_steps == num_steps:
+                return solver
+        raise ValueError(
+            f"sampler 'bespoke' with num_steps={num_steps}: the model has bespoke solvers for "
+            f"{sorted(s.num_steps for s in self.bespoke) or 'no step counts'} "
+            "(caloforge distill --method bns)"
+        )
 
 
 def as_mesh(mesh: Mesh | tuple[int, int, int] | list[int]) -> Mesh:
@@ -277,6 +304,34 @@ class ShowerModel(nn.Module):
         if num_steps is not None:
             changes["num_steps"] = num_steps
         self._config = dataclasses.replace(self._config, **changes)  # validated by __post_init__
+
+    def set_bespoke_solvers(self, solvers: tuple[BespokeSolver, ...] | list[BespokeSolver]) -> None:
+        """Store learned solvers (replacing those of the same step counts); the weights do not change.
+        Each must span this model's time grid (its first and last time)."""
+        start, end = (float(v) for v in self.denoiser.time_grid(1)[[0, -1]])
+        for solver in solvers:
+            t0, tn = solver.times[0], solver.times[-1]
+            if abs(t0 - start) > 1e-9 * max(1.0, abs(start)) or abs(tn - end) > 1e-9 * max(1.0, abs(end)):
+                raise ValueError(
+                    f"bespoke[num_steps={solver.num_steps}]: times run {t0} → {tn}, the model's grid "
+                    f"{start} → {end}"
+                )
+        new_steps = {s.num_steps for s in solvers}
+        kept = tuple(s for s in self._config.bespoke if s.num_steps not in new_steps)
+        merged = tuple(sorted((*kept, *solvers), key=lambda s: s.num_steps))
+        self._config = dataclasses.replace(self._config, bespoke=merged)
+
+    def solver(self, sampler: str | None = None, num_steps: int | None = None) -> tuple[Sampler, list[float]]:
+        """The sampler and its time grid (Python floats) that ``sample``, ``generate`` and the ONNX export
+        use for ``sampler`` × ``num_steps`` (defaults: the model's); ``bespoke`` takes the stored solver's
+        coefficients and times."""
+        name = sampler if sampler is not None else self.config.sampler
+        n = num_steps if num_steps is not None else self.config.num_steps
+        if name == BESPOKE:
+            learned = self.config.bespoke_solver(n)
+            return Bespoke(learned), list(learned.times)
+        method = get_sampler(name)
+        return method, [float(t) for t in self.denoiser.time_grid(n).tolist()]
 
     def set_residual_stream(self, mode: Literal["fp32", "autocast"]) -> None:
         """Switch the backbone's residual stream under autocast (a numerics choice, see the config)."""
@@ -445,8 +500,7 @@ class ShowerModel(nn.Module):
         self._check_x(noise_BZPR, "ShowerModel.sample noise_BZPR")
         if len(cond) != noise_BZPR.shape[0]:
             raise ValueError(f"cond has {len(cond)} rows but noise_BZPR has batch {noise_BZPR.shape[0]}")
-        method = get_sampler(sampler if sampler is not None else self.config.sampler)
-        grid = self.denoiser.time_grid(num_steps if num_steps is not None else self.config.num_steps)
+        method, grid = self.solver(sampler, num_steps)
         x_start = self.denoiser.prior(noise_BZPR)
         return method(self.velocity, x_start, grid, cond, final_singular=self.denoiser.final_singular)
 
@@ -486,8 +540,7 @@ class ShowerModel(nn.Module):
                 f"generate(device={str(run_device)!r}) but the model is on {self.device}; move it first"
             )
         self._check_fitted()
-        get_sampler(sampler if sampler is not None else self.config.sampler)  # fail before any work
-        self.denoiser.time_grid(num_steps if num_steps is not None else self.config.num_steps)
+        self.solver(sampler, num_steps)  # fail before any work
         out = np.empty((n, *self.mesh_shape), dtype=np.float32)
         starts = range(0, n, batch_size)
         if progress:

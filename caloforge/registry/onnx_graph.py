@@ -88,9 +88,9 @@ class SamplerGraph(nn.Module):
         self.model = model
         self.sampler_name = sampler if sampler is not None else model.default_sampler
         self.num_steps = int(num_steps if num_steps is not None else model.default_num_steps)
-        self.sampler = get_sampler(self.sampler_name)
-        # A Python list: the sampler loop unrolls over it at export (no data-dependent control flow).
-        self.grid = [float(t) for t in model.denoiser.time_grid(self.num_steps).tolist()]
+        # The model's sampler (a learned ``bespoke`` one carries its coefficients) and a Python-list grid:
+        # the sampler loop unrolls over it at export (no data-dependent control flow).
+        self.sampler, self.grid = model.solver(self.sampler_name, self.num_steps)
         self.final_singular = bool(model.denoiser.final_singular)
         self.layer_energy = model.has_energy_head
         self.input_names = onnx_input_names(self.layer_energy)

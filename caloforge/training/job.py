@@ -113,9 +113,7 @@ def standard_hooks(
     return hooks
 
 
-def final_model(
-    trainer: Trainer, finalize: Callable[[nn.Module], ShowerModel] | None = None
-) -> ShowerModel:
+def final_model(trainer: Trainer, finalize: Callable[[nn.Module], ShowerModel] | None = None) -> ShowerModel:
     """The EMA weights (the raw ones without EMA) in a standalone CPU ``ShowerModel`` in eval mode
     (DeepSpeed's parameters are views of one flat buffer: they are cloned). ``finalize`` turns the trained
     module into the ``ShowerModel`` to keep (e.g. LoRA adapters merged in)."""

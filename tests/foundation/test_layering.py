@@ -80,6 +80,7 @@ MAY_IMPORT = {
     "registry": {"platform", "datasets", "evaluation"},
     "pretrain": {"platform", "datasets", "training", "evaluation", "registry"},
     "adapt": {"platform", "datasets", "training", "evaluation", "registry"},
+    "distill": {"platform", "datasets", "training", "evaluation", "registry"},
 }
 TOP = {"cli", "quickstart"}  # may import every component
 SERVICE = "caloforge.adapt.service"

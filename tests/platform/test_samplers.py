@@ -108,7 +108,9 @@ def test_evaluation_counts_and_no_evaluation_at_a_singular_end(name: str, final_
 
 def test_unknown_sampler_and_bad_grid() -> None:
     with pytest.raises(
-        ValueError, match=r"unknown sampler 'dpm' \(known: \['euler', 'heun', 'midpoint', 'rk4'\]\)"
+        ValueError,
+        match=r"unknown sampler 'dpm' \(known: \['bespoke', 'consistency', 'euler', 'heun', 'midpoint', "
+        r"'rk4'\]\)",
     ):
         get_sampler("dpm")
     with pytest.raises(ValueError, match="at least 2 points"):

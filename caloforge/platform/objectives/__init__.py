@@ -10,8 +10,12 @@ parametrisation has a native objective (``NATIVE_OBJECTIVES``), used when the jo
   minibatch OT pairing within condition groups (Tong et al. 2023; AllShowers). Trains ``flow_matching``.
 - ``edm``: EDM denoising loss with log-normal σ and λ(σ) weighting (Karras et al. 2022). Trains ``edm``.
 
-A new objective (e.g. consistency distillation) is one class here plus one options field in
-:class:`ObjectiveConfig`; it reads a teacher or target network from the :class:`LossContext`.
+- ``consistency_distillation``: consistency distillation of a frozen teacher (``LossContext.teacher``)
+  with an EMA target network (``LossContext.target``) into a ``consistency`` / ``consistency_fm``
+  student (Song et al. 2023; CaloDiT-2). See ``consistency.py``.
+
+A new objective is one class here plus one options field in :class:`ObjectiveConfig`; it reads a teacher
+or target network from the :class:`LossContext`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ from caloforge.platform.objectives.common import (
     Objective,
     check_objective_inputs,
     unwrap_shower_model,
+)
+from caloforge.platform.objectives.consistency import (
+    ConsistencyDistillation,
+    ConsistencyDistillationConfig,
+    consistency_distillation_loss,
 )
 from caloforge.platform.objectives.coupling import (
     condition_groups,
@@ -36,10 +45,16 @@ from caloforge.platform.objectives.flow_matching import COUPLINGS, FlowMatchingC
 OBJECTIVES: dict[str, type[Objective]] = {
     "flow_matching": FlowMatchingLoss,
     "edm": EDMLoss,
+    "consistency_distillation": ConsistencyDistillation,
 }
 
 # The objective a parametrisation is trained with when the job names none.
-NATIVE_OBJECTIVES: dict[str, str] = {"flow_matching": "flow_matching", "edm": "edm"}
+NATIVE_OBJECTIVES: dict[str, str] = {
+    "flow_matching": "flow_matching",
+    "edm": "edm",
+    "consistency": "consistency_distillation",
+    "consistency_fm": "consistency_distillation",
+}
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,9 @@ class ObjectiveConfig:
     name: str | None = None
     edm: EDMLossConfig = field(default_factory=EDMLossConfig)
     flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    consistency_distillation: ConsistencyDistillationConfig = field(
+        default_factory=ConsistencyDistillationConfig
+    )
 
     def __post_init__(self) -> None:
         if self.name is not None and self.name not in OBJECTIVES:
@@ -97,6 +115,8 @@ __all__ = [
     "COUPLINGS",
     "NATIVE_OBJECTIVES",
     "OBJECTIVES",
+    "ConsistencyDistillation",
+    "ConsistencyDistillationConfig",
     "EDMLoss",
     "EDMLossConfig",
     "FlowMatchingConfig",
@@ -106,6 +126,7 @@ __all__ = [
     "ObjectiveConfig",
     "check_objective_inputs",
     "condition_groups",
+    "consistency_distillation_loss",
     "make_objective",
     "mean_pair_distance",
     "ot_couple",

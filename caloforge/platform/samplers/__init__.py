@@ -1,21 +1,52 @@
-"""ODE samplers by name (``SAMPLERS``); all driven through ``velocity(x, t, cond)``.
+"""Samplers by name (``SAMPLERS``); all driven through ``velocity(x, t, cond)``.
 
-See ``caloforge.platform.samplers.ode`` for the methods and ``caloforge.platform.denoisers`` for the time
-convention. ``get_sampler(name)`` raises a ValueError naming the known samplers.
+See ``caloforge.platform.samplers.ode`` for the ODE methods (euler, midpoint, heun, rk4),
+``consistency`` for multistep consistency sampling (consistency-parametrised students) and ``bespoke``
+for learned solvers (BNS), and ``caloforge.platform.denoisers`` for the time convention. ``get_sampler(name)``
+raises a ValueError naming the known samplers. ``SAMPLERS`` holds the ODE solvers (convergent, usable by
+any model and the layer-energy head); ``FEW_STEP_SAMPLERS`` the ``consistency`` sampler; ``bespoke`` is in
+neither: its coefficients belong to a model (``ShowerModelConfig.bespoke``; ``ShowerModel.solver`` builds
+it). ``SAMPLER_NAMES`` lists every name a model may record.
 """
 
 from __future__ import annotations
 
+from caloforge.platform.samplers.bespoke import BESPOKE, Bespoke, BespokeSolver, bespoke_solve
+from caloforge.platform.samplers.consistency import Consistency, renoise_permutation
 from caloforge.platform.samplers.ode import RK4, Euler, Heun, Midpoint, Sampler, VelocityFn
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (Euler(), Midpoint(), Heun(), RK4())}
+FEW_STEP_SAMPLERS: dict[str, Sampler] = {s.name: s for s in (Consistency(),)}
+SAMPLER_NAMES: tuple[str, ...] = (*SAMPLERS, *FEW_STEP_SAMPLERS, BESPOKE)
 
 
 def get_sampler(name: str) -> Sampler:
+    if name == BESPOKE:
+        raise ValueError(
+            "the bespoke sampler's coefficients belong to a model: use ShowerModel.solver('bespoke', n) "
+            "(ShowerModelConfig.bespoke)"
+        )
     try:
-        return SAMPLERS[name]
+        return SAMPLERS[name] if name in SAMPLERS else FEW_STEP_SAMPLERS[name]
     except KeyError:
-        raise ValueError(f"unknown sampler {name!r} (known: {sorted(SAMPLERS)})") from None
+        raise ValueError(f"unknown sampler {name!r} (known: {sorted(SAMPLER_NAMES)})") from None
 
 
-__all__ = ["RK4", "SAMPLERS", "Euler", "Heun", "Midpoint", "Sampler", "VelocityFn", "get_sampler"]
+__all__ = [
+    "BESPOKE",
+    "FEW_STEP_SAMPLERS",
+    "RK4",
+    "SAMPLERS",
+    "SAMPLER_NAMES",
+    "Bespoke",
+    "BespokeSolver",
+    "Consistency",
+    "Euler",
+    "Heun",
+    "Midpoint",
+    "Sampler",
+    "VelocityFn",
+    "bespoke_solve",
+    "get_sampler",
+    "renoise_permutation",
+]

@@ -1,0 +1,143 @@
+"""Fixtures of the distillation tests (one intra-op thread: two shared cores, tiny tensors)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from caloforge.datasets.prepare import SimulateConfig, simulate_and_shard  # noqa: E402
+from caloforge.datasets.shards import Manifest, ShardConfig, SplitFractions  # noqa: E402
+from caloforge.distill.config import (  # noqa: E402
+    BNSOptions,
+    CDOptions,
+    DistillConfig,
+    DistillEvalConfig,
+    DistillGateConfig,
+)
+from caloforge.evaluation.config import (  # noqa: E402
+    ClassifierConfig,
+    EvalConfig,
+    FPDConfig,
+    KPDConfig,
+    PlotConfig,
+)
+from caloforge.platform.energy import LayerEnergyConfig  # noqa: E402
+from caloforge.platform.lineage import Lineage  # noqa: E402
+from caloforge.platform.shower_model import ShowerModelConfig  # noqa: E402
+from caloforge.training.config import EMAConfig, LoopConfig, OptimConfig, ScheduleConfig  # noqa: E402
+from caloforge.training.job import model_for_manifest  # noqa: E402
+
+DETECTORS = ("par04-siw",)
+TEACHER = ShowerModelConfig(
+    backbone="debug",
+    patch_size=(9, 4, 3),
+    parametrisation="edm",
+    sampler="heun",
+    num_steps=4,
+    layer_energy=LayerEnergyConfig(width=16, depth=1, num_steps=2),
+)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = SimulateConfig(
+        detectors=DETECTORS,
+        particles=("e-", "pi+"),
+        n_per_detector=80,
+        energy_gev=(2.0, 50.0),
+        seed=3,
+        shards=ShardConfig(showers_per_shard=40, split=SplitFractions(train=0.6, val=0.1, test=0.3)),
+    )
+    return simulate_and_shard(spec, tmp_path_factory.mktemp("distill-data"))
+
+
+@pytest.fixture(scope="session")
+def teacher_bundle(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An EDM teacher (untrained; zero-initialised tensors filled with small seeded noise, as training
+    would)."""
+    model = model_for_manifest(TEACHER, Manifest.load(shards), spare_detector_slots=1)
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.02, generator=gen)
+    root = tmp_path_factory.mktemp("distill-teacher")
+    return model.save(root / "bundle", lineage=Lineage(kind="base", objective="edm"))
+
+
+@pytest.fixture(scope="session")
+def empty_registry_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from caloforge.registry.store import RegistryStore
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    RegistryStore(tracking_uri=f"sqlite:///{path}").list_models()
+    return path
+
+
+@pytest.fixture
+def registry(tmp_path: Path, empty_registry_db: Path, monkeypatch: pytest.MonkeyPatch):
+    """A fresh sqlite registry that ``RegistryStore()`` opens, and CALOFORGE_HOME in tmp."""
+    from caloforge.registry.store import RegistryStore
+
+    db = tmp_path / "mlflow" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copyfile(empty_registry_db, db)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.setenv("CALOFORGE_HOME", str(tmp_path / "home"))
+    return RegistryStore()
+
+
+def tiny_config(**changes) -> DistillConfig:
+    """Four optimizer steps (cd) or a few solver iterations (bns) and a small evaluation."""
+    base = dict(
+        name="tiny",
+        cd=CDOptions(num_steps=1),
+        bns=BNSOptions(
+            steps=(1, 2),
+            num_steps=2,
+            reference_steps=4,
+            n_train=16,
+            n_heldout=8,
+            batch_size=8,
+            iterations=10,
+            lr=1e-2,
+        ),
+        loop=LoopConfig(
+            steps=4,
+            batch_size=8,
+            log_every=2,
+            checkpoint_every=2,
+            seed=0,
+            optim=OptimConfig(lr=1e-3),
+            schedule=ScheduleConfig(kind="constant"),
+            ema=EMAConfig(decay=0.5),
+        ),
+        eval=DistillEvalConfig(
+            n_showers=20,
+            metrics=EvalConfig(
+                metrics=("sep_power", "response", "fpd", "cls_high", "cls_low"),
+                floor_metrics=("fpd",),
+                classifier=ClassifierConfig(hidden=16, n_layers=1, epochs=2, batch_size=32, n_seeds=1),
+                fpd=FPDConfig(min_samples=10, max_samples=15, num_points=2, num_batches=2),
+                kpd=KPDConfig(batch_size=10, num_batches=2),
+                plots=PlotConfig(dpi=40),
+            ),
+        ),
+        gate=DistillGateConfig(max_auc_increase=0.5, max_fpd_ratio=None),
+        progress=False,
+        torch_threads=1,
+    )
+    base.update(changes)
+    return DistillConfig(**base)
