@@ -1,5 +1,5 @@
-"""Fixtures of the adaptation tests: real simulated shard sets, a tiny base bundle trained on two built-in
-detectors, a real sqlite MLflow registry, and a tiny adaptation config."""
+"""Fixtures of the adaptation tests: real simulated shard sets, a tiny base bundle on two built-in detectors,
+and a real sqlite MLflow registry (helpers: ``adapt_helpers.py``)."""
 
 from __future__ import annotations
 
@@ -8,38 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapt_helpers import BASE_DETECTORS, MODEL, make_shards
 
-from caloforge.adapt.config import AdaptConfig, AdaptEvalConfig, GateConfig
-from caloforge.datasets.prepare import SimulateConfig, simulate_and_shard
-from caloforge.datasets.shards import Manifest, ShardConfig, SplitFractions
-from caloforge.evaluation.config import ClassifierConfig, EvalConfig, FPDConfig, KPDConfig, PlotConfig
-from caloforge.platform.energy import LayerEnergyConfig
+from caloforge.datasets.shards import Manifest
 from caloforge.platform.lineage import Lineage
-from caloforge.platform.shower_model import ShowerModelConfig
-from caloforge.training.config import EMAConfig, LoopConfig, OptimConfig, ScheduleConfig
 from caloforge.training.job import model_for_manifest
-
-BASE_DETECTORS = ("par04-siw", "pbwo4")
-MODEL = ShowerModelConfig(
-    backbone="debug",
-    patch_size=(9, 4, 3),
-    parametrisation="flow_matching",
-    sampler="euler",
-    num_steps=2,
-    layer_energy=LayerEnergyConfig(width=16, depth=1, num_steps=2),
-)
-
-
-def make_shards(out: Path, detectors: tuple[str, ...], n: int, seed: int = 3) -> Path:
-    spec = SimulateConfig(
-        detectors=detectors,
-        particles=("e-", "pi+"),
-        n_per_detector=n,
-        energy_gev=(2.0, 50.0),
-        seed=seed,
-        shards=ShardConfig(showers_per_shard=40, split=SplitFractions(train=0.6, val=0.1, test=0.3)),
-    )
-    return simulate_and_shard(spec, out)
 
 
 @pytest.fixture(scope="session")
@@ -84,36 +57,3 @@ def registry(tmp_path: Path, empty_registry_db: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     monkeypatch.setenv("CALOFORGE_HOME", str(tmp_path / "home"))
     return RegistryStore()
-
-
-def tiny_config(**changes) -> AdaptConfig:
-    """Four optimizer steps and a small evaluation: seconds on 2 cores."""
-    base = dict(
-        name="tiny",
-        loop=LoopConfig(
-            steps=4,
-            batch_size=8,
-            log_every=2,
-            checkpoint_every=2,
-            seed=0,
-            optim=OptimConfig(lr=1e-3),
-            schedule=ScheduleConfig(kind="constant"),
-            ema=EMAConfig(decay=0.5),
-        ),
-        eval=AdaptEvalConfig(
-            n_showers=30,
-            metrics=EvalConfig(
-                metrics=("sep_power", "response", "fpd", "kpd", "cls_high"),
-                floor_metrics=("fpd", "kpd", "cls_high"),
-                classifier=ClassifierConfig(hidden=16, n_layers=1, epochs=2, batch_size=32, n_seeds=1),
-                fpd=FPDConfig(min_samples=10, max_samples=15, num_points=2, num_batches=2),
-                kpd=KPDConfig(batch_size=10, num_batches=2),
-                plots=PlotConfig(dpi=40),
-            ),
-        ),
-        gate=GateConfig(max_auc_high=1.0, max_fpd_over_floor=1e9),
-        progress=False,
-        torch_threads=1,
-    )
-    base.update(changes)
-    return AdaptConfig(**base)

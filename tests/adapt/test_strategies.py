@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from adapt_helpers import tiny_config
 
 from caloforge.adapt.config import StrategyConfig
 from caloforge.adapt.strategies import load_adapter, prepare_strategy

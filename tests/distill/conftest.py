@@ -19,24 +19,9 @@ from pathlib import Path  # noqa: E402
 
 from caloforge.datasets.prepare import SimulateConfig, simulate_and_shard  # noqa: E402
 from caloforge.datasets.shards import Manifest, ShardConfig, SplitFractions  # noqa: E402
-from caloforge.distill.config import (  # noqa: E402
-    BNSOptions,
-    CDOptions,
-    DistillConfig,
-    DistillEvalConfig,
-    DistillGateConfig,
-)
-from caloforge.evaluation.config import (  # noqa: E402
-    ClassifierConfig,
-    EvalConfig,
-    FPDConfig,
-    KPDConfig,
-    PlotConfig,
-)
 from caloforge.platform.energy import LayerEnergyConfig  # noqa: E402
 from caloforge.platform.lineage import Lineage  # noqa: E402
 from caloforge.platform.shower_model import ShowerModelConfig  # noqa: E402
-from caloforge.training.config import EMAConfig, LoopConfig, OptimConfig, ScheduleConfig  # noqa: E402
 from caloforge.training.job import model_for_manifest  # noqa: E402
 
 DETECTORS = ("par04-siw",)
@@ -97,47 +82,3 @@ def registry(tmp_path: Path, empty_registry_db: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     monkeypatch.setenv("CALOFORGE_HOME", str(tmp_path / "home"))
     return RegistryStore()
-
-
-def tiny_config(**changes) -> DistillConfig:
-    """Four optimizer steps (cd) or a few solver iterations (bns) and a small evaluation."""
-    base = dict(
-        name="tiny",
-        cd=CDOptions(num_steps=1),
-        bns=BNSOptions(
-            steps=(1, 2),
-            num_steps=2,
-            reference_steps=4,
-            n_train=16,
-            n_heldout=8,
-            batch_size=8,
-            iterations=10,
-            lr=1e-2,
-        ),
-        loop=LoopConfig(
-            steps=4,
-            batch_size=8,
-            log_every=2,
-            checkpoint_every=2,
-            seed=0,
-            optim=OptimConfig(lr=1e-3),
-            schedule=ScheduleConfig(kind="constant"),
-            ema=EMAConfig(decay=0.5),
-        ),
-        eval=DistillEvalConfig(
-            n_showers=20,
-            metrics=EvalConfig(
-                metrics=("sep_power", "response", "fpd", "cls_high", "cls_low"),
-                floor_metrics=("fpd",),
-                classifier=ClassifierConfig(hidden=16, n_layers=1, epochs=2, batch_size=32, n_seeds=1),
-                fpd=FPDConfig(min_samples=10, max_samples=15, num_points=2, num_batches=2),
-                kpd=KPDConfig(batch_size=10, num_batches=2),
-                plots=PlotConfig(dpi=40),
-            ),
-        ),
-        gate=DistillGateConfig(max_auc_increase=0.5, max_fpd_ratio=None),
-        progress=False,
-        torch_threads=1,
-    )
-    base.update(changes)
-    return DistillConfig(**base)

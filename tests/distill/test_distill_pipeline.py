@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from distill_helpers import tiny_config
 
 from caloforge.distill.pipeline import (
     DistillRequest,

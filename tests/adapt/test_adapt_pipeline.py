@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import MODEL, make_shards, tiny_config
+from adapt_helpers import MODEL, make_shards, tiny_config
 
 from caloforge.adapt.config import GateConfig, RegisterConfig, StrategyConfig
 from caloforge.adapt.pipeline import AdaptRequest, run_adaptation

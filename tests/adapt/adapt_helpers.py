@@ -1,0 +1,69 @@
+"""Helpers of the adaptation tests (a module of its own: ``conftest`` is not importable unambiguously):
+the base's model config, simulated shard sets, and a tiny adaptation config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from caloforge.adapt.config import AdaptConfig, AdaptEvalConfig, GateConfig
+from caloforge.datasets.prepare import SimulateConfig, simulate_and_shard
+from caloforge.datasets.shards import ShardConfig, SplitFractions
+from caloforge.evaluation.config import ClassifierConfig, EvalConfig, FPDConfig, KPDConfig, PlotConfig
+from caloforge.platform.energy import LayerEnergyConfig
+from caloforge.platform.shower_model import ShowerModelConfig
+from caloforge.training.config import EMAConfig, LoopConfig, OptimConfig, ScheduleConfig
+
+BASE_DETECTORS = ("par04-siw", "pbwo4")
+MODEL = ShowerModelConfig(
+    backbone="debug",
+    patch_size=(9, 4, 3),
+    parametrisation="flow_matching",
+    sampler="euler",
+    num_steps=2,
+    layer_energy=LayerEnergyConfig(width=16, depth=1, num_steps=2),
+)
+
+
+def make_shards(out: Path, detectors: tuple[str, ...], n: int, seed: int = 3) -> Path:
+    spec = SimulateConfig(
+        detectors=detectors,
+        particles=("e-", "pi+"),
+        n_per_detector=n,
+        energy_gev=(2.0, 50.0),
+        seed=seed,
+        shards=ShardConfig(showers_per_shard=40, split=SplitFractions(train=0.6, val=0.1, test=0.3)),
+    )
+    return simulate_and_shard(spec, out)
+
+
+def tiny_config(**changes) -> AdaptConfig:
+    """Four optimizer steps and a small evaluation: seconds on 2 cores."""
+    base = dict(
+        name="tiny",
+        loop=LoopConfig(
+            steps=4,
+            batch_size=8,
+            log_every=2,
+            checkpoint_every=2,
+            seed=0,
+            optim=OptimConfig(lr=1e-3),
+            schedule=ScheduleConfig(kind="constant"),
+            ema=EMAConfig(decay=0.5),
+        ),
+        eval=AdaptEvalConfig(
+            n_showers=30,
+            metrics=EvalConfig(
+                metrics=("sep_power", "response", "fpd", "kpd", "cls_high"),
+                floor_metrics=("fpd", "kpd", "cls_high"),
+                classifier=ClassifierConfig(hidden=16, n_layers=1, epochs=2, batch_size=32, n_seeds=1),
+                fpd=FPDConfig(min_samples=10, max_samples=15, num_points=2, num_batches=2),
+                kpd=KPDConfig(batch_size=10, num_batches=2),
+                plots=PlotConfig(dpi=40),
+            ),
+        ),
+        gate=GateConfig(max_auc_high=1.0, max_fpd_over_floor=1e9),
+        progress=False,
+        torch_threads=1,
+    )
+    base.update(changes)
+    return AdaptConfig(**base)
