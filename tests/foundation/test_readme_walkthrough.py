@@ -1,0 +1,186 @@
+"""README.md, "The CLI": the walkthrough's commands run as written, in order, on a fresh working directory.
+
+The ```bash block under ``## The CLI`` is parsed (backslash continuations joined, comments and blank lines
+skipped) and every command runs through the real CLI (``caloforge.cli.main``, in this process: one import of
+torch/Ray/MLflow instead of one per command) in a temporary working directory holding a copy of ``configs/``,
+with ``CALOFORGE_HOME`` (./caloforge-home, the README's default) and ``MLFLOW_TRACKING_URI`` (a sqlite file)
+inside it. Only sizes change: ``TINY`` appends arguments to each command, keyed by its leading words (later
+``--n``/``--steps``/``--set`` win over the README's). A README command that no row covers fails the test, so
+a new step (``caloforge adapt ...``) needs a row here: add ``Tiny(("adapt",), (...))``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from caloforge.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+README = REPO / "README.md"
+SECTION = "## The CLI"
+
+
+@dataclass(frozen=True)
+class Tiny:
+    """Arguments appended to every README command whose words after ``caloforge`` start with ``lead``."""
+
+    lead: tuple[str, ...]
+    extra: tuple[str, ...] = ()
+    having: tuple[str, ...] = ()  # only for commands that also hold these words (e.g. "--resume")
+
+    def matches(self, args: list[str]) -> bool:
+        return tuple(args[: len(self.lead)]) == self.lead and all(w in args for w in self.having)
+
+    @property
+    def specificity(self) -> int:
+        return len(self.lead) + len(self.having)
+
+
+def sets(*overrides: str) -> tuple[str, ...]:
+    """``--set`` arguments: ``sets("a=1", "b=2")`` → ``("--set", "a=1", "--set", "b=2")``."""
+    return tuple(word for kv in overrides for word in ("--set", kv))
+
+
+# Tiny sizes that keep each step valid: 4 detectors × 3 particles at 160 showers per detector give every
+# detector several train shards (2 Ray workers need disjoint ones) and test showers enough for the
+# evaluation's data-vs-data floor and classifier splits. Models: one Euler step for the showers and for the
+# layer-energy head (the ONNX graphs unroll them); exports with the legacy exporter (seconds, not a minute;
+# the default dynamo exporter is covered by tests/registry).
+_MODEL = sets(
+    "model.sampler=euler",
+    "model.num_steps=1",
+    "model.layer_energy.depth=1",
+    "model.layer_energy.sampler=euler",
+    "model.layer_energy.num_steps=1",
+)
+_PRETRAIN = _MODEL + sets(
+    "loop.steps=2",
+    "loop.batch_size=8",
+    "loop.log_every=1",
+    "loop.checkpoint_every=2",
+    "data.stream.shuffle_buffer=8",
+    "validation.enabled=false",
+)
+_EXPORT = ("--steps", "1", "--exporter", "legacy")
+TINY: tuple[Tiny, ...] = (
+    Tiny(("data", "simulate"), ("--n", "160", "--no-progress")),
+    Tiny(("data", "shard"), sets("shards.showers_per_shard=16")),
+    Tiny(("data", "inspect")),
+    Tiny(
+        ("train",),
+        _MODEL
+        + sets(
+            "data.simulate.n_per_detector=40",
+            "data.simulate.shards.showers_per_shard=20",
+            "loop.steps=2",
+            "loop.batch_size=8",
+            "loop.checkpoint_every=2",
+            "eval.every=0",
+        ),
+    ),
+    Tiny(("pretrain",), _PRETRAIN),
+    Tiny(("pretrain",), _PRETRAIN + sets("loop.steps=3"), having=("--resume",)),  # train longer: 2 → 3
+    Tiny(
+        ("evaluate",),
+        (
+            *("--n", "24", "--config", "configs/eval/ci.yaml"),
+            *sets("classifier.epochs=1", "classifier.n_seeds=1", "plots.enabled=false"),
+        ),
+    ),
+    Tiny(("registry", "list")),
+    Tiny(("registry", "show")),
+    Tiny(("registry", "promote")),
+    Tiny(("registry", "pull"), _EXPORT),
+    Tiny(("export",), _EXPORT),
+)
+
+
+def readme_commands(text: str, section: str = SECTION) -> list[str]:
+    """The shell commands of the first ```bash block after ``section``: continuations joined, comments and
+    blank lines dropped."""
+    start = text.index(section)
+    match = re.search(r"^```bash\n(.*?)^```", text[start:], flags=re.S | re.M)
+    if match is None:
+        raise ValueError(f"{README}: no ```bash block under {section!r}")
+    commands: list[str] = []
+    pending = ""
+    for line in match.group(1).splitlines():
+        stripped = line.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1].rstrip() + " "
+            continue
+        commands.append(pending + stripped)
+        pending = ""
+    if pending:
+        raise ValueError(f"{README}: a continuation line ends the block: {pending!r}")
+    return commands
+
+
+def tiny_argv(command: str) -> list[str]:
+    """The command's arguments (after ``caloforge``) with the matching ``TINY`` row appended."""
+    words = shlex.split(command, comments=True)
+    assert words and words[0] == "caloforge", f"README command does not start with caloforge: {command!r}"
+    args = words[1:]
+    rows = [row for row in TINY if row.matches(args)]
+    assert rows, (
+        f"README command {command!r} has no row in TINY (tests/foundation/test_readme_walkthrough.py)"
+    )
+    return args + list(max(rows, key=lambda r: r.specificity).extra)
+
+
+def test_readme_commands_parse() -> None:
+    text = "## The CLI\n\n```bash\n# c\ncaloforge a \\\n    --b 1\n\ncaloforge c  # d\n```\n```bash\nx\n```\n"
+    assert readme_commands(text) == ["caloforge a --b 1", "caloforge c  # d"]
+    commands = readme_commands(README.read_text())
+    assert len(commands) >= 8
+    for command in commands:
+        tiny_argv(command)  # every command is covered by a TINY row
+
+
+@pytest.mark.slow
+def test_readme_walkthrough_runs_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CALOFORGE_HOME", str(tmp_path / "caloforge-home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # Ray workers import caloforge from this checkout whatever the installed copy is
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+
+    outputs: dict[str, str] = {}
+    for command in readme_commands(README.read_text()):
+        argv = tiny_argv(command)
+        t0 = time.perf_counter()
+        rc = main(argv)
+        out = capsys.readouterr()
+        assert rc == 0, (
+            f"README command failed (rc {rc}, {time.perf_counter() - t0:.1f} s): {command}\n  ran: {argv}\n"
+            f"{out.out}\n{out.err}"
+        )
+        outputs[" ".join(argv[:2])] = out.out
+
+    home = tmp_path / "caloforge-home"
+    assert (home / "data" / "shards" / "pretrain-4det" / "manifest.json").is_file()
+    assert (home / "runs" / "train-debug" / "model" / "config.json").is_file()
+    assert (home / "runs" / "debug" / "bundle" / "config.json").is_file()
+    assert json.loads((home / "runs" / "debug" / "final_metrics.json").read_text())["step"] == 3  # resumed
+    assert "@candidate=v2" in outputs["registry list"]  # both pretraining runs registered a version
+    assert "is now @champion" in outputs["registry promote"]
+    assert next(tmp_path.glob("reports/*/report.json")).is_file()
+    for out_dir in ("pulled", "exported"):
+        assert (tmp_path / out_dir / "model.onnx").is_file()
+    card = json.loads((tmp_path / "pulled" / "model_card.json").read_text())
+    assert "champion" in json.dumps(card["registry"]["promotions"])
