@@ -73,6 +73,8 @@ _PRETRAIN = _MODEL + sets(
 _EXPORT = ("--steps", "1", "--exporter", "legacy")
 TINY: tuple[Tiny, ...] = (
     Tiny(("data", "simulate"), ("--n", "160", "--no-progress")),
+    # the adaptation target: enough held-out showers for its evaluation (>= 20 test showers)
+    Tiny(("data", "simulate"), ("--n", "300", "--no-progress"), having=("lar-pb",)),
     Tiny(("data", "shard"), sets("shards.showers_per_shard=16")),
     Tiny(("data", "inspect")),
     Tiny(
@@ -101,6 +103,24 @@ TINY: tuple[Tiny, ...] = (
     Tiny(("registry", "promote")),
     Tiny(("registry", "pull"), _EXPORT),
     Tiny(("export",), _EXPORT),
+    Tiny(
+        ("adapt",),
+        sets(
+            "loop.steps=2",
+            "loop.batch_size=8",
+            "loop.log_every=1",
+            "loop.checkpoint_every=2",
+            "stream.shuffle_buffer=8",
+            "eval.n_showers=20",
+            "eval.metrics.classifier.epochs=1",
+            "eval.metrics.classifier.n_seeds=1",
+            "eval.metrics.fpd.min_samples=10",
+            "eval.metrics.fpd.max_samples=10",
+            "eval.metrics.kpd.batch_size=10",
+            "eval.metrics.plots.enabled=false",
+            "progress=false",
+        ),
+    ),
 )
 
 
@@ -184,3 +204,9 @@ def test_readme_walkthrough_runs_in_order(
         assert (tmp_path / out_dir / "model.onnx").is_file()
     card = json.loads((tmp_path / "pulled" / "model_card.json").read_text())
     assert "champion" in json.dumps(card["registry"]["promotions"])
+    # the adaptation: a version of caloforge-lar-pb, child of the promoted base version, pulled as ONNX
+    assert "caloforge-lar-pb/1" in outputs["adapt --base"]
+    adapted = json.loads((tmp_path / "pulled-lar-pb" / "model_card.json").read_text())
+    assert adapted["model"]["kind"] == "adapted" and (tmp_path / "pulled-lar-pb" / "model.onnx").is_file()
+    assert adapted["lineage"]["parent_uri"] == "models:/caloforge-base/2"
+    assert adapted["lineage"]["strategy"] == "lora" and adapted["lineage"]["target_detector"] == "lar-pb"
