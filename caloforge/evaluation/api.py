@@ -17,8 +17,9 @@ One evaluation compares a sample (generated showers) with a reference (simulated
    exact to leading order. FPD is extrapolated to N → ∞, KPD is unbiased and the AUC is 0.5 in
    expectation at any size, so those need no correction (their spreads are those of the halves). FPD and
    KPD draw their batches with replacement (as jetnet), so both comparisons use the same batch sizes
-   whatever the set sizes; they measure the distance between the finite sets, and the floor is what two
-   finite halves of the data give;
+   whatever the set sizes; they measure the distance between the finite sets, which between two samples
+   of one distribution is also c (1/n₁ + 1/n₂) to leading order, so floor FPD/KPD (and their errors) are
+   rescaled by the same factor;
 5. conditional metrics per detector / particle / incident-energy bin (``group/<det>/<particle>/<bin>/...``),
    with binning fixed by each group's reference.
 
@@ -573,8 +574,16 @@ def _floor_scale(n_sample: int, n_reference: int, n_a: int, n_b: int) -> float:
     return (1.0 / n_sample + 1.0 / n_reference) / (1.0 / n_a + 1.0 / n_b)
 
 
+FLOOR_SCALED = ("fpd", "fpd_err", "kpd", "kpd_err")
+
+
 def _rescale_sep(metrics: dict[str, float], factor: float) -> dict[str, float]:
-    return {k: (v * factor if k.startswith("sep_power/") else v) for k, v in metrics.items()}
+    """Floor values that are pure finite-size noise, c (1/n₁ + 1/n₂) to leading order, rescaled to the model
+    comparison's sizes: separation powers, and FPD/KPD, which (batches drawn with replacement, as jetnet)
+    measure the distance between the two finite sets (KPD's bias from rows drawn twice is ∝ 1/n too)."""
+    return {
+        k: (v * factor if k.startswith("sep_power/") or k in FLOOR_SCALED else v) for k, v in metrics.items()
+    }
 
 
 def _fit_binning(ref: _Side, meshes: dict[str, Mesh], ctx: _Context) -> dict[str, np.ndarray]:
