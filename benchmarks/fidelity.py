@@ -87,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.steps, args.n_train, args.n_eval, args.curve_n, args.points = 6, 160, 200, 100, 2
         args.eval_config = ROOT / "configs/eval/ci.yaml"
+        args.overrides = [*args.overrides, "model.num_steps=4"]  # a cheap sampler for the smoke run
     if args.steps < 1 or args.points < 1 or min(args.n_train, args.n_eval, args.curve_n) < 10:
         raise ValueError("--steps, --points must be >= 1 and --n-train, --n-eval, --curve-n >= 10")
     return args
