@@ -112,3 +112,63 @@ def test_fpd_extrapolates_to_the_frechet_distance_of_the_two_sets() -> None:
     assert res.value == pytest.approx(2.5, abs=max(4 * res.error, 0.01))
     raw = fpd(ref, gen, 2000, 20_000, num_points=6, num_batches=20, seed=0, normalise=False)
     assert raw.value == pytest.approx(10.0, abs=max(4 * raw.error, 0.04))
+
+
+def test_every_official_histogram_matches_numpy_with_the_official_bins() -> None:
+    """On the DS2 mesh, each official-named group equals the official recipe written out with numpy:
+    ``h = np.histogram(values, bins, density=True)[0] * np.diff(bins)`` and
+    ``S = ½ Σ (h1 − h2)² / (h1 + h2 + 1e-16)`` (``_separation_power``), with the bins of
+    ``evaluate_plotting_helper.py`` for datasets 2/3."""
+    from caloforge.evaluation import histograms as H
+    from caloforge.evaluation.features import compute_features, voxel_log_edges
+    from caloforge.platform.geometry import Mesh
+
+    mesh = Mesh(45, 16, (0.0, 4.65, 9.3, 13.95, 18.6, 23.25, 27.9, 32.55, 37.2, 41.85))
+    thr = 0.5e-3 / 0.033
+    rng = np.random.default_rng(11)
+
+    def showers(scale: float) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.lognormal(-1.0, 2.0, (150, *mesh.shape)) * (rng.random((150, *mesh.shape)) < 0.2) * scale
+        return x.astype(np.float32), np.full(150, 1.2 * x.sum(axis=(1, 2, 3)).mean())
+
+    (x_ref, e_ref), (x_gen, e_gen) = showers(1.0), showers(1.1)
+    vox_max = float(np.where(x_ref < thr, 0, x_ref).max())
+    edges = voxel_log_edges(thr, vox_max, 49)
+    ref = compute_features(x_ref, e_ref, mesh, thr, edges)
+    gen = compute_features(x_gen, e_gen, mesh, thr, edges)
+    binning = H.fit_binning(ref, mesh, 50, H.OFFICIAL_GROUPS, threshold_mev=thr, r_max_mm=41.85)
+    ours = H.separation_powers(H.histograms(ref, binning), H.histograms(gen, binning))
+
+    def official(a: np.ndarray, b: np.ndarray, bins: np.ndarray) -> float:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            h1 = np.histogram(a, bins, density=True)[0] * np.diff(bins)
+            h2 = np.histogram(b, bins, density=True)[0] * np.diff(bins)
+        return float(0.5 * np.sum((h1 - h2) ** 2 / (h1 + h2 + 1e-16)))
+
+    fixed = {
+        "ec_x": np.linspace(-30, 30, 101),
+        "ec_y": np.linspace(-30, 30, 101),
+        "width_x": np.linspace(0, 30, 101),
+        "width_y": np.linspace(0, 30, 101),
+        "ec_r": np.linspace(0, 42, 101),
+        "width_r": np.linspace(0, 20, 101),
+        "sparsity": np.linspace(0, 1, 21),
+    }
+    attr = {"ec_x": "ec_x_mm", "ec_y": "ec_y_mm", "width_x": "width_x_mm", "width_y": "width_y_mm"}
+    attr |= {"ec_r": "ec_r_mm", "width_r": "width_r_mm", "sparsity": "sparsity"}
+    for z in (0, 10, 44):
+        for g, bins in fixed.items():
+            a, b = getattr(ref, attr[g])[:, z], getattr(gen, attr[g])[:, z]
+            assert ours[f"{g}/{z}"] == pytest.approx(official(a, b, bins), abs=1e-12), (g, z)
+        bins = np.logspace(np.log10(thr), np.log10(ref.e_layer_mev[:, z].max()), 40)
+        expected = official(ref.e_layer_mev[:, z], gen.e_layer_mev[:, z], bins)
+        assert ours[f"e_layer/{z}"] == pytest.approx(expected, abs=1e-12)
+    bins = np.linspace(0.5, 1.5, 101)
+    assert ours["etot_einc"] == pytest.approx(
+        official(ref.etot_over_einc, gen.etot_over_einc, bins), abs=1e-12
+    )
+    x_r, x_g = np.where(x_ref < thr, 0, x_ref), np.where(x_gen < thr, 0, x_gen)
+    # plot_cell_dist (in float64: on a float32 file np.log10 of the float32 maximum moves the last edge
+    # by a float32 rounding)
+    bins = np.logspace(np.log10(thr), np.log10(float(x_r.max())), 50)
+    assert ours["voxel_energy"] == pytest.approx(official(x_r.ravel(), x_g.ravel(), bins), abs=1e-12)
