@@ -25,8 +25,10 @@ fweights=counts)``), which is how they are computed here (cost ∝ set size, not
 ``MMD²_u = Σ_{i≠j} k(x_i,x_j)/(m(m−1)) + Σ_{i≠j} k(y_i,y_j)/(n(n−1)) − 2 Σ_{ij} k(x_i,y_j)/(mn)``,
 on ``num_batches`` (official 10) pairs of batches of ``batch_size`` (official 10,000) drawn with
 replacement; the result is the median over batches and the error half the 16.275–83.725 % inter-percentile
-range (``scipy.stats.iqr(..., rng=(16.275, 83.725)) / 2``). MMD²_u can be slightly negative; ≈ 0 means
-indistinguishable.
+range (``scipy.stats.iqr(..., rng=(16.275, 83.725)) / 2``). Drawn with replacement, a batch's expected
+MMD²_u does not depend on its size (two distinct draws are any two rows of a set, possibly the same one),
+so batches are capped at the smaller set's size: the same quantity, without B² work on small sets.
+MMD²_u can be slightly negative; ≈ 0 means indistinguishable.
 
 Both are conventionally reported ×10³ (CaloChallenge); the API keeps raw values and the report scales.
 The random draws come from ``numpy.random.default_rng(seed)``, not jetnet's stream, so values agree with
@@ -245,6 +247,7 @@ class KPDResult:
     value: float
     error: float
     batch_values: np.ndarray
+    batch_size: int  # the batch size used: min(batch_size, len(real), len(gen))
 
 
 def kpd(
@@ -266,21 +269,24 @@ def kpd(
             f"kpd: need num_batches >= 1, degree >= 1, batch_size >= 2, got {num_batches}, {degree}, "
             f"{batch_size}"
         )
-    if len(x) < 1 or len(y) < 1:
-        raise ValueError(f"kpd: empty input ({len(x)} real, {len(y)} generated)")
+    if len(x) < 2 or len(y) < 2:
+        raise ValueError(f"kpd: need at least 2 samples each ({len(x)} real, {len(y)} generated)")
     if normalise:
         norm = Standardiser.fit(x, "maxabs")
         x, y = norm(x), norm(y)
+    # with replacement, E[MMD²_u] of a batch does not depend on its size B (a pair of distinct draws is
+    # any pair of rows, the same row included, whatever B): B > set size only costs B² work
+    batch = min(batch_size, len(x), len(y))
     rng = np.random.default_rng(seed)
     vals = np.array(
         [
             mmd2_poly_unbiased(
-                x[rng.integers(0, len(x), size=batch_size)],
-                y[rng.integers(0, len(y), size=batch_size)],
+                x[rng.integers(0, len(x), size=batch)],
+                y[rng.integers(0, len(y), size=batch)],
                 degree,
             )
             for _ in range(num_batches)
         ]
     )
     lo, hi = np.percentile(vals, KPD_ERR_PERCENTILES)
-    return KPDResult(float(np.median(vals)), float(0.5 * (hi - lo)), vals)
+    return KPDResult(float(np.median(vals)), float(0.5 * (hi - lo)), vals, batch)

@@ -120,6 +120,7 @@ def test_kpd_is_zero_for_identical_distributions_and_positive_otherwise() -> Non
     shifted = kpd(x, y + 0.3, batch_size=500, num_batches=10, seed=1, normalise=False)
     assert shifted.value > 5 * shifted.error and shifted.value > 0.05
     assert len(same.batch_values) == 10
+    assert kpd(x[:50], y[:40], batch_size=10_000, num_batches=2).batch_size == 40  # capped: same E
 
 
 def test_standardiser_uses_reference_statistics() -> None:
