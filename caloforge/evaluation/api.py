@@ -5,17 +5,21 @@ One evaluation compares a sample (generated showers) with a reference (simulated
 1. voxels at or below the evaluation threshold are zeroed in both sets (per detector: readout threshold /
    sampling fraction, the CaloChallenge 0.5 keV / 0.033 rule; or ``voxel_threshold_mev``);
 2. high-level features (:mod:`.features`) are computed per shower with each detector's mesh geometry;
-3. pooled metrics: separation power per HLF group with reference-fixed binning (:mod:`.histograms`),
-   response summaries, FPD/KPD (:mod:`.metrics`) and PRDC (:mod:`.prdc`) on the HLF vector standardised
-   with reference statistics, and the low-/high-level classifier tests (:mod:`.classifier`);
+3. pooled metrics: separation power per HLF group (:mod:`.histograms`; the official CaloChallenge
+   binning for the official histograms, reference-fixed binning for ours), response summaries, FPD/KPD
+   (:mod:`.metrics`, the official definition: the official HLF vector divided by the reference max |x|,
+   batches drawn with replacement), PRDC (:mod:`.prdc`) on the HLF vector standardised with reference
+   statistics, and the low-/high-level classifier tests (:mod:`.classifier`);
 4. the data-vs-data floor: the same metrics between two random halves of the reference (``floor/...``),
    using the same binning and standardisation as the model comparison. Since both halves come from one
    distribution, the floor is pure sampling noise; its separation powers are rescaled from the halves'
    sizes (n_a, n_b) to the model comparison's (N_s, N_r) by (1/N_s + 1/N_r)/(1/n_a + 1/n_b), which is
    exact to leading order. FPD is extrapolated to N → ∞, KPD is unbiased and the AUC is 0.5 in
    expectation at any size, so those need no correction (their spreads are those of the halves). FPD and
-   KPD of the model comparison use the floor's batch sizes (at most N_ref/2), so the finite-size biases
-   left after the 1/N extrapolation are the same on both sides and ``fpd − floor/fpd`` is meaningful;
+   KPD draw their batches with replacement (as jetnet), so both comparisons use the same batch sizes
+   whatever the set sizes; they measure the distance between the finite sets, which between two samples
+   of one distribution is also c (1/n₁ + 1/n₂) to leading order, so floor FPD/KPD (and their errors) are
+   rescaled by the same factor;
 5. conditional metrics per detector / particle / incident-energy bin (``group/<det>/<particle>/<bin>/...``),
    with binning fixed by each group's reference.
 
@@ -184,7 +188,8 @@ class _Side:
     cond: Conditions
     thresholds: np.ndarray  # (N,) MeV
     feats: ShowerFeatures
-    hlf: np.ndarray  # (N, D) standardised HLF vector
+    hlf: np.ndarray  # (N, D) standardised HLF vector (PRDC, high-level classifier)
+    hlf_raw: np.ndarray  # (N, D) HLF vector as computed (FPD/KPD normalise it themselves, as jetnet)
 
     def __len__(self) -> int:
         return len(self.cond)
@@ -196,6 +201,7 @@ class _Side:
             self.thresholds[idx],
             self.feats.subset(idx),
             self.hlf[idx],
+            self.hlf_raw[idx],
         )
 
 
@@ -254,7 +260,7 @@ def _voxel_edges(reference: ShowerSet, thresholds: np.ndarray, n_bins: int) -> n
         raise ValueError(f"evaluate: reference ({reference.source}) has no voxel above the voxel threshold")
     vals = x[above]
     low = float(thresholds.min()) if float(thresholds.min()) > 0 else float(vals.min())
-    return voxel_log_edges(low, float(vals.max()) * (1 + 1e-6), n_bins)
+    return voxel_log_edges(low, float(vals.max()), n_bins)  # official: up to the largest reference voxel
 
 
 def _prepare(s: ShowerSet, ctx: _Context) -> _Side:
@@ -262,7 +268,7 @@ def _prepare(s: ShowerSet, ctx: _Context) -> _Side:
     with ctx.timer("features"):
         feats = _features(s, thresholds, ctx)
         hlf = feats.vector(ctx.config.hlf_vector)
-    return _Side(s.showers_NZPR, s.conditions, thresholds, feats, hlf)
+    return _Side(s.showers_NZPR, s.conditions, thresholds, feats, hlf, hlf)
 
 
 # ------------------------------------------------------------------------------------- classifier inputs
@@ -332,10 +338,8 @@ def _compare(
     ctx: _Context,
     purpose: str,
     fpd_ok: bool = True,
-    n_cap: int | None = None,
 ) -> _Comparison:
-    """All requested metrics of ``gen`` against ``ref``; ``n_cap`` caps the FPD/KPD batch sizes (so the model
-    comparison uses the same batch sizes as the floor and their finite-size biases match)."""
+    """All requested metrics of ``gen`` against ``ref``."""
     cfg = ctx.config
     out: dict[str, float] = {"n_sample": float(len(gen)), "n_reference": float(len(ref))}
     res = _Comparison(out)
@@ -350,12 +354,11 @@ def _compare(
     if "fpd" in metrics and fpd_ok:
         with ctx.timer("fpd"):
             f = cfg.fpd
-            n_max = f.max_samples if n_cap is None else min(f.max_samples, n_cap)
             r = fpd(
-                ref.hlf,
-                gen.hlf,
-                min(f.min_samples, n_max // 2),
-                n_max,
+                ref.hlf_raw,
+                gen.hlf_raw,
+                f.min_samples,
+                f.max_samples,
                 f.num_points,
                 f.num_batches,
                 derive_seed(cfg.seed, f"fpd/{purpose}"),
@@ -364,9 +367,13 @@ def _compare(
     if "kpd" in metrics:
         with ctx.timer("kpd"):
             k = cfg.kpd
-            batch = k.batch_size if n_cap is None else min(k.batch_size, n_cap // 2)
             r2 = kpd(
-                ref.hlf, gen.hlf, batch, k.num_batches, k.degree, derive_seed(cfg.seed, f"kpd/{purpose}")
+                ref.hlf_raw,
+                gen.hlf_raw,
+                k.batch_size,
+                k.num_batches,
+                k.degree,
+                derive_seed(cfg.seed, f"kpd/{purpose}"),
             )
             out["kpd"], out["kpd_err"] = r2.value, r2.error
     if "prdc" in metrics:
@@ -507,11 +514,10 @@ def evaluate(
     _fit_condition_scaling(ref, ctx)
     if "cls_low" in config.metrics or "cls_low" in config.floor_metrics:
         ctx.low_shift_scale = low_level_scaling(ref.showers, ref.cond.energy_mev, ref.thresholds)
-    binning = H.fit_binning(ref.feats, _profile_mesh(meshes), config.n_bins)
+    binning = _fit_binning(ref, meshes, ctx)
 
     metrics: dict[str, float] = {}
-    n_cap = len(ref) // 2 if config.floor else None  # the smaller floor half (below)
-    main = _compare(ref, gen, config.metrics, binning, ctx, "model", n_cap=n_cap)
+    main = _compare(ref, gen, config.metrics, binning, ctx, "model")
     metrics.update(main.metrics)
 
     floor_sep: dict[str, float] | None = None
@@ -571,8 +577,28 @@ def _floor_scale(n_sample: int, n_reference: int, n_a: int, n_b: int) -> float:
     return (1.0 / n_sample + 1.0 / n_reference) / (1.0 / n_a + 1.0 / n_b)
 
 
+FLOOR_SCALED = ("fpd", "fpd_err", "kpd", "kpd_err")
+
+
 def _rescale_sep(metrics: dict[str, float], factor: float) -> dict[str, float]:
-    return {k: (v * factor if k.startswith("sep_power/") else v) for k, v in metrics.items()}
+    """Floor values that are pure finite-size noise, c (1/n₁ + 1/n₂) to leading order, rescaled to the model
+    comparison's sizes: separation powers, and FPD/KPD, which (batches drawn with replacement, as jetnet)
+    measure the distance between the two finite sets (KPD's bias from rows drawn twice is ∝ 1/n too)."""
+    return {
+        k: (v * factor if k.startswith("sep_power/") or k in FLOOR_SCALED else v) for k, v in metrics.items()
+    }
+
+
+def _fit_binning(ref: _Side, meshes: dict[str, Mesh], ctx: _Context) -> dict[str, np.ndarray]:
+    """Histogram binning from the reference side: official energy bins start at the smallest voxel
+    threshold, official length ranges scale with the largest outer radius of the detectors."""
+    return H.fit_binning(
+        ref.feats,
+        _profile_mesh(meshes),
+        ctx.config.n_bins,
+        threshold_mev=float(ref.thresholds.min()) if len(ref) else min(ctx.thresholds.values()),
+        r_max_mm=max(m.r_edges_mm[-1] for m in meshes.values()),
+    )
 
 
 def _profile_mesh(meshes: dict[str, Mesh]) -> Mesh:
@@ -617,14 +643,13 @@ def _evaluate_groups(
             continue
         r_side, g_side = ref.subset(ri), gen.subset(gi)
         group_meshes = {d: ctx.meshes[d] for d in np.unique(r_side.cond.detector).tolist()}
-        binning = H.fit_binning(r_side.feats, _profile_mesh(group_meshes), cfg.n_bins)
+        binning = _fit_binning(r_side, group_meshes, ctx)
         fpd_ok = min(len(ri), len(gi)) >= gcfg.fpd_min_showers
         with_floor = cfg.floor and half_a is not None
         if with_floor:
             a_idx, b_idx = ri[pos_a[ri]], ri[~pos_a[ri]]
             with_floor = min(len(a_idx), len(b_idx)) >= max(gcfg.min_showers // 2, 4)
-        n_cap = min(len(a_idx), len(b_idx)) if with_floor else None
-        comp = _compare(r_side, g_side, gcfg.metrics, binning, ctx, f"group/{key}", fpd_ok, n_cap)
+        comp = _compare(r_side, g_side, gcfg.metrics, binning, ctx, f"group/{key}", fpd_ok)
         metrics.update({f"{prefix}/{k}": v for k, v in comp.metrics.items() if not k.startswith("n_")})
         row.update({k: v for k, v in comp.metrics.items() if not k.startswith("n_")})
         if with_floor:
@@ -636,7 +661,6 @@ def _evaluate_groups(
                 ctx,
                 f"floor/group/{key}",
                 fpd_ok,
-                n_cap,
             )
             factor = _floor_scale(len(gi), len(ri), len(a_idx), len(b_idx))
             fl_m = {k: v for k, v in _rescale_sep(fl.metrics, factor).items() if not k.startswith("n_")}

@@ -120,12 +120,13 @@ def low_level_inputs(
     voxel_shift: float,
     voxel_scale: float,
 ) -> np.ndarray:
-    """(N, V) float32: ``(log10(E_voxel/E_inc + 1e-8) − shift)/scale``, voxels <= threshold set to 0."""
+    """(N, V) float32: ``(log10(E_voxel/E_inc + 1e-8) − shift)/scale``, voxels < threshold set to 0
+    (official ``np.where(voxel < threshold, 0, voxel)``)."""
     n = len(showers_NZPR)
     x = np.asarray(showers_NZPR, dtype=np.float32).reshape(n, -1)
     thr = np.broadcast_to(np.asarray(threshold_mev, dtype=np.float32), (n,))[:, None]
     e = np.asarray(energy_mev, dtype=np.float32).reshape(n, 1)
-    u = np.where(x > thr, x, np.float32(0.0)) / e
+    u = np.where(x < thr, np.float32(0.0), x) / e
     u += np.float32(LOW_LEVEL_EPS)
     np.log10(u, out=u)
     u -= np.float32(voxel_shift)

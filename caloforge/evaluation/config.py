@@ -30,15 +30,21 @@ def _unique(name: str, values: tuple) -> None:
 
 @dataclass(frozen=True)
 class FPDConfig:
-    """FPD batch sizes run from ``min_samples`` to ``max_samples`` (capped by the data), regular in 1/N."""
+    """FPD batch sizes (drawn with replacement) from ``min_samples`` to ``max_samples``, regular in 1/N.
 
-    min_samples: int = 2000
-    max_samples: int = 10000
+    Defaults: the CaloChallenge call ``jetnet.evaluation.fpd(ref, gen, min_samples=10000)`` (jetnet
+    defaults max_samples 50000, 10 points, 20 batches). Smaller values estimate the same quantity with a
+    larger error."""
+
+    min_samples: int = 10_000
+    max_samples: int = 50_000
     num_points: int = 10
-    num_batches: int = 10
+    num_batches: int = 20
 
     def __post_init__(self) -> None:
         _positive(self, "min_samples", "max_samples", "num_batches")
+        if self.min_samples < 2:
+            raise ValueError(f"min_samples must be >= 2, got {self.min_samples}")
         if self.num_points < 2:
             raise ValueError(f"num_points must be >= 2, got {self.num_points}")
         if self.min_samples > self.max_samples:
@@ -47,12 +53,17 @@ class FPDConfig:
 
 @dataclass(frozen=True)
 class KPDConfig:
-    batch_size: int = 5000
+    """KPD batches (drawn with replacement). Defaults: the CaloChallenge call
+    ``jetnet.evaluation.kpd(ref, gen, batch_size=10000)`` (10 batches, polynomial kernel of degree 4)."""
+
+    batch_size: int = 10_000
     num_batches: int = 10
-    degree: int = 3
+    degree: int = 4
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "num_batches", "degree")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -152,13 +163,15 @@ class EvalConfig:
 
     seed: int = 0
     metrics: tuple[MetricName, ...] = ALL_METRICS
-    n_bins: int = 50  # per value histogram (capped at max(10, sqrt(N_ref)))
-    voxel_bins: int = 50  # log bins of the voxel-energy spectrum
+    n_bins: int = 50  # per adaptive histogram (capped at max(10, sqrt(N_ref))); official ones: fixed bins
+    voxel_bins: int = 49  # log bins of the voxel-energy spectrum (official: np.logspace(..., 50) edges)
     # voxels <= threshold are zeroed in both sets; None: per detector, readout threshold / sampling
     # fraction of caloforge/platform/detectors/<name>.yaml (CaloChallenge ds2: 0.5 keV / 0.033 = 15.15 keV)
     voxel_threshold_mev: float | None = None
     r_edges_mm: tuple[float, ...] | None = None  # mesh radial edges when detectors are not built-in
+    # HLF vector of FPD/KPD (always, as the official evaluation), PRDC and the high-level classifier
     hlf_vector: Literal["calochallenge", "extended"] = "calochallenge"
+    # PRDC and high-level classifier inputs; FPD/KPD always divide by the reference max |x| (jetnet)
     normalisation: Literal["standardise", "maxabs"] = "standardise"
     # "match": sample conditions must equal the reference's shower by shower (a model evaluated on the
     # reference conditions); "distribution": two independent samples of the same condition distribution

@@ -1,24 +1,29 @@
 """High-level features (HLF) of showers on a cylindrical mesh, vectorised over showers.
 
 Definitions follow the CaloChallenge 2022 evaluation (Krause et al., arXiv:2410.21611; public code
-``code/HighLevelFeatures.py``), generalised to any (n_z, n_phi, n_r) mesh:
+``code/HighLevelFeatures.py`` and ``prepare_high_data_for_classifier`` in ``code/evaluate.py``),
+generalised to any (n_z, n_phi, n_r) mesh:
 
-- voxels at or below the evaluation threshold are set to 0 first (CaloChallenge: 0.5 keV / 0.033 =
-  15.15 keV for dataset 2);
+- voxels *below* the evaluation threshold are set to 0 first (official
+  ``np.where(shower < min_energy, 0, shower)``; CaloChallenge: 0.5 keV / 0.033 = 15.15 keV for dataset 2);
 - per layer z: ``E_z = Σ_{φ,r} E_{zφr}``; ``E_tot = Σ_z E_z``; response ``E_tot / E_inc``;
-- transverse coordinates of a voxel from the mesh bin centres: ``x = r_c cos φ_c``, ``y = r_c sin φ_c``;
+- transverse coordinates of a voxel from the mesh bin centres: ``x = r_c cos φ_c``, ``y = r_c sin φ_c``
+  (the official "eta" and "phi" of datasets 2 and 3);
 - centre of energy per layer ``⟨x⟩_z = Σ x E / (E_z + 1e-16)`` (same for y and r) and its width
   ``σ_x = sqrt(max(⟨x²⟩_z − ⟨x⟩_z², 0))``; an empty layer has centre and width 0 (as the official code);
 - sparsity per layer: the fraction of voxels of the layer that are *empty* after the threshold
   (official ``_calculate_sparsity``: ``1 − mean(E > 0)``);
-- shower depth: the energy-weighted mean layer index ``d = Σ_z z E_z / E_tot``;
+- shower depth (ours, no official counterpart): the energy-weighted mean layer ``d = Σ_z z E_z / E_tot``;
 - per-shower energy per layer / radial bin / angular bin (the longitudinal, radial and azimuthal profiles)
-  and the per-shower histogram of non-zero voxel energies on fixed log bins (the voxel spectrum).
+  and the per-shower histogram of non-zero voxel energies on fixed log bins (the voxel spectrum; bins as
+  ``np.histogram``: half-open, the last one closed).
 
-``ShowerFeatures.vector(kind)`` returns the HLF vector used by FPD/KPD, PRDC and the high-level classifier:
-``calochallenge`` = [log10 E_inc, log10(E_z + 1e-8 MeV) (n_z), ⟨x⟩_z, ⟨y⟩_z, σ_x,z, σ_y,z (n_z each)], i.e.
-the official ``prepare_high_data_for_classifier`` vector (1 + 5 n_z values), and ``extended`` = that plus
-E_tot/E_inc, depth, sparsity_z, ⟨r⟩_z and σ_r,z (4 + 8 n_z values).
+``ShowerFeatures.vector(kind)`` returns the HLF vector used by FPD/KPD, PRDC and the high-level classifier.
+``calochallenge`` is the official ``prepare_high_data_for_classifier`` vector, which is also the official
+FPD/KPD input (1 + 8 n_z + 1 values, 362 on the dataset-2 mesh):
+``[log10 E_inc, log10(E_z + 1e-8) (n_z), ⟨x⟩_z/100, ⟨y⟩_z/100, σ_x,z/100, σ_y,z/100 (n_z each),
+log10(E_tot + 1e-8), sparsity_z (n_z), ⟨r⟩_z/100, σ_r,z/100 (n_z each)]`` (energies in MeV, lengths in mm).
+``extended`` (ours) appends E_tot/E_inc and the depth (3 + 8 n_z values).
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ import numpy as np
 from caloforge.platform.geometry import Mesh
 
 HLFVectorKind = Literal["calochallenge", "extended"]
-LOG_LAYER_EPS_MEV = 1e-8  # official: np.log10(E_layer + 1e-8)
+LOG_LAYER_EPS_MEV = 1e-8  # official: np.log10(E_layer + 1e-8), np.log10(E_tot + 1e-8)
+LENGTH_SCALE_MM = 1e2  # official HLF vector: centres and widths / 1e2
 _DIV_EPS = 1e-16  # official: energy.sum() + 1e-16
 CHUNK_SHOWERS = 1024
 
@@ -105,35 +111,35 @@ class ShowerFeatures:
 
     def vector(self, kind: HLFVectorKind = "calochallenge") -> np.ndarray:
         """The HLF vector (N, D) of the module docstring; ``vector_names`` gives the column names."""
+        if kind not in ("calochallenge", "extended"):
+            raise ValueError(f"hlf_vector: unknown kind {kind!r} (known: 'calochallenge', 'extended')")
         cols = [
             np.log10(self.e_inc_mev)[:, None],
             np.log10(self.e_layer_mev + LOG_LAYER_EPS_MEV),
-            self.ec_x_mm,
-            self.ec_y_mm,
-            self.width_x_mm,
-            self.width_y_mm,
+            self.ec_x_mm / LENGTH_SCALE_MM,
+            self.ec_y_mm / LENGTH_SCALE_MM,
+            self.width_x_mm / LENGTH_SCALE_MM,
+            self.width_y_mm / LENGTH_SCALE_MM,
+            np.log10(self.e_tot_mev + LOG_LAYER_EPS_MEV)[:, None],
+            self.sparsity,
+            self.ec_r_mm / LENGTH_SCALE_MM,
+            self.width_r_mm / LENGTH_SCALE_MM,
         ]
         if kind == "extended":
-            cols += [
-                self.etot_over_einc[:, None],
-                self.depth[:, None],
-                self.sparsity,
-                self.ec_r_mm,
-                self.width_r_mm,
-            ]
-        elif kind != "calochallenge":
-            raise ValueError(f"hlf_vector: unknown kind {kind!r} (known: 'calochallenge', 'extended')")
+            cols += [self.etot_over_einc[:, None], self.depth[:, None]]
         return np.concatenate(cols, axis=1)
 
     def vector_names(self, kind: HLFVectorKind = "calochallenge") -> list[str]:
         z = range(self.n_z)
         names = ["log10_e_inc"]
-        for prefix in ("log10_e_layer", "ec_x", "ec_y", "width_x", "width_y"):
+        names += [f"log10_e_layer_{i}" for i in z]
+        for prefix in ("ec_x", "ec_y", "width_x", "width_y"):
+            names += [f"{prefix}_{i}" for i in z]
+        names.append("log10_e_tot")
+        for prefix in ("sparsity", "ec_r", "width_r"):
             names += [f"{prefix}_{i}" for i in z]
         if kind == "extended":
             names += ["etot_einc", "depth"]
-            for prefix in ("sparsity", "ec_r", "width_r"):
-                names += [f"{prefix}_{i}" for i in z]
         return names
 
 
@@ -148,7 +154,8 @@ def voxel_coordinates_mm(mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def voxel_log_edges(low_mev: float, high_mev: float, n_bins: int) -> np.ndarray:
-    """``n_bins`` log-spaced voxel-energy bins from ``low_mev`` to ``high_mev`` (official: np.logspace)."""
+    """``n_bins`` log-spaced voxel-energy bins from ``low_mev`` to ``high_mev`` (official: ``np.logspace``,
+    50 edges from the threshold to the reference's largest voxel)."""
     if not (0 < low_mev < high_mev) or not np.isfinite(high_mev):
         raise ValueError(f"voxel energy bins need 0 < low < high, got low={low_mev}, high={high_mev}")
     if n_bins < 1:
@@ -157,12 +164,15 @@ def voxel_log_edges(low_mev: float, high_mev: float, n_bins: int) -> np.ndarray:
 
 
 def apply_threshold(showers_NZPR: np.ndarray, threshold_mev: float | np.ndarray) -> np.ndarray:
-    """Copy of the showers (float64) with voxels ``<= threshold`` (per shower or scalar) set to 0."""
+    """Copy of the showers (float64) with voxels ``< threshold`` (per shower or scalar) set to 0.
+
+    As the official ``np.where(shower < min_energy, 0, shower)``: a voxel exactly at the threshold is kept.
+    """
     x = np.asarray(showers_NZPR, dtype=np.float64)
     thr = np.asarray(threshold_mev, dtype=np.float64)
     if thr.ndim == 1:
         thr = thr[:, None, None, None]
-    return np.where(x > thr, x, 0.0)
+    return np.where(x < thr, 0.0, x)
 
 
 def _moments(x_NZQ: np.ndarray, coord_Q: np.ndarray, e_z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -228,7 +238,9 @@ def compute_features(
         out["sparsity"].append(1.0 - (xq > 0).mean(axis=2))
         nz = xq > 0
         rows = np.broadcast_to(np.arange(b)[:, None, None], xq.shape)[nz]
-        idx = np.searchsorted(edges, xq[nz], side="right")  # 0: underflow, n_bins + 1: overflow
+        vals = xq[nz]
+        idx = np.searchsorted(edges, vals, side="right")  # 0: underflow, n_bins + 1: overflow
+        idx[vals == edges[-1]] = n_bins  # the last bin is closed, as np.histogram
         width = n_bins + 2
         counts = np.bincount(rows * width + idx, minlength=b * width).reshape(b, width)
         out["voxel_counts"].append(counts.astype(np.int32))

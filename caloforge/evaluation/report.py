@@ -192,7 +192,8 @@ class EvalReport:
             f"detectors: {', '.join(i.get('detectors', []))}; particles: {', '.join(i.get('particles', []))}",
             f"- voxel threshold (MeV): {i.get('voxel_threshold_mev', {})}; "
             f"HLF vector: `{i.get('hlf_vector')}` (dimension {i.get('hlf_dim')}), "
-            f"{self.config.normalisation} with reference statistics",
+            f"FPD/KPD: divided by the reference max |x| (CaloChallenge/jetnet); PRDC and high-level "
+            f"classifier: {self.config.normalisation} with reference statistics",
             f"- conditions: `{self.config.conditions}`; seed {self.config.seed}; "
             f"caloforge {caloforge.__version__}",
             "- floor = the same metric between two random halves of the reference (lower is better for all "
@@ -208,8 +209,8 @@ class EvalReport:
             return _pm(m.get(key), m.get(err)), _pm(m.get(f"floor/{key}"), m.get(f"floor/{err}"))
 
         rows = [
-            ("FPD ×10³", "fpd", "fpd_err"),
-            ("KPD ×10³", "kpd", "kpd_err"),
+            ("FPD ×10³ (CaloChallenge)", "fpd", "fpd_err"),
+            ("KPD ×10³ (CaloChallenge)", "kpd", "kpd_err"),
             ("AUC low-level", "auc_low", "auc_low_std"),
             ("AUC high-level", "auc_high", "auc_high_std"),
         ]
@@ -239,6 +240,10 @@ class EvalReport:
             lines += [
                 "",
                 "## Separation power per HLF group (mean over its histograms)",
+                "",
+                "Groups named as in the CaloChallenge code use its binning and drop values outside it; "
+                "`*_adaptive`, `depth` and `profile_*` are ours (reference-fitted bins; under/overflow "
+                "count).",
                 "",
                 "| group | model | floor | histograms |",
                 "| --- | --- | --- | --- |",

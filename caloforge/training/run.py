@@ -29,10 +29,10 @@ import math
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -45,6 +45,9 @@ from caloforge.platform.objectives import ObjectiveConfig, make_objective
 from caloforge.platform.seeding import Purpose
 from caloforge.platform.shower_model import ShowerModelConfig
 from caloforge.training.config import LoopConfig
+
+if TYPE_CHECKING:
+    from caloforge.training.hooks import PeriodicEval
 
 __all__ = [
     "DataConfig",
@@ -277,10 +280,13 @@ def _val_loss_fn(config: TrainConfig, manifest_dir: Path, loss_fn: Callable) -> 
 
 
 # -- the run ----------------------------------------------------------------------------------------------
-def train(config: TrainConfig, run_dir: str | Path | None = None) -> TrainResult:
+def train(
+    config: TrainConfig, run_dir: str | Path | None = None, *, extra_evals: Sequence[PeriodicEval] = ()
+) -> TrainResult:
     """Train (or resume) a ShowerModel in one process; returns the :class:`TrainResult`.
 
-    ``run_dir`` defaults to ``$CALOFORGE_HOME/runs/<config.name>``.
+    ``run_dir`` defaults to ``$CALOFORGE_HOME/runs/<config.name>``. ``extra_evals``: more periodic
+    evaluations (after the validation loss), e.g. the fidelity benchmark's evaluations along the run.
     """
     from caloforge import paths
     from caloforge.datasets.shards import Manifest
@@ -327,6 +333,7 @@ def train(config: TrainConfig, run_dir: str | Path | None = None) -> TrainResult
         evals = []
         if config.eval.every:
             evals.append(PeriodicEval(config.eval.every, _val_loss_fn(config, manifest_dir, loss_fn)))
+        evals += list(extra_evals)
         hooks = job.standard_hooks(run_dir / "metrics.jsonl", progress=config.progress, evals=evals)
         trainer = Trainer(
             model,

@@ -70,8 +70,10 @@ def test_threshold_profiles_spectrum_and_depth() -> None:
     rng = np.random.default_rng(0)
     x = rng.exponential(1.0, (5, *MESH.shape)) * (rng.random((5, *MESH.shape)) < 0.5)
     thr = 0.3
+    x[0, 0, 0, 0] = thr  # exactly at the threshold: kept (official np.where(x < min_energy, 0, x))
     f = features(x, e_inc=np.arange(1, 6) * 50.0, thr=thr)
-    kept = np.where(x > thr, x, 0.0)
+    kept = np.where(x < thr, 0.0, x)
+    assert f.e_layer_mev[0, 0] >= thr
     np.testing.assert_allclose(f.e_layer_mev, kept.sum(axis=(2, 3)), rtol=1e-6)
     np.testing.assert_allclose(f.e_r_mev, kept.sum(axis=(1, 2)), rtol=1e-6)
     np.testing.assert_allclose(f.e_phi_mev, kept.sum(axis=(1, 3)), rtol=1e-6)
@@ -106,11 +108,21 @@ def test_chunking_subset_concat_and_vector() -> None:
     joined = ShowerFeatures.concat([whole.subset(slice(0, 4)), whole.subset(slice(4, 7))])
     np.testing.assert_array_equal(joined.voxel_counts, whole.voxel_counts)
     v = whole.vector()
-    assert v.shape == (7, 1 + 5 * MESH.n_z) and len(whole.vector_names()) == v.shape[1]
+    # the official prepare_high_data_for_classifier vector: 1 + 8 n_z + 1 columns
+    assert v.shape == (7, 2 + 8 * MESH.n_z) and len(whole.vector_names()) == v.shape[1]
     ext = whole.vector("extended")
-    assert ext.shape[1] == len(whole.vector_names("extended")) == 1 + 5 * MESH.n_z + 2 + 3 * MESH.n_z
+    assert ext.shape[1] == len(whole.vector_names("extended")) == 4 + 8 * MESH.n_z
+    z = MESH.n_z
     np.testing.assert_allclose(v[:, 0], np.log10(e))
-    np.testing.assert_allclose(v[:, 1 : 1 + MESH.n_z], np.log10(whole.e_layer_mev + 1e-8))
+    np.testing.assert_allclose(v[:, 1 : 1 + z], np.log10(whole.e_layer_mev + 1e-8))
+    np.testing.assert_allclose(v[:, 1 + z : 1 + 2 * z], whole.ec_x_mm / 100)
+    np.testing.assert_allclose(v[:, 1 + 4 * z : 1 + 5 * z], whole.width_y_mm / 100)
+    np.testing.assert_allclose(v[:, 1 + 5 * z], np.log10(whole.e_tot_mev + 1e-8))
+    np.testing.assert_allclose(v[:, 2 + 5 * z : 2 + 6 * z], whole.sparsity)
+    np.testing.assert_allclose(v[:, 2 + 7 * z :], whole.width_r_mm / 100)
+    np.testing.assert_allclose(ext[:, -2:], np.stack([whole.etot_over_einc, whole.depth], axis=1))
+    names = whole.vector_names()
+    assert names[1 + 5 * z] == "log10_e_tot" and names[-1] == f"width_r_{z - 1}"
 
 
 def test_coordinates_match_the_calochallenge_convention() -> None:

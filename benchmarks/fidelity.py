@@ -1,0 +1,305 @@
+"""Fidelity benchmark: train a config for a fixed budget, evaluate on a fixed held-out set (issue #16).
+
+One command: the training config (``--config``, default ``configs/train/debug.yaml``) is trained on the
+CaloChallenge dataset-2 setting — ``par04-siw`` electrons, 1 GeV–1 TeV log-uniform, normal incidence (the
+DS2 mesh 45 × 16 × 9; showers from the built-in simulator, not Geant4) — for ``--steps`` optimizer steps,
+then compared with ``caloforge.evaluation`` against ``--n-eval`` held-out showers simulated with another
+seed (default 10,000). Along the run, ``--points`` evaluations of the EMA weights (a cheaper config on
+``--curve-n`` showers: both classifiers, FPD/KPD, separation powers) give the quality-vs-compute curve:
+training loss and AUC against training FLOPs (3 × the analytic forward FLOPs of ``forward_flops`` × showers
+seen; elementwise ops not counted).
+
+Writes, under ``--out-dir`` (default ``benchmarks/results/fidelity_<device>_<date>/``): the training run
+(``run/``, replaced on every invocation), the final evaluation report (``report/``: report.md table,
+report.json, plots), the sample and the matching reference in CaloChallenge format (``sample_cc.h5``,
+``reference_cc.h5``: rerun the official ``evaluate.py -d 2`` on them), ``curve.png``, ``fidelity.json``;
+and ``benchmarks/results/<device>_<date>_fidelity.json``.
+Prints a table.
+
+Budgets (issue #16): the CPU budget is the ``debug`` model on 2 cores for 20 minutes of training; choose
+``--steps`` from the step rate the curve rows report (``train_s`` / step). The GPU budget is the ``S`` model,
+8 minutes in bf16 (``--config`` of an S-sized run, ``--device cuda``).
+
+    .venv/bin/python benchmarks/fidelity.py --quick                       # smoke run, < 1 minute
+    .venv/bin/python benchmarks/fidelity.py --steps 3000 --points 6       # the CPU budget (see docs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from caloforge.cli import apply_default_env
+from caloforge.config import load_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import RESULTS, git_commit, write_results  # noqa: E402
+
+DETECTOR = "par04-siw"
+ENERGY_GEV = (1.0, 1000.0)
+REFERENCE_SEED = 1_000_003  # the held-out set: never the training simulation's seed
+CURVE_KEYS = ("auc_low", "auc_high", "fpd", "kpd", "sep_power/mean", "sep_power/width_r", "sep_power/e_layer")
+TABLE_KEYS = (
+    "auc_low",
+    "auc_high",
+    "fpd",
+    "kpd",
+    "sep_power/etot_einc",
+    "sep_power/e_layer",
+    "sep_power/width_r",
+    "sep_power/width_x",
+    "sep_power/sparsity",
+    "sep_power/mean",
+    "response/radial_width",
+    "response/scale",
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=ROOT / "configs/train/debug.yaml", help="training config")
+    p.add_argument("--set", action="append", default=[], dest="overrides", help="training config override")
+    p.add_argument("--eval-config", type=Path, default=ROOT / "configs/eval/default.yaml")
+    p.add_argument("--curve-config", type=Path, default=ROOT / "configs/eval/ci.yaml")
+    p.add_argument("--steps", type=int, default=3000, help="training budget in optimizer steps")
+    p.add_argument("--n-train", type=int, default=20_000, help="simulated training showers")
+    p.add_argument("--n-eval", type=int, default=10_000, help="held-out showers of the final evaluation")
+    p.add_argument("--curve-n", type=int, default=2000, help="showers per evaluation along the run")
+    p.add_argument("--points", type=int, default=6, help="evaluations along the run (the curve)")
+    p.add_argument("--device", default="cpu", help="training and generation device (cpu, cuda)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out-dir", type=Path, default=None)
+    p.add_argument("--results", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    p.add_argument("--quick", action="store_true", help="a tiny budget: proves the benchmark runs end to end")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.n_train, args.n_eval, args.curve_n, args.points = 6, 160, 200, 100, 2
+        args.eval_config = ROOT / "configs/eval/ci.yaml"
+        args.overrides = [*args.overrides, "model.num_steps=4"]  # a cheap sampler for the smoke run
+    if args.steps < 1 or args.points < 1 or min(args.n_train, args.n_eval, args.curve_n) < 10:
+        raise ValueError("--steps, --points must be >= 1 and --n-train, --n-eval, --curve-n >= 10")
+    return args
+
+
+def train_config(args: argparse.Namespace, run_name: str):
+    """The given config on the DS2 setting, ``--steps`` long, checkpointing at the curve points."""
+    from caloforge.training.run import SimulateConfig, load_train_config
+
+    cfg = load_train_config(args.config, args.overrides)
+    sim = cfg.data.simulate
+    shards = (
+        sim.shards if sim is not None else SimulateConfig(detectors=(DETECTOR,), particles=("e-",)).shards
+    )
+    simulate = SimulateConfig(
+        detectors=(DETECTOR,),
+        particles=("e-",),
+        n_per_detector=args.n_train,
+        energy_gev=ENERGY_GEV,
+        log_uniform=True,
+        theta_deg=(90.0, 90.0),
+        phi_deg=(0.0, 0.0),
+        seed=sim.seed if sim is not None else 0,
+        shards=dataclasses.replace(shards, showers_per_shard=min(shards.showers_per_shard, args.n_train)),
+    )
+    every = max(1, args.steps // args.points)
+    loop = dataclasses.replace(
+        cfg.loop, steps=args.steps, checkpoint_every=every, log_every=min(cfg.loop.log_every, every)
+    )
+    data = dataclasses.replace(cfg.data, simulate=simulate, shards=None)
+    return dataclasses.replace(
+        cfg,
+        name=run_name,
+        data=data,
+        loop=loop,
+        device=args.device,
+        progress=False,
+        torch_threads=args.threads,
+        eval=dataclasses.replace(cfg.eval, every=every),
+    )
+
+
+def flops_per_shower(model) -> float:
+    """Training FLOPs per shower: 3 × the analytic forward FLOPs (forward + backward)."""
+    from caloforge.platform.backbone import forward_flops
+
+    return 3.0 * forward_flops(model.config.backbone_config(), model.mesh_shape)["total"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    apply_default_env()
+    args = parse_args(argv)
+    from caloforge.datasets.formats import calochallenge
+    from caloforge.datasets.simulator import simulate_dataset
+    from caloforge.evaluation import EvalConfig, evaluate
+    from caloforge.evaluation.api import generate_sample
+    from caloforge.platform.geometry import load_detector
+    from caloforge.training.hooks import PeriodicEval, read_metrics
+    from caloforge.training.run import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device_label = "gpu" if args.device.startswith("cuda") else "cpu-vm"
+    stamp = dt.date.today().isoformat()
+    out = args.out_dir or RESULTS / f"fidelity_{device_label}_{stamp}{'_quick' if args.quick else ''}"
+    out.mkdir(parents=True, exist_ok=True)
+    eval_cfg = load_config(EvalConfig, args.eval_config)
+    if args.quick:  # the smoke run: no groups, no plots, one classifier seed
+        eval_cfg = dataclasses.replace(
+            eval_cfg,
+            groups=dataclasses.replace(eval_cfg.groups, enabled=False),
+            plots=dataclasses.replace(eval_cfg.plots, enabled=False),
+            classifier=dataclasses.replace(eval_cfg.classifier, n_seeds=1),
+        )
+    curve_cfg = dataclasses.replace(
+        load_config(EvalConfig, args.curve_config),
+        metrics=("sep_power", "fpd", "kpd", "cls_low", "cls_high"),
+        floor=False,
+        groups=dataclasses.replace(load_config(EvalConfig, args.curve_config).groups, enabled=False),
+        plots=dataclasses.replace(load_config(EvalConfig, args.curve_config).plots, enabled=False),
+        classifier=dataclasses.replace(load_config(EvalConfig, args.curve_config).classifier, n_seeds=1),
+    )
+
+    t0 = time.perf_counter()
+    reference = simulate_dataset(
+        load_detector(DETECTOR),
+        ["e-"],
+        args.n_eval,
+        ENERGY_GEV,
+        True,
+        (90.0, 90.0),
+        (0.0, 0.0),
+        REFERENCE_SEED,
+    )
+    simulate_s = time.perf_counter() - t0
+    curve_ref = reference.subset(np.arange(min(args.curve_n, len(reference))))
+
+    cfg = train_config(args, "fidelity")
+    batch = cfg.loop.batch_size
+    curve: list[dict] = []
+    eval_time = [0.0]
+    t_train = time.perf_counter()
+
+    def along_the_run(model) -> dict[str, float]:
+        t = time.perf_counter()
+        row = {"train_s": t - t_train - eval_time[0]}  # training wall time so far (incl. data preparation)
+        sample, ref_sub = generate_sample(model, curve_ref, None, curve_cfg.seed, device=args.device)
+        rep = evaluate(sample, ref_sub, curve_cfg)
+        row.update({k: rep.metrics[k] for k in CURVE_KEYS if k in rep.metrics})
+        curve.append(row)
+        eval_time[0] += time.perf_counter() - t
+        return {}
+
+    if (out / "run").exists():  # a fresh measurement: the curve needs the whole run
+        shutil.rmtree(out / "run")
+    hook = PeriodicEval(cfg.loop.checkpoint_every, along_the_run, prefix="fidelity")
+    result = train(cfg, out / "run", extra_evals=[hook])
+    for row, (step, _) in zip(curve, hook.history, strict=True):
+        row["step"] = step
+    train_s = time.perf_counter() - t_train - eval_time[0]
+
+    from caloforge.platform.shower_model import ShowerModel
+
+    model = ShowerModel.load(result.model_dir, device=args.device)
+    fps = flops_per_shower(model)
+    for row in curve:
+        row["train_flops"] = row["step"] * batch * fps
+    losses = [
+        {"step": r["step"], "loss": r["loss"], "train_flops": r["step"] * batch * fps}
+        for r in read_metrics(out / "run" / "metrics.jsonl")
+        if "loss" in r and "step" in r
+    ]
+
+    t_eval = time.perf_counter()
+    sample, ref_matched = generate_sample(model, reference, None, eval_cfg.seed, device=args.device)
+    report = evaluate(sample, ref_matched, dataclasses.replace(eval_cfg, conditions="match"))
+    report.write(out / "report")
+    calochallenge.write(out / "sample_cc.h5", sample, showers_dtype="float64")
+    calochallenge.write(out / "reference_cc.h5", ref_matched, showers_dtype="float64")
+    eval_s = time.perf_counter() - t_eval
+    _plot_curve(curve, losses, out / "curve.png")
+
+    m = report.metrics
+    record = {
+        "benchmark": "fidelity",
+        "date": stamp,
+        "git_commit": git_commit(),
+        "host": platform.node(),
+        "device": args.device,
+        "torch_threads": torch.get_num_threads(),
+        "quick": args.quick,
+        "train_config": to_dict(cfg),
+        "eval_config": str(args.eval_config),
+        "data": {"detector": DETECTOR, "particle": "e-", "energy_gev": ENERGY_GEV, "theta_deg": 90.0},
+        "steps": result.steps,
+        "batch_size": batch,
+        "train_flops_per_shower": fps,
+        "train_flops": result.steps * batch * fps,
+        "simulate_reference_s": simulate_s,
+        "train_s": train_s,
+        "curve_eval_s": eval_time[0],
+        "final_eval_s": eval_s,
+        "n_eval": len(ref_matched),
+        "metrics": {
+            k: m[k] for k in sorted(m) if not k.startswith("group/") and not k.startswith("floor/group/")
+        },
+        "curve": curve,
+        "loss_curve": losses,
+        "out_dir": str(out),
+    }
+    print(
+        f"\nfidelity: {DETECTOR} e- 1 GeV-1 TeV, {result.steps} steps × {batch}, "
+        f"{record['train_flops']:.3g} training FLOPs, {train_s:.0f} s training, "
+        f"{len(ref_matched)} held-out showers"
+    )
+    print(f"{'metric':28} {'model':>12} {'floor':>12}")
+    for k in TABLE_KEYS:
+        if k in m:
+            print(f"{k:28} {m[k]:>12.4g} {m.get('floor/' + k, float('nan')):>12.4g}")
+    print(f"\n{'step':>6} {'train FLOPs':>12} {'train s':>8} " + " ".join(f"{k:>14}" for k in CURVE_KEYS))
+    for r in curve:
+        print(f"{r['step']:>6} {r['train_flops']:>12.3g} {r['train_s']:>8.0f} "
+              + " ".join(f"{r.get(k, float('nan')):>14.4g}" for k in CURVE_KEYS))  # fmt: skip
+    (out / "fidelity.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_results(record, "fidelity" + ("_quick" if args.quick else ""), device_label, args.results)
+    return 0
+
+
+def _plot_curve(curve: list[dict], losses: list[dict], path: Path) -> None:
+    """Training loss and AUCs against training FLOPs (log x)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9.0, 3.6))
+    ax1, ax2 = fig.subplots(1, 2)
+    if losses:
+        ax1.plot([r["train_flops"] for r in losses], [r["loss"] for r in losses], lw=1)
+    ax1.set_xlabel("training FLOPs")
+    ax1.set_ylabel("training loss")
+    for key in ("auc_low", "auc_high"):
+        pts = [(r["train_flops"], r[key]) for r in curve if key in r]
+        if pts:
+            ax2.plot(*zip(*pts, strict=True), marker="o", label=key)
+    ax2.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax2.set_xlabel("training FLOPs")
+    ax2.set_ylabel("classifier AUC")
+    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        if any(r.get("train_flops", 0) > 0 for r in losses + curve):
+            ax.set_xscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""benchmarks/fidelity.py --quick runs end to end: training with evaluations along the run, the final
+evaluation, CaloChallenge files the official code reads, the curve and the JSON record."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_fidelity_benchmark_quick_runs_end_to_end(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import fidelity
+
+    out, results = tmp_path / "fid", tmp_path / "fid.json"
+    assert fidelity.main(["--quick", "--threads", "2", "--out-dir", str(out), "--results", str(results)]) == 0
+    record = json.loads(results.read_text())
+    assert record["steps"] == 6 and record["quick"] is True
+    assert [row["step"] for row in record["curve"]] == [3, 6]
+    flops = [row["train_flops"] for row in record["curve"]]
+    assert flops[1] == pytest.approx(2 * flops[0]) and flops[0] > 0
+    for row in record["curve"]:
+        assert 0.0 <= row["auc_low"] <= 1.0 and 0.0 <= row["auc_high"] <= 1.0 and "fpd" in row
+    m = record["metrics"]
+    for key in ("auc_low", "auc_high", "fpd", "kpd", "floor/fpd", "sep_power/e_layer", "sep_power/width_r"):
+        assert np.isfinite(m[key]), key
+    assert record["loss_curve"] and record["loss_curve"][-1]["step"] == 6
+    for name in ("sample_cc.h5", "reference_cc.h5"):
+        with h5py.File(out / name, "r") as f:
+            assert f["showers"].shape == (200, 6480) and f["incident_energies"].shape == (200, 1)
+    with h5py.File(out / "reference_cc.h5", "r") as f:
+        e = f["incident_energies"][:, 0]
+    assert e.min() >= 1e3 and e.max() <= 1e6  # 1 GeV - 1 TeV in MeV
+    assert (out / "curve.png").stat().st_size > 5_000
+    assert (out / "report" / "report.md").is_file()
