@@ -509,6 +509,7 @@ def export_bundle(
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
+    check_variant(variant)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: exists and is not a directory")
@@ -524,7 +525,6 @@ def export_bundle(
         raise ValueError(
             "--steps/--sampler apply to --format onnx; a torch bundle keeps every sampler and step count"
         )
-    check_variant(variant)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:

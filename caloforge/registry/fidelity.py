@@ -47,12 +47,12 @@ class FidelityGateConfig:
     ``auc_max``: the low-level classifier AUC (candidate vs fp32 showers) must not exceed it (0.5: the two
     are indistinguishable). The AUC of two samples of one distribution scatters around 0.5 with
     σ₀ = √((2m + 1)/(12 m²)) for m test showers per class (``classifier.split[2]`` · ``n_showers``); a gate
-    cannot resolve less, so the bound applied is max(``auc_max``, 0.5 + 3σ₀) (0.6 from n_showers ≈ 500 on;
+    cannot resolve less, so the bound applied is max(``auc_max``, 0.5 + 3σ₀) (0.6 from n_showers ≈ 750 on;
     both are in the report).
     ``response_scale_max`` / ``response_resolution_max``: bounds on |mean(E_tot/E_inc) ratio − 1| and
     |std ratio − 1| between candidate and fp32."""
 
-    n_showers: int = 512
+    n_showers: int = 800
     seed: int = 0
     auc_max: float = 0.6
     response_scale_max: float = 0.01
