@@ -305,7 +305,7 @@ def _export_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if args.fmt == "torch" and args.variant != "optimized":
         raise ValueError("--variant applies to --format onnx; a torch bundle is the model itself")
     return {
-        "variant": args.variant if args.fmt == "onnx" else None,
+        "variant": args.variant,
         "gate": gate,
         "calibration_showers": args.calibration_showers,
         "num_steps": args.steps,
