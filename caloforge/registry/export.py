@@ -363,7 +363,7 @@ def export_onnx(
                 f"{parity.summary()}"
             )
         if variant == "plain":
-            info = build_variant(tmp, tmp, "plain")
+            vinfo = build_variant(tmp, tmp, "plain")
             tmp.replace(out_path)
         else:
             feeds, calib = (
@@ -371,7 +371,7 @@ def export_onnx(
                 if variant == "int8-static"
                 else (None, None)
             )
-            info = build_variant(tmp, var_tmp, variant, feeds, calib)
+            vinfo = build_variant(tmp, var_tmp, variant, feeds, calib)
             if variant == "optimized":
                 parity = check_parity(
                     model,
@@ -431,7 +431,7 @@ def export_onnx(
         layer_sampler=graph.layer_sampler_name,
         layer_num_steps=graph.layer_num_steps,
         layer_nfe=graph.layer_nfe,
-        variant=info,
+        variant=vinfo,
         fidelity=fidelity,
         parity_of=parity_of,
     )
