@@ -12,8 +12,8 @@ the plain fp32 graph; ``--gate-showers``, default 256 — smaller than the publi
 - eager PyTorch: ``SamplerGraph`` under ``torch.inference_mode`` (what ``ShowerModel.generate`` runs minus
   the per-seed noise draw, so every column does identical work), ``torch.set_num_threads(1)``;
 - ONNX ``plain`` (fp32, standard ops), ``optimized`` (fp32 + onnxruntime fusions saved offline), ``int8``
-  (dynamic quantisation), ``int8-static`` (calibrated QDQ; ``--static``, off by default: slower than int8 on
-  CPUs without VNNI).
+  (dynamic quantisation), ``int8-static`` (calibrated QDQ; ``--static``, off by default: measured slower than
+  ``int8``).
 
 At batch 1 and batch 100 (``--quick``: 10), with size on disk and the gate's AUC / energy-response numbers.
 Models are untrained but their zero-initialised tensors (adaLN-Zero, final layers) are filled with small
