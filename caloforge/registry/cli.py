@@ -15,6 +15,9 @@
   directory; conditions outside the trained ranges warn, or are refused with ``--strict``.
 - ``caloforge export --model URI_OR_DIR --format onnx|torch [--steps N] --out DIR``.
 
+ONNX exports take ``--variant plain|optimized|int8|int8-static`` (default ``optimized``), ``--gate-config
+FILE.yaml`` (fidelity-gate bounds) and ``--calibration-showers N`` (``int8-static``).
+
 Every command takes ``--tracking-uri`` (default ``$MLFLOW_TRACKING_URI``, else the sqlite store under
 ``$CALOFORGE_HOME/mlflow``). mlflow/torch are imported inside the handlers.
 """
@@ -60,6 +63,24 @@ def _add_export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=float, default=1e-3, help="parity tolerance, relative (default 1e-3)")
     p.add_argument(
         "--atol-mev", type=float, default=1e-5, help="parity tolerance, absolute MeV (default 1e-5)"
+    )
+    p.add_argument(
+        "--variant",
+        choices=["plain", "optimized", "int8", "int8-static"],
+        default="optimized",
+        help="ONNX graph written: plain fp32 (standard ops), optimized (default: fp32 + ORT fusions), "
+        "int8 (dynamic quantisation), int8-static (calibrated QDQ); all but plain pass the fidelity gate",
+    )
+    p.add_argument(
+        "--gate-config",
+        type=Path,
+        help="fidelity gate bounds, YAML (FidelityGateConfig; defaults: configs/export/fidelity_gate.yaml)",
+    )
+    p.add_argument(
+        "--calibration-showers",
+        type=int,
+        default=64,
+        help="int8-static: calibration inputs from the trained ranges (default 64)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace files already in --out")
 
@@ -276,7 +297,17 @@ def _model_uri(model: str, alias: str | None, version: int | None) -> str:
 
 
 def _export_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    gate = None
+    if args.gate_config is not None:
+        from caloforge.registry.fidelity import FidelityGateConfig
+
+        gate = FidelityGateConfig.load(args.gate_config)
+    if args.fmt == "torch" and args.variant != "optimized":
+        raise ValueError("--variant applies to --format onnx; a torch bundle is the model itself")
     return {
+        "variant": args.variant,
+        "gate": gate,
+        "calibration_showers": args.calibration_showers,
         "num_steps": args.steps,
         "sampler": args.sampler,
         "opset": args.opset,
@@ -295,9 +326,18 @@ def _report_export(out: Path) -> None:
     if exp["format"] == "onnx":
         p = exp["parity"]
         print(
-            f"wrote {out / exp['file']} ({exp['sampler']}×{exp['num_steps']}, opset {exp['opset']}); "
-            f"parity vs PyTorch: max abs {p['max_abs_err_mev']:.3g} MeV, max rel {p['max_rel_err']:.3g}"
+            f"wrote {out / exp['file']} ({exp.get('variant', 'plain')}: {exp.get('precision', 'fp32')}; "
+            f"{exp['sampler']}×{exp['num_steps']}, opset {exp['opset']}); parity vs PyTorch "
+            f"({exp.get('parity_of', 'published graph')}): max abs {p['max_abs_err_mev']:.3g} MeV, "
+            f"max rel {p['max_rel_err']:.3g}"
         )
+        gate = exp.get("fidelity_gate")
+        if gate:
+            print(
+                f"fidelity gate vs fp32 ({gate['n_showers']} showers): classifier AUC {gate['auc']:.3f} "
+                f"(max {gate['auc_bound']:.3f}), energy response scale {gate['response_scale']:+.4f}, "
+                f"resolution {gate['response_resolution']:+.4f}: passed"
+            )
     else:
         print(f"wrote {out / exp['dir']} (safetensors bundle)")
     print(f"wrote {out / CARD_FILE}")

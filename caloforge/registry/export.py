@@ -4,7 +4,12 @@
 and layer-energy head, its inputs/outputs and the seed convention) to a file, checks it (``onnx.checker``)
 and stores the contract in its ``metadata_props``; then onnxruntime is run against the eager PyTorch
 ``generate`` on random in-range conditions at two batch sizes (``caloforge.registry.parity``). An export
-that fails parity is deleted and a ValueError raised — it is never published. Exporters: ``dynamo``
+that fails parity is deleted and a ValueError raised — it is never published. Then the graph that is published
+is built from it (``variant``, ``caloforge.registry.optimize``: ``plain``, ``optimized`` — the default:
+onnxruntime's graph fusions saved offline —, ``int8`` dynamic or ``int8-static`` calibrated quantisation);
+every variant but ``plain`` must pass the fidelity gate (``caloforge.registry.fidelity``: its showers against
+the fp32 graph's, classifier AUC and energy response), the ``optimized`` one also the parity check; a graph
+that fails is not published. Exporters: ``dynamo``
 (``torch.export``, opset ≥ 18; opset 17 writes an invalid graph with this torch) or ``legacy``
 (TorchScript tracing, opset 17/18, deprecated by torch but ~20× faster to export).
 
@@ -37,8 +42,9 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 import caloforge
@@ -59,6 +65,7 @@ from caloforge.registry.onnx_graph import (
     seeded_noise,
 )
 from caloforge.registry.onnx_runtime import OnnxShowerGenerator, onnx_feeds, ort_session
+from caloforge.registry.optimize import DEFAULT_VARIANT, VARIANTS, VariantInfo, build_variant, check_variant
 from caloforge.registry.parity import (
     DEFAULT_ATOL_MEV,
     DEFAULT_RTOL,
@@ -67,11 +74,16 @@ from caloforge.registry.parity import (
     random_conditions,
 )
 
+if TYPE_CHECKING:
+    from caloforge.registry.fidelity import FidelityGateConfig, FidelityReport
+
 log = logging.getLogger("caloforge.registry")
 
 ONNX_FILE = "model.onnx"
 DEFAULT_OPSET = 18
 EXPORTERS = ("dynamo", "legacy")
+CALIBRATION_PURPOSE = 0x63616C69  # "cali": seeds of the int8-static calibration inputs
+DEFAULT_CALIBRATION_SHOWERS = 64
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,9 @@ class OnnxExport:
     layer_sampler: str | None = None
     layer_num_steps: int | None = None
     layer_nfe: int = 0
+    variant: VariantInfo | None = None  # None: an OnnxExport made before variants (plain)
+    fidelity: FidelityReport | None = None  # None for the plain graph (parity only)
+    parity_of: str = "published graph"
 
     def layer_energy_info(self) -> dict[str, Any] | None:
         """The layer-energy stage frozen into the graph (None: no head, no ``layer_noise`` input)."""
@@ -117,6 +132,12 @@ class OnnxExport:
             "particle_index": particle_index_table(),
             "seed_convention": seed_convention(self.layer_energy),
             "parity": self.parity.to_dict(),
+            "parity_of": self.parity_of,
+            **(
+                self.variant or VariantInfo("plain", "fp32", (), (), "any ONNX runtime with opset 18")
+            ).to_dict(),
+            "fidelity_gate": self.fidelity.to_dict() if self.fidelity is not None else None,
+            "size_bytes": self.path.stat().st_size if self.path.is_file() else None,
             "export_seconds": round(self.export_seconds, 2),
         }
 
@@ -204,6 +225,44 @@ def _annotate(path: Path, input_names: Sequence[str], metadata: Mapping[str, Any
     onnx.save(proto, str(path))
 
 
+def calibration_feeds(
+    model: ShowerModel,
+    ranges: ValidRanges | None,
+    n: int = DEFAULT_CALIBRATION_SHOWERS,
+    seed: int = 0,
+    batch: int = 16,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Inputs of static-quantisation calibration from the model's own training distribution: ``n``
+    conditions inside the trained ``ranges`` (``random_conditions``), noise by the seed convention from
+    ``derive_seeds(seed, n, purpose=CALIBRATION_PURPOSE)``; in batches of ``batch``. Returns (feeds, info)."""
+    from caloforge.platform.shower_model import derive_seeds
+
+    if n < 1 or batch < 1:
+        raise ValueError(f"calibration: n and batch must be >= 1, got {n}, {batch}")
+    detectors = list(model.vocab.detectors)
+    cond = random_conditions(detectors, n, seed + CALIBRATION_PURPOSE, ranges)
+    noise, layer_noise = seeded_noise(
+        derive_seeds(seed, n, purpose=CALIBRATION_PURPOSE), model.mesh_shape, model.has_energy_head
+    )
+    feeds = []
+    for i in range(0, n, batch):
+        idx = np.arange(i, min(i + batch, n))
+        feeds.append(
+            onnx_feeds(
+                detectors, cond.subset(idx), noise[idx], None if layer_noise is None else layer_noise[idx]
+            )
+        )
+    info = {
+        "n_showers": n,
+        "seed": seed,
+        "conditions": "random_conditions inside the trained ranges ("
+        + (ranges.source if ranges else "defaults")
+        + ")",
+        "noise": "seed convention, derive_seeds(seed, n, purpose=CALIBRATION_PURPOSE)",
+    }
+    return feeds, info
+
+
 def export_onnx(
     model: ShowerModel | str | Path,
     out_path: str | Path,
@@ -218,12 +277,19 @@ def export_onnx(
     parity_batch_sizes: Sequence[int] = (1, 5),
     parity_seed: int = 0,
     overwrite: bool = False,
+    variant: str = DEFAULT_VARIANT,
+    gate: FidelityGateConfig | None = None,
+    calibration_showers: int = DEFAULT_CALIBRATION_SHOWERS,
 ) -> OnnxExport:
     """Export the unrolled sampler of ``model`` (a ShowerModel or bundle directory) to ``out_path``.
 
-    Published only if onnxruntime matches PyTorch within ``atol_mev`` + ``rtol``·|x| (else ValueError and
-    no file). ``ranges`` bounds the random parity conditions (default: the bundle's trained ranges).
+    The fp32 graph is published only if onnxruntime matches PyTorch within ``atol_mev`` + ``rtol``·|x| (else
+    ValueError and no file). ``ranges`` bounds the random parity, gate and calibration conditions (default:
+    the bundle's trained ranges). ``variant`` (``caloforge.registry.optimize.VARIANTS``) is what is written:
+    every variant but ``plain`` must also pass the fidelity gate ``gate`` (default ``FidelityGateConfig()``)
+    against the fp32 graph; ``optimized`` also the parity check. ``calibration_showers``: ``int8-static``.
     """
+    check_variant(variant)
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {list(EXPORTERS)}, got {exporter!r}")
     if exporter == "dynamo" and opset < 18:
@@ -250,6 +316,9 @@ def export_onnx(
     graph = SamplerGraph(model, num_steps=num_steps, sampler=sampler).eval()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.stem}.tmp-{os.getpid()}.onnx")
+    var_tmp = out_path.with_name(f".{out_path.stem}.{variant}.tmp-{os.getpid()}.onnx")
+    fidelity: FidelityReport | None = None
+    parity_of = "published graph"
     t0 = time.perf_counter()
     try:
         _export_graph(graph, tmp, opset, exporter)
@@ -293,15 +362,53 @@ def export_onnx(
                 f"ONNX export of {out_path.name} failed the onnxruntime parity check, not published: "
                 f"{parity.summary()}"
             )
-        tmp.replace(out_path)
+        if variant == "plain":
+            vinfo = build_variant(tmp, tmp, "plain")
+            tmp.replace(out_path)
+        else:
+            feeds, calib = (
+                calibration_feeds(model, ranges, calibration_showers)
+                if variant == "int8-static"
+                else (None, None)
+            )
+            vinfo = build_variant(tmp, var_tmp, variant, feeds, calib)
+            if variant == "optimized":
+                parity = check_parity(
+                    model,
+                    var_tmp,
+                    graph.num_steps,
+                    graph.sampler_name,
+                    batch_sizes=parity_batch_sizes,
+                    seed=parity_seed,
+                    ranges=ranges,
+                    rtol=rtol,
+                    atol_mev=atol_mev,
+                )
+                if not parity.passed:
+                    raise ValueError(
+                        f"the optimized graph of {out_path.name} failed the onnxruntime parity check, not "
+                        f"published: {parity.summary()}"
+                    )
+            else:
+                parity_of = "fp32 graph before quantisation"
+            fidelity = _gate(model, var_tmp, tmp, ranges, gate)
+            if not fidelity.passed:
+                raise ValueError(
+                    f"the {variant} graph of {out_path.name} failed the fidelity gate, not published: "
+                    f"{fidelity.summary()}"
+                )
+            var_tmp.replace(out_path)
+            tmp.unlink()
     except Exception as exc:
         tmp.unlink(missing_ok=True)
+        var_tmp.unlink(missing_ok=True)
         if isinstance(exc, ValueError):
             raise
         raise ValueError(f"ONNX export to {out_path} failed: {type(exc).__name__}: {exc}") from exc
     log.info(
-        "exported %s (%s×%d, nfe %d; layer-energy head %s): %s",
+        "exported %s (%s, %s×%d, nfe %d; layer-energy head %s): %s",
         out_path,
+        variant,
         graph.sampler_name,
         graph.num_steps,
         graph.nfe,
@@ -324,7 +431,32 @@ def export_onnx(
         layer_sampler=graph.layer_sampler_name,
         layer_num_steps=graph.layer_num_steps,
         layer_nfe=graph.layer_nfe,
+        variant=vinfo,
+        fidelity=fidelity,
+        parity_of=parity_of,
     )
+
+
+def _gate(
+    model: ShowerModel,
+    candidate: Path,
+    fp32: Path,
+    ranges: ValidRanges | None,
+    gate: FidelityGateConfig | None,
+) -> FidelityReport:
+    from caloforge.registry.fidelity import fidelity_gate
+
+    report = fidelity_gate(
+        candidate,
+        fp32,
+        detectors=list(model.vocab.detectors),
+        mesh=model.mesh,
+        threshold_mev=float(model.transform.threshold_mev),
+        ranges=ranges,
+        config=gate,
+    )
+    log.info("fidelity gate of %s: %s", candidate.name, report.summary())
+    return report
 
 
 def export_torch(bundle_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -365,6 +497,9 @@ def export_bundle(
     atol_mev: float = DEFAULT_ATOL_MEV,
     overwrite: bool = False,
     registered: Mapping[str, Any] | None = None,
+    variant: str = DEFAULT_VARIANT,
+    gate: FidelityGateConfig | None = None,
+    calibration_showers: int = DEFAULT_CALIBRATION_SHOWERS,
 ) -> ModelCard:
     """Export a bundle into ``out_dir`` and write its model card next to it.
 
@@ -374,6 +509,7 @@ def export_bundle(
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
+    check_variant(variant)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: exists and is not a directory")
@@ -404,6 +540,9 @@ def export_bundle(
                 rtol=rtol,
                 atol_mev=atol_mev,
                 overwrite=overwrite,
+                variant=variant,
+                gate=gate,
+                calibration_showers=calibration_showers,
             )
             card = card.with_export(exp.to_dict())
         else:
@@ -428,19 +567,23 @@ def export_bundle(
 
 
 __all__ = [
+    "CALIBRATION_PURPOSE",
     "CONDITION_INPUT_NAMES",
     "DEFAULT_ATOL_MEV",
     "DEFAULT_OPSET",
     "DEFAULT_RTOL",
+    "DEFAULT_VARIANT",
     "EXPORTERS",
     "FORMATS",
     "ONNX_FILE",
     "ONNX_OUTPUT_NAME",
     "TORCH_DIR",
+    "VARIANTS",
     "OnnxExport",
     "OnnxShowerGenerator",
     "ParityReport",
     "SamplerGraph",
+    "calibration_feeds",
     "check_parity",
     "export_bundle",
     "export_onnx",

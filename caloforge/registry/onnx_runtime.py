@@ -1,6 +1,10 @@
 """Running an exported ONNX file with onnxruntime: the Python reference for C++/Geant4 callers.
 
-``ort_session(path, threads)`` is a CPU session with explicit thread counts; ``onnx_feeds`` turns
+``ort_session(path, threads, profile)`` is a CPU session with the settings of one of two documented profiles
+(``SESSION_PROFILES``; docs/inference_contract.md): ``grid`` — one shower at a time in a Geant4 job on one
+core: one intra-op and one inter-op thread, no spin-waiting, sequential execution, memory arena on — and
+``batch`` — many showers per call: ``threads`` intra-op threads (default: every core), spinning allowed.
+``onnx_feeds`` turns
 ``Conditions`` (+ noise) into the graph's input dict (names and dtypes of ``caloforge.registry.onnx_graph``);
 ``OnnxShowerGenerator`` wraps both: it reads from the file's inputs whether the graph has the layer-energy
 stage, draws the noise by the seed convention from per-shower seeds, checks the conditions against the
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +60,53 @@ def onnx_feeds(
     }
 
 
-def ort_session(path: str | Path, threads: int = 1) -> Any:
-    """An onnxruntime CPU session with explicit thread counts (``threads`` intra-op, 1 inter-op)."""
+@dataclass(frozen=True)
+class SessionProfile:
+    """onnxruntime CPU session settings (``ort_session``); the same keys exist in the C/C++ API."""
+
+    name: str
+    intra_op_threads: int | None  # None: every core (os.cpu_count())
+    inter_op_threads: int = 1
+    allow_spinning: bool = False  # session.intra_op.allow_spinning / inter_op.allow_spinning
+    sequential: bool = True  # ORT_SEQUENTIAL execution mode
+    cpu_mem_arena: bool = True  # enable_cpu_mem_arena
+    mem_pattern: bool = True  # enable_mem_pattern (re-plans buffers per input shape)
+
+
+SESSION_PROFILES: dict[str, SessionProfile] = {
+    # Geant4 fast simulation on a grid node: one shower per call, one core per job; spinning threads would
+    # burn the core the job's other work needs, and a second thread would oversubscribe the node.
+    "grid": SessionProfile("grid", intra_op_threads=1, allow_spinning=False),
+    # Batch generation (evaluation, the fidelity gate, a service): many showers per call on every core.
+    "batch": SessionProfile("batch", intra_op_threads=None, allow_spinning=True),
+}
+
+
+def ort_session(path: str | Path, threads: int | None = None, profile: str = "grid") -> Any:
+    """An onnxruntime CPU session with the settings of ``SESSION_PROFILES[profile]``; ``threads`` overrides
+    the profile's intra-op thread count (``grid``: 1, ``batch``: every core). The graph-optimisation level
+    is ORT's default (all levels at load time); an ``optimized`` file already holds the fusions."""
     import onnxruntime as ort
 
+    if profile not in SESSION_PROFILES:
+        raise ValueError(f"session profile must be one of {sorted(SESSION_PROFILES)}, got {profile!r}")
+    prof = SESSION_PROFILES[profile]
+    intra = threads if threads is not None else prof.intra_op_threads
+    intra = int(intra) if intra is not None else max(os.cpu_count() or 1, 1)
+    if intra < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(threads)
-    opts.inter_op_num_threads = 1
+    opts.intra_op_num_threads = intra
+    opts.inter_op_num_threads = prof.inter_op_threads
+    opts.execution_mode = (
+        ort.ExecutionMode.ORT_SEQUENTIAL if prof.sequential else ort.ExecutionMode.ORT_PARALLEL
+    )
+    opts.enable_cpu_mem_arena = prof.cpu_mem_arena
+    opts.enable_mem_pattern = prof.mem_pattern
+    spin = "1" if prof.allow_spinning else "0"
+    opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
     opts.log_severity_level = 3
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -82,10 +126,11 @@ class OnnxShowerGenerator:
         detectors: Sequence[str],
         mesh_shape: Sequence[int],
         ranges: ValidRanges | None = None,
-        threads: int = 1,
+        threads: int | None = 1,
+        profile: str = "grid",
     ) -> None:
         self.path = Path(onnx_path)
-        self.session = ort_session(self.path, threads=threads)
+        self.session = ort_session(self.path, threads=threads, profile=profile)
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         if self.input_names not in (onnx_input_names(False), onnx_input_names(True)):
             raise ValueError(
@@ -98,7 +143,9 @@ class OnnxShowerGenerator:
         self.ranges = ranges
 
     @classmethod
-    def from_card(cls, directory: str | Path, threads: int = 1) -> OnnxShowerGenerator:
+    def from_card(
+        cls, directory: str | Path, threads: int | None = 1, profile: str = "grid"
+    ) -> OnnxShowerGenerator:
         """From a directory written by ``caloforge registry pull`` / ``caloforge export`` (ONNX + card)."""
         directory = Path(directory)
         card = ModelCard.load(directory / CARD_FILE)
@@ -112,7 +159,12 @@ class OnnxShowerGenerator:
         if sha256_file(path) != exp["sha256"]:
             raise ValueError(f"{path}: corrupt (sha256 differs from the model card)")
         return cls(
-            path, card.architecture["detectors"], card.architecture["mesh_shape"], card.valid_ranges, threads
+            path,
+            card.architecture["detectors"],
+            card.architecture["mesh_shape"],
+            card.valid_ranges,
+            threads,
+            profile,
         )
 
     def generate(
@@ -145,7 +197,9 @@ class OnnxShowerGenerator:
 
 
 __all__ = [
+    "SESSION_PROFILES",
     "OnnxShowerGenerator",
+    "SessionProfile",
     "onnx_feeds",
     "ort_session",
 ]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
 
@@ -42,6 +42,9 @@ from caloforge.registry.versions import (
     default_model_name,
     validate_alias,
 )
+
+if TYPE_CHECKING:
+    from caloforge.registry.fidelity import FidelityGateConfig
 
 REGISTRY_EXPERIMENT = "caloforge-registry"
 
@@ -188,11 +191,15 @@ class RegistryStore:
         rtol: float | None = None,
         atol_mev: float | None = None,
         overwrite: bool = False,
+        variant: str | None = None,
+        gate: FidelityGateConfig | None = None,
+        calibration_showers: int | None = None,
     ) -> Path:
         """Download a registered version and export it (``onnx`` or ``torch``) with its model card into
-        ``out_dir``; returns the card path. Nothing is written when the download or export fails. None
-        leaves ``export_bundle``'s default (``DEFAULT_OPSET``, ``DEFAULT_RTOL``, ``DEFAULT_ATOL_MEV``, the
-        bundle's sampler and step count)."""
+        ``out_dir``; returns the card path. Nothing is written when the download or export fails (a graph
+        that fails the parity check or the fidelity gate included). None leaves ``export_bundle``'s default
+        (``DEFAULT_OPSET``, ``DEFAULT_RTOL``, ``DEFAULT_ATOL_MEV``, the bundle's sampler and step count,
+        variant ``optimized``, ``FidelityGateConfig()``); ``gate`` is a ``FidelityGateConfig``."""
         return download.pull(
             self.client,
             self.tracking_uri,
@@ -206,6 +213,9 @@ class RegistryStore:
             rtol=rtol,
             atol_mev=atol_mev,
             overwrite=overwrite,
+            variant=variant,
+            gate=gate,
+            calibration_showers=calibration_showers,
         )
 
     def load_pyfunc(self, uri: str) -> Any:

@@ -222,8 +222,14 @@ def test_cli_adapts_registers_and_the_result_pulls_as_onnx(
                 str(out),
                 "--steps",
                 "1",
+                "--exporter",
+                "legacy",
+                "--gate-config",
+                str(Path(__file__).parents[2] / "configs" / "export" / "fidelity_gate_ci.yaml"),
             ]
         )
         == 0
     )
     assert any(p.suffix == ".onnx" for p in out.iterdir())
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["model"]["kind"] == "adapted" and "optimized" in json.dumps(card["exports"])

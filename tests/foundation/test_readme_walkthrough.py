@@ -70,7 +70,7 @@ _PRETRAIN = _MODEL + sets(
     "data.stream.shuffle_buffer=8",
     "validation.enabled=false",
 )
-_EXPORT = ("--steps", "1", "--exporter", "legacy")
+_EXPORT = ("--steps", "1", "--exporter", "legacy", "--gate-config", "configs/export/fidelity_gate_ci.yaml")
 TINY: tuple[Tiny, ...] = (
     Tiny(("data", "simulate"), ("--n", "160", "--no-progress")),
     # the adaptation target: enough held-out showers for its evaluation (>= 20 test showers)

@@ -67,8 +67,12 @@ def test_register_list_show_promote_pull_generate(
         "--out",
         str(out),
     ]
-    assert main([*argv, "--exporter", "legacy"]) == 0
-    assert "parity vs PyTorch" in capsys.readouterr().out
+    gate = tmp_path / "gate.yaml"  # a small fidelity gate (the default one generates 2 × 800 showers)
+    gate.write_text("n_showers: 128\nbatch_size: 128\nclassifier: {hidden: 32, epochs: 4, n_seeds: 1}\n")
+    assert main([*argv, "--exporter", "legacy", "--gate-config", str(gate)]) == 0
+    printed = capsys.readouterr().out
+    assert "(optimized: fp32;" in printed and "parity vs PyTorch" in printed
+    assert "fidelity gate vs fp32 (128 showers): classifier AUC" in printed
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", CARD_FILE]
     card = ModelCard.load(out / CARD_FILE)
     assert (card.model["name"], card.model["version"], card.model["kind"]) == (
@@ -78,6 +82,7 @@ def test_register_list_show_promote_pull_generate(
     )
     assert card.registry["promotions"]["champion"]["reason"] == "FPD within 5% of teacher"
     assert card.exports[0]["num_steps"] == 1
+    assert card.exports[0]["variant"] == "optimized" and card.exports[0]["fidelity_gate"]["n_showers"] == 128
 
     npy = tmp_path / "showers.npy"
     base = [
@@ -119,9 +124,12 @@ def test_export_from_directory_and_uri(home: Path, bundle_dir: Path, tmp_path: P
         "3",
         "--exporter",
         "legacy",
+        "--variant",
+        "plain",
     ]
     assert main(argv) == 0
-    assert ModelCard.load(out / CARD_FILE).exports[0]["num_steps"] == 3
+    exp = ModelCard.load(out / CARD_FILE).exports[0]
+    assert (exp["num_steps"], exp["variant"], exp["fidelity_gate"]) == (3, "plain", None)
 
 
 def test_errors_exit_2_with_a_message(

@@ -20,6 +20,7 @@ from caloforge.registry import export as export_module
 from caloforge.registry.bundle import bundle_files
 from caloforge.registry.card import CARD_FILE, ConditionRangeWarning, ModelCard
 from caloforge.registry.export import export_bundle, export_onnx, export_torch
+from caloforge.registry.fidelity import small_gate
 from caloforge.registry.onnx_graph import (
     ONNX_OUTPUT_NAME,
     SamplerGraph,
@@ -50,9 +51,10 @@ COND = Conditions.make(
 
 @pytest.fixture(scope="module")
 def onnx_dir(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path) -> Path:
-    """The base bundle exported with its default sampler (Heun × 2) + model card."""
+    """The base bundle exported with its default sampler (Heun × 2) + model card (the default variant,
+    ``optimized``; a small fidelity gate)."""
     out = tmp_path_factory.mktemp("onnx") / "base"
-    export_bundle(bundle_dir, out, "onnx", exporter="legacy")
+    export_bundle(bundle_dir, out, "onnx", exporter="legacy", gate=small_gate(128))
     return out
 
 
@@ -145,6 +147,8 @@ def test_onnx_graph_io_metadata_and_card(onnx_dir: Path) -> None:
     assert exp["layer_energy"] == head and exp["seed_convention"] == meta["seed_convention"]
     assert [i["name"] for i in exp["inputs"]] == list(onnx_input_names(True))
     assert exp["parity"]["passed"] and exp["parity"]["max_rel_err"] < 1e-3
+    assert (exp["variant"], meta["caloforge_variant"], exp["precision"]) == ("optimized", "optimized", "fp32")
+    assert exp["fidelity_gate"]["passed"] and exp["parity_of"] == "published graph"
     assert card.valid_ranges.energy_mev == (1000.0, 100000.0)
     assert card.valid_ranges.particles == ("e-", "gamma", "pi+")
     assert card.model["kind"] == "base"
@@ -212,7 +216,7 @@ def test_model_without_head_exports_the_voxel_only_graph(tmp_path: Path) -> None
     graph = SamplerGraph(model)
     assert graph.input_names == onnx_input_names(False) and len(graph.input_names) == 6
     assert (graph.nfe, graph.layer_nfe) == (4, 0)
-    exp = export_onnx(model, tmp_path / "voxel.onnx", exporter="legacy")
+    exp = export_onnx(model, tmp_path / "voxel.onnx", exporter="legacy", variant="plain")
     assert exp.parity.passed and not exp.layer_energy
     proto = onnx.load(str(exp.path))
     assert [i.name for i in proto.graph.input] == list(onnx_input_names(False))
@@ -237,7 +241,7 @@ def test_model_without_head_exports_the_voxel_only_graph(tmp_path: Path) -> None
     model_config = json.loads((v1 / "config.json").read_text())["model_config"]
     del model_config["layer_energy"]
     rewrite_config(v1, schema_version=1, model_config=model_config)
-    exp_v1 = export_onnx(v1, tmp_path / "v1.onnx", exporter="legacy")
+    exp_v1 = export_onnx(v1, tmp_path / "v1.onnx", exporter="legacy", variant="plain")
     assert exp_v1.parity.passed and not exp_v1.layer_energy
     out_v1 = OnnxShowerGenerator(exp_v1.path, DETECTORS, MESH).generate(COND, seeds=seeds)
     np.testing.assert_allclose(out_v1, expected, rtol=1e-3, atol=1e-5)
@@ -246,7 +250,7 @@ def test_model_without_head_exports_the_voxel_only_graph(tmp_path: Path) -> None
 def test_one_step_student_export(adapted_bundle_dir: Path, tmp_path: Path) -> None:
     model = ShowerModel.load(adapted_bundle_dir)
     assert (SamplerGraph(model).nfe, SamplerGraph(model).layer_nfe) == (1, 6)
-    exp = export_onnx(adapted_bundle_dir, tmp_path / "student.onnx", exporter="legacy")
+    exp = export_onnx(adapted_bundle_dir, tmp_path / "student.onnx", exporter="legacy", variant="plain")
     assert (exp.sampler, exp.num_steps, exp.nfe) == ("euler", 1, 1)
     assert (exp.layer_energy, exp.layer_sampler, exp.layer_num_steps, exp.layer_nfe) == (
         True,
@@ -255,6 +259,8 @@ def test_one_step_student_export(adapted_bundle_dir: Path, tmp_path: Path) -> No
         6,
     )
     assert exp.parity.passed and exp.parity.batch_sizes == (1, 5)
+    d = exp.to_dict()  # the plain graph: standard ONNX ops, fp32, parity only
+    assert (d["variant"], d["precision"], d["contrib_ops"], d["fidelity_gate"]) == ("plain", "fp32", [], None)
     seeds = derive_seeds(5, 4)
     lar = Conditions.make([2e3, 4e4, 6e4, 9e4], 0.5, 0.0, [11, 22, 211, 11], "lar-pb")
     feeds = onnx_feeds(DETECTORS, lar, *seeded_noise(seeds, MESH, layer_energy=True))
@@ -338,7 +344,7 @@ def test_torch_format_is_a_verified_bundle_copy(bundle_dir: Path, tmp_path: Path
 @pytest.mark.slow
 def test_dynamo_exporter_n_steps(bundle_dir: Path, tmp_path: Path) -> None:
     """The default exporter (torch.export → ONNX, opset 18) with a step count other than the bundle's."""
-    exp = export_onnx(bundle_dir, tmp_path / "dyn.onnx", num_steps=2, sampler="midpoint")
+    exp = export_onnx(bundle_dir, tmp_path / "dyn.onnx", num_steps=2, sampler="midpoint", variant="plain")
     assert (exp.exporter, exp.opset, exp.num_steps, exp.nfe) == ("dynamo", 18, 2, 4)
     assert exp.parity.passed
     assert (exp.layer_energy, exp.layer_nfe) == (True, 6)
