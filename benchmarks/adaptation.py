@@ -91,6 +91,7 @@ class Plan:
     batch_size: int
     adapt_budgets: tuple[float, ...]  # fractions of S
     scratch_multipliers: tuple[int, ...]
+    scratch_multipliers_largest: tuple[int, ...]  # extra scratch budgets run at the largest size only
     strategies: tuple[str, ...]
     targets: tuple[str, ...]
     base_detectors: tuple[str, ...]
@@ -102,9 +103,31 @@ class Plan:
     energy_gev: tuple[float, float] = (2.0, 100.0)
     seed: int = 0
 
-    def key(self, *fields: str) -> str:
-        data = {f: getattr(self, f) for f in fields}
+    def key(self, *fields: str, **extra: Any) -> str:
+        data = {f: getattr(self, f) for f in fields} | extra
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+
+    def base_key(self) -> str:
+        return self.key(
+            "backbone",
+            "patch_size",
+            "base_detectors",
+            "base_showers",
+            "base_steps",
+            "batch_size",
+            "energy_gev",
+            "seed",
+        )
+
+    def runs_key(self) -> str:
+        """What every cached run of the study depends on besides its own size, method and steps."""
+        return self.key(
+            "batch_size", "n_heldout", "eval_steps", base=self.base_key(), pool=max(self.sizes) + 20
+        )
+
+    def scratch_budgets(self, n: int) -> tuple[int, ...]:
+        extra = self.scratch_multipliers_largest if n == max(self.sizes) else ()
+        return tuple(sorted(set(self.scratch_multipliers) | set(extra)))
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -120,6 +143,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             batch_size=8,
             adapt_budgets=(1.0,),
             scratch_multipliers=(1, 4),
+            scratch_multipliers_largest=(),
             strategies=STRATEGIES,
             targets=(HELD_OUT, CUSTOM),
             base_detectors=("par04-siw", "pbwo4"),
@@ -139,6 +163,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             batch_size=256,
             adapt_budgets=(0.25, 1.0),
             scratch_multipliers=(1, 4, 16),
+            scratch_multipliers_largest=(),
             strategies=STRATEGIES,
             targets=(HELD_OUT, CUSTOM),
             base_detectors=("par04-siw", "pbwo4", "par04-scipb", "odd-like"),
@@ -158,6 +183,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             batch_size=32,
             adapt_budgets=(0.25, 1.0),
             scratch_multipliers=(1, 4, 16),
+            scratch_multipliers_largest=(),
             strategies=STRATEGIES,
             targets=(HELD_OUT, CUSTOM),
             base_detectors=("par04-siw", "pbwo4", "par04-scipb"),
@@ -172,6 +198,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         value = getattr(args, name)
         if value:
             changes[name] = tuple(int(v) for v in value.split(","))
+    if args.scratch_multipliers_largest is not None:
+        text = args.scratch_multipliers_largest
+        changes["scratch_multipliers_largest"] = tuple(int(v) for v in text.split(",")) if text else ()
     if args.adapt_budgets:
         changes["adapt_budgets"] = tuple(float(v) for v in args.adapt_budgets.split(","))
     for name in ("strategies", "targets"):
@@ -375,7 +404,7 @@ def target_data(plan: Plan, work: Path, target: str) -> tuple[dict[int, Path], A
     det = detector_arg(work, target)
     spec = load_detector(det)
     pool_n = max(plan.sizes) + 20
-    root = work / "data" / f"{target}-{plan.key('sizes', 'energy_gev', 'seed')}"
+    root = work / "data" / f"{target}-{plan.key('n_heldout', 'energy_gev', 'seed', pool=pool_n)}"
     pool = simulate(det, pool_n, 100 + plan.seed, plan, root / "pool", (1.0, 0.0, 0.0))
     del pool
     heldout_dir = simulate(det, plan.n_heldout, 200 + plan.seed, plan, root / "heldout", (0.0, 0.0, 1.0))
@@ -440,17 +469,7 @@ def pretrain_base(plan: Plan, work: Path) -> dict[str, Any]:
     from caloforge.config import from_dict
     from caloforge.training.run import TrainConfig, train
 
-    key = plan.key(
-        "backbone",
-        "patch_size",
-        "base_detectors",
-        "base_showers",
-        "base_steps",
-        "batch_size",
-        "energy_gev",
-        "seed",
-    )
-    run_dir = work / f"base-{key}"
+    run_dir = work / f"base-{plan.base_key()}"
     path = REPO / "configs" / "train" / "debug.yaml"
     data = yaml.safe_load(path.read_text())
     recipe = data["loop"]
@@ -507,7 +526,7 @@ def adapt_run(
 ) -> dict[str, Any]:
     from caloforge.adapt.pipeline import AdaptRequest, run_adaptation
 
-    run_dir = work / "runs" / target / f"n{n}" / f"{kind}-{steps}"
+    run_dir = work / f"runs-{plan.runs_key()}" / target / f"n{n}" / f"{kind}-{steps}"
 
     def run() -> dict[str, Any]:
         if run_dir.exists():  # an interrupted run: start it again
@@ -540,7 +559,7 @@ def scratch_run(
 ) -> dict[str, Any]:
     from caloforge.training.run import train
 
-    run_dir = work / "runs" / target / f"n{n}" / f"scratch-{steps}"
+    run_dir = work / f"runs-{plan.runs_key()}" / target / f"n{n}" / f"scratch-{steps}"
 
     def run() -> dict[str, Any]:
         config = scratch_config(plan, shards, steps, f"scratch-{target}-n{n}-{steps}")
@@ -697,6 +716,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--adapt-budgets", help="adaptation budgets as fractions of S, e.g. 0.25,1")
     p.add_argument("--scratch-multipliers", help="scratch budgets as multiples of S, e.g. 1,4,16")
+    p.add_argument(
+        "--scratch-multipliers-largest",
+        help="extra scratch budgets (multiples of S) run at the largest size only, e.g. 16 ('' for none)",
+    )
     p.add_argument("--strategies", help=f"comma-separated subset of {','.join(STRATEGIES)}")
     p.add_argument("--targets", help=f"comma-separated subset of {HELD_OUT},{CUSTOM}")
     p.add_argument("--base-steps", type=int)
@@ -758,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"({r['wall_s']:.0f} s)",
                         flush=True,
                     )
-            for mult in plan.scratch_multipliers:
+            for mult in plan.scratch_budgets(n):
                 r = scratch_run(plan, work, target, n, shards[n], mult * plan.steps, heldout, spec)
                 target_rows.append(r)
                 print(
