@@ -3,8 +3,8 @@
 Protocol (issue #12, "The data-efficiency study"; docs/adaptation.md explains the numbers):
 
 1. **Base**: a model pretrained once with ``caloforge.training.run.train`` on the pretraining detectors
-   (``--base-detectors``; never ``lar-pb``) with two spare detector slots; cached in the work directory
-   (a rerun with the same settings reuses it).
+   (``par04-siw``, ``pbwo4``, ``par04-scipb``; ``--full`` adds ``odd-like``; never ``lar-pb``) with two spare
+   detector slots; cached in the work directory (a rerun with the same settings reuses it).
 2. **Targets**: the held-out built-in ``lar-pb`` and a user-defined detector ``lar-pb-coarse`` (lar-pb's stack
    on a 30 × 16 × 6 mesh, unlike the 45 × 16 × 9 pretraining mesh; its YAML is written into the work
    directory). For each target: a simulated training pool and a **fixed held-out set** (another seed) that
@@ -16,7 +16,7 @@ Protocol (issue #12, "The data-efficiency study"; docs/adaptation.md explains th
      at S steps and at each fraction of ``--adapt-budgets`` (default S/4 and S);
    - the same architecture trained from scratch on the same shards (``caloforge.training.run.train``, the
      ``configs/train/debug.yaml`` recipe) at S steps and at each multiple of ``--scratch-multipliers``
-     (default 1×, 4×, 16× S).
+     (default 1×, 4×, 16× S; ``--scratch-multipliers-largest`` adds budgets at the largest size only).
 4. Every model is evaluated with ``caloforge.evaluation.evaluate_model`` on the same held-out showers with
    the same seeds: FPD and KPD (beside the data-vs-data floor), classifier AUCs on high-level features and
    voxels, the energy response; the wall time and the training FLOPs of each run.
@@ -37,16 +37,17 @@ Headline ratios (per target; quality = FPD on the fixed held-out set, lower is b
   ratio with it charged).
 
 A ratio is a lower bound (``≥``) when the matching run is at the grid's smallest size or budget; "not
-reached" when no adaptation run matches. Goal of the issue: ≥ 25× less data and ≥ 20× less compute.
+reached" when no adaptation run matches. The same ratios with quality = ``auc_high``, ``auc_low`` and ``kpd``
+are reported beside them. Goal of the issue: ≥ 25× less data and ≥ 20× less compute.
 
-    .venv/bin/python benchmarks/adaptation.py --quick            # minutes on 2 CPU cores (make bench)
+    .venv/bin/python benchmarks/adaptation.py --quick            # about a minute (make bench)
     .venv/bin/python benchmarks/adaptation.py                    # the CPU study (debug backbone)
     .venv/bin/python benchmarks/adaptation.py --device cuda --backbone S --full   # the GPU study
 
 Prints a table and the headline ratios, writes plots (quality vs data size, quality vs compute) and
-``benchmarks/results/<device>_<YYYY-MM-DD>_adaptation[_quick].json``. Finished runs are cached in the work
-directory (``--work-dir``, default ``$CALOFORGE_HOME/bench/adaptation-<backbone>``): a rerun with the same
-settings only evaluates what is new.
+``benchmarks/results/<device>_<YYYY-MM-DD>_adaptation[_quick|_full].json``. Finished runs are cached in the
+work directory (``--work-dir``, default ``$CALOFORGE_HOME/bench/adaptation-<backbone>``): a rerun with the
+same settings only trains and evaluates what is new.
 """
 
 from __future__ import annotations
