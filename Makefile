@@ -38,9 +38,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check caloforge tests benchmarks
 
 # CPU benchmarks (tables + benchmarks/results/*.json); GPU figures: benchmarks/gpu_session.sh on a GPU host.
+# The data-efficiency study runs its --quick grid here (about a minute); the CPU study (benchmarks/adaptation.py
+# without --quick) takes over an hour on 2 cores: docs/adaptation.md.
 BENCHES := simulator loader model evaluation export pretrain_scaling
 bench: $(STAMP)
 	for b in $(BENCHES); do $(PY) benchmarks/$$b.py $(BENCH_ARGS) || exit 1; done
+	$(PY) benchmarks/adaptation.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,120 @@
+"""``benchmarks/adaptation.py`` (the data-efficiency study): the headline ratios on hand-made rows, and the
+script end to end on a tiny budget (real simulated data, a real pretrained base, real adaptation and
+scratch runs, the evaluation module)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import adaptation
+
+        yield adaptation
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _row(kind: str, method: str, n: int, steps: int, fpd: float) -> dict:
+    return {
+        "kind": kind,
+        "method": method,
+        "n_train": n,
+        "steps": steps,
+        "train_flops": 3 * 10 * steps * 32,
+        "metrics": {"fpd": fpd},
+    }
+
+
+def test_headline_ratios_follow_their_definitions(bench) -> None:
+    plan = bench.make_plan(bench.parse_args(["--sizes", "100,500,2500", "--steps", "40"]))
+    rows = [
+        _row("scratch", "scratch", 2500, 160, 1.0),  # the best scratch model: FPD* = 1.0
+        _row("scratch", "scratch", 2500, 40, 3.0),
+        _row("scratch", "scratch", 100, 160, 2.0),
+        _row("adapt", "full", 100, 40, 1.2),  # does not match
+        _row("adapt", "bias", 500, 10, 0.9),  # matches with 500 showers and 10 steps
+        _row("adapt", "full", 2500, 40, 0.5),
+    ]
+    head = bench.headline(rows, base_flops=1e6, plan=plan)
+    assert head["status"] == "reached" and head["best_scratch"]["fpd"] == 1.0
+    assert head["data_needed"] == pytest.approx(2500 / 500) and not head["data_needed_lower_bound"]
+    assert head["compute_needed"] == pytest.approx(160 / 10)
+    assert head["compute_run"]["method"] == "bias" and not head["compute_needed_lower_bound"]
+    assert head["compute_needed_with_pretraining"] == pytest.approx(
+        3 * 10 * 160 * 32 / (3 * 10 * 10 * 32 + 1e6)
+    )
+    assert head["best_adaptation"]["fpd"] == 0.5 and head["n_matching_runs"] == 2 and not head["goal_met"]
+    # at the smallest size and budget the ratios are lower bounds; no match is "not reached"
+    rows.append(_row("adapt", "embedding", 100, 10, 1.0))
+    head = bench.headline(rows, base_flops=0.0, plan=plan)
+    assert head["data_needed"] == pytest.approx(25) and head["data_needed_lower_bound"]
+    assert head["compute_needed_lower_bound"]
+    assert bench.headline(rows[:4], 0.0, plan)["status"] == "not reached"
+
+
+def test_plan_rejects_unknown_strategies_and_bad_budgets(bench) -> None:
+    with pytest.raises(ValueError, match="unknown"):
+        bench.make_plan(bench.parse_args(["--strategies", "full,prefix"]))
+    with pytest.raises(ValueError, match="fractions"):
+        bench.make_plan(bench.parse_args(["--adapt-budgets", "2"]))
+
+
+@pytest.mark.slow
+def test_the_study_runs_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    env = {**os.environ, "CALOFORGE_HOME": str(tmp_path / "home"), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    args = [
+        "--quick",
+        "--strategies",
+        "full,embedding",
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "adaptation.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "headline" in proc.stdout
+    record = json.loads(out.read_text())
+    rows = record["rows"]
+    # per target: 2 strategies at S, scratch at 1x and 4x S, all on 40 showers
+    assert len(rows) == 8 and {r["target"] for r in rows} == {"lar-pb", "lar-pb-coarse"}
+    for r in rows:
+        m = r["metrics"]
+        for key in ("fpd", "floor/fpd", "kpd", "floor/kpd", "auc_high", "auc_low", "response/scale"):
+            assert key in m, key
+        assert r["train_flops"] == 3 * r["forward_flops_per_shower"] * r["steps"] * 8
+        assert r["wall_s"] > 0 and r["n_train"] == 40
+    by = {(r["target"], r["method"], r["steps"]): r for r in rows}
+    assert by[("lar-pb", "scratch", 16)]["train_flops"] == 4 * by[("lar-pb", "scratch", 4)]["train_flops"]
+    emb, full = by[("lar-pb", "embedding", 4)], by[("lar-pb", "full", 4)]
+    assert emb["trainable_parameters"] == 64 and full["trainable_parameters"] == full["total_parameters"]
+    # the user-defined detector's mesh (30 x 16 x 6) has fewer tokens than lar-pb's 45 x 16 x 9
+    coarse = by[("lar-pb-coarse", "full", 4)]
+    assert coarse["forward_flops_per_shower"] < full["forward_flops_per_shower"]
+    # every run of a target is evaluated on the same held-out showers: the same floor
+    for target in ("lar-pb", "lar-pb-coarse"):
+        floors = {r["metrics"]["floor/fpd"] for r in rows if r["target"] == target}
+        assert len(floors) == 1
+    assert set(record["headline"]) == {"lar-pb", "lar-pb-coarse"}
+    assert record["base"]["detectors"] == ["par04-siw", "pbwo4"] and record["base"]["train_flops"] > 0
+    assert all(Path(p).is_file() for p in record["plots"]) and len(record["plots"]) == 2
+    assert (tmp_path / "work" / "detectors" / "lar-pb-coarse.yaml").is_file()
