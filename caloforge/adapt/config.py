@@ -115,9 +115,11 @@ class GateConfig:
     """What a model must meet to become the detector's ``champion``.
 
     Bounds (``None``: not checked): ``max_auc_low`` / ``max_auc_high`` (classifier AUCs, absolute);
-    ``max_fpd_over_floor`` / ``max_kpd_over_floor`` (the metric divided by its data-vs-data floor, both from
-    the same evaluation). ``metric``: what a passing version must beat the current champion on (lower is
-    better); a version that passes the gate but does not beat the champion stays ``candidate``.
+    ``max_fpd_over_floor`` / ``max_kpd_over_floor`` (the metric divided by its data-vs-data floor from the
+    same evaluation, or by the floor's statistical error when that is larger; a floor that is neither
+    positive nor has an error fails the check). ``metric``: what a passing version must beat the current
+    champion on (lower is better); a version that passes the gate but does not beat the champion stays
+    ``candidate``.
     """
 
     metric: Literal["fpd", "kpd", "auc_low", "auc_high"] = "fpd"

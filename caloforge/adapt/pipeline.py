@@ -284,9 +284,11 @@ def apply_gate(config: AdaptConfig, metrics: dict[str, float]) -> GateResult:
             check(key, metrics.get(key, math.nan), bound)
     for key, bound in (("fpd", gate.max_fpd_over_floor), ("kpd", gate.max_kpd_over_floor)):
         if bound is not None:
-            floor = metrics.get(f"floor/{key}", math.nan)
+            # The floor's scale: the data-vs-data value, or its statistical error when that is larger (FPD and
+            # KPD are extrapolated / unbiased estimates: a small floor can come out near zero or below).
+            scale = max(metrics.get(f"floor/{key}", math.nan), metrics.get(f"floor/{key}_err", math.nan))
             value = metrics.get(key, math.nan)
-            ratio = value / floor if floor and math.isfinite(floor) and floor > 0 else math.inf
+            ratio = value / scale if math.isfinite(scale) and scale > 0 else math.inf
             check(f"{key}_over_floor", ratio, bound)
     return GateResult(passed=all(bool(c["ok"]) for c in checks.values()), checks=checks)
 

@@ -184,9 +184,17 @@ def _train_one(
     if cfg.max_showers_per_class is not None:
         n = min(n, cfg.max_showers_per_class)
     ref_idx = rng.permutation(len(x_ref))[:n]
-    gen_idx = rng.permutation(len(x_gen))[:n]
     parts_ref = _split(n, cfg.split, rng)
-    parts_gen = _split(n, cfg.split, rng)
+    if len(x_ref) == len(x_gen):
+        # One permutation for both classes: for paired samples (shower i of each generated from the same
+        # condition and noise, e.g. an ONNX graph against its fp32 original) the twins land in the same
+        # split, so the classifier cannot memorise a shower in training and meet its twin, labelled as the
+        # other class, in validation or test (an AUC far from 0.5 for identical samples). For independent
+        # samples one permutation is as good as two.
+        gen_idx, parts_gen = ref_idx, parts_ref
+    else:
+        gen_idx = rng.permutation(len(x_gen))[:n]
+        parts_gen = _split(n, cfg.split, rng)
     if min(len(p) for p in parts_ref) < 2:
         raise ValueError(f"classifier {desc}: {n} showers per class are too few for the split {cfg.split}")
     device = torch.device(cfg.device)

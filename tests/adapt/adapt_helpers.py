@@ -61,7 +61,7 @@ def tiny_config(**changes) -> AdaptConfig:
                 plots=PlotConfig(dpi=40),
             ),
         ),
-        gate=GateConfig(max_auc_high=1.0, max_fpd_over_floor=1e9),
+        gate=GateConfig(max_auc_high=1.0),
         progress=False,
         torch_threads=1,
     )

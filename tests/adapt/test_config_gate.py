@@ -44,7 +44,15 @@ def test_config_mistakes_are_named() -> None:
 
 
 def test_gate_checks_absolute_aucs_and_ratios_to_the_floor() -> None:
-    metrics = {"auc_low": 0.9, "auc_high": 0.7, "fpd": 30.0, "floor/fpd": 10.0, "kpd": 1.0, "floor/kpd": 0.0}
+    metrics = {
+        "auc_low": 0.9,
+        "auc_high": 0.7,
+        "fpd": 30.0,
+        "floor/fpd": 10.0,
+        "floor/fpd_err": 2.0,
+        "kpd": 1.0,
+        "floor/kpd": 0.0,
+    }
     passing = AdaptConfig(gate=GateConfig(max_auc_high=0.75, max_fpd_over_floor=3.5))
     result = apply_gate(passing, metrics)
     assert result.passed and result.checks["fpd_over_floor"]["value"] == pytest.approx(3.0)
@@ -56,6 +64,9 @@ def test_gate_checks_absolute_aucs_and_ratios_to_the_floor() -> None:
         "fpd_over_floor = 3 > 2",
         "kpd_over_floor = inf > 5",  # a zero floor cannot certify a ratio
     ]
+    # a floor at or below zero is measured against its statistical error instead
+    noisy = apply_gate(passing, {**metrics, "auc_high": 0.7, "floor/fpd": -1.0, "floor/fpd_err": 10.0})
+    assert noisy.passed and noisy.checks["fpd_over_floor"]["value"] == pytest.approx(3.0)
     missing = apply_gate(AdaptConfig(gate=GateConfig(max_auc_high=0.9)), {})
     assert not missing.passed and math.isnan(missing.checks["auc_high"]["value"])
     assert apply_gate(AdaptConfig(gate=GateConfig()), {}).passed  # no bounds: nothing to fail

@@ -6,7 +6,7 @@ import pytest
 import torch
 from toy_models import SMALL_MESH, make_model, toy_showers
 
-from caloforge.platform.objectives import OBJECTIVES, make_objective
+from caloforge.platform.objectives import make_objective
 
 STEPS = 80
 REPEAT = 8  # each optimizer step sees the 4 showers 8 times with fresh noise / times
@@ -18,7 +18,7 @@ def eval_loss(model, objective: str, x1: torch.Tensor, ct, seed: int = 1234) -> 
         return float(make_objective(objective)(model, x1, ct, torch.Generator().manual_seed(seed)).mean())
 
 
-@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+@pytest.mark.parametrize("objective", ["edm", "flow_matching"])  # trained from data alone
 def test_loss_drops_when_overfitting_four_showers(objective: str) -> None:
     model = make_model(objective, scramble=False)
     showers, cond = toy_showers(4, SMALL_MESH, seed=77)

@@ -11,7 +11,7 @@ from toy_models import SMALL_MESH, make_model, toy_showers
 
 from caloforge.platform.backbone import LORA_TARGETS
 from caloforge.platform.energy import LayerEnergyConfig
-from caloforge.platform.objectives import OBJECTIVES, make_objective
+from caloforge.platform.objectives import make_objective
 
 PINNED_DEBUG_STATE_DICT: list[tuple[str, tuple[int, ...]]] = [
     ("denoiser.net.patch_embed.weight", (64, 18)),
@@ -104,7 +104,7 @@ PINNED_LORA_MODULES = sorted(
 
 
 def test_debug_state_dict_keys_and_shapes_are_pinned() -> None:
-    for objective in OBJECTIVES:
+    for objective in ("edm", "flow_matching"):  # the parametrisations trained from data alone
         model = make_model(objective, scramble=False)  # 2 detectors + 2 spare slots, 12×8×6 mesh
         got = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
         assert got == PINNED_DEBUG_STATE_DICT + PINNED_ENERGY_HEAD_STATE_DICT

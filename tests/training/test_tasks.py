@@ -12,7 +12,6 @@ from caloforge.datasets.stats import compute_stats
 from caloforge.platform.conditioning import Conditions, ConditionVocab
 from caloforge.platform.energy import LayerEnergyConfig
 from caloforge.platform.objectives import (
-    OBJECTIVES,
     FlowMatchingConfig,
     LossContext,
     ObjectiveConfig,
@@ -48,7 +47,7 @@ def _model(objective: str = "flow_matching", **config_kwargs) -> ShowerModel:
     return ShowerModel.build(cfg, ConditionVocab.create(["det-a", "det-b"], spare_slots=1), stats, MESH)
 
 
-@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+@pytest.mark.parametrize("objective", ["edm", "flow_matching"])  # trained from data alone
 def test_loss_fn_is_the_objective_plus_the_weighted_head_loss(objective: str) -> None:
     model = _model(objective, layer_energy=LayerEnergyConfig(loss_weight=0.25, draws=3))
     showers, cond = _data(8, seed=1)
@@ -77,7 +76,7 @@ def test_loss_fn_is_the_objective_plus_the_weighted_head_loss(objective: str) ->
     assert nonzero == ["fc_out.bias", "fc_out.weight"]
 
 
-@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+@pytest.mark.parametrize("objective", ["edm", "flow_matching"])  # trained from data alone
 def test_loss_fn_without_the_head_is_the_objective_on_transformed_inputs(objective: str) -> None:
     model = _model(objective, layer_energy=LayerEnergyConfig(enabled=False))
     showers, cond = _data(8, seed=1)
