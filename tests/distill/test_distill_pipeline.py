@@ -144,8 +144,13 @@ def test_consistency_student_onnx_graphs_pass_the_parity_check(teacher_bundle, t
     from caloforge.registry.export import export_onnx
 
     student = make_student(ShowerModel.load(teacher_bundle), num_steps=steps)
+    # the plain graph: this is the parity of the consistency sampler (variants: test_registry_inference_opt)
     info = export_onnx(
-        student, tmp_path / f"student{steps}.onnx", exporter="legacy", parity_batch_sizes=(1, 3)
+        student,
+        tmp_path / f"student{steps}.onnx",
+        exporter="legacy",
+        parity_batch_sizes=(1, 3),
+        variant="plain",
     )
     assert (info.sampler, info.num_steps) == ("consistency", steps)
     assert info.parity.passed, info.parity.summary()
@@ -163,6 +168,8 @@ def test_bespoke_onnx_graph_passes_the_parity_check(teacher_bundle, tmp_path) ->
     )
     model.set_bespoke_solvers([solver])
     model.set_sampling_defaults("bespoke", 2)
-    info = export_onnx(model, tmp_path / "bespoke.onnx", exporter="legacy", parity_batch_sizes=(1, 3))
+    info = export_onnx(
+        model, tmp_path / "bespoke.onnx", exporter="legacy", parity_batch_sizes=(1, 3), variant="plain"
+    )
     assert (info.sampler, info.num_steps, info.nfe) == ("bespoke", 2, 2)
     assert info.parity.passed, info.parity.summary()
