@@ -73,6 +73,23 @@ def random_conditions(
     )
 
 
+def compare_showers(
+    ref: np.ndarray, out: np.ndarray, rtol: float, atol_mev: float, threshold: float
+) -> tuple[int, int, float, float]:
+    """(mismatches, threshold flips, max |err| MeV, max relative err) of ONNX showers ``out`` against the
+    PyTorch ``ref``. A voxel that is not finite on either side is a mismatch (NaN compares false to any
+    tolerance, so it must not pass silently); a flip is a mismatch where one side is 0 and the other within
+    0.1 % of the readout threshold."""
+    ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
+    err = np.abs(out64 - ref64)
+    bad = ~(err <= atol_mev + rtol * np.abs(ref64))  # NaN/inf on either side: bad
+    flips = bad & ((out64 == 0) | (ref64 == 0)) & (np.maximum(out64, ref64) <= threshold * 1.001)
+    finite_err = np.where(np.isfinite(err), err, 0.0)
+    big = np.isfinite(ref64) & (np.abs(ref64) > atol_mev)
+    max_rel = float((finite_err[big] / np.abs(ref64[big])).max()) if big.any() else 0.0
+    return int((bad & ~flips).sum()), int(flips.sum()), float(finite_err.max(initial=0.0)), max_rel
+
+
 def check_parity(
     model: ShowerModel,
     onnx_path: str | Path,
@@ -114,18 +131,12 @@ def check_parity(
         out = generator.generate(cond, seeds=seeds)
         if out.shape != ref.shape:
             raise ValueError(f"{onnx_path}: output shape {out.shape} != PyTorch {ref.shape} at batch {b}")
-        finite &= bool(np.isfinite(out).all())
-        ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
-        err = np.abs(out64 - ref64)
-        bad = err > atol_mev + rtol * np.abs(ref64)
-        flips = bad & ((out64 == 0) | (ref64 == 0)) & (np.maximum(out64, ref64) <= threshold * 1.001)
-        n_flip += int(flips.sum())
-        n_bad += int((bad & ~flips).sum())
-        n_vox += err.size
-        max_abs = max(max_abs, float(err.max(initial=0.0)))
-        big = np.abs(ref64) > atol_mev
-        if big.any():
-            max_rel = max(max_rel, float((err[big] / np.abs(ref64[big])).max()))
+        finite &= bool(np.isfinite(out).all()) and bool(np.isfinite(ref).all())
+        bad_b, flip_b, abs_b, rel_b = compare_showers(ref, out, rtol, atol_mev, threshold)
+        n_flip += flip_b
+        n_bad += bad_b
+        n_vox += ref.size
+        max_abs, max_rel = max(max_abs, abs_b), max(max_rel, rel_b)
     return ParityReport(
         batch_sizes=tuple(int(b) for b in batch_sizes),
         n_voxels=n_vox,
@@ -145,5 +156,6 @@ __all__ = [
     "PARITY_PURPOSE",
     "ParityReport",
     "check_parity",
+    "compare_showers",
     "random_conditions",
 ]

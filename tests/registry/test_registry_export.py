@@ -356,3 +356,14 @@ def test_dynamo_exporter_n_steps(bundle_dir: Path, tmp_path: Path) -> None:
     )[0]
     ref = model.generate(COND, seeds=seeds, num_steps=2, sampler="midpoint")
     np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-5)
+
+
+def test_parity_comparison_counts_non_finite_voxels_on_either_side_as_mismatches() -> None:
+    from caloforge.registry.parity import compare_showers
+
+    ref = np.array([[1.0, 2.0, 0.0, np.nan]])
+    out = np.array([[1.0, 2.0000001, 0.0151, 7.0]])
+    bad, flips, max_abs, _ = compare_showers(ref, out, rtol=1e-3, atol_mev=1e-4, threshold=0.01515)
+    assert (bad, flips) == (1, 1) and max_abs == pytest.approx(0.0151)  # the NaN reference voxel is bad
+    bad, _, _, _ = compare_showers(out, ref, rtol=1e-3, atol_mev=1e-4, threshold=0.01515)
+    assert bad == 1  # and so is a NaN ONNX voxel
