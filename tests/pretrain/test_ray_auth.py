@@ -7,29 +7,48 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from caloforge.pretrain.launch import ALLOW_UNAUTHENTICATED_ENV, embedded_auth_mode, ray_session
+from caloforge.pretrain.launch import ALLOW_UNAUTHENTICATED_ENV, embedded_auth_mode
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+_REFUSAL = """
+import ray
+from caloforge.pretrain.launch import ray_session
+try:
+    with ray_session(num_cpus=1):
+        raise SystemExit("started an unauthenticated Ray")
+except ValueError as exc:
+    assert not ray.is_initialized(), "Ray started before the refusal"
+    print("REFUSED:", exc)
+"""
 
 
 def test_embedded_ray_with_auth_disabled_in_the_environment_is_refused(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import ray
+    # In a fresh interpreter: this process may already hold another test's Ray session, which
+    # ``ray_session`` would reuse instead of starting (and refusing) an embedded one.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", ALLOW_UNAUTHENTICATED_ENV)}
+    env["RAY_AUTH_MODE"] = "disabled"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-c", _REFUSAL], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(
+        r"REFUSED: .*RAY_AUTH_MODE=disabled .*cluster\.allow_unauthenticated_ray=true", done.stdout
+    )
 
-    if ray.is_initialized():
-        pytest.skip("a Ray session of another test is running in this process")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv(ALLOW_UNAUTHENTICATED_ENV, raising=False)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    with (
-        pytest.raises(ValueError, match=r"RAY_AUTH_MODE=disabled .*cluster\.allow_unauthenticated_ray=true"),
-        ray_session(num_cpus=1),
-    ):
-        pass
-    assert not ray.is_initialized()  # refused before anything started
-
     with caplog.at_level(logging.WARNING, logger="caloforge.pretrain"):
         assert embedded_auth_mode(allow_unauthenticated=True) == "disabled"
         monkeypatch.setenv(ALLOW_UNAUTHENTICATED_ENV, "1")
