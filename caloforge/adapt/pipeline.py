@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,8 @@ from caloforge.datasets.verify import verify_shards
 from caloforge.platform.geometry import DetectorSpec, Mesh, builtin_detector_names, load_detector
 from caloforge.platform.objectives import make_objective
 from caloforge.platform.shower_model import ShowerModel
-from caloforge.training.hooks import Hook
+from caloforge.training.hooks import FailAfterStep
+from caloforge.training.rundir import run_logging, start_or_resume, write_json
 
 __all__ = [
     "AdaptPlan",
@@ -301,100 +301,57 @@ def _default_run_dir(config: AdaptConfig, request: AdaptRequest) -> Path:
     return paths.runs_dir() / f"adapt-{name}-{config.name}"
 
 
-def _check_request(run_dir: Path, record: dict[str, Any], resume: bool) -> str:
-    """The run id; a new run needs an empty directory, a resumed one the same request."""
-    path = run_dir / "request.json"
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        if not resume:
-            raise ValueError(
-                f"{run_dir} holds an adaptation run already: pass --resume, or choose another --run-dir"
-            )
-        same = {k: previous.get(k) for k in record} == record
-        if not same:
-            diff = sorted(k for k in record if previous.get(k) != record[k])
-            raise ValueError(f"{run_dir}: --resume with another request or config (differs in {diff})")
-        return str(previous["run_id"])
-    if resume:
-        raise ValueError(f"--resume: {run_dir} holds no adaptation run")
-    run_id = uuid.uuid4().hex
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**record, "run_id": run_id}, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return run_id
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
-
-
 def run_adaptation(
     config: AdaptConfig, request: AdaptRequest, run_dir: str | Path | None = None, resume: bool = False
 ) -> AdaptResult:
     """Run (or resume) one adaptation; returns the :class:`AdaptResult` (also ``run_dir/result.json``)."""
-    import torch
-
     run_dir = Path(run_dir) if run_dir is not None else _default_run_dir(config, request)
     record = {"request": request.to_dict(), "config": to_dict(config)}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "adapt.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("caloforge")
-    root.addHandler(handler)
-    previous_level, previous_threads = root.level, torch.get_num_threads()
-    if root.getEffectiveLevel() > logging.INFO:
-        root.setLevel(logging.INFO)
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
+    with run_logging(run_dir, "adapt.log", config.torch_threads):
+        return _run(config, request, run_dir, resume, record)
+
+
+def _run(
+    config: AdaptConfig, request: AdaptRequest, run_dir: Path, resume: bool, record: dict[str, Any]
+) -> AdaptResult:
     t0 = time.perf_counter()
-    try:
-        plan = plan_adaptation(config, request, run_dir)
-        run_id = _check_request(run_dir, record, resume)
-        log.info("adaptation %s: %s", run_dir, plan.describe())
-        prepared, trainer, lineage = _train(config, request, plan, run_dir)
-        model_dir = run_dir / "model"
-        adapted, _ = _bundle(config, prepared, trainer, lineage, model_dir)
-        adapter_dir = None
-        if config.strategy.kind == "lora":
-            adapter_dir = run_dir / "adapter"
-            averaged = trainer.averaged_model()
-            prepared.save_adapter(averaged.to("cpu"), adapter_dir)
-        metrics, report_dir = _evaluate(config, request, plan, model_dir, run_dir)
-        gate = apply_gate(config, metrics)
-        log.info("gate %s%s", "passed" if gate.passed else "failed: ", "; ".join(gate.reasons()))
-        trained, total = prepared.parameter_counts
-        registered = None
-        if config.register.enabled:
-            registered = _register(
-                config, plan, run_id, model_dir, metrics, gate, trainer.step, trained, total
-            )
-        result = AdaptResult(
-            run_dir=run_dir,
-            model_dir=model_dir,
-            adapter_dir=adapter_dir,
-            report_dir=report_dir,
-            strategy=config.strategy.kind,
-            steps=trainer.step,
-            trainable_parameters=trained,
-            total_parameters=total,
-            metrics=metrics,
-            gate=gate,
-            parent_uri=plan.parent_uri,
-            parent_version=plan.parent_version,
-            registered=registered,
-            wall_time_s=time.perf_counter() - t0,
-        )
-        _write_json(run_dir / "result.json", result.to_dict())
-        del adapted
-        return result
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(previous_level)
-        torch.set_num_threads(previous_threads)
-        handler.close()
+    plan = plan_adaptation(config, request, run_dir)
+    run_id = start_or_resume(run_dir, record, resume, "an adaptation")
+    log.info("adaptation %s: %s", run_dir, plan.describe())
+    prepared, trainer, lineage = _train(config, request, plan, run_dir)
+    model_dir = run_dir / "model"
+    adapted, _ = _bundle(config, prepared, trainer, lineage, model_dir)
+    adapter_dir = None
+    if config.strategy.kind == "lora":
+        adapter_dir = run_dir / "adapter"
+        averaged = trainer.averaged_model()
+        prepared.save_adapter(averaged.to("cpu"), adapter_dir)
+    metrics, report_dir = _evaluate(config, request, plan, model_dir, run_dir)
+    gate = apply_gate(config, metrics)
+    log.info("gate %s%s", "passed" if gate.passed else "failed: ", "; ".join(gate.reasons()))
+    trained, total = prepared.parameter_counts
+    registered = None
+    if config.register.enabled:
+        registered = _register(config, plan, run_id, model_dir, metrics, gate, trainer.step, trained, total)
+    result = AdaptResult(
+        run_dir=run_dir,
+        model_dir=model_dir,
+        adapter_dir=adapter_dir,
+        report_dir=report_dir,
+        strategy=config.strategy.kind,
+        steps=trainer.step,
+        trainable_parameters=trained,
+        total_parameters=total,
+        metrics=metrics,
+        gate=gate,
+        parent_uri=plan.parent_uri,
+        parent_version=plan.parent_version,
+        registered=registered,
+        wall_time_s=time.perf_counter() - t0,
+    )
+    write_json(run_dir / "result.json", result.to_dict())
+    del adapted
+    return result
 
 
 def _train(
@@ -425,7 +382,7 @@ def _train(
         100.0 * trained / max(total, 1),
     )
     print(f"strategy {config.strategy.kind}: {trained:,} trainable of {total:,} parameters", flush=True)
-    _write_json(
+    write_json(
         run_dir / "parameters.json",
         {
             "strategy": config.strategy.kind,
@@ -449,9 +406,9 @@ def _train(
         strategy=config.strategy.kind,
         target_detector=name,
     )
-    hooks: list[Hook] = []
+    hooks: list[FailAfterStep] = []
     if config.fault_injection_step is not None:
-        hooks.append(_FailAfter(config.fault_injection_step, run_dir))
+        hooks.append(FailAfterStep(config.fault_injection_step, run_dir, "adaptation"))
     hooks = job.standard_hooks(run_dir / "metrics.jsonl", progress=config.progress, extra=hooks)
     trainer = Trainer(
         prepared.module,
@@ -465,18 +422,6 @@ def _train(
     )
     trainer.fit()
     return prepared, trainer, lineage
-
-
-class _FailAfter(Hook):
-    """Test-only (``fault_injection_step``): raise once after that step (a marker keeps a resume going)."""
-
-    def __init__(self, step: int, run_dir: Path) -> None:
-        self.step, self.marker = step, run_dir / "fault_injection_fired"
-
-    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
-        if step == self.step and not self.marker.exists():
-            self.marker.write_text(str(step))
-            raise RuntimeError(f"fault injection (test-only): adaptation fails after step {step}")
 
 
 def _bundle(

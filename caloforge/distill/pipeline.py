@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,8 @@ from caloforge.datasets.shards import Manifest
 from caloforge.distill.config import STUDENT_OF, DistillConfig
 from caloforge.platform.objectives import make_objective
 from caloforge.platform.shower_model import ShowerModel
-from caloforge.training.hooks import Hook
+from caloforge.training.hooks import FailAfterStep
+from caloforge.training.rundir import run_logging, start_or_resume, write_json
 
 __all__ = [
     "DistillGateResult",
@@ -298,89 +298,52 @@ def _default_run_dir(config: DistillConfig, request: DistillRequest) -> Path:
     return paths.runs_dir() / f"distill-{safe}-{config.method}-{config.name}"
 
 
-def _check_request(run_dir: Path, record: dict[str, Any], resume: bool) -> str:
-    path = run_dir / "request.json"
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        if not resume:
-            raise ValueError(
-                f"{run_dir} holds a distillation run already: pass --resume, or choose another --run-dir"
-            )
-        if {k: previous.get(k) for k in record} != record:
-            diff = sorted(k for k in record if previous.get(k) != record[k])
-            raise ValueError(f"{run_dir}: --resume with another request or config (differs in {diff})")
-        return str(previous["run_id"])
-    if resume:
-        raise ValueError(f"--resume: {run_dir} holds no distillation run")
-    run_id = uuid.uuid4().hex
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(path, {**record, "run_id": run_id})
-    return run_id
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
-
-
 def run_distillation(
     config: DistillConfig, request: DistillRequest, run_dir: str | Path | None = None, resume: bool = False
 ) -> DistillResult:
     """Run (or resume) one distillation; returns the :class:`DistillResult` (also ``run_dir/result.json``)."""
-    import torch
-
     run_dir = Path(run_dir) if run_dir is not None else _default_run_dir(config, request)
     record = {"request": request.to_dict(), "config": to_dict(config)}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "distill.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("caloforge")
-    root.addHandler(handler)
-    previous_level, previous_threads = root.level, torch.get_num_threads()
-    if root.getEffectiveLevel() > logging.INFO:
-        root.setLevel(logging.INFO)
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
+    with run_logging(run_dir, "distill.log", config.torch_threads):
+        return _run(config, request, run_dir, resume, record)
+
+
+def _run(
+    config: DistillConfig, request: DistillRequest, run_dir: Path, resume: bool, record: dict[str, Any]
+) -> DistillResult:
     t0 = time.perf_counter()
-    try:
-        plan = plan_distillation(config, request, run_dir)
-        run_id = _check_request(run_dir, record, resume)
-        log.info("distillation %s: %s", run_dir, plan.describe())
-        model_dir = run_dir / "model"
-        if config.method == "cd":
-            steps, solvers = _distil_cd(config, request, plan, run_dir, model_dir), {}
-        else:
-            steps, solvers = _fit_bns(config, request, plan, run_dir, model_dir)
-        metrics, teacher_metrics = _evaluate(config, request, plan, model_dir, run_dir)
-        gate = apply_gate(config, metrics, teacher_metrics)
-        log.info("gate %s%s", "passed" if gate.passed else "failed: ", "; ".join(gate.reasons()))
-        registered = None
-        if config.register.enabled:
-            registered = _register(config, plan, run_id, model_dir, metrics, teacher_metrics, gate, steps)
-        result = DistillResult(
-            run_dir=run_dir,
-            model_dir=model_dir,
-            method=config.method,
-            sampler=plan.sampler,
-            num_steps=plan.num_steps,
-            steps=steps,
-            metrics=metrics,
-            teacher_metrics=teacher_metrics,
-            gate=gate,
-            parent_uri=plan.parent_uri,
-            parent_version=plan.parent_version,
-            registered=registered,
-            solvers=solvers,
-            wall_time_s=time.perf_counter() - t0,
-        )
-        _write_json(run_dir / "result.json", result.to_dict())
-        return result
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(previous_level)
-        torch.set_num_threads(previous_threads)
-        handler.close()
+    plan = plan_distillation(config, request, run_dir)
+    run_id = start_or_resume(run_dir, record, resume, "a distillation")
+    log.info("distillation %s: %s", run_dir, plan.describe())
+    model_dir = run_dir / "model"
+    if config.method == "cd":
+        steps, solvers = _distil_cd(config, request, plan, run_dir, model_dir), {}
+    else:
+        steps, solvers = _fit_bns(config, request, plan, run_dir, model_dir)
+    metrics, teacher_metrics = _evaluate(config, request, plan, model_dir, run_dir)
+    gate = apply_gate(config, metrics, teacher_metrics)
+    log.info("gate %s%s", "passed" if gate.passed else "failed: ", "; ".join(gate.reasons()))
+    registered = None
+    if config.register.enabled:
+        registered = _register(config, plan, run_id, model_dir, metrics, teacher_metrics, gate, steps)
+    result = DistillResult(
+        run_dir=run_dir,
+        model_dir=model_dir,
+        method=config.method,
+        sampler=plan.sampler,
+        num_steps=plan.num_steps,
+        steps=steps,
+        metrics=metrics,
+        teacher_metrics=teacher_metrics,
+        gate=gate,
+        parent_uri=plan.parent_uri,
+        parent_version=plan.parent_version,
+        registered=registered,
+        solvers=solvers,
+        wall_time_s=time.perf_counter() - t0,
+    )
+    write_json(run_dir / "result.json", result.to_dict())
+    return result
 
 
 def _lineage(config: DistillConfig, plan: DistillPlan, manifest: Manifest, groups: Any, run_dir: Path) -> Any:
@@ -423,9 +386,9 @@ def _distil_cd(
         request.data, config.stream_config(), "train", rank=0, world_size=1, seed=config.loop.seed
     )
     lineage = _lineage(config, plan, manifest, stream.groups, run_dir)
-    hooks: list[Hook] = []
+    hooks: list[FailAfterStep] = []
     if config.fault_injection_step is not None:
-        hooks.append(_FailAfter(config.fault_injection_step, run_dir))
+        hooks.append(FailAfterStep(config.fault_injection_step, run_dir, "distillation"))
     hooks = job.standard_hooks(run_dir / "metrics.jsonl", progress=config.progress, extra=hooks)
     trainer = Trainer(
         student,
@@ -501,7 +464,7 @@ def _fit_bns(
             "rmse_euler": fit.heldout_rmse_init if fit.heldout_rmse_init is not None else fit.rmse_init,
             "rmse_bespoke": fit.heldout_rmse_final if fit.heldout_rmse_final is not None else fit.rmse_final,
         }
-        _write_json(saved, {"solver": to_dict(fit.solver), "report": report[str(n)]})
+        write_json(saved, {"solver": to_dict(fit.solver), "report": report[str(n)]})
         solvers.append(fit.solver)
         if config.fault_injection_step is not None and not (run_dir / "fault_injection_fired").exists():
             (run_dir / "fault_injection_fired").write_text(str(n))
@@ -520,18 +483,6 @@ def _fit_bns(
     )
     model.save(model_dir, lineage=lineage, overwrite=True)
     return opts.iterations, report
-
-
-class _FailAfter(Hook):
-    """Test-only (``fault_injection_step``): raise once after that step (a marker keeps a resume going)."""
-
-    def __init__(self, step: int, run_dir: Path) -> None:
-        self.step, self.marker = step, run_dir / "fault_injection_fired"
-
-    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
-        if step == self.step and not self.marker.exists():
-            self.marker.write_text(str(step))
-            raise RuntimeError(f"fault injection (test-only): distillation fails after step {step}")
 
 
 def _evaluate(

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ConsoleProgress",
+    "FailAfterStep",
     "Hook",
     "HookProtocol",
     "MetricsWriter",
@@ -227,3 +228,16 @@ class PeriodicEval(Hook):
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         if self._trainer is not None and (step % self.every == 0 or step == self._trainer.config.steps):
             metrics.update(self._run(step))
+
+
+class FailAfterStep(Hook):
+    """Test-only fault injection of single-process jobs: raise once after ``step`` (a marker file in
+    ``run_dir`` keeps the resumed run going), so resume drills need no process killing."""
+
+    def __init__(self, step: int, run_dir: Path, what: str) -> None:
+        self.step, self.marker, self.what = step, Path(run_dir) / "fault_injection_fired", what
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        if step == self.step and not self.marker.exists():
+            self.marker.write_text(str(step))
+            raise RuntimeError(f"fault injection (test-only): {self.what} fails after step {step}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import logging
 import math
 import platform
@@ -45,6 +44,7 @@ from caloforge.platform.objectives import ObjectiveConfig, make_objective
 from caloforge.platform.seeding import Purpose
 from caloforge.platform.shower_model import ShowerModelConfig
 from caloforge.training.config import LoopConfig
+from caloforge.training.rundir import run_logging, write_json
 
 if TYPE_CHECKING:
     from caloforge.training.hooks import PeriodicEval
@@ -236,12 +236,6 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix or "<root>"]
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
-
-
 def _val_loss_fn(config: TrainConfig, manifest_dir: Path, loss_fn: Callable) -> Callable[[nn.Module], dict]:
     """The objective's mean loss on fixed validation showers and fixed noise (seeded per batch)."""
     from caloforge.datasets.batch import ShowerBatch
@@ -289,6 +283,13 @@ def train(
     evaluations (after the validation loss), e.g. the fidelity benchmark's evaluations along the run.
     """
     from caloforge import paths
+
+    run_dir = Path(run_dir) if run_dir is not None else paths.runs_dir() / config.name
+    with run_logging(run_dir, "train.log", config.torch_threads):
+        return _train(config, run_dir, extra_evals)
+
+
+def _train(config: TrainConfig, run_dir: Path, extra_evals: Sequence[PeriodicEval]) -> TrainResult:
     from caloforge.datasets.shards import Manifest
     from caloforge.datasets.streaming import ShowerStream
     from caloforge.training import job
@@ -297,84 +298,66 @@ def train(
     from caloforge.training.state import CheckpointManager
     from caloforge.training.torch_backend import TorchBackend
 
-    run_dir = Path(run_dir) if run_dir is not None else paths.runs_dir() / config.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("caloforge")
-    root.addHandler(handler)
-    previous_level = root.level
-    previous_threads = torch.get_num_threads()
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
-    if root.getEffectiveLevel() > logging.INFO:
-        root.setLevel(logging.INFO)
     t0 = time.perf_counter()
-    try:
-        _check_or_write_config(config, run_dir)
-        backend = TorchBackend(config.device)
-        _write_json(run_dir / "versions.json", _versions(backend.device))
-        log.info("run %s: %s", config.name, run_dir)
+    _check_or_write_config(config, run_dir)
+    backend = TorchBackend(config.device)
+    write_json(run_dir / "versions.json", _versions(backend.device))
+    log.info("run %s: %s", config.name, run_dir)
 
-        manifest_dir = prepare_data(config, run_dir)
-        verify_shards(manifest_dir)  # every shard, before any step (cached by the manifest's fingerprint)
-        manifest = Manifest.load(manifest_dir)
-        model = job.model_for_manifest(config.model, manifest, config.data.spare_detector_slots)
-        loss_fn, objective = job.loss_for(model, config.objective)
-        stream = ShowerStream(
-            manifest_dir, config.stream_config(1), "train", rank=0, world_size=1, seed=config.loop.seed
-        )
-        lineage = job.training_lineage(
-            manifest,
-            stream.groups,
-            objective,
-            extra={"run_dir": str(run_dir.resolve()), "run_name": config.name},
-        )
-        evals = []
-        if config.eval.every:
-            evals.append(PeriodicEval(config.eval.every, _val_loss_fn(config, manifest_dir, loss_fn)))
-        evals += list(extra_evals)
-        hooks = job.standard_hooks(run_dir / "metrics.jsonl", progress=config.progress, evals=evals)
-        trainer = Trainer(
-            model,
-            loss_fn,
-            backend,
-            stream,
-            config.loop,
-            hooks=hooks,
-            checkpoints=CheckpointManager(run_dir / "checkpoints", config.keep_checkpoints),
-        )
-        fit = trainer.fit()
-        _, model_dir = job.save_final_bundle(trainer, run_dir / "model", lineage)
-        metrics = fit.metrics
-        if not metrics:  # nothing left to train: report the last logged row of the run
-            from caloforge.training.hooks import read_metrics
+    manifest_dir = prepare_data(config, run_dir)
+    verify_shards(manifest_dir)  # every shard, before any step (cached by the manifest's fingerprint)
+    manifest = Manifest.load(manifest_dir)
+    model = job.model_for_manifest(config.model, manifest, config.data.spare_detector_slots)
+    loss_fn, objective = job.loss_for(model, config.objective)
+    stream = ShowerStream(
+        manifest_dir, config.stream_config(1), "train", rank=0, world_size=1, seed=config.loop.seed
+    )
+    lineage = job.training_lineage(
+        manifest,
+        stream.groups,
+        objective,
+        extra={"run_dir": str(run_dir.resolve()), "run_name": config.name},
+    )
+    evals = []
+    if config.eval.every:
+        evals.append(PeriodicEval(config.eval.every, _val_loss_fn(config, manifest_dir, loss_fn)))
+    evals += list(extra_evals)
+    hooks = job.standard_hooks(run_dir / "metrics.jsonl", progress=config.progress, evals=evals)
+    trainer = Trainer(
+        model,
+        loss_fn,
+        backend,
+        stream,
+        config.loop,
+        hooks=hooks,
+        checkpoints=CheckpointManager(run_dir / "checkpoints", config.keep_checkpoints),
+    )
+    fit = trainer.fit()
+    _, model_dir = job.save_final_bundle(trainer, run_dir / "model", lineage)
+    metrics = fit.metrics
+    if not metrics:  # nothing left to train: report the last logged row of the run
+        from caloforge.training.hooks import read_metrics
 
-            rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
-            metrics = {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
-        result = TrainResult(
-            run_dir=run_dir,
-            model_dir=Path(model_dir),
-            manifest_dir=manifest_dir,
-            manifest_hash=manifest.fingerprint,
-            steps=trainer.step,
-            final_loss=float(metrics.get("loss", math.nan)),
-            metrics=dict(metrics),
-            resumed_from=fit.resumed_from,
-            wall_time_s=time.perf_counter() - t0,
-            history=fit.history,
-        )
-        _write_json(run_dir / "summary.json", result.to_dict())
-        log.info(
-            "finished %s: step %d, loss %.4g, model %s",
-            config.name,
-            result.steps,
-            result.final_loss,
-            model_dir,
-        )
-        return result
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(previous_level)
-        torch.set_num_threads(previous_threads)
-        handler.close()
+        rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+        metrics = {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}
+    result = TrainResult(
+        run_dir=run_dir,
+        model_dir=Path(model_dir),
+        manifest_dir=manifest_dir,
+        manifest_hash=manifest.fingerprint,
+        steps=trainer.step,
+        final_loss=float(metrics.get("loss", math.nan)),
+        metrics=dict(metrics),
+        resumed_from=fit.resumed_from,
+        wall_time_s=time.perf_counter() - t0,
+        history=fit.history,
+    )
+    write_json(run_dir / "summary.json", result.to_dict())
+    log.info(
+        "finished %s: step %d, loss %.4g, model %s",
+        config.name,
+        result.steps,
+        result.final_loss,
+        model_dir,
+    )
+    return result
