@@ -1,4 +1,7 @@
-"""The KubeRay deployment in ``k8s/`` agrees with the package, its pretraining configs and ``k8s/Dockerfile``.
+"""The Kubernetes deployment in ``k8s/`` agrees with the package, its configs and ``k8s/Dockerfile``: the
+pretraining RayJob (``k8s/base``) and the adaptation service with MLflow, PostgreSQL and its RayCluster
+(``k8s/service``), both rendered by the overlays. The NetworkPolicies are evaluated as Kubernetes does, so the
+tests state who may reach whom on which port.
 
 The overlays are rendered in-process by a small renderer that implements exactly the kustomize features
 ``k8s/`` uses (resources, namespace, configMapGenerator create/replace/merge, images, inline JSON 6902
@@ -11,11 +14,18 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
+import sys
+import time
 import tomllib
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,8 +41,10 @@ from caloforge.pretrain.config import PretrainConfig
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 BASE = K8S / "base"
+SERVICE = K8S / "service"
 OVERLAYS = sorted(p.parent for p in (K8S / "overlays").glob("*/kustomization.yaml"))
-KUSTOMIZATIONS = [BASE, *OVERLAYS]
+KUSTOMIZATIONS = [BASE, *OVERLAYS]  # those with the pretraining RayJob
+RENDERED = [BASE, SERVICE, *OVERLAYS]  # every kustomization of k8s/
 DOCKERFILE = K8S / "Dockerfile"
 RAY_PORTS = {6379, 8265, 10001}  # GCS, dashboard / job API, Ray client
 DASHBOARD_PORT = 8265
@@ -47,6 +59,8 @@ def _id(kdir: Path) -> str:
 
 overlays = pytest.mark.parametrize("kdir", OVERLAYS, ids=_id)
 all_kustomizations = pytest.mark.parametrize("kdir", KUSTOMIZATIONS, ids=_id)
+everything = pytest.mark.parametrize("kdir", RENDERED, ids=_id)
+with_service = pytest.mark.parametrize("kdir", [SERVICE, *OVERLAYS], ids=_id)
 
 
 # -- a minimal kustomize ----------------------------------------------------------------------------------
@@ -230,6 +244,89 @@ def container(template: dict[str, Any]) -> dict[str, Any]:
     return containers[0]
 
 
+WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
+
+
+def workload_pods(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every pod template of the rendering, by role (``Deployment/mlflow``, ``RayCluster/NAME:head``, ...);
+    fails on a resource with containers that it does not know how to read."""
+    out: dict[str, dict[str, Any]] = {}
+    for d in docs:
+        kind, name = d["kind"], d["metadata"]["name"]
+        if kind in WORKLOADS:
+            out[f"{kind}/{name}"] = d["spec"]["template"]
+        elif kind == "RayJob":
+            out.update({f"RayJob/{name}:{role}": t for role, t in pod_templates(d).items()})
+        elif kind == "RayCluster":
+            out[f"RayCluster/{name}:head"] = d["spec"]["headGroupSpec"]["template"]
+            for group in d["spec"]["workerGroupSpecs"]:
+                out[f"RayCluster/{name}:worker:{group['groupName']}"] = group["template"]
+        else:
+            assert not list(_containers(d)), f"{kind}/{name}: pods of this kind are not checked here"
+    return out
+
+
+def service_pod(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(docs, "Deployment", "caloforge-service")["spec"]["template"]
+
+
+def container_ports(template: dict[str, Any]) -> dict[str | int, int]:
+    """containerPort by name and by number."""
+    ports: dict[str | int, int] = {}
+    for c in _containers(template):
+        for p in c.get("ports", []):
+            ports[p["containerPort"]] = p["containerPort"]
+            if "name" in p:
+                ports[p["name"]] = p["containerPort"]
+    return ports
+
+
+def resolve_port(template: dict[str, Any], port: str | int) -> int:
+    ports = container_ports(template)
+    assert port in ports, f"port {port!r} is not a container port ({sorted(map(str, ports))})"
+    return ports[port]
+
+
+def arg_value(argv: list[str], flag: str) -> str:
+    assert argv.count(flag) == 1, f"{flag} once in {argv}"
+    return argv[argv.index(flag) + 1]
+
+
+def mounted_file(docs: list[dict[str, Any]], template: dict[str, Any], path: str) -> str:
+    """The text of the ConfigMap key a container sees at ``path``."""
+    mount, volume = mount_for(template, path)
+    assert mount.get("readOnly") is True, f"{path}: configuration is mounted read-only"
+    cm = one(docs, "ConfigMap", volume["configMap"]["name"])
+    return cm["data"][Path(path).relative_to(mount["mountPath"]).as_posix()]
+
+
+def service_for(docs: list[dict[str, Any]], url_or_host: str) -> tuple[dict[str, Any], int]:
+    """The Service a client URL (``http://name[.namespace.svc…]:port``) resolves to, and its port; a namespace
+    in the name must be the rendering's."""
+    host, _, port = (url_or_host.split("://", 1)[-1].split("/", 1)[0]).partition(":")
+    name, *rest = host.split(".")
+    if rest:
+        namespace = {d["metadata"].get("namespace") for d in docs}
+        assert rest[1:2] == ["svc"] and {rest[0]} == namespace, f"{host}: not a Service of {namespace}"
+    svc = one(docs, "Service", name)
+    ports = [p for p in svc["spec"]["ports"] if p["port"] == int(port)]
+    assert len(ports) == 1, f"Service {name} has no port {port}"
+    return svc, int(port)
+
+
+def backing_pod(docs: list[dict[str, Any]], svc: dict[str, Any], port: int) -> tuple[str, int]:
+    """The one workload a Service selects and the container port its ``port`` reaches."""
+    pods = workload_pods(docs)
+    selected = [r for r, t in pods.items() if svc["spec"]["selector"].items() <= labels_of(t).items()]
+    assert len(selected) == 1, f"Service {svc['metadata']['name']} selects {selected}"
+    (entry,) = [p for p in svc["spec"]["ports"] if p["port"] == port]
+    return selected[0], resolve_port(pods[selected[0]], entry.get("targetPort", port))
+
+
+def labels_of(template: dict[str, Any]) -> dict[str, str]:
+    return template.get("metadata", {}).get("labels", {})
+
+
 def cpus(quantity: str | int | float) -> float:
     text = str(quantity)
     return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
@@ -305,7 +402,7 @@ def project_version() -> str:
 
 
 # -- the kustomizations ------------------------------------------------------------------------------------
-@all_kustomizations
+@everything
 def test_kustomization_sources_exist(kdir: Path):
     """Every resource is a file or a kustomization directory; every ConfigMap file source (relative to the
     kustomization, as kustomize resolves it) is a file of this repository."""
@@ -327,6 +424,7 @@ def test_configmap_names_are_stable():
     names must carry no hash suffix, and every ConfigMap the RayJob refers to must be generated, with the
     keys it reads."""
     assert kustomization(BASE)["generatorOptions"]["disableNameSuffixHash"] is True
+    assert kustomization(SERVICE)["generatorOptions"]["disableNameSuffixHash"] is True  # the RayCluster
     for kdir in OVERLAYS:
         assert kustomization(kdir).get("generatorOptions", {}).get("disableNameSuffixHash", True) is True
     for kdir in KUSTOMIZATIONS:
@@ -554,21 +652,23 @@ DNS_PEER = {
     "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
 }
 MLFLOW_PEER = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}
+PRETRAIN_LABELS = {"app.kubernetes.io/part-of": "caloforge", "app.kubernetes.io/component": "pretrain"}
+PRETRAIN_POLICY = "caloforge-ray-internal"
 
 
 @all_kustomizations
 def test_network_policy_admits_caloforge_and_the_operator_only(kdir: Path):
-    """The policy selects every Ray pod (head, workers, submitter); it admits all ports from CaloForge's own
-    pods and only the dashboard port from the KubeRay operator of one namespace (which polls the job's
-    status there) — never an operator-labelled pod of any other namespace."""
+    """The pretraining policy selects every pod of the RayJob (head, workers, submitter) and no other; it
+    admits all ports from those pods and only the dashboard port from the KubeRay operator of one namespace
+    (which polls the job's status there) — never an operator-labelled pod of any other namespace."""
     docs = render(kdir)
-    policy = one(docs, "NetworkPolicy")["spec"]
+    policy = one(docs, "NetworkPolicy", PRETRAIN_POLICY)["spec"]
     assert policy["policyTypes"] == ["Ingress", "Egress"]
     selector = policy["podSelector"]["matchLabels"]
-    assert selector == {"app.kubernetes.io/part-of": "caloforge"}
-    for role, template in pod_templates(one(docs, "RayJob")).items():
-        labels = template.get("metadata", {}).get("labels", {})
-        assert selector.items() <= labels.items(), f"{role} pods are not covered by the NetworkPolicy"
+    assert selector == PRETRAIN_LABELS
+    for role, template in workload_pods(docs).items():
+        covered = selector.items() <= labels_of(template).items()
+        assert covered == role.startswith("RayJob/"), f"{role}: covered by the pretraining policy: {covered}"
     own, operator = [], []
     for rule in policy["ingress"]:
         for peer in rule["from"]:
@@ -586,7 +686,7 @@ def test_network_policy_admits_caloforge_and_the_operator_only(kdir: Path):
 
 @all_kustomizations
 def test_network_policy_egress_is_own_pods_dns_and_mlflow_only(kdir: Path):
-    policy = one(render(kdir), "NetworkPolicy")["spec"]
+    policy = one(render(kdir), "NetworkPolicy", PRETRAIN_POLICY)["spec"]
     rules = {json.dumps(r["to"], sort_keys=True): r.get("ports") for r in policy["egress"]}
     own = json.dumps([{"podSelector": {"matchLabels": policy["podSelector"]["matchLabels"]}}], sort_keys=True)
     assert rules.pop(own) is None  # all ports between CaloForge's own pods
@@ -601,17 +701,28 @@ def test_network_policy_egress_is_own_pods_dns_and_mlflow_only(kdir: Path):
             assert "ipBlock" not in peer, "no egress to address blocks (the internet)"
 
 
-@all_kustomizations
+@everything
 def test_pods_run_unprivileged_on_a_read_only_root(kdir: Path):
-    """Every pod: non-root, seccomp RuntimeDefault; every container: no privilege escalation, read-only root
-    filesystem, all capabilities dropped; TMPDIR is a size-limited emptyDir (ZeRO staging, Ray's session)."""
-    job = one(render(kdir), "RayJob")
-    for role, template in pod_templates(job).items():
+    """Every pod of every workload (RayJob, RayCluster, the service, MLflow, PostgreSQL): non-root with an
+    explicit uid, seccomp RuntimeDefault; every container: no privilege escalation, read-only root
+    filesystem, all capabilities dropped; TMPDIR is a size-limited emptyDir (ZeRO staging, Ray's session);
+    every writable emptyDir is bounded; no pod gets a service-account token it does not use."""
+    docs = render(kdir)
+    pods = workload_pods(docs)
+    assert pods
+    for role, template in pods.items():
         spec = template["spec"]
         pod = spec.get("securityContext", {})
-        assert pod.get("runAsNonRoot") is True and pod.get("runAsUser", 0) != 0, role
+        assert pod.get("runAsNonRoot") is True, role
+        assert isinstance(pod.get("runAsUser"), int) and pod["runAsUser"] > 0, role
+        if not role.startswith("RayJob/"):  # the submitter's Job and KubeRay's pods are the operator's
+            assert spec.get("automountServiceAccountToken") is False, role
         assert pod.get("seccompProfile") == {"type": "RuntimeDefault"}, role
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        kind, _, name = role.partition("/")
+        if kind == "StatefulSet":  # its claim templates are volumes of each pod
+            for claim in one(docs, kind, name)["spec"].get("volumeClaimTemplates", []):
+                volumes[claim["metadata"]["name"]] = {"persistentVolumeClaim": claim["spec"]}
         for c in _containers(template):
             sc = c.get("securityContext", {})
             assert sc.get("allowPrivilegeEscalation") is False, (role, c["name"])
@@ -631,36 +742,54 @@ def test_pods_run_unprivileged_on_a_read_only_root(kdir: Path):
                     assert v["emptyDir"].get("sizeLimit"), (role, path)
 
 
+THIRD_PARTY_TAG = r"\d+\.\d+(\.\d+)?(-[a-z0-9.]+)?"  # a release, never `latest` or a bare major version
+
+
 @overlays
 def test_overlays_pin_the_image_by_digest(kdir: Path):
     """Deployments pull ``repository:tag@sha256:…``: a pushed-over tag cannot change what runs. Until the
-    release image is pushed the digest is the documented all-zero placeholder (a pull fails closed)."""
+    release image is pushed the digest is the documented all-zero placeholder (a pull fails closed). Every
+    container runs the CaloForge image so pinned, except third-party images pinned to a release tag."""
     entries = kustomization(kdir).get("images", [])
     assert entries and all(re.fullmatch(r"sha256:[0-9a-f]{64}", e.get("digest", "")) for e in entries), (
         entries
     )
-    for c in _containers(one(render(kdir), "RayJob")):
-        assert re.fullmatch(r"[^@]+@sha256:[0-9a-f]{64}", c["image"]), c["image"]
+    repository = kustomization(BASE)["images"][0]["newName"]
+    third_party = set()
+    for role, template in workload_pods(render(kdir)).items():
+        for c in _containers(template):
+            name, tag = split_image(c["image"])
+            if name == repository:
+                assert re.fullmatch(r"[^@]+@sha256:[0-9a-f]{64}", c["image"]), (role, c["image"])
+            else:
+                assert "." in name.split("/")[0], f"{role}: {c['image']}: name the registry"
+                assert tag and re.fullmatch(THIRD_PARTY_TAG, tag), f"{role}: {c['image']} is not pinned"
+                third_party.add(name)
+    assert third_party <= {"docker.io/library/postgres"}, third_party
     text = (kdir / "kustomization.yaml").read_text()
     if "sha256:" + "0" * 64 in text:
         assert "PLACEHOLDER" in text and "docker buildx imagetools inspect" in text
 
 
-@all_kustomizations
+@everything
 def test_no_public_exposure_of_ray_ports(kdir: Path):
+    """No Ingress, LoadBalancer or NodePort Service, public Ray head service, host network or host port:
+    everything is reached through ClusterIP Services (or kubectl port-forward)."""
     docs = render(kdir)
-    job = one(docs, "RayJob")
-    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]
-    assert {p["containerPort"] for p in container(head["template"]).get("ports", [])} >= RAY_PORTS
+    heads = [d["spec"]["rayClusterSpec"]["headGroupSpec"] for d in docs if d["kind"] == "RayJob"]
+    heads += [d["spec"]["headGroupSpec"] for d in docs if d["kind"] == "RayCluster"]
+    assert heads
     exposed = [d["kind"] for d in docs if d["kind"] in ("Ingress", "Route", "Gateway", "HTTPRoute")]
     exposed += [
         f"Service/{d['metadata']['name']}"
         for d in docs
         if d["kind"] == "Service" and d["spec"].get("type", "ClusterIP") in ("LoadBalancer", "NodePort")
     ]
-    if head.get("serviceType", "ClusterIP") != "ClusterIP" or head.get("enableIngress"):
-        exposed.append("head service")
-    for role, template in pod_templates(job).items():
+    for head in heads:
+        assert {p["containerPort"] for p in container(head["template"]).get("ports", [])} >= RAY_PORTS
+        if head.get("serviceType", "ClusterIP") != "ClusterIP" or head.get("enableIngress"):
+            exposed.append("head service")
+    for role, template in workload_pods(docs).items():
         if template["spec"].get("hostNetwork"):
             exposed.append(f"{role}: hostNetwork")
         for c in _containers(template):
@@ -668,8 +797,657 @@ def test_no_public_exposure_of_ray_ports(kdir: Path):
     assert exposed == []
 
 
+# -- NetworkPolicies, evaluated -----------------------------------------------------------------------------
+OTHER_PORT = 12345  # "any other port" of a pod
+DNS_LABELS = {"k8s-app": "kube-dns"}
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"selector {selector}: only matchLabels is evaluated here"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def _peer_admits(peer: dict[str, Any], policy_ns: str, pod: dict[str, Any]) -> bool:
+    assert set(peer) <= {"podSelector", "namespaceSelector"}, f"peer {peer}: no ipBlock (no address ranges)"
+    if "namespaceSelector" in peer:
+        in_ns = _selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": pod["namespace"]})
+    else:
+        in_ns = pod["namespace"] == policy_ns
+    return in_ns and _selects(peer.get("podSelector", {}), pod["labels"])
+
+
+def _rule_admits(rule: dict[str, Any], side: str, policy_ns: str, peer: dict[str, Any], port: int) -> bool:
+    peers = rule.get(side)
+    if peers is not None and not any(_peer_admits(p, policy_ns, peer) for p in peers):
+        return False
+    ports = rule.get("ports")
+    return ports is None or any(p.get("protocol", "TCP") == "TCP" and p["port"] == port for p in ports)
+
+
+def _direction_admits(
+    policies: list[dict[str, Any]], pod: dict[str, Any], peer: dict[str, Any], port: int, direction: str
+) -> bool:
+    """Kubernetes' semantics: a pod no policy selects (for this direction) is open; a selected pod admits
+    exactly the union of the rules of the policies that select it."""
+    key, side = {"Ingress": ("ingress", "from"), "Egress": ("egress", "to")}[direction]
+    selecting = [
+        p
+        for p in policies
+        if p["metadata"]["namespace"] == pod["namespace"]
+        and _selects(p["spec"]["podSelector"], pod["labels"])
+        and direction in p["spec"]["policyTypes"]
+    ]
+    return not selecting or any(
+        _rule_admits(rule, side, p["metadata"]["namespace"], peer, port)
+        for p in selecting
+        for rule in p["spec"].get(key, [])
+    )
+
+
+def network_pods(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The rendering's pods (by component label) and the outsiders that matter: a client in another
+    namespace, an unlabelled pod of the namespace, the KubeRay operator and the cluster DNS."""
+    (namespace,) = {d["metadata"]["namespace"] for d in docs}
+    pods: dict[str, dict[str, Any]] = {}
+    for role, template in workload_pods(docs).items():
+        labels = labels_of(template)
+        ports = {p for p in container_ports(template).values()} | {OTHER_PORT}
+        pods[role] = {
+            "namespace": namespace,
+            "labels": labels,
+            "ports": ports,
+            "group": labels["app.kubernetes.io/component"],
+        }
+    pods["client in another namespace"] = {
+        "namespace": "users",
+        "labels": {},
+        "ports": {OTHER_PORT},
+        "group": "client",
+    }
+    pods["unlabelled pod of the namespace"] = {
+        "namespace": namespace,
+        "labels": {"run": "debug"},
+        "ports": {OTHER_PORT},
+        "group": "stranger",
+    }
+    pods["kuberay-operator"] = {
+        "namespace": "kuberay-system",
+        "labels": OPERATOR_LABELS,
+        "ports": {OTHER_PORT},
+        "group": "operator",
+    }
+    pods["kube-dns"] = {"namespace": "kube-system", "labels": DNS_LABELS, "ports": {53}, "group": "dns"}
+    return pods
+
+
+def reachable(docs: list[dict[str, Any]]) -> set[tuple[str, str, int]]:
+    """Every (source role, destination role, destination port) the NetworkPolicies let through."""
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    pods = network_pods(docs)
+    out = set()
+    for src_role, src in pods.items():
+        for dst_role, dst in pods.items():
+            for port in dst["ports"]:
+                if _direction_admits(policies, src, dst, port, "Egress") and _direction_admits(
+                    policies, dst, src, port, "Ingress"
+                ):
+                    out.add((src_role, dst_role, port))
+    return out
+
+
+# Who may open a connection to whom (components by their app.kubernetes.io/component label); "*": any port.
+NEEDED = {
+    ("pretrain", "pretrain", "*"),  # the RayJob's head, workers and submitter
+    ("adaptation-ray", "adaptation-ray", "*"),  # the RayCluster's head and workers
+    ("operator", "pretrain", DASHBOARD_PORT),  # KubeRay polls the RayJob's job status
+    *{(g, "adaptation-service", 8080) for g in ("client", "operator", "dns")},  # any pod of another namespace
+    ("adaptation-service", "adaptation-ray", DASHBOARD_PORT),  # job submission API
+    ("adaptation-service", "tracking", 5000),
+    ("adaptation-service", "database", 5432),
+    ("adaptation-ray", "tracking", 5000),
+    ("pretrain", "tracking", 5000),
+    ("tracking", "database", 5432),
+    *{(g, "dns", 53) for g in ("pretrain", "adaptation-ray", "adaptation-service", "tracking")},
+}
+
+
+@overlays
+def test_network_policies_admit_exactly_what_each_component_needs(kdir: Path):
+    """The policies, evaluated as Kubernetes does for every pair of pods and every port they listen on (plus
+    one port nobody uses), let through exactly NEEDED: clients reach only the API, the service reaches Ray
+    only on the job API, PostgreSQL only answers the service and MLflow, and nothing leaves the namespace but
+    DNS lookups (an unlabelled pod of the namespace reaches nothing: default deny)."""
+    docs = render(kdir)
+    pods = network_pods(docs)
+    (namespace,) = {d["metadata"]["namespace"] for d in docs}
+    allowed = {
+        (pods[s]["group"], pods[d]["group"], port)
+        for s, d, port in reachable(docs)
+        if namespace in (pods[s]["namespace"], pods[d]["namespace"])  # other namespaces are not ours to rule
+    }
+    expected = set()
+    for s, d, port in NEEDED:
+        dst_ports = set().union(*(p["ports"] for p in pods.values() if p["group"] == d))
+        expected |= {(s, d, q) for q in dst_ports} if port == "*" else {(s, d, port)}
+    assert allowed == expected, f"admitted but not needed: {allowed - expected}; needed: {expected - allowed}"
+    # the service's job API port is the head's, not a worker's (workers do not listen on it)
+    head = f"RayCluster/{one(docs, 'RayCluster')['metadata']['name']}:head"
+    assert ("Deployment/caloforge-service", head, DASHBOARD_PORT) in reachable(docs)
+
+
+@overlays
+def test_network_policies_select_real_pods_and_ports(kdir: Path):
+    """A default-deny policy covers the namespace; every other policy and every same-namespace peer selects
+    the labels of some pod of the rendering; every pod is selected by a policy of its own; every port a rule
+    names is a container port of the pods it leads to (DNS aside)."""
+    docs = render(kdir)
+    policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+    deny = policies.pop("caloforge-default-deny")
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    pods = workload_pods(docs)
+
+    def matching(selector: dict[str, Any]) -> list[str]:
+        return [r for r, t in pods.items() if _selects(selector, labels_of(t))]
+
+    for role in pods:
+        assert any(role in matching(p["podSelector"]) for p in policies.values()), f"{role}: no policy"
+    for name, policy in policies.items():
+        own = matching(policy["podSelector"])
+        assert own, f"NetworkPolicy {name} selects no pod"
+        own_ports = {p for r in own for p in container_ports(pods[r]).values()}
+        for rule in policy.get("ingress", []):
+            for port in rule.get("ports", []):
+                assert port["port"] in own_ports, f"{name}: ingress port {port} is not a port of {own}"
+        for rule in policy.get("egress", []):
+            for peer in rule.get("to", []):
+                if "namespaceSelector" in peer:
+                    assert peer == DNS_PEER, f"{name}: egress out of the namespace only for DNS: {peer}"
+                    assert rule["ports"] == [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
+                    continue
+                targets = matching(peer["podSelector"])
+                assert targets, f"{name}: egress peer {peer} selects no pod"
+                target_ports = {p for r in targets for p in container_ports(pods[r]).values()}
+                for port in rule.get("ports", []):
+                    assert port["port"] in target_ports, f"{name}: egress port {port} is not one of {targets}"
+        for rule in policy.get("ingress", []):
+            for peer in rule.get("from", []):
+                if "namespaceSelector" not in peer:
+                    assert matching(peer["podSelector"]), f"{name}: ingress peer {peer} selects no pod"
+
+
+# -- the adaptation service ---------------------------------------------------------------------------------
+SERVICE_COMMAND = [
+    "caloforge",
+    "serve",
+    "--config",
+    "/etc/caloforge/service.yaml",
+    "--host",
+    "0.0.0.0",
+    "--port",
+    "8080",
+]  # SERVICE_CONTRACT / docs/service.md
+SERVICE_CONFIG_KEYS = {
+    "host",
+    "port",
+    "database_url",
+    "ray_address",
+    "max_concurrent",
+    "data_roots",
+    "configs_dir",
+    "max_body_bytes",
+    "max_detector_yaml_bytes",
+    "poll_interval_s",
+}
+SERVICE_ENV_FROM_SECRETS = {"CALOFORGE_SERVICE_DATABASE_URL", "CALOFORGE_SERVICE_BOOTSTRAP_TOKEN"}
+SERVICE_ENV = {"CALOFORGE_HOME", "RAY_ADDRESS", "MLFLOW_TRACKING_URI", *SERVICE_ENV_FROM_SECRETS}
+SERVICE_HOME = "/var/lib/caloforge"
+IMAGE_CONFIGS = "/home/ray/configs"  # where k8s/Dockerfile copies configs/
+
+
+def _serve_parser_exists() -> bool:
+    actions = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return any("serve" in a.choices for a in actions)
+
+
+@with_service
+def test_service_runs_caloforge_serve_with_probes(kdir: Path):
+    """One replica, recreated (never two executors on one queue), running the contract's command line; its
+    --port is the container port the Service and the probes use; liveness and startup probe /healthz,
+    readiness /readyz; the config file is the ConfigMap's, mounted read-only."""
+    docs = render(kdir)
+    deployment = one(docs, "Deployment", "caloforge-service")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    template = service_pod(docs)
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels_of(template).items()
+    c = container(template)
+    argv = c["command"] + c.get("args", [])
+    assert argv == SERVICE_COMMAND
+    if _serve_parser_exists():  # the real CLI accepts it (once `caloforge serve` is merged)
+        args = build_parser().parse_args(argv[1:])
+        assert (args.config, args.host, int(args.port)) == ("/etc/caloforge/service.yaml", "0.0.0.0", 8080)
+    port = int(arg_value(argv, "--port"))
+    assert resolve_port(template, "http") == port
+    probes = {kind: c[f"{kind}Probe"]["httpGet"] for kind in ("startup", "liveness", "readiness")}
+    assert {k: p["path"] for k, p in probes.items()} == {
+        "startup": "/healthz",
+        "liveness": "/healthz",
+        "readiness": "/readyz",
+    }
+    assert {resolve_port(template, p["port"]) for p in probes.values()} == {port}
+    svc, svc_port = service_for(docs, "http://caloforge-service:8080")
+    assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert backing_pod(docs, svc, svc_port) == ("Deployment/caloforge-service", port)
+    text = mounted_file(docs, template, arg_value(argv, "--config"))
+    assert text == (SERVICE / "service-config.yaml").read_text()
+
+
+@with_service
+def test_service_config_holds_the_contract_keys(kdir: Path, tmp_path: Path):
+    """service.yaml names only ServiceConfig keys (the database URL and the Ray address come from the
+    environment, never the ConfigMap); its port is the command line's; the data roots lie on the volume the
+    Ray pods share; configs_dir is the image's configs/, whose adaptation configs the API resolves."""
+    docs = render(kdir)
+    text = one(docs, "ConfigMap", "caloforge-service-config")["data"]["service.yaml"]
+    cfg = yaml.safe_load(text)
+    assert set(cfg) <= SERVICE_CONFIG_KEYS, set(cfg) - SERVICE_CONFIG_KEYS
+    assert "database_url" not in cfg and "ray_address" not in cfg
+    assert cfg["port"] == int(arg_value(SERVICE_COMMAND, "--port"))
+    assert cfg["data_roots"] and all(Path(r).is_relative_to(SERVICE_HOME) for r in cfg["data_roots"])
+    assert cfg["configs_dir"] == IMAGE_CONFIGS
+    copies = [rest.split() for word, rest in dockerfile_instructions() if word == "COPY"]
+    assert any(words[-2:] == ["configs", IMAGE_CONFIGS] for words in copies)
+    assert sorted((ROOT / "configs" / "adapt").glob("*.yaml")), "configs/adapt/ ships in the image"
+    try:
+        from caloforge.adapt.service import config as service_config  # service-api's module
+    except ImportError:
+        return  # checked by key name above until the service package is merged
+    path = tmp_path / "service.yaml"
+    path.write_text(text)
+    loaded = load_config(service_config.ServiceConfig, path)
+    assert loaded.port == cfg["port"] and loaded.max_concurrent == cfg["max_concurrent"]
+
+
+@with_service
+def test_service_env_is_what_the_service_reads(kdir: Path):
+    """The service container sets the variables the service reads; credentials come from Secret keys, never
+    literal values; RAY_ADDRESS is the job API of the RayCluster's head Service as KubeRay names it
+    (<name>-head-svc); MLFLOW_TRACKING_URI reaches the MLflow server's port; CALOFORGE_HOME is the shared
+    volume, which the RayCluster mounts at the same path with the same CALOFORGE_HOME."""
+    docs = render(kdir)
+    template = service_pod(docs)
+    env = {e["name"]: e for e in container(template)["env"]}
+    assert set(env) >= SERVICE_ENV
+    for name in SERVICE_ENV_FROM_SECRETS:
+        assert set(env[name]) == {"name", "valueFrom"} and "secretKeyRef" in env[name]["valueFrom"], name
+    service_pkg = ROOT / "caloforge" / "adapt" / "service"
+    if service_pkg.is_dir():  # the names are the ones the service's code reads
+        code = "\n".join(p.read_text() for p in (ROOT / "caloforge").rglob("*.py"))
+        for name in SERVICE_ENV:
+            assert f'"{name}"' in code, f"{name} is set for the service but read nowhere in caloforge/"
+
+    cluster = one(docs, "RayCluster")
+    url = env["RAY_ADDRESS"]["value"]
+    m = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", url)
+    assert m is not None, url
+    assert m[1] == f"{cluster['metadata']['name']}-head-svc", f"{url}: not the head Service KubeRay creates"
+    head = cluster["spec"]["headGroupSpec"]
+    assert int(m[2]) == resolve_port(head["template"], "dashboard") == DASHBOARD_PORT
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+
+    svc, port = service_for(docs, env["MLFLOW_TRACKING_URI"]["value"])
+    assert backing_pod(docs, svc, port)[0] == "Deployment/mlflow"
+
+    home = env["CALOFORGE_HOME"]["value"]
+    assert home == SERVICE_HOME
+    mount, volume = mount_for(template, home)
+    assert mount["mountPath"] == home and "persistentVolumeClaim" in volume
+    for role, ray_pod in workload_pods([cluster]).items():
+        ray_env = env_of(ray_pod)
+        assert ray_env["CALOFORGE_HOME"] == home, role
+        assert ray_env["MLFLOW_TRACKING_URI"] == env["MLFLOW_TRACKING_URI"]["value"], role
+        ray_mount, ray_volume = mount_for(ray_pod, home)
+        assert ray_mount["mountPath"] == home and ray_volume == volume, f"{role}: not the service's volume"
+    if kdir.parent.name == "overlays":
+        pvc = one(docs, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+        assert "ReadWriteMany" in pvc["spec"]["accessModes"], "the service and every Ray pod mount it"
+
+
+@with_service
+def test_service_raycluster_matches_the_rayjob(kdir: Path):
+    """The RayCluster runs the same Ray as the RayJob, a driver-only head (num-cpus 0) and one fixed CPU
+    worker group; Ray authentication is handled as in the RayJob: no authOptions (older operators), the
+    NetworkPolicy as the guard, and ~/.ray writable for a token file on every Ray container."""
+    docs = render(kdir)
+    cluster = one(docs, "RayCluster")["spec"]
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["groupName"] == "cpu"
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] >= 1
+    assert not cluster.get("enableInTreeAutoscaling")
+    rayjobs = [d for d in docs if d["kind"] == "RayJob"]
+    templates = workload_pods([one(docs, "RayCluster")])
+    for job in rayjobs:
+        assert cluster["rayVersion"] == job["spec"]["rayClusterSpec"]["rayVersion"]
+        assert "authOptions" not in job["spec"]["rayClusterSpec"]
+    assert "authOptions" not in cluster
+    import ray
+
+    assert cluster["rayVersion"] == ray.__version__ == dockerfile_args()["RAY_VERSION"]
+    for role, template in templates.items():
+        resources = container(template)["resources"]
+        assert GPU not in resources.get("limits", {}) and GPU not in resources.get("requests", {}), role
+        mount, volume = mount_for(template, "/home/ray/.ray/auth_token")
+        assert mount["mountPath"] == "/home/ray/.ray" and "emptyDir" in volume, role
+        assert "RAY_AUTH_MODE" not in env_of(template), role
+
+
+# -- MLflow and PostgreSQL ----------------------------------------------------------------------------------
+def mlflow_clients(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """Every MLFLOW_TRACKING_URI a pod of the rendering uses (literal or from a ConfigMap)."""
+    out = {}
+    for role, template in workload_pods(docs).items():
+        for c in _containers(template):
+            for e in c.get("env", []):
+                if e["name"] != "MLFLOW_TRACKING_URI":
+                    continue
+                if "value" in e:
+                    out[role] = e["value"]
+                else:
+                    ref = e["valueFrom"]["configMapKeyRef"]
+                    out[role] = one(docs, "ConfigMap", ref["name"])["data"][ref["key"]]
+    return out
+
+
+def is_allowed_host_header(allowed: list[str], host: str) -> bool:
+    """MLflow's rule for MLFLOW_SERVER_ALLOWED_HOSTS (mlflow.server.security_utils, which takes seconds to
+    import): a pattern with ``*`` is an fnmatch pattern, any other must equal the Host header. The real server
+    is asked in test_mlflow_server_runs_as_the_manifest_says."""
+    return any(fnmatch.fnmatch(host, a) if "*" in a else host == a for a in allowed)
+
+
+@overlays
+def test_mlflow_server_serves_every_client(kdir: Path):
+    """`mlflow server` listens on its container port on all interfaces, stores artifacts on its volume and
+    reads the backend store URI from a Secret; every client URI of the rendering (service, RayCluster,
+    pretraining) reaches the MLflow Service, and MLflow's own Host-header check admits it."""
+    docs = render(kdir)
+    template = one(docs, "Deployment", "mlflow")["spec"]["template"]
+    c = container(template)
+    argv = c["command"] + c["args"]
+    assert argv[:2] == ["mlflow", "server"]
+    port = int(arg_value(argv, "--port"))
+    assert arg_value(argv, "--host") == "0.0.0.0" and resolve_port(template, "http") == port
+    assert "--backend-store-uri" not in argv
+    env = {e["name"]: e for e in c["env"]}
+    assert "secretKeyRef" in env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]
+    artifacts = arg_value(argv, "--artifacts-destination")
+    _, volume = mount_for(template, artifacts)
+    pvc = one(docs, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert one(docs, "Deployment", "mlflow")["spec"]["strategy"] == {"type": "Recreate"}
+    for kind in ("startup", "liveness", "readiness"):
+        assert c[f"{kind}Probe"]["httpGet"] == {"path": "/health", "port": "http"}
+
+    allowed = [h.strip() for h in env["MLFLOW_SERVER_ALLOWED_HOSTS"]["value"].split(",")]
+    clients = mlflow_clients(docs)
+    assert {r.split("/")[0] for r in clients} == {"Deployment", "RayCluster", "RayJob"}, clients
+    for role, uri in clients.items():
+        svc, svc_port = service_for(docs, uri)
+        assert backing_pod(docs, svc, svc_port) == ("Deployment/mlflow", port), (role, uri)
+        host = uri.split("://", 1)[1].split("/", 1)[0]
+        assert is_allowed_host_header(allowed, host), f"{role}: MLflow would refuse Host {host}"
+    assert not is_allowed_host_header(allowed, "attacker.example:5000")
+    assert "*" not in allowed
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get(url: str, host: str) -> int:
+    request = urllib.request.Request(url, headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+@pytest.mark.slow
+def test_mlflow_server_runs_as_the_manifest_says(tmp_path: Path):
+    """The MLflow container's command line and environment, run for real on 127.0.0.1 (its mounts mapped
+    into tmp_path, SQLite standing in for the PostgreSQL URI of the Secret): the server starts writing
+    nothing to its home or working directory (the image's read-only root), answers the Host headers of
+    every client URI of the manifests, refuses a foreign one, and proxies artifacts onto its volume."""
+    docs = render(OVERLAYS[0])
+    template = one(docs, "Deployment", "mlflow")["spec"]["template"]
+    c = container(template)
+    mounts = [m["mountPath"] for m in c["volumeMounts"]]
+
+    def local(value: str) -> str:
+        for mount in mounts:
+            if value == mount or value.startswith(mount + "/"):
+                return str(tmp_path / value.lstrip("/"))
+        return value
+
+    for mount in mounts:
+        (tmp_path / mount.lstrip("/")).mkdir(parents=True)
+    port = _free_port()
+    argv = [local(a) for a in c["command"] + c["args"]]
+    argv[argv.index("--host") + 1] = "127.0.0.1"
+    argv[argv.index("--port") + 1] = str(port)
+    argv[argv.index("--workers") + 1] = "1"
+    argv[0] = str(Path(sys.executable).with_name("mlflow"))
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env |= {e["name"]: local(e["value"]) for e in c["env"] if "value" in e}
+    env |= {"HOME": str(home), "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen(
+        argv, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while _status_or_none(f"{uri}/health") != 200:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        search = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
+        clients = mlflow_clients(docs)
+        for role, client_uri in clients.items():
+            host = client_uri.split("://", 1)[1].split("/", 1)[0]
+            assert _get(search, host) == 200, f"{role}: Host {host} refused"
+        assert _get(search, "attacker.example:5000") == 403
+        upload = urllib.request.Request(
+            f"{uri}/api/2.0/mlflow-artifacts/artifacts/0/probe.txt",
+            data=b"artifact",
+            method="PUT",
+            headers={"Host": "mlflow:5000"},
+        )
+        with urllib.request.urlopen(upload, timeout=10) as resp:
+            assert resp.status == 200
+        artifacts = Path(local(arg_value(c["args"], "--artifacts-destination")))
+        assert (artifacts / "0" / "probe.txt").read_bytes() == b"artifact"
+        assert list(home.iterdir()) == [], "mlflow server wrote outside its volumes"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers: our own process group
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        log.close()
+
+
+def _status_or_none(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status
+    except OSError:
+        return None
+
+
+def _database_urls() -> dict[tuple[str, str], str]:
+    docs = [d for d in yaml.safe_load_all((SERVICE / "secrets.template.yaml").read_text()) if d]
+    return {
+        (d["metadata"]["name"], key): value
+        for d in docs
+        for key, value in d["stringData"].items()
+        if value.startswith("postgresql")
+    }
+
+
+@overlays
+def test_postgres_serves_both_databases(kdir: Path):
+    """The database URLs (service, MLflow) reach the PostgreSQL Service on its container port (a headless
+    Service: the client's port is the pod's), with a role and database that the init script creates, owned
+    by that role; the data directory is a subdirectory of the claim; every password comes from the Secret."""
+    docs = render(kdir)
+    sts = one(docs, "StatefulSet", "postgres")
+    template = sts["spec"]["template"]
+    svc = one(docs, "Service", sts["spec"]["serviceName"])
+    assert svc["spec"]["clusterIP"] == "None"
+    init = mounted_file(docs, template, "/docker-entrypoint-initdb.d/create-databases.sh")
+    roles = dict(re.findall(r"CREATE DATABASE (\w+) OWNER (\w+);", init))
+    assert set(re.findall(r"CREATE ROLE (\w+) LOGIN PASSWORD :'(\w+)'", init)) == {
+        (role, f"{role}_password") for role in roles.values()
+    }
+    env = {e["name"]: e for e in container(template)["env"]}
+    for var in re.findall(r'-v \w+_password="\$(\w+)"', init):
+        assert "secretKeyRef" in env[var]["valueFrom"], var
+    assert "secretKeyRef" in env["POSTGRES_PASSWORD"]["valueFrom"]
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    (data_mount,) = [m for m in container(template)["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
+    pgdata = Path(env["PGDATA"]["value"])
+    assert pgdata.is_relative_to(data_mount["mountPath"]) and pgdata != Path(data_mount["mountPath"])
+    urls = _database_urls()
+    assert set(urls) == {("caloforge-service", "database-url"), ("caloforge-mlflow", "backend-store-uri")}
+    for (secret, key), url in urls.items():
+        m = re.fullmatch(r"postgresql://(\w+):<\w+>@([\w-]+):(\d+)/(\w+)", url)
+        assert m is not None, f"{secret}/{key}: {url}"
+        user, host, port, database = m.groups()
+        assert roles.get(database) == user, f"{url}: the init script makes no database {database} for {user}"
+        svc, svc_port = service_for(docs, f"{host}:{port}")
+        assert backing_pod(docs, svc, svc_port) == ("StatefulSet/postgres", svc_port)
+
+
+# -- Secrets ------------------------------------------------------------------------------------------------
+PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]*>")
+CREDENTIAL_ENV = re.compile(r"PASSWORD|TOKEN|SECRET|DATABASE_URL|BACKEND_STORE_URI|ACCESS_KEY")
+
+
+def secret_refs(docs: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    refs = set()
+    for template in workload_pods(docs).values():
+        for c in _containers(template):
+            assert "envFrom" not in c, "env from whole Secrets/ConfigMaps hides which keys a pod reads"
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert not ref.get("optional"), e
+                    refs.add((ref["name"], ref["key"]))
+        for v in template["spec"].get("volumes", []):
+            assert "secret" not in v, "Secrets reach the pods as env only"
+    return refs
+
+
+def _secrets(text: str) -> dict[str, dict[str, str]]:
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    assert all(
+        d["kind"] == "Secret" and set(d) == {"apiVersion", "kind", "metadata", "type", "stringData"}
+        for d in docs
+    )
+    return {d["metadata"]["name"]: d["stringData"] for d in docs}
+
+
+@everything
+def test_no_credentials_in_the_manifests(kdir: Path):
+    """No Secret is rendered (applying k8s/ never deploys a known password or token); every Secret key a pod
+    reads is one of the template's; credentials reach containers only through secretKeyRef."""
+    docs = render(kdir)
+    assert [d for d in docs if d["kind"] == "Secret"] == []
+    template = _secrets((SERVICE / "secrets.template.yaml").read_text())
+    keys = {(name, key) for name, data in template.items() for key in data}
+    refs = secret_refs(docs)
+    assert refs <= keys, refs - keys
+    if kdir.parent.name == "overlays":
+        assert refs == keys, f"template keys no pod reads: {keys - refs}"
+    for role, pod in workload_pods(docs).items():
+        for c in _containers(pod):
+            for e in c.get("env", []):
+                if CREDENTIAL_ENV.search(e["name"]):
+                    assert "secretKeyRef" in e.get("valueFrom", {}), (
+                        f"{role}: {e['name']} is not from a Secret"
+                    )
+
+
+def test_secret_template_holds_placeholders_only():
+    """Every value of the template is placeholders in an otherwise fixed shape (the URLs): no literal
+    password, token or credential."""
+    for name, data in _secrets((SERVICE / "secrets.template.yaml").read_text()).items():
+        for key, value in data.items():
+            assert PLACEHOLDER.search(value), f"{name}/{key}: no placeholder"
+            rest = PLACEHOLDER.sub("", value)
+            if value.startswith("postgresql://"):
+                assert re.fullmatch(r"postgresql://\w+:@[\w-]+:\d+/\w+", rest), f"{name}/{key}: {value}"
+            else:
+                assert rest == "", f"{name}/{key}: {value} holds more than a placeholder"
+
+
+def test_generated_secrets_fill_the_template_consistently():
+    """k8s/service/generate-secrets.sh prints the template with every placeholder replaced by one fresh
+    random value (the same password in caloforge-postgres and in the database URL), different on each run."""
+    script = SERVICE / "generate-secrets.sh"
+    runs = [
+        _secrets(
+            subprocess.run(["sh", str(script)], capture_output=True, text=True, check=True, timeout=30).stdout
+        )
+        for _ in range(2)
+    ]
+    template = _secrets((SERVICE / "secrets.template.yaml").read_text())
+    for generated in runs:
+        assert {n: set(d) for n, d in generated.items()} == {n: set(d) for n, d in template.items()}
+        values: dict[str, str] = {}
+        for name, data in template.items():
+            for key, value in data.items():
+                if PLACEHOLDER.fullmatch(value):
+                    values[value] = generated[name][key]
+        assert set(values) == set(
+            PLACEHOLDER.findall("".join(v for d in template.values() for v in d.values()))
+        )
+        assert len(set(values.values())) == len(values), "one value per placeholder"
+        assert all(re.fullmatch(r"[0-9a-f]{48}", v) for v in values.values())
+        for name, data in template.items():
+            for key, value in data.items():
+                filled = PLACEHOLDER.sub(lambda m, v=values: v[m[0]], value)
+                assert filled == generated[name][key], (name, key)
+    assert runs[0]["caloforge-service"]["bootstrap-token"] != runs[1]["caloforge-service"]["bootstrap-token"]
+
+
+def test_image_serves_the_service_and_mlflow():
+    """The image carries the PostgreSQL driver that the `postgresql://` URLs select (psycopg2, SQLAlchemy's
+    and MLflow's default), checks it in the smoke step, and exposes the service's and MLflow's ports."""
+    runs = [rest for word, rest in dockerfile_instructions() if word == "RUN"]
+    assert any('"psycopg2-binary==${PSYCOPG2_VERSION}"' in r for r in runs)
+    assert "psycopg2" in runs[-1] and "mlflow server --help" in runs[-1]
+    assert all(url.startswith("postgresql://") for url in _database_urls().values())
+    exposed = {int(p) for word, rest in dockerfile_instructions() if word == "EXPOSE" for p in rest.split()}
+    docs = render(SERVICE)
+    assert exposed == {
+        resolve_port(service_pod(docs), "http"),
+        resolve_port(one(docs, "Deployment", "mlflow")["spec"]["template"], "http"),
+    }
+
+
 # -- cross-check of the renderer ---------------------------------------------------------------------------
-@all_kustomizations
+@everything
 def test_renderer_agrees_with_kubectl_kustomize(kdir: Path):
     kubectl = shutil.which("kubectl")
     if kubectl is None:
