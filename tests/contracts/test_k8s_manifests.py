@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 import urllib.error
@@ -1336,6 +1337,87 @@ def test_postgres_serves_both_databases(kdir: Path):
         assert roles.get(database) == user, f"{url}: the init script makes no database {database} for {user}"
         svc, svc_port = service_for(docs, f"{host}:{port}")
         assert backing_pod(docs, svc, svc_port) == ("StatefulSet/postgres", svc_port)
+
+
+def _postgres_tools() -> tuple[list[str], dict[str, str]]:
+    """The command prefix to run PostgreSQL's server tools (as `postgres` when we are root) and the tools."""
+    tools = {t: shutil.which(t) for t in ("initdb", "pg_ctl", "psql")}
+    if None in tools.values():
+        pytest.skip(f"PostgreSQL tools not installed: {[t for t, p in tools.items() if p is None]}")
+    if os.geteuid() != 0:
+        return [], tools  # type: ignore[return-value]
+    if shutil.which("runuser") is None or subprocess.run(["id", "postgres"], capture_output=True).returncode:
+        pytest.skip("running as root without a `postgres` user: initdb refuses root")
+    return ["runuser", "-u", "postgres", "--"], tools  # type: ignore[return-value]
+
+
+@pytest.mark.slow
+def test_postgres_init_script_isolates_the_two_databases():
+    """postgres-init.sh, sourced as the image's entrypoint does on a real (local) PostgreSQL with the
+    passwords of generate-secrets.sh: the service's and MLflow's database URLs from the same run connect;
+    the service's role can neither read MLflow's tables nor create any in MLflow's database; a wrong
+    password is refused."""
+    prefix, tools = _postgres_tools()
+    secrets = _secrets(
+        subprocess.run(
+            ["sh", str(SERVICE / "generate-secrets.sh")], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    with tempfile.TemporaryDirectory(prefix="caloforge-pg-") as tmp:  # pytest's tmp is private to root
+        tmp_path = Path(tmp)
+        tmp_path.chmod(0o777)
+        _run_postgres_init(tmp_path, prefix, tools, secrets)
+
+
+def _run_postgres_init(
+    tmp_path: Path, prefix: list[str], tools: dict[str, str], secrets: dict[str, dict[str, str]]
+) -> None:
+    pg = secrets["caloforge-postgres"]
+    (tmp_path / "pw").write_text(pg["postgres-password"] + "\n")
+    (tmp_path / "pw").chmod(0o644)
+    data, port = tmp_path / "data", _free_port()
+    subprocess.run([*prefix, tools["initdb"], "-D", str(data), "-U", "postgres", "--auth=scram-sha-256",
+                    f"--pwfile={tmp_path / 'pw'}"], check=True, capture_output=True, timeout=120)  # fmt: skip
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={tmp_path}"
+    ctl = [*prefix, tools["pg_ctl"], "-D", str(data), "-l", str(tmp_path / "log")]
+    subprocess.run([*ctl, "-o", options, "-w", "start"], check=True, capture_output=True, timeout=120)
+    try:
+        env = {
+            "PATH": os.environ["PATH"],
+            "POSTGRES_USER": "postgres",
+            "PGHOST": "127.0.0.1",
+            "PGPORT": str(port),
+            "PGPASSWORD": pg["postgres-password"],
+            "CALOFORGE_DB_PASSWORD": pg["caloforge-password"],
+            "MLFLOW_DB_PASSWORD": pg["mlflow-password"],
+        }
+        init = SERVICE / "postgres-init.sh"
+        subprocess.run(["bash", "-c", f"set -Eeo pipefail; source {init}"], env=env, check=True,
+                       capture_output=True, timeout=60)  # fmt: skip
+
+        def psql(url: str, sql: str) -> subprocess.CompletedProcess[str]:
+            local = url.replace("@postgres:5432/", f"@127.0.0.1:{port}/")
+            return subprocess.run(
+                [tools["psql"], local, "-v", "ON_ERROR_STOP=1", "-c", sql],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={"PATH": os.environ["PATH"]},
+            )
+
+        service_url = secrets["caloforge-service"]["database-url"]
+        mlflow_url = secrets["caloforge-mlflow"]["backend-store-uri"]
+        assert psql(mlflow_url, "CREATE TABLE runs (x int); INSERT INTO runs VALUES (1);").returncode == 0
+        assert psql(service_url, "CREATE TABLE jobs (x int);").returncode == 0
+        cross = service_url.rsplit("/", 1)[0] + "/mlflow"
+        read = psql(cross, "SELECT * FROM runs;")
+        assert read.returncode != 0 and "permission denied" in read.stderr
+        write = psql(cross, "CREATE TABLE evil (x int);")
+        assert write.returncode != 0 and "permission denied" in write.stderr
+        wrong = psql(service_url.replace(pg["caloforge-password"], "0" * 48), "SELECT 1;")
+        assert wrong.returncode != 0 and "password authentication failed" in wrong.stderr
+    finally:
+        subprocess.run([*ctl, "-m", "fast", "-w", "stop"], capture_output=True, timeout=120)
 
 
 # -- Secrets ------------------------------------------------------------------------------------------------
