@@ -144,7 +144,7 @@ class Validator:
             "registration": {"model_name": req.registration.model_name, "alias": req.registration.alias},
             "seed": req.seed,
             "metadata": dict(req.metadata),
-            "plan": {**description, "base_uri": base.uri, "base_version": base.version},
+            "plan": {**description, "base": base.uri, "base_uri": base.uri, "base_version": base.version},
         }
 
     def _config_file(self, group: str, name: str, field: str) -> Path:
