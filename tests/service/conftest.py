@@ -1,6 +1,7 @@
-"""Fixtures of the service tests: one real service (uvicorn in a thread on 127.0.0.1, SQLite in WAL mode
-under a temporary $CALOFORGE_HOME, a real sqlite MLflow registry holding the base as
-``caloforge-base@champion`` (``registered_base``, made on first use), simulated lar-pb shards in the data root), validate-only (``execute: false``)."""
+"""Fixtures of the service tests: one real service, validate-only (``execute: false``): uvicorn in a thread on
+127.0.0.1, SQLite in WAL mode under a temporary $CALOFORGE_HOME, simulated lar-pb shards in the data root, a
+base bundle; ``registered_base`` (made on first use) registers it in a real sqlite MLflow registry as
+``caloforge-base@champion``."""
 
 from __future__ import annotations
 

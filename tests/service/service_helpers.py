@@ -1,5 +1,5 @@
 """Helpers of the service tests (a module of its own: ``conftest`` is not importable unambiguously): a tiny
-base model, simulated shard sets, a uvicorn server in a thread on a free 127.0.0.1 port, and an HTTP client."""
+base model, simulated shard sets, a uvicorn server in a thread on a free 127.0.0.1 port, an HTTP client."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The HTTP API against a real uvicorn server on 127.0.0.1 (conftest ``service``: validate-only, SQLite WAL)."""
+"""The HTTP API against a real uvicorn server on 127.0.0.1 (conftest ``service``: validate-only, SQLite)."""
 
 from __future__ import annotations
 
@@ -461,17 +461,17 @@ def test_sse_stream_delivers_events(service) -> None:
 
     threading.Thread(target=later).start()
     received = []
-    with client(service.url, service.tokens["reader"]) as c:
-        with c.stream(
-            "GET", f"/v1/adaptations/{job['id']}/events", headers={"Accept": "text/event-stream"}
-        ) as r:
-            assert r.headers["content-type"].startswith("text/event-stream")
-            name = None
-            for line in r.iter_lines():
-                if line.startswith("event:"):
-                    name = line[6:].strip()
-                elif line.startswith("data:"):
-                    received.append((name, json.loads(line[5:])))
+    with (
+        client(service.url, service.tokens["reader"]) as c,
+        c.stream("GET", f"/v1/adaptations/{job['id']}/events", headers={"Accept": "text/event-stream"}) as r,
+    ):
+        assert r.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                received.append((name, json.loads(line[5:])))
     kinds = [n for n, _ in received]
     assert kinds[0] == "log" and kinds[-1] == "end"
     assert ("stage", "adapting") in [(n, d.get("message")) for n, d in received]
