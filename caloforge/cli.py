@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "caloforge.distill.cli",
     "caloforge.evaluation.cli",
     "caloforge.registry.cli",
+    "caloforge.adapt.service.cli",
     "caloforge.quickstart",
 )
 
