@@ -85,7 +85,7 @@ def test_caloforge_serve_process_with_a_registry_base(service, registered_base, 
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(p) for p in sys.path if p]),
         "CALOFORGE_HOME": str(tmp_path / "home"),
-        "CALOFORGE_SERVICE_BOOTSTRAP_TOKEN": "process-bootstrap-token-0123456789",
+        "CALOFORGE_SERVICE_BOOTSTRAP_TOKEN": "process-bootstrap-token-0123456789abcdef",
     }
     cmd = [sys.executable, "-m", "caloforge.cli", "serve", "--no-execute", "--port", str(port)]
     cmd += ["--set", f"data_roots=[{service.data.parent}]"]
@@ -105,7 +105,7 @@ def test_caloforge_serve_process_with_a_registry_base(service, registered_base, 
             time.sleep(0.2)
         body = {"base": registered_base, "detector": {"name": "lar-pb"}, "data": str(service.data)}
         body["hyperparameters"] = {"eval.n_showers": 20}
-        with client(url, "process-bootstrap-token-0123456789") as c:
+        with client(url, "process-bootstrap-token-0123456789abcdef") as c:
             job = c.post("/v1/adaptations", json=body)
             assert job.status_code == 202, job.text
             plan = job.json()["spec"]["plan"]

@@ -102,6 +102,10 @@ def test_tokens_are_hashed_scoped_and_revocable(tmp_path) -> None:
     assert tokens.authenticate("b" * 32).scopes == ("admin",)
     tokens.ensure_bootstrap("c" * 32)  # a new value replaces the old
     assert tokens.authenticate("b" * 32) is None and tokens.authenticate("c" * 32).name == "bootstrap"
+    for placeholder in ("<bootstrap-token>" + "x" * 32, "short-token", "a" * 31, "a b" + "c" * 32):
+        with pytest.raises(ValueError, match="placeholder"):
+            tokens.ensure_bootstrap(placeholder)
+    assert tokens.authenticate("c" * 32).name == "bootstrap"  # a refused value changes nothing
 
 
 def test_service_config_yaml_and_env(tmp_path) -> None:

@@ -26,6 +26,7 @@ __all__ = ["SCOPES", "Principal", "TokenInfo", "TokenStore", "parse_scopes"]
 
 SCOPES = ("read", "submit", "admin")
 TOKEN_PREFIX = "cft_"
+MIN_BOOTSTRAP_CHARS = 32
 BOOTSTRAP_NAME = "bootstrap"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
 
@@ -105,7 +106,15 @@ class TokenStore:
 
     def ensure_bootstrap(self, token: str) -> None:
         """The ``bootstrap`` admin token is ``token`` (replacing another value; a revoked bootstrap token
-        with this very value stays revoked)."""
+        with this very value stays revoked). A value that looks like a placeholder (shorter than
+        ``MIN_BOOTSTRAP_CHARS``, or with ``<``, ``>`` or whitespace, as in the Kubernetes Secret template) is
+        refused, so a template applied by mistake never becomes an admin token."""
+        if len(token) < MIN_BOOTSTRAP_CHARS or any(c in token for c in "<> \t\n"):
+            raise ValueError(
+                f"CALOFORGE_SERVICE_BOOTSTRAP_TOKEN looks like a placeholder ({len(token)} characters; it "
+                f"needs >= {MIN_BOOTSTRAP_CHARS} and no '<', '>' or whitespace): generate one, e.g. "
+                "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
         t = db.tokens.c
         with self.store._read() as conn:
             row = conn.execute(select(db.tokens).where(t.name == BOOTSTRAP_NAME)).first()
