@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from service_exec_helpers import make_base_bundle, make_shards, write_tiny_config
+from service_exec_helpers import make_base_bundle, make_home, make_shards, write_tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -18,19 +18,6 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "data": make_shards(root / "lar-pb", ("lar-pb",), 100, seed=5),
         "config": write_tiny_config(root / "tiny.yaml"),
     }
-
-
-def make_home(root: Path, base_bundle: Path, mp: pytest.MonkeyPatch) -> Path:
-    """``root/home`` as CALOFORGE_HOME with its default sqlite registry (MLFLOW_TRACKING_URI unset, as for
-    the service), the base registered as ``caloforge-base@champion``."""
-    from caloforge.registry.store import RegistryStore
-
-    home = root / "home"
-    mp.setenv("CALOFORGE_HOME", str(home))
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    mp.delenv("RAY_ADDRESS", raising=False)
-    RegistryStore().register_bundle(base_bundle, kind="base", aliases=("champion",))
-    return home
 
 
 @pytest.fixture

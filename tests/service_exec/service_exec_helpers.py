@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from caloforge.adapt.config import AdaptConfig, AdaptEvalConfig, GateConfig
@@ -120,3 +121,16 @@ def wait_for(what: str, check: Callable[[], Any], timeout_s: float, every_s: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(every_s)
+
+
+def make_home(root: Path, base_bundle: Path, mp: pytest.MonkeyPatch) -> Path:
+    """``root/home`` as CALOFORGE_HOME with its default sqlite registry (MLFLOW_TRACKING_URI unset, as for
+    the service), the base registered as ``caloforge-base@champion``."""
+    from caloforge.registry.store import RegistryStore
+
+    home = root / "home"
+    mp.setenv("CALOFORGE_HOME", str(home))
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mp.delenv("RAY_ADDRESS", raising=False)
+    RegistryStore().register_bundle(base_bundle, kind="base", aliases=("champion",))
+    return home
