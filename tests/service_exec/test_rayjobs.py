@@ -124,6 +124,7 @@ def test_the_executor_reconciles_running_finished_and_unknown_jobs(
         "registration": {"model_name": None, "alias": "candidate"},
         "seed": 0,
         "metadata": {},
+        "export": {"exporter": "legacy"},
     }
 
     def running_job(spec: dict) -> str:

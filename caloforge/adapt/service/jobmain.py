@@ -309,7 +309,7 @@ def _stage_distill(spec: dict[str, Any], job_dir: Path, stages: _Stages, adapted
     return config, request, result
 
 
-def _export(model_dir: Path, out_dir: Path, variant: str) -> dict[str, Any]:
+def _export(model_dir: Path, out_dir: Path, variant: str, exporter: str) -> dict[str, Any]:
     """``export_bundle`` (as ``caloforge export --format onnx``: parity-checked); reused when done."""
     from caloforge.registry.card import CARD_FILE, ModelCard
     from caloforge.registry.export import ONNX_FILE, export_bundle
@@ -318,7 +318,7 @@ def _export(model_dir: Path, out_dir: Path, variant: str) -> dict[str, Any]:
     if card_path.is_file() and (out_dir / ONNX_FILE).is_file():
         card = ModelCard.load(card_path)
     else:  # nothing yet, or an attempt that died before writing its card
-        card = export_bundle(model_dir, out_dir, "onnx", variant=variant, overwrite=True)
+        card = export_bundle(model_dir, out_dir, "onnx", variant=variant, exporter=exporter, overwrite=True)
     exp = card.exports[-1]
     return {
         "onnx": str((out_dir / ONNX_FILE).resolve()),
@@ -363,11 +363,15 @@ def run_job(job_id: str, job_dir: Path, events: EventLog, stages: _Stages | None
         distilled = _stage_distill(spec, job_dir, stages, adapted, name)
 
     with stages.stage("export", "exporting to ONNX (parity-checked against PyTorch)") as out:
-        variant = str((spec.get("export") or {}).get("variant", EXPORT_VARIANT))
-        exported = _export(adapted.model_dir, job_dir / "onnx" / "adapted", variant)
+        options = spec.get("export") or {}  # optional: {"variant": ..., "exporter": "dynamo" | "legacy"}
+        variant = str(options.get("variant", EXPORT_VARIANT))
+        exporter = str(options.get("exporter", "dynamo"))
+        exported = _export(adapted.model_dir, job_dir / "onnx" / "adapted", variant, exporter)
         out["adapted"] = exported
         if distilled is not None:
-            out["distilled"] = _export(distilled[2].model_dir, job_dir / "onnx" / "distilled", variant)
+            out["distilled"] = _export(
+                distilled[2].model_dir, job_dir / "onnx" / "distilled", variant, exporter
+            )
         out["message"] = f"exported {exported['onnx']} (max abs error {exported['max_abs_err_mev']:.3g} MeV)"
 
     with stages.stage("register", f"registering as a version of {name}") as reg_out:

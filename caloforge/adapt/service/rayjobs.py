@@ -233,7 +233,7 @@ class RayJobRunner:
             time.sleep(1.0)
 
     @staticmethod
-    def _stop_head(head: dict[str, Any], grace_s: float = 20.0) -> None:
+    def _stop_head(head: dict[str, Any], grace_s: float = 8.0) -> None:
         """Stop a head started by ``_start_head``: SIGTERM to ``ray start --block`` (which stops what it
         started), then whatever is left of it (processes whose command line names its own temp dir)."""
         import psutil
