@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,12 +61,17 @@ __all__ = [
     "GateResult",
     "apply_gate",
     "plan_adaptation",
+    "register_adaptation",
     "run_adaptation",
 ]
 
 log = logging.getLogger("caloforge.adapt")
 
 RUN_TAG = "caloforge.adapt_run"  # the registry tag that makes registration idempotent per run
+
+StageCallback = Callable[[str, dict[str, Any]], None]
+"""``on_stage(stage, data)``: called when a run enters a stage after training (``"evaluate"``, with the
+steps and parameter counts); the adaptation service turns it into job events."""
 
 
 @dataclass(frozen=True)
@@ -302,17 +308,52 @@ def _default_run_dir(config: AdaptConfig, request: AdaptRequest) -> Path:
 
 
 def run_adaptation(
-    config: AdaptConfig, request: AdaptRequest, run_dir: str | Path | None = None, resume: bool = False
+    config: AdaptConfig,
+    request: AdaptRequest,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    *,
+    on_stage: StageCallback | None = None,
 ) -> AdaptResult:
-    """Run (or resume) one adaptation; returns the :class:`AdaptResult` (also ``run_dir/result.json``)."""
+    """Run (or resume) one adaptation; returns the :class:`AdaptResult` (also ``run_dir/result.json``).
+    ``on_stage``: see :data:`StageCallback`."""
     run_dir = Path(run_dir) if run_dir is not None else _default_run_dir(config, request)
     record = {"request": request.to_dict(), "config": to_dict(config)}
     with run_logging(run_dir, "adapt.log", config.torch_threads):
-        return _run(config, request, run_dir, resume, record)
+        return _run(config, request, run_dir, resume, record, on_stage)
+
+
+def register_adaptation(
+    config: AdaptConfig, request: AdaptRequest, result: AdaptResult, tags: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Register the model of a finished run made with ``register.enabled: false`` (its ``result``) exactly as
+    :func:`run_adaptation` would have (``config.register``: name, alias, promotion; the same tags), plus
+    ``tags`` on a new version (the adaptation service adds ``caloforge.service_job``). Idempotent per run:
+    a run registered already is not registered again. Returns the ``registered`` record."""
+    plan = plan_adaptation(config, request, result.run_dir)  # the base is reused from the run directory
+    run_id = str(json.loads((result.run_dir / "request.json").read_text())["run_id"])
+    trained, total = result.trainable_parameters, result.total_parameters
+    return _register(
+        config,
+        plan,
+        run_id,
+        result.model_dir,
+        result.metrics,
+        result.gate,
+        result.steps,
+        trained,
+        total,
+        tags,
+    )
 
 
 def _run(
-    config: AdaptConfig, request: AdaptRequest, run_dir: Path, resume: bool, record: dict[str, Any]
+    config: AdaptConfig,
+    request: AdaptRequest,
+    run_dir: Path,
+    resume: bool,
+    record: dict[str, Any],
+    on_stage: StageCallback | None = None,
 ) -> AdaptResult:
     t0 = time.perf_counter()
     plan = plan_adaptation(config, request, run_dir)
@@ -326,6 +367,11 @@ def _run(
         adapter_dir = run_dir / "adapter"
         averaged = trainer.averaged_model()
         prepared.save_adapter(averaged.to("cpu"), adapter_dir)
+    if on_stage is not None:
+        trained, total = prepared.parameter_counts
+        on_stage(
+            "evaluate", {"steps": trainer.step, "trainable_parameters": trained, "total_parameters": total}
+        )
     metrics, report_dir = _evaluate(config, request, plan, model_dir, run_dir)
     gate = apply_gate(config, metrics)
     log.info("gate %s%s", "passed" if gate.passed else "failed: ", "; ".join(gate.reasons()))
@@ -471,6 +517,7 @@ def _register(
     steps: int,
     trained: int,
     total: int,
+    extra_tags: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     from caloforge.registry.store import RegistryStore
 
@@ -498,6 +545,7 @@ def _register(
         }
         if plan.parent_version is not None:
             tags["parent_version"] = plan.parent_version
+        tags.update(extra_tags or {})
         headline = {k.replace("/", "_"): v for k, v in metrics.items() if k in HEADLINE and math.isfinite(v)}
         version = store.register_bundle(
             model_dir,

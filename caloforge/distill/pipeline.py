@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ __all__ = [
     "apply_gate",
     "make_student",
     "plan_distillation",
+    "register_distillation",
     "run_distillation",
 ]
 
@@ -299,17 +301,54 @@ def _default_run_dir(config: DistillConfig, request: DistillRequest) -> Path:
 
 
 def run_distillation(
-    config: DistillConfig, request: DistillRequest, run_dir: str | Path | None = None, resume: bool = False
+    config: DistillConfig,
+    request: DistillRequest,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    *,
+    on_stage: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> DistillResult:
-    """Run (or resume) one distillation; returns the :class:`DistillResult` (also ``run_dir/result.json``)."""
+    """Run (or resume) one distillation; returns the :class:`DistillResult` (also ``run_dir/result.json``).
+    ``on_stage(stage, data)`` is called when the run enters the evaluation (``"evaluate"``, with the steps),
+    as ``caloforge.adapt.pipeline.run_adaptation``'s."""
     run_dir = Path(run_dir) if run_dir is not None else _default_run_dir(config, request)
     record = {"request": request.to_dict(), "config": to_dict(config)}
     with run_logging(run_dir, "distill.log", config.torch_threads):
-        return _run(config, request, run_dir, resume, record)
+        return _run(config, request, run_dir, resume, record, on_stage)
+
+
+def register_distillation(
+    config: DistillConfig,
+    request: DistillRequest,
+    result: DistillResult,
+    tags: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Register the student of a finished run made with ``register.enabled: false`` (its ``result``) as
+    :func:`run_distillation` would have (``config.register``; the same tags), plus ``tags`` on a new version
+    (they override the computed ones: the adaptation service points ``parent_uri`` / ``teacher_version`` at
+    the registered teacher and adds ``caloforge.service_job``). Idempotent per run."""
+    plan = plan_distillation(config, request, result.run_dir)
+    run_id = str(json.loads((result.run_dir / "request.json").read_text())["run_id"])
+    return _register(
+        config,
+        plan,
+        run_id,
+        result.model_dir,
+        result.metrics,
+        result.teacher_metrics,
+        result.gate,
+        result.steps,
+        tags,
+    )
 
 
 def _run(
-    config: DistillConfig, request: DistillRequest, run_dir: Path, resume: bool, record: dict[str, Any]
+    config: DistillConfig,
+    request: DistillRequest,
+    run_dir: Path,
+    resume: bool,
+    record: dict[str, Any],
+    on_stage: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> DistillResult:
     t0 = time.perf_counter()
     plan = plan_distillation(config, request, run_dir)
@@ -320,6 +359,8 @@ def _run(
         steps, solvers = _distil_cd(config, request, plan, run_dir, model_dir), {}
     else:
         steps, solvers = _fit_bns(config, request, plan, run_dir, model_dir)
+    if on_stage is not None:
+        on_stage("evaluate", {"steps": steps})
     metrics, teacher_metrics = _evaluate(config, request, plan, model_dir, run_dir)
     gate = apply_gate(config, metrics, teacher_metrics)
     log.info("gate %s%s", "passed" if gate.passed else "failed: ", "; ".join(gate.reasons()))
@@ -510,6 +551,7 @@ def _register(
     teacher_metrics: dict[str, float],
     gate: DistillGateResult,
     steps: int,
+    extra_tags: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     from caloforge.registry.store import RegistryStore
 
@@ -543,6 +585,7 @@ def _register(
             value = teacher_metrics.get(key, math.nan)
             if math.isfinite(value):
                 tags[f"teacher.{key}"] = f"{value:.6g}"
+        tags.update(extra_tags or {})
         headline = {k: v for k, v in metrics.items() if k in HEADLINE and math.isfinite(v)}
         version = store.register_bundle(
             model_dir,

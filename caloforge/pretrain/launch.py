@@ -31,6 +31,10 @@ from typing import Any, Literal
 
 import caloforge
 from caloforge.config import dump_yaml, to_dict
+from caloforge.environment import (  # noqa: F401  (ALLOW_UNAUTHENTICATED_ENV: re-exported, its old home)
+    ALLOW_UNAUTHENTICATED_ENV,
+    embedded_auth_mode,
+)
 from caloforge.pretrain.config import DataPlan, PretrainConfig, resume_differences, validate_pretrain_config
 from caloforge.pretrain.rundir import RUN_FILE, RunDir, validate_run_name
 
@@ -77,44 +81,6 @@ def _embedded_num_cpus(cfg: PretrainConfig) -> int:
     if cfg.cluster.local_num_cpus is not None:
         return cfg.cluster.local_num_cpus
     return max(1, math.ceil(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker))
-
-
-ALLOW_UNAUTHENTICATED_ENV = "CALOFORGE_ALLOW_UNAUTHENTICATED_RAY"
-
-
-def embedded_auth_mode(allow_unauthenticated: bool = False) -> str:
-    """Set (and return) the authentication mode of an embedded local Ray: ``token`` unless
-    ``RAY_AUTH_MODE`` already says otherwise, which is refused (``ValueError``) unless
-    ``allow_unauthenticated`` or ``$CALOFORGE_ALLOW_UNAUTHENTICATED_RAY`` (1/true/yes) opts out by name."""
-    current = os.environ.get("RAY_AUTH_MODE")
-    if current is None or current.strip().lower() == "token":
-        os.environ["RAY_AUTH_MODE"] = "token"
-        # Ray caches its config at import: refresh it so this process (and ray.init, which then creates the
-        # token in ~/.ray/auth_token when there is none) sees token mode, as Ray's own default does.
-        from ray._raylet import AuthenticationMode, Config, get_authentication_mode
-
-        Config.initialize("")
-        if get_authentication_mode() != AuthenticationMode.TOKEN:
-            raise RuntimeError("RAY_AUTH_MODE=token is set but Ray does not report token authentication")
-        return "token"
-    opted = allow_unauthenticated or os.environ.get(ALLOW_UNAUTHENTICATED_ENV, "").lower() in (
-        "1",
-        "true",
-        "yes",
-    )
-    if not opted:
-        raise ValueError(
-            f"RAY_AUTH_MODE={current} is set: the embedded Ray would accept unauthenticated clients (anyone "
-            "who reaches its ports can run code as you). Unset it (CaloForge starts Ray with "
-            "RAY_AUTH_MODE=token), or opt out by name: cluster.allow_unauthenticated_ray=true or "
-            f"{ALLOW_UNAUTHENTICATED_ENV}=1"
-        )
-    log.warning(
-        "embedded Ray WITHOUT authentication (RAY_AUTH_MODE=%s, allowed by %s); it listens on 127.0.0.1 only",
-        current,
-        "cluster.allow_unauthenticated_ray" if allow_unauthenticated else ALLOW_UNAUTHENTICATED_ENV,
-    )
-    return current
 
 
 @contextlib.contextmanager
