@@ -179,7 +179,7 @@ def meanflow_loss(
     x0 = torch.randn(x1_BZPR.shape, generator=generator)
     a, c = torch.rand(b, generator=generator), torch.rand(b, generator=generator)
     t_B, s_B = torch.minimum(a, c), torch.maximum(a, c)
-    n_step = int(round(step_fraction * b))
+    n_step = round(step_fraction * b)
     s_B = torch.where(torch.arange(b) < n_step, s_B, t_B)
     d_B = s_B - t_B
     tb = t_B[:, None, None, None]
@@ -296,7 +296,7 @@ def run(plan: Plan, work: Path) -> dict[str, Any]:
             print(rows[-1], flush=True)
     if plan.equal_wall:
         wall = training["meanflow"]["ms_per_step"] / training["shortcut"]["ms_per_step"]
-        steps = int(round(plan.steps * wall))
+        steps = round(plan.steps * wall)
         student, rec = fine_tune("shortcut", plan, teacher_dir, shards, steps)
         training["shortcut@wall"] = rec
         print("shortcut@wall", rec, flush=True)

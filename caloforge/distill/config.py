@@ -32,13 +32,13 @@ from caloforge.training.config import EMAConfig, LoopConfig, OptimConfig, Schedu
 
 __all__ = [
     "METHODS",
+    "METHOD_OBJECTIVES",
     "BNSOptions",
     "CDOptions",
     "DistillConfig",
     "DistillEvalConfig",
     "DistillGateConfig",
     "DistillRegisterConfig",
-    "METHOD_OBJECTIVES",
     "ShortcutOptions",
 ]
 

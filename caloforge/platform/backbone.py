@@ -324,9 +324,10 @@ class ShowerDiT(nn.Module):
     ``noise_label_B`` is the denoiser's scalar noise label (flow matching: 1000·t; EDM: 1000·c_noise).
     With ``step_condition`` the network also takes ``step_label_B`` (B,), the step-size label (shortcut
     models: 1000·d), embedded by ``step_embedder`` (a ``TimestepEmbedder`` with a zero output layer) and
-    added to the conditioning vector; without it ``step_label_B`` must be None. ``coords_TC`` are the patch coordinates of ``patch_coordinates(mesh, patch)``; when None they are derived
-    from the input shape with uniform radial bins. Weights are initialised from ``seed`` through a private
-    ``torch.Generator`` (the global RNG is not touched).
+    added to the conditioning vector; without it ``step_label_B`` must be None. ``coords_TC`` are the patch
+    coordinates of ``patch_coordinates(mesh, patch)``; when None they are derived from the input shape with
+    uniform radial bins. Weights are initialised from ``seed`` through a private ``torch.Generator`` (the
+    global RNG is not touched).
     """
 
     def __init__(
@@ -366,7 +367,7 @@ class ShowerDiT(nn.Module):
         weights do not depend on whether it exists."""
         gen = torch.Generator().manual_seed(int(seed))
         step = self.step_embedder
-        for name, child in self.named_children():
+        for _name, child in self.named_children():
             if child is not step:
                 xavier_init_linears(child, gen)
         for emb in (self.particle_embed, self.detector_embed):

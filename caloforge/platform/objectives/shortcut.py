@@ -122,7 +122,7 @@ class ShortcutDistillation(Objective):
         x0 = torch.randn(x1_BZPR.shape, generator=generator, device=generator.device).to(dev, dtype)
         u_B = torch.rand(b, generator=generator, device=generator.device).to(dev)
         k_B = torch.randint(0, opts.max_level + 1, (b,), generator=generator, device=generator.device).to(dev)
-        n_boot = int(round(opts.bootstrap_fraction * b))
+        n_boot = round(opts.bootstrap_fraction * b)
         boot = torch.arange(b, device=dev) < n_boot
         d_B = torch.where(boot, torch.exp2(-k_B.float()), torch.zeros_like(u_B))
         t_B = u_B * (1.0 - d_B)
@@ -158,7 +158,8 @@ def check_step_teacher(student: Any, teacher: Any) -> None:
         raise ValueError(f"shortcut: teacher mesh {teacher.mesh_shape} != {student.mesh_shape}")
     if tuple(teacher.vocab.detectors) != tuple(student.vocab.detectors):
         raise ValueError(
-            f"shortcut: teacher detectors {list(teacher.vocab.detectors)} != student's {list(student.vocab.detectors)}"
+            f"shortcut: teacher detectors {list(teacher.vocab.detectors)} != student's "
+            f"{list(student.vocab.detectors)}"
         )
 
 

@@ -5,9 +5,9 @@ See ``caloforge.platform.samplers.ode`` for the ODE methods (euler, midpoint, he
 step-conditioned flow models (``x + h u(x, t, h)``; step-conditioned parametrisations only) and ``bespoke``
 for learned solvers (BNS), and ``caloforge.platform.denoisers`` for the time convention. ``get_sampler(name)``
 raises a ValueError naming the known samplers. ``SAMPLERS`` holds the ODE solvers (convergent, usable by
-any model and the layer-energy head); ``FEW_STEP_SAMPLERS`` the ``consistency`` and ``shortcut`` samplers; ``bespoke`` is in
-neither: its coefficients belong to a model (``ShowerModelConfig.bespoke``; ``ShowerModel.solver`` builds
-it). ``SAMPLER_NAMES`` lists every name a model may record.
+any model and the layer-energy head); ``FEW_STEP_SAMPLERS`` the ``consistency`` and ``shortcut``
+samplers; ``bespoke`` is in neither: its coefficients belong to a model (``ShowerModelConfig.bespoke``;
+``ShowerModel.solver`` builds it). ``SAMPLER_NAMES`` lists every name a model may record.
 """
 
 from __future__ import annotations
