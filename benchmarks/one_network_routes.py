@@ -209,7 +209,7 @@ def make_student(teacher_dir: Path) -> Any:
 def fine_tune(route: str, plan: Plan, teacher_dir: Path, shards: Path, steps: int) -> tuple[Any, dict]:
     """The student after ``steps`` Adam updates of ``route``'s loss (same data order and seed per route)."""
     from caloforge.datasets.streaming import load_split
-    from caloforge.platform.objectives import ShortcutDistillation
+    from caloforge.platform.objectives import ShortcutConfig, ShortcutDistillation
     from caloforge.platform.shower_model import ShowerModel
 
     teacher = ShowerModel.load(teacher_dir).eval().requires_grad_(False)
@@ -219,7 +219,7 @@ def fine_tune(route: str, plan: Plan, teacher_dir: Path, shards: Path, steps: in
     train = load_split(shards, "train")
     x_all = student.to_model_space(train.showers_NZPR)
     gen = torch.Generator().manual_seed(plan.seed)
-    shortcut = ShortcutDistillation()
+    shortcut = ShortcutDistillation(ShortcutConfig(velocity_target="teacher"))
     from caloforge.platform.objectives import LossContext
 
     ctx = LossContext(teacher=teacher)

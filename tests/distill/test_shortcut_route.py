@@ -129,7 +129,7 @@ def test_student_starts_as_its_teacher() -> None:
                 student.sample(noise, cond, "shortcut", n), teacher.sample(noise, cond, "euler", n)
             )
         # distillation starts at zero loss on the flow rows (d = 0 regresses the teacher's velocity)
-        only_flow = ShortcutDistillation(ShortcutConfig(bootstrap_fraction=0.0))
+        only_flow = ShortcutDistillation(ShortcutConfig(bootstrap_fraction=0.0, velocity_target="teacher"))
         loss = only_flow(student, noise, cond, torch.Generator().manual_seed(4), LossContext(teacher=teacher))
         assert float(loss.abs().max()) < 1e-10
         # the step input is live once the step embedding has trained
@@ -160,7 +160,8 @@ def test_refusals_name_the_parametrisation() -> None:
         make_shortcut_student(tiny_model("edm"))
     student = make_shortcut_student(teacher)
     with pytest.raises(ValueError, match="needs a frozen teacher"):
-        ShortcutDistillation()(student, torch.zeros(2, *MESH), conditions(2), torch.Generator())
+        teaching = ShortcutDistillation(ShortcutConfig(velocity_target="teacher"))
+        teaching(student, torch.zeros(2, *MESH), conditions(2), torch.Generator())
 
 
 @pytest.mark.slow
@@ -215,7 +216,7 @@ def test_shortcut_distillation_end_to_end_is_registered_as_a_distilled_version(
         name="tiny-shortcut",
         method="shortcut",
         shortcut=ShortcutOptions(num_steps=2),
-        objective=ObjectiveConfig(name="shortcut"),
+        objective=ObjectiveConfig(name="shortcut", shortcut=ShortcutConfig(velocity_target="teacher")),
     )
     config = dataclasses.replace(config, loop=dataclasses.replace(config.loop, steps=3))
     result = run_distillation(

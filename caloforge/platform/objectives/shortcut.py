@@ -5,9 +5,10 @@ the flow-matching path (t = 0 noise, 1 data), so that x_{t+d} ≈ x_t + d u(x_t,
 
 Per batch of B clean showers x_1 (in model space), noise x_0 ~ N(0, I), x_t = (1 − t) x_0 + t x_1:
 
-- **flow rows** (the last B − ⌊f B⌉, f = ``bootstrap_fraction``): d = 0, t ~ U(0, 1), target v = the
-  teacher's velocity v_T(x_t, t) (``velocity_target: teacher``, distillation: a low-variance target) or
-  x_1 − x_0 (``data``: training without a teacher, as the paper);
+- **flow rows** (the last B − ⌊f B⌉, f = ``bootstrap_fraction``): d = 0, t ~ U(0, 1), target v = x_1 − x_0
+  (``velocity_target: data``, the default: training without a teacher, as the paper) or the teacher's
+  velocity v_T(x_t, t) (``teacher``: distillation, a low-variance target; what ``caloforge distill
+  --method shortcut`` uses, ``configs/distill/shortcut.yaml``);
 - **bootstrap rows** (the first ⌊f B⌉): a level k ~ U{0, …, K} (``max_level`` K), d = 2^−k, t ~ U(0, 1 − d);
   the target is two half steps of the target network θ⁻ (without gradients):
   u₁ = u_θ⁻(x_t, t, q), x' = x_t + (d/2) u₁, u₂ = u_θ⁻(x', t + d/2, q), target (u₁ + u₂) / 2 with
@@ -41,7 +42,7 @@ from caloforge.platform.objectives.common import (
     unwrap_shower_model,
 )
 
-VELOCITY_TARGETS = ("teacher", "data")
+VELOCITY_TARGETS = ("data", "teacher")
 StepFn = Callable[[torch.Tensor, torch.Tensor, Any, torch.Tensor], torch.Tensor]
 
 
@@ -49,12 +50,12 @@ StepFn = Callable[[torch.Tensor, torch.Tensor, Any, torch.Tensor], torch.Tensor]
 class ShortcutConfig:
     """Options of the shortcut objective: ``bootstrap_fraction`` of the batch trains d > 0 by
     self-consistency (the paper: 1/4); ``max_level`` K: step sizes 1, ½, …, 2^−K (the paper: 7, i.e. 1/128);
-    ``velocity_target``: the d = 0 target, ``teacher`` (distillation; needs ``LossContext.teacher``) or
-    ``data`` (x_1 − x_0)."""
+    ``velocity_target``: the d = 0 target, ``data`` (x_1 − x_0, the paper) or ``teacher`` (distillation;
+    needs ``LossContext.teacher``)."""
 
     bootstrap_fraction: float = 0.25
     max_level: int = 7
-    velocity_target: Literal["teacher", "data"] = "teacher"
+    velocity_target: Literal["data", "teacher"] = "data"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.bootstrap_fraction <= 1.0:
