@@ -250,6 +250,35 @@ def fine_tune(route: str, plan: Plan, teacher_dir: Path, shards: Path, steps: in
     }
 
 
+def interleaved_step_cost(plan: Plan, teacher_dir: Path, shards: Path, rounds: int = 8) -> dict[str, float]:
+    """Median ms per training step of each route, measured in alternation (round i times one step of every
+    route), so that load drifting on a shared machine hits both alike."""
+    from caloforge.datasets.streaming import load_split
+    from caloforge.platform.objectives import LossContext, ShortcutConfig, ShortcutDistillation
+    from caloforge.platform.shower_model import ShowerModel
+
+    teacher = ShowerModel.load(teacher_dir).eval().requires_grad_(False)
+    train = load_split(shards, "train", max_showers=plan.batch_size)
+    students = {route: make_student(teacher_dir).train() for route in ROUTES}
+    x1 = students["shortcut"].to_model_space(train.showers_NZPR)
+    cond = students["shortcut"].encode_conditions(train.conditions)
+    shortcut = ShortcutDistillation(ShortcutConfig(velocity_target="teacher"))
+    ctx = LossContext(teacher=teacher)
+    times: dict[str, list[float]] = {route: [] for route in ROUTES}
+    gen = torch.Generator().manual_seed(plan.seed)
+    for i in range(rounds + 1):
+        for route, student in students.items():
+            t0 = time.perf_counter()
+            if route == "meanflow":
+                loss = meanflow_loss(student, teacher, x1, cond, gen).mean()
+            else:
+                loss = shortcut(student, x1, cond, gen, ctx).mean()
+            loss.backward()
+            if i:  # round 0 warms up
+                times[route].append(time.perf_counter() - t0)
+    return {route: 1e3 * sorted(ts)[len(ts) // 2] for route, ts in times.items()}
+
+
 def evaluate(model: Any, reference: Any, plan: Plan, sampler: str, num_steps: int) -> dict[str, float]:
     from caloforge.evaluation.api import evaluate_model
 
@@ -305,7 +334,9 @@ def run(plan: Plan, work: Path) -> dict[str, Any]:
                 {"model": "shortcut@wall", "sampler": "shortcut", "num_steps": n, "nfe": n}
                 | evaluate(student, reference, plan, "shortcut", n)
             )
-    return {"teacher": teacher_record, "training": training, "rows": rows}
+    step_ms = interleaved_step_cost(plan, teacher_dir, shards)
+    print("interleaved ms/step", step_ms, flush=True)
+    return {"teacher": teacher_record, "training": training, "step_ms_interleaved": step_ms, "rows": rows}
 
 
 def fmt(x: float | None, spec: str = ".3f") -> str:
@@ -327,6 +358,11 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def step_line(result: dict[str, Any]) -> str:
+    ms = result["step_ms_interleaved"]
+    return "training ms/step (interleaved, median): " + ", ".join(f"{k} {v:.0f}" for k, v in ms.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
@@ -346,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     result = run(plan, work)
     print(table(result))
+    print(step_line(result))
     record = {
         "benchmark": "one_network_routes",
         "plan": dataclasses.asdict(plan),
@@ -353,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": plan.threads},
         "wall_s": time.perf_counter() - t0,
         **result,
-        "table": table(result),
+        "table": table(result) + "\n" + step_line(result),
     }
     write_results(record, "one_network_routes" + ("_quick" if args.quick else ""), "cpu", args.out)
     return 0
