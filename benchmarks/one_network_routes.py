@@ -24,7 +24,7 @@ Protocol (CPU, minutes):
    evaluations); every student with the ``shortcut`` sampler at 1, 2 and 4 steps. Metrics: classifier AUCs
    (high-level features, voxels), FPD (beside the data-vs-data floor), training ms per step.
 
-    .venv/bin/python benchmarks/one_network_routes.py            # ~10 min on 1 CPU thread
+    .venv/bin/python benchmarks/one_network_routes.py            # ~12 min on 1 CPU thread
     .venv/bin/python benchmarks/one_network_routes.py --quick    # seconds: a smoke run (tests)
 
 Prints a table; writes ``benchmarks/results/<device>_<YYYY-MM-DD>_one_network_routes[_quick].json``.

@@ -40,6 +40,14 @@ F = (f − x)/(1 − t)), so every sampler still runs on them; the ``consistency
 consistency sampling, ``samplers/consistency.py``) is their own. ``cd_levels(N)`` is the N-level
 discretisation of consistency distillation (boundary first), ``noisy(x_1, z, t)`` the forward process.
 
+**Shortcut models** (Frans et al. 2025, "One Step Diffusion via Shortcut Models"; the one-network route for
+flow-matching teachers, docs/distillation.md): ``shortcut`` (flow-matching time) is *step-conditioned*
+(``step_conditioned = True``): the backbone also takes the step size d (label 1000·d, ``ShowerDiT``'s
+``step_embedder``) and outputs the average velocity u(x_t, t, d) over [t, t + d], so x_{t+d} ≈ x_t + d u;
+d = 0 (the default) is the instantaneous velocity, so ``velocity`` without a step serves the ODE samplers,
+and the ``shortcut`` sampler (``samplers/shortcut.py``) steps x + h u(x, t, h). MeanFlow's average velocity
+u(z, r, t) is the same function with d = t − r.
+
 Shape legend: B batch, Z layers, P angular bins, R radial bins, T tokens, C coordinate channels.
 """
 
