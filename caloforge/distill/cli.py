@@ -1,7 +1,7 @@
 """``caloforge distill``: a few-step model from a teacher (consistency student or bespoke solvers), evaluated
 against the teacher, gated and registered as a ``distilled`` version of the teacher's registered model.
 
-    caloforge distill --teacher models:/NAME@ALIAS|BUNDLE_DIR --data SHARDS_DIR --method cd|bns \\
+    caloforge distill --teacher models:/NAME@ALIAS|BUNDLE_DIR --data SHARDS_DIR --method cd|shortcut|bns \\
         --config configs/distill/cd.yaml [--set loop.steps=200] [--dry-run] [--resume] [--run-dir DIR]
 
 Everything is checked before training starts (``distill.pipeline.plan_distillation``); ``--dry-run`` prints
@@ -36,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         type=Path,
         help="shard directory of detectors the teacher knows (its training data)",
     )
-    p.add_argument("--method", choices=("cd", "bns"), default=None, help="override the config's method")
+    p.add_argument(
+        "--method", choices=("cd", "shortcut", "bns"), default=None, help="override the config's method"
+    )
     add_config_args(p, default=DEFAULT_CONFIG)
     p.add_argument("--resume", action="store_true", help="continue the run directory's distillation")
     p.add_argument(

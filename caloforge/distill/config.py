@@ -2,10 +2,13 @@
 
 ``DistillConfig`` is one frozen dataclass loaded strictly through ``caloforge.config``:
 
-- ``method``: ``cd`` (consistency distillation: a new student network, trained) or ``bns`` (bespoke
-  solvers for the teacher itself: no weight changes);
+- ``method``: ``cd`` (consistency distillation: a new student network, trained), ``shortcut`` (the
+  one-network route for flow-matching teachers: the teacher's network, step-conditioned, fine-tuned with
+  the shortcut objective) or ``bns`` (bespoke solvers for the teacher itself: no weight changes);
 - ``cd``: the student's sampling steps recorded in the bundle, the target network's decay μ;
-  ``objective``: its loss options (``objective.consistency_distillation``: N = 32, the teacher's Heun step);
+  ``objective``: its loss options (``objective.consistency_distillation``: N = 32, the teacher's Heun step;
+  ``objective.shortcut`` for method ``shortcut``); ``shortcut``: the shortcut student's sampling steps and
+  optional target network;
   ``loop`` / ``stream``: the one training loop and the data stream (the teacher's detectors' ``train``
   split: the conditions and clean showers come from data);
 - ``bns``: the step counts to fit (2, 4, 8), the reference solve, the training pairs and the optimizer;
@@ -29,15 +32,19 @@ from caloforge.training.config import EMAConfig, LoopConfig, OptimConfig, Schedu
 
 __all__ = [
     "METHODS",
+    "METHOD_OBJECTIVES",
     "BNSOptions",
     "CDOptions",
     "DistillConfig",
     "DistillEvalConfig",
     "DistillGateConfig",
     "DistillRegisterConfig",
+    "ShortcutOptions",
 ]
 
-METHODS = ("cd", "bns")
+METHODS = ("cd", "shortcut", "bns")
+# The objective each training method needs (``objective.name``).
+METHOD_OBJECTIVES = {"cd": "consistency_distillation", "shortcut": "shortcut"}
 # The student parametrisation of each teacher parametrisation (same time convention).
 STUDENT_OF = {"edm": "consistency", "flow_matching": "consistency_fm"}
 
@@ -55,6 +62,22 @@ class CDOptions:
             raise ValueError(f"cd.num_steps must be >= 1, got {self.num_steps!r}")
         if not 0.0 <= self.target_decay < 1.0:
             raise ValueError(f"cd.target_decay must be in [0, 1), got {self.target_decay}")
+
+
+@dataclass(frozen=True)
+class ShortcutOptions:
+    """The shortcut student (flow-matching teachers): ``num_steps`` its default sampling steps (1, 2 or 4
+    recorded in the bundle; ``shortcut`` sampler, any step count works); ``target_decay``: the decay of an EMA
+    target network θ⁻ for the self-consistency targets (``None``: the student itself, as Frans et al.)."""
+
+    num_steps: int = 1
+    target_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_steps, bool) or self.num_steps < 1:
+            raise ValueError(f"shortcut.num_steps must be >= 1, got {self.num_steps!r}")
+        if self.target_decay is not None and not 0.0 <= self.target_decay < 1.0:
+            raise ValueError(f"shortcut.target_decay must be in [0, 1) or null, got {self.target_decay}")
 
 
 @dataclass(frozen=True)
@@ -161,8 +184,9 @@ class DistillConfig:
     """``caloforge distill`` (``configs/distill/*.yaml``); see the module docstring."""
 
     name: str = "distill"
-    method: Literal["cd", "bns"] = "cd"
+    method: Literal["cd", "shortcut", "bns"] = "cd"
     cd: CDOptions = field(default_factory=CDOptions)
+    shortcut: ShortcutOptions = field(default_factory=ShortcutOptions)
     objective: ObjectiveConfig = field(
         default_factory=lambda: ObjectiveConfig(name="consistency_distillation")
     )
@@ -183,10 +207,10 @@ class DistillConfig:
             raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"name must be a plain directory name, got {self.name!r}")
-        if self.method == "cd" and self.objective.name != "consistency_distillation":
+        wanted = METHOD_OBJECTIVES.get(self.method)
+        if wanted is not None and self.objective.name != wanted:
             raise ValueError(
-                "objective.name must be 'consistency_distillation' for method cd, got "
-                f"{self.objective.name!r}"
+                f"objective.name must be {wanted!r} for method {self.method}, got {self.objective.name!r}"
             )
         if self.stream.mode != "resampled":
             raise ValueError(f"stream.mode must be 'resampled' for training, got {self.stream.mode!r}")

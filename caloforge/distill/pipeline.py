@@ -16,6 +16,9 @@ register.
    reference solve of seeded noise with conditions of ``train`` showers (``distill.bns``), stored in the
    bundle (``ShowerModelConfig.bespoke``) with default sampler ``bespoke`` × ``bns.num_steps``; each fitted
    solver is kept in ``bns/`` of the run directory, so ``--resume`` fits only the missing ones.
+   **shortcut** (flow-matching teachers): the student is the teacher's network in the step-conditioned
+   ``shortcut`` parametrisation (``distill.shortcut.make_shortcut_student``), default sampler ``shortcut``
+   × ``shortcut.num_steps``, trained like cd (the same loop, teacher frozen, optional target network).
 3. **Bundle** ``model/``: lineage ``kind=distilled``, parent = the teacher's URI and version, strategy = the
    method, the objective (``consistency_distillation`` | ``bespoke_solver``).
 4. **Evaluate** student and teacher on the same held-out showers and seeds (``caloforge.evaluation``) and
@@ -65,7 +68,7 @@ __all__ = [
 log = logging.getLogger("caloforge.distill")
 
 RUN_TAG = "caloforge.distill_run"  # the registry tag that makes registration idempotent per run
-OBJECTIVE_OF = {"cd": "consistency_distillation", "bns": "bespoke_solver"}
+OBJECTIVE_OF = {"cd": "consistency_distillation", "shortcut": "shortcut", "bns": "bespoke_solver"}
 HEADLINE = ("fpd", "kpd", "auc_low", "auc_high")
 
 
@@ -212,6 +215,17 @@ def plan_distillation(config: DistillConfig, request: DistillRequest, run_dir: P
         student_param = STUDENT_OF[param]
         make_objective(config.objective, student_param)  # the objective fits the student
         sampler, num_steps = "consistency", config.cd.num_steps
+    elif config.method == "shortcut":
+        from caloforge.platform.denoisers import STEP_TEACHERS
+
+        if param not in STEP_TEACHERS["shortcut"]:
+            raise ValueError(
+                f"method shortcut: the teacher is parametrised {param!r}; the shortcut route takes "
+                f"{list(STEP_TEACHERS['shortcut'])} teachers (use method cd or bns)"
+            )
+        student_param = "shortcut"
+        make_objective(config.objective, student_param)
+        sampler, num_steps = "shortcut", config.shortcut.num_steps
     else:
         student_param = param
         sampler, num_steps = "bespoke", config.bns.num_steps
@@ -355,7 +369,7 @@ def _run(
     run_id = start_or_resume(run_dir, record, resume, "a distillation")
     log.info("distillation %s: %s", run_dir, plan.describe())
     model_dir = run_dir / "model"
-    if config.method == "cd":
+    if config.method in ("cd", "shortcut"):
         steps, solvers = _distil_cd(config, request, plan, run_dir, model_dir), {}
     else:
         steps, solvers = _fit_bns(config, request, plan, run_dir, model_dir)
@@ -419,7 +433,14 @@ def _distil_cd(
 
     manifest = Manifest.load(request.data)
     teacher = ShowerModel.load(plan.teacher_dir)
-    student = make_student(teacher, config.cd.num_steps)
+    if config.method == "shortcut":
+        from caloforge.distill.shortcut import make_shortcut_student
+
+        student = make_shortcut_student(teacher, config.shortcut.num_steps)
+        target_decay = config.shortcut.target_decay
+    else:
+        student = make_student(teacher, config.cd.num_steps)
+        target_decay = config.cd.target_decay
     # The backbone trains; the layer-energy head stays the teacher's (its loss term is then a constant).
     trainable = [p for n, p in student.named_parameters() if not n.startswith("energy_head.")]
     loss_fn, _ = job.loss_for(student, config.objective)
@@ -441,10 +462,10 @@ def _distil_cd(
         checkpoints=CheckpointManager(run_dir / "checkpoints", config.keep_checkpoints),
         trainable=trainable,
         teacher=teacher,
-        target_decay=config.cd.target_decay,
+        target_decay=target_decay,
     )
     trainer.fit()
-    job.save_final_bundle(trainer, model_dir, lineage, extra={"target_decay": str(config.cd.target_decay)})
+    job.save_final_bundle(trainer, model_dir, lineage, extra={"target_decay": str(target_decay)})
     return trainer.step
 
 

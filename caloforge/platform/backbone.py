@@ -15,7 +15,11 @@ CaloDiT-2, Raikwar et al. 2025, for the calorimeter adaptation):
    features, 256 dims, then an MLP) of the denoiser's noise label; an MLP of the kinematics (Fourier
    features of ln(E / 1 GeV), θ/π, sin θ, cos θ, sin φ, cos φ); a particle-type embedding
    (``N_PARTICLE_TYPES`` = 12 + unknown); a detector embedding with ``vocab.n_detector_slots`` rows (spare
-   rows for detectors added by adaptation).
+   rows for detectors added by adaptation). Networks built with ``step_condition=True`` (the one-network
+   few-step parametrisations, ``denoisers.ShortcutDenoiser``) add a second embedding of the same kind, of
+   the step-size label, whose output layer starts at zero: such a network starts as its flow-matching
+   teacher for every step size, and networks without it keep their exact state-dict keys and
+   initialisation (the new module is registered and drawn last).
 4. **DiT blocks** with adaLN-Zero: (shift, scale, gate) × 2 regressed from SiLU(c) by a zero-initialised
    linear layer; multi-head self-attention through ``torch.nn.functional.scaled_dot_product_attention``;
    a GELU(tanh) MLP.
@@ -318,12 +322,17 @@ class ShowerDiT(nn.Module):
     """DiT on 3D mesh patches. ``forward(x_BZPR, noise_label_B, cond, coords_TC=None) -> out_BZPR``.
 
     ``noise_label_B`` is the denoiser's scalar noise label (flow matching: 1000·t; EDM: 1000·c_noise).
-    ``coords_TC`` are the patch coordinates of ``patch_coordinates(mesh, patch)``; when None they are derived
-    from the input shape with uniform radial bins. Weights are initialised from ``seed`` through a private
-    ``torch.Generator`` (the global RNG is not touched).
+    With ``step_condition`` the network also takes ``step_label_B`` (B,), the step-size label (shortcut
+    models: 1000·d), embedded by ``step_embedder`` (a ``TimestepEmbedder`` with a zero output layer) and
+    added to the conditioning vector; without it ``step_label_B`` must be None. ``coords_TC`` are the patch
+    coordinates of ``patch_coordinates(mesh, patch)``; when None they are derived from the input shape with
+    uniform radial bins. Weights are initialised from ``seed`` through a private ``torch.Generator`` (the
+    global RNG is not touched).
     """
 
-    def __init__(self, config: BackboneConfig, n_detector_slots: int, seed: int = 0) -> None:
+    def __init__(
+        self, config: BackboneConfig, n_detector_slots: int, seed: int = 0, step_condition: bool = False
+    ) -> None:
         super().__init__()
         if n_detector_slots < 1:
             raise ValueError(f"n_detector_slots must be >= 1, got {n_detector_slots}")
@@ -345,15 +354,22 @@ class ShowerDiT(nn.Module):
                 [DiTBlock(d, config.heads, config.mlp_width) for _ in range(config.depth)]
             )
             self.final_layer = FinalLayer(d, config.patch_volume)
+            # Registered last: networks without it keep their state-dict keys and initialisation draws.
+            self.step_embedder = TimestepEmbedder(d) if step_condition else None
         self.to_empty(device="cpu")
         self.reset_parameters(seed)
 
     @torch.no_grad()
     def reset_parameters(self, seed: int = 0) -> None:
         """DiT initialisation (xavier-uniform linears, N(0, 0.02) embeddings and timestep MLP, zero adaLN
-        modulation and output layer), drawn from ``torch.Generator().manual_seed(seed)``."""
+        modulation and output layer), drawn from ``torch.Generator().manual_seed(seed)``. The optional step
+        embedder is drawn after everything else (N(0, 0.02) first layer, zero output layer), so the other
+        weights do not depend on whether it exists."""
         gen = torch.Generator().manual_seed(int(seed))
-        xavier_init_linears(self, gen)
+        step = self.step_embedder
+        for _name, child in self.named_children():
+            if child is not step:
+                xavier_init_linears(child, gen)
         for emb in (self.particle_embed, self.detector_embed):
             nn.init.normal_(emb.weight, std=0.02, generator=gen)
         for lin in (self.t_embedder.fc1, self.t_embedder.fc2):
@@ -367,6 +383,16 @@ class ShowerDiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
         if self.pos_proj is not None:
             nn.init.zeros_(self.pos_proj.weight)
+        if step is not None:
+            nn.init.normal_(step.fc1.weight, std=0.02, generator=gen)
+            nn.init.zeros_(step.fc1.bias)
+            nn.init.zeros_(step.fc2.weight)
+            nn.init.zeros_(step.fc2.bias)
+
+    @property
+    def step_condition(self) -> bool:
+        """Whether the network takes a step-size label (``forward``'s ``step_label_B``)."""
+        return self.step_embedder is not None
 
     # ---- shape plumbing -------------------------------------------------------------------------------
 
@@ -414,6 +440,7 @@ class ShowerDiT(nn.Module):
         noise_label_B: torch.Tensor,
         cond: ConditionTensors,
         coords_TC: torch.Tensor | None = None,
+        step_label_B: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if x_BZPR.ndim != 4:
             raise ValueError(f"ShowerDiT input must be (B, n_z, n_phi, n_r), got shape {tuple(x_BZPR.shape)}")
@@ -438,7 +465,14 @@ class ShowerDiT(nn.Module):
             # gated residual adds) moves half the bytes. LayerNorm still normalises in fp32 (autocast) and
             # the weights stay fp32; only the running sum x + gate·f(x) is rounded to bf16 each block.
             h_BTD = h_BTD.to(torch.get_autocast_dtype(device_type))
-        c_BD = self.condition_embedding(noise_label_B, cond).to(h_BTD.dtype)
+        c_BD = self.condition_embedding(noise_label_B, cond)
+        if self.step_embedder is not None:
+            if step_label_B is None:
+                raise ValueError("this ShowerDiT is step-conditioned: forward needs step_label_B")
+            c_BD = c_BD + self.step_embedder(step_label_B)
+        elif step_label_B is not None:
+            raise ValueError("this ShowerDiT has no step condition: step_label_B must be None")
+        c_BD = c_BD.to(h_BTD.dtype)
         for block in self.blocks:
             h_BTD = block(h_BTD, c_BD)
         out_BTV = self.final_layer(h_BTD, c_BD)

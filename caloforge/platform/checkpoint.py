@@ -28,7 +28,11 @@ The lineage is ``caloforge.platform.lineage.Lineage`` (typed, validated). Older 
   defaults to ``adapted`` when there is a parent, else ``base``) and keeps the rest of ``extra``.
 
 ``model.safetensors`` holds ``ShowerModel.state_dict()``: the network weights and the transform buffers
-(so users always get MeV). The patch coordinates are derived from the mesh and not stored.
+(so users always get MeV). ``model_config.parametrisation`` also fixes which network tensors there are: a
+step-conditioned parametrisation (``shortcut``, ``denoisers.DENOISERS[...].step_conditioned``) adds the
+step embedding ``denoiser.net.step_embedder.*``; every other parametrisation has exactly the tensors it
+always had, so older bundles load unchanged and no schema bump was needed. The patch coordinates are
+derived from the mesh and not stored.
 
 Saving is atomic (write to a temporary sibling directory, then rename); an existing bundle is replaced only
 with ``overwrite=True`` and is never left half-written. Loading checks the format, refuses a newer

@@ -40,6 +40,14 @@ F = (f − x)/(1 − t)), so every sampler still runs on them; the ``consistency
 consistency sampling, ``samplers/consistency.py``) is their own. ``cd_levels(N)`` is the N-level
 discretisation of consistency distillation (boundary first), ``noisy(x_1, z, t)`` the forward process.
 
+**Shortcut models** (Frans et al. 2025, "One Step Diffusion via Shortcut Models"; the one-network route for
+flow-matching teachers, docs/distillation.md): ``shortcut`` (flow-matching time) is *step-conditioned*
+(``step_conditioned = True``): the backbone also takes the step size d (label 1000·d, ``ShowerDiT``'s
+``step_embedder``) and outputs the average velocity u(x_t, t, d) over [t, t + d], so x_{t+d} ≈ x_t + d u;
+d = 0 (the default) is the instantaneous velocity, so ``velocity`` without a step serves the ODE samplers,
+and the ``shortcut`` sampler (``samplers/shortcut.py``) steps x + h u(x, t, h). MeanFlow's average velocity
+u(z, r, t) is the same function with d = t − r.
+
 Shape legend: B batch, Z layers, P angular bins, R radial bins, T tokens, C coordinate channels.
 """
 
@@ -103,6 +111,8 @@ class Denoiser(nn.Module):
 
     kind: str = ""
     final_singular: bool = False
+    # True for the parametrisations whose network takes a step-size label too (``ShowerDiT.step_condition``).
+    step_conditioned: bool = False
 
     def __init__(self, net: ShowerDiT) -> None:
         super().__init__()
@@ -347,6 +357,40 @@ class ConsistencyFMDenoiser(FlowMatchingDenoiser):
         return torch.linspace(1.0, 0.0, num_scales, dtype=torch.float64)
 
 
+class ShortcutDenoiser(FlowMatchingDenoiser):
+    """A flow-matching network that also takes the step size d: the average velocity u(x_t, t, d) ≈
+    (x_{t+d} − x_t) / d along the flow from t to t + d (see the module docstring). ``forward`` and
+    ``velocity`` return u; ``step_B`` None means d = 0, where u is the instantaneous velocity, so the ODE
+    samplers integrate the flow as with the teacher. The ``shortcut`` sampler steps x + h u(x, t, h)."""
+
+    kind = "shortcut"
+    final_singular = False
+    step_conditioned = True
+    teacher_parametrisations: tuple[str, ...] = ("flow_matching",)
+
+    def forward(
+        self,
+        x_BZPR: torch.Tensor,
+        t_B: torch.Tensor | float,
+        cond: ConditionTensors,
+        coords_TC: torch.Tensor | None = None,
+        step_B: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        t_B = as_batch_time(t_B, x_BZPR)
+        d_B = as_batch_time(0.0 if step_B is None else step_B, x_BZPR)
+        return self.net(x_BZPR, NOISE_LABEL_SCALE * t_B, cond, coords_TC, NOISE_LABEL_SCALE * d_B)
+
+    def velocity(
+        self,
+        x_BZPR: torch.Tensor,
+        t_B: torch.Tensor | float,
+        cond: ConditionTensors,
+        coords_TC: torch.Tensor | None = None,
+        step_B: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        return self.forward(x_BZPR, t_B, cond, coords_TC, step_B)
+
+
 # The parametrisations a ShowerModel can have (``ShowerModelConfig.parametrisation``): what the network
 # output means.
 DENOISERS: dict[str, type[Denoiser]] = {
@@ -354,7 +398,11 @@ DENOISERS: dict[str, type[Denoiser]] = {
     "edm": EDMDenoiser,
     "consistency": ConsistencyDenoiser,
     "consistency_fm": ConsistencyFMDenoiser,
+    "shortcut": ShortcutDenoiser,
 }
+
+# The one-network few-step parametrisations (step-conditioned) and the teacher parametrisation of each.
+STEP_TEACHERS: dict[str, tuple[str, ...]] = {"shortcut": ShortcutDenoiser.teacher_parametrisations}
 
 # The consistency parametrisations and the teacher parametrisation each one distils (same time convention).
 CONSISTENCY_TEACHERS: dict[str, tuple[str, ...]] = {
@@ -365,12 +413,14 @@ CONSISTENCY_TEACHERS: dict[str, tuple[str, ...]] = {
 __all__ = [
     "CONSISTENCY_TEACHERS",
     "DENOISERS",
+    "STEP_TEACHERS",
     "ConsistencyDenoiser",
     "ConsistencyFMDenoiser",
     "Denoiser",
     "EDMDenoiser",
     "EDMPrecondConfig",
     "FlowMatchingDenoiser",
+    "ShortcutDenoiser",
     "as_batch_time",
     "edm_sigma_grid",
 ]

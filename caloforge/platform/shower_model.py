@@ -59,6 +59,7 @@ from caloforge.platform.lineage import Lineage  # re-exported: defined in lineag
 from caloforge.platform.samplers import (
     BESPOKE,
     SAMPLER_NAMES,
+    STEP_SAMPLERS,
     Bespoke,
     BespokeSolver,
     Sampler,
@@ -137,6 +138,11 @@ class ShowerModelConfig:
             raise ValueError(f"bespoke: at most one solver per step count, got step counts {steps}")
         if self.sampler == BESPOKE:
             self.bespoke_solver(self.num_steps)
+        if self.sampler in STEP_SAMPLERS and not DENOISERS[self.parametrisation].step_conditioned:
+            raise ValueError(
+                f"sampler {self.sampler!r} needs a step-conditioned parametrisation (e.g. 'shortcut'), "
+                f"got {self.parametrisation!r}"
+            )
         if not self.threshold_mev >= 0:
             raise ValueError(f"threshold_mev must be >= 0, got {self.threshold_mev}")
         if self.residual_stream not in ("fp32", "autocast"):
@@ -219,7 +225,12 @@ class ShowerModel(nn.Module):
         self.vocab = vocab
         self.mesh = mesh
         self.lineage = lineage if lineage is not None else Lineage()
-        net = ShowerDiT(bb, vocab.n_detector_slots, seed=config.init_seed)
+        net = ShowerDiT(
+            bb,
+            vocab.n_detector_slots,
+            seed=config.init_seed,
+            step_condition=DENOISERS[config.parametrisation].step_conditioned,
+        )
         net.autocast_stream = config.residual_stream == "autocast"
         self.denoiser = make_denoiser(config, net)
         self.transform: LogStandardize | LayerLogStandardize = build_transform(
@@ -331,6 +342,11 @@ class ShowerModel(nn.Module):
             learned = self.config.bespoke_solver(n)
             return Bespoke(learned), list(learned.times)
         method = get_sampler(name)
+        if name in STEP_SAMPLERS and not self.denoiser.step_conditioned:
+            raise ValueError(
+                f"sampler {name!r} needs a step-conditioned parametrisation (e.g. 'shortcut'), this model is "
+                f"{self.config.parametrisation!r}"
+            )
         return method, [float(t) for t in self.denoiser.time_grid(n).tolist()]
 
     def set_residual_stream(self, mode: Literal["fp32", "autocast"]) -> None:
@@ -377,15 +393,39 @@ class ShowerModel(nn.Module):
             mesh = ", ".join(map(str, self.mesh_shape))
             raise ValueError(f"{what}: expected shape (B, {mesh}), got {tuple(x_BZPR.shape)}")
 
-    def forward(self, x_t_BZPR: torch.Tensor, t_B: torch.Tensor, cond: ConditionTensors) -> torch.Tensor:
-        """Training-time call: the denoiser's output (FM: velocity; EDM: D(x; σ) with t = σ)."""
-        self._check_x(x_t_BZPR, "ShowerModel.forward x_t_BZPR")
-        return self.denoiser(x_t_BZPR, t_B, cond, self.patch_coords_TC)
+    def _step_args(self, step_B: torch.Tensor | float | None) -> tuple[Any, ...]:
+        if step_B is None:
+            return ()
+        if not self.denoiser.step_conditioned:
+            raise ValueError(
+                f"a step size was given, but parametrisation {self.config.parametrisation!r} takes none "
+                "(only step-conditioned parametrisations do, e.g. 'shortcut')"
+            )
+        return (step_B,)
 
-    def velocity(self, x_BZPR: torch.Tensor, t_B: torch.Tensor, cond: ConditionTensors) -> torch.Tensor:
-        """dx/dt of the probability-flow ODE in the denoiser's time convention (see denoisers.py)."""
+    def forward(
+        self,
+        x_t_BZPR: torch.Tensor,
+        t_B: torch.Tensor,
+        cond: ConditionTensors,
+        step_B: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """Training-time call: the denoiser's output (FM: velocity; EDM: D(x; σ) with t = σ; shortcut: the
+        average velocity over a step ``step_B``, default 0)."""
+        self._check_x(x_t_BZPR, "ShowerModel.forward x_t_BZPR")
+        return self.denoiser(x_t_BZPR, t_B, cond, self.patch_coords_TC, *self._step_args(step_B))
+
+    def velocity(
+        self,
+        x_BZPR: torch.Tensor,
+        t_B: torch.Tensor,
+        cond: ConditionTensors,
+        step_B: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """dx/dt of the probability-flow ODE in the denoiser's time convention (see denoisers.py); for a
+        step-conditioned model with ``step_B`` = h the average velocity over [t, t + h]."""
         self._check_x(x_BZPR, "ShowerModel.velocity x_BZPR")
-        return self.denoiser.velocity(x_BZPR, t_B, cond, self.patch_coords_TC)
+        return self.denoiser.velocity(x_BZPR, t_B, cond, self.patch_coords_TC, *self._step_args(step_B))
 
     def encode_conditions(
         self, conditions: Conditions, device: torch.device | str | None = None

@@ -14,6 +14,7 @@ def _torch_threads():
     torch.set_num_threads(previous)
 
 
+import dataclasses  # noqa: E402
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -82,3 +83,19 @@ def registry(tmp_path: Path, empty_registry_db: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     monkeypatch.setenv("CALOFORGE_HOME", str(tmp_path / "home"))
     return RegistryStore()
+
+
+FM_TEACHER = dataclasses.replace(TEACHER, parametrisation="flow_matching", sampler="euler")
+
+
+@pytest.fixture(scope="session")
+def fm_teacher_bundle(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A flow-matching teacher (untrained, zero-initialised tensors filled with small seeded noise)."""
+    model = model_for_manifest(FM_TEACHER, Manifest.load(shards), spare_detector_slots=1)
+    gen = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.02, generator=gen)
+    root = tmp_path_factory.mktemp("distill-fm-teacher")
+    return model.save(root / "bundle", lineage=Lineage(kind="base", objective="flow_matching"))

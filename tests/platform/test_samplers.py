@@ -110,7 +110,7 @@ def test_unknown_sampler_and_bad_grid() -> None:
     with pytest.raises(
         ValueError,
         match=r"unknown sampler 'dpm' \(known: \['bespoke', 'consistency', 'euler', 'heun', 'midpoint', "
-        r"'rk4'\]\)",
+        r"'rk4', 'shortcut'\]\)",
     ):
         get_sampler("dpm")
     with pytest.raises(ValueError, match="at least 2 points"):

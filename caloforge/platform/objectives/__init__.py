@@ -14,6 +14,10 @@ parametrisation has a native objective (``NATIVE_OBJECTIVES``), used when the jo
   with an EMA target network (``LossContext.target``) into a ``consistency`` / ``consistency_fm``
   student (Song et al. 2023; CaloDiT-2). See ``consistency.py``.
 
+- ``shortcut``: shortcut models (Frans et al. 2025) as distillation of a flow-matching teacher into the
+  step-conditioned ``shortcut`` parametrisation (the network also takes the step size): d = 0 regresses
+  the teacher's velocity, d > 0 learns from two half steps of itself. See ``shortcut.py``.
+
 A new objective is one class here plus one options field in :class:`ObjectiveConfig`; it reads a teacher
 or target network from the :class:`LossContext`.
 """
@@ -41,11 +45,17 @@ from caloforge.platform.objectives.coupling import (
 )
 from caloforge.platform.objectives.edm import EDMLoss, EDMLossConfig
 from caloforge.platform.objectives.flow_matching import COUPLINGS, FlowMatchingConfig, FlowMatchingLoss
+from caloforge.platform.objectives.shortcut import (
+    ShortcutConfig,
+    ShortcutDistillation,
+    shortcut_targets,
+)
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "flow_matching": FlowMatchingLoss,
     "edm": EDMLoss,
     "consistency_distillation": ConsistencyDistillation,
+    "shortcut": ShortcutDistillation,
 }
 
 # The objective a parametrisation is trained with when the job names none.
@@ -54,6 +64,7 @@ NATIVE_OBJECTIVES: dict[str, str] = {
     "edm": "edm",
     "consistency": "consistency_distillation",
     "consistency_fm": "consistency_distillation",
+    "shortcut": "shortcut",
 }
 
 
@@ -71,6 +82,7 @@ class ObjectiveConfig:
     consistency_distillation: ConsistencyDistillationConfig = field(
         default_factory=ConsistencyDistillationConfig
     )
+    shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)
 
     def __post_init__(self) -> None:
         if self.name is not None and self.name not in OBJECTIVES:
@@ -124,6 +136,8 @@ __all__ = [
     "LossContext",
     "Objective",
     "ObjectiveConfig",
+    "ShortcutConfig",
+    "ShortcutDistillation",
     "check_objective_inputs",
     "condition_groups",
     "consistency_distillation_loss",
@@ -131,5 +145,6 @@ __all__ = [
     "mean_pair_distance",
     "ot_couple",
     "ot_permutation",
+    "shortcut_targets",
     "unwrap_shower_model",
 ]

@@ -1,12 +1,13 @@
 """Samplers by name (``SAMPLERS``); all driven through ``velocity(x, t, cond)``.
 
 See ``caloforge.platform.samplers.ode`` for the ODE methods (euler, midpoint, heun, rk4),
-``consistency`` for multistep consistency sampling (consistency-parametrised students) and ``bespoke``
+``consistency`` for multistep consistency sampling (consistency-parametrised students), ``shortcut`` for
+step-conditioned flow models (``x + h u(x, t, h)``; step-conditioned parametrisations only) and ``bespoke``
 for learned solvers (BNS), and ``caloforge.platform.denoisers`` for the time convention. ``get_sampler(name)``
 raises a ValueError naming the known samplers. ``SAMPLERS`` holds the ODE solvers (convergent, usable by
-any model and the layer-energy head); ``FEW_STEP_SAMPLERS`` the ``consistency`` sampler; ``bespoke`` is in
-neither: its coefficients belong to a model (``ShowerModelConfig.bespoke``; ``ShowerModel.solver`` builds
-it). ``SAMPLER_NAMES`` lists every name a model may record.
+any model and the layer-energy head); ``FEW_STEP_SAMPLERS`` the ``consistency`` and ``shortcut``
+samplers; ``bespoke`` is in neither: its coefficients belong to a model (``ShowerModelConfig.bespoke``;
+``ShowerModel.solver`` builds it). ``SAMPLER_NAMES`` lists every name a model may record.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from __future__ import annotations
 from caloforge.platform.samplers.bespoke import BESPOKE, Bespoke, BespokeSolver, bespoke_solve
 from caloforge.platform.samplers.consistency import Consistency, renoise_permutation
 from caloforge.platform.samplers.ode import RK4, Euler, Heun, Midpoint, Sampler, VelocityFn
+from caloforge.platform.samplers.shortcut import SHORTCUT, Shortcut
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (Euler(), Midpoint(), Heun(), RK4())}
-FEW_STEP_SAMPLERS: dict[str, Sampler] = {s.name: s for s in (Consistency(),)}
+FEW_STEP_SAMPLERS: dict[str, Sampler] = {s.name: s for s in (Consistency(), Shortcut())}
+# Samplers that call ``velocity(x, t, cond, step)``: only for step-conditioned parametrisations.
+STEP_SAMPLERS: tuple[str, ...] = (SHORTCUT,)
 SAMPLER_NAMES: tuple[str, ...] = (*SAMPLERS, *FEW_STEP_SAMPLERS, BESPOKE)
 
 
@@ -38,6 +42,8 @@ __all__ = [
     "RK4",
     "SAMPLERS",
     "SAMPLER_NAMES",
+    "SHORTCUT",
+    "STEP_SAMPLERS",
     "Bespoke",
     "BespokeSolver",
     "Consistency",
@@ -45,6 +51,7 @@ __all__ = [
     "Heun",
     "Midpoint",
     "Sampler",
+    "Shortcut",
     "VelocityFn",
     "bespoke_solve",
     "get_sampler",

@@ -1,0 +1,173 @@
+"""Shortcut models as a distillation objective (Frans et al. 2025, "One Step Diffusion via Shortcut
+Models", §3, Eq. 5–6), for the step-conditioned ``shortcut`` parametrisation
+(``denoisers.ShortcutDenoiser``): one network u(x_t, t, d), the average velocity over a step of size d on
+the flow-matching path (t = 0 noise, 1 data), so that x_{t+d} ≈ x_t + d u(x_t, t, d).
+
+Per batch of B clean showers x_1 (in model space), noise x_0 ~ N(0, I), x_t = (1 − t) x_0 + t x_1:
+
+- **flow rows** (the last B − ⌊f B⌉, f = ``bootstrap_fraction``): d = 0, t ~ U(0, 1), target v = x_1 − x_0
+  (``velocity_target: data``, the default: training without a teacher, as the paper) or the teacher's
+  velocity v_T(x_t, t) (``teacher``: distillation, a low-variance target; what ``caloforge distill
+  --method shortcut`` uses, ``configs/distill/shortcut.yaml``);
+- **bootstrap rows** (the first ⌊f B⌉): a level k ~ U{0, …, K} (``max_level`` K), d = 2^−k, t ~ U(0, 1 − d);
+  the target is two half steps of the target network θ⁻ (without gradients):
+  u₁ = u_θ⁻(x_t, t, q), x' = x_t + (d/2) u₁, u₂ = u_θ⁻(x', t + d/2, q), target (u₁ + u₂) / 2 with
+  q = d/2, except at the finest level (k = K) where q = 0 (the instantaneous velocity);
+- loss = ‖u_θ(x_t, t, d) − sg(target)‖² (mean over voxels, per sample).
+
+θ⁻ is the loop's target network (``LossContext.target``, an EMA of θ) when the job sets a target decay, else
+the model itself under ``no_grad`` (the paper's choice). No JVP: a step costs one student forward and
+backward plus, for the bootstrap rows, two target forwards and, for the flow rows, one teacher forward.
+Draw order from ``generator``: x_0 (B·Z·P·R normals), t (B uniforms), k (B integers).
+
+``shortcut_targets`` is the math on plain callables (a test checks it on a toy); ``ShortcutDistillation``
+applies it to ``ShowerModel`` student, target and teacher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from caloforge.platform.conditioning import ConditionTensors
+from caloforge.platform.denoisers import STEP_TEACHERS
+from caloforge.platform.objectives.common import (
+    LossContext,
+    Objective,
+    check_objective_inputs,
+    unwrap_shower_model,
+)
+
+VELOCITY_TARGETS = ("data", "teacher")
+StepFn = Callable[[torch.Tensor, torch.Tensor, Any, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ShortcutConfig:
+    """Options of the shortcut objective: ``bootstrap_fraction`` of the batch trains d > 0 by
+    self-consistency (the paper: 1/4); ``max_level`` K: step sizes 1, ½, …, 2^−K (the paper: 7, i.e. 1/128);
+    ``velocity_target``: the d = 0 target, ``data`` (x_1 − x_0, the paper) or ``teacher`` (distillation;
+    needs ``LossContext.teacher``)."""
+
+    bootstrap_fraction: float = 0.25
+    max_level: int = 7
+    velocity_target: Literal["data", "teacher"] = "data"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.bootstrap_fraction <= 1.0:
+            raise ValueError(
+                f"objective.shortcut.bootstrap_fraction must be in [0, 1], got {self.bootstrap_fraction}"
+            )
+        if (
+            isinstance(self.max_level, bool)
+            or not isinstance(self.max_level, int)
+            or not 0 <= self.max_level <= 16
+        ):
+            raise ValueError(
+                f"objective.shortcut.max_level must be an int in [0, 16], got {self.max_level!r}"
+            )
+        if self.velocity_target not in VELOCITY_TARGETS:
+            raise ValueError(
+                f"objective.shortcut.velocity_target must be one of {VELOCITY_TARGETS}, got "
+                f"{self.velocity_target!r}"
+            )
+
+
+def shortcut_targets(
+    target: StepFn, x_BZPR: torch.Tensor, t_B: torch.Tensor, d_B: torch.Tensor, q_B: torch.Tensor, cond: Any
+) -> torch.Tensor:
+    """The self-consistency target (u₁ + u₂) / 2 of two half steps d/2 of ``target`` from (x, t), queried
+    with step label ``q_B`` (d/2, or 0 at the finest level); no gradients; in ``x_BZPR``'s dtype."""
+    half = 0.5 * d_B
+    with torch.no_grad():
+        u1 = target(x_BZPR, t_B, cond, q_B).to(x_BZPR.dtype)
+        x_mid = x_BZPR + half[:, None, None, None].to(x_BZPR.dtype) * u1
+        u2 = target(x_mid, t_B + half, cond, q_B).to(x_BZPR.dtype)
+    return 0.5 * (u1 + u2)
+
+
+class ShortcutDistillation(Objective):
+    """The shortcut objective (see the module docstring) for ``shortcut``-parametrised models; needs
+    ``ctx.teacher`` with ``velocity_target: teacher``; uses ``ctx.target`` as θ⁻ when there is one."""
+
+    name = "shortcut"
+    parametrisations = tuple(STEP_TEACHERS)
+
+    def __init__(self, config: ShortcutConfig | None = None) -> None:
+        self.config = config if config is not None else ShortcutConfig()
+
+    def __call__(
+        self,
+        module: nn.Module,
+        x1_BZPR: torch.Tensor,
+        cond: ConditionTensors,
+        generator: torch.Generator,
+        ctx: LossContext | None = None,
+    ) -> torch.Tensor:
+        model = unwrap_shower_model(module)
+        check_objective_inputs(model, self, x1_BZPR, cond)
+        ctx = ctx if ctx is not None else LossContext()
+        opts = self.config
+        teacher = None
+        if opts.velocity_target == "teacher":
+            teacher = unwrap_shower_model(
+                ctx.require_teacher(f"objective {self.name} (velocity_target teacher)")
+            )
+            check_step_teacher(model, teacher)
+        target = unwrap_shower_model(ctx.target) if ctx.target is not None else model
+        b, dev, dtype = x1_BZPR.shape[0], x1_BZPR.device, x1_BZPR.dtype
+        x0 = torch.randn(x1_BZPR.shape, generator=generator, device=generator.device).to(dev, dtype)
+        u_B = torch.rand(b, generator=generator, device=generator.device).to(dev)
+        k_B = torch.randint(0, opts.max_level + 1, (b,), generator=generator, device=generator.device).to(dev)
+        n_boot = round(opts.bootstrap_fraction * b)
+        boot = torch.arange(b, device=dev) < n_boot
+        d_B = torch.where(boot, torch.exp2(-k_B.float()), torch.zeros_like(u_B))
+        t_B = u_B * (1.0 - d_B)
+        t_b = t_B[:, None, None, None].to(dtype)
+        x_t = (1.0 - t_b) * x0 + t_b * x1_BZPR
+        wanted = torch.empty(x1_BZPR.shape, device=dev, dtype=torch.float32)
+        flow = ~boot
+        if bool(flow.any()):
+            if teacher is not None:
+                with torch.no_grad():
+                    wanted[flow] = teacher.velocity(x_t[flow], t_B[flow], cond.index(flow)).float()
+            else:
+                wanted[flow] = (x1_BZPR[flow] - x0[flow]).float()
+        if n_boot:
+            q_B = torch.where(k_B[boot] < opts.max_level, 0.5 * d_B[boot], torch.zeros_like(d_B[boot]))
+            wanted[boot] = shortcut_targets(
+                target.velocity, x_t[boot], t_B[boot], d_B[boot], q_B, cond.index(boot)
+            )
+        out = module(x_t, t_B, cond, d_B).float()
+        return (out - wanted).pow(2).flatten(1).mean(dim=1)
+
+
+def check_step_teacher(student: Any, teacher: Any) -> None:
+    """ValueError unless ``teacher`` (a ShowerModel) can teach the step-conditioned ``student``: a
+    parametrisation in ``STEP_TEACHERS`` (same time convention), the same mesh and detector vocabulary."""
+    param, t_param = student.config.parametrisation, teacher.config.parametrisation
+    allowed = STEP_TEACHERS.get(param, ())
+    if t_param not in allowed:
+        raise ValueError(
+            f"shortcut: a {param!r} student distils a teacher parametrised {list(allowed)}, got {t_param!r}"
+        )
+    if teacher.mesh_shape != student.mesh_shape:
+        raise ValueError(f"shortcut: teacher mesh {teacher.mesh_shape} != {student.mesh_shape}")
+    if tuple(teacher.vocab.detectors) != tuple(student.vocab.detectors):
+        raise ValueError(
+            f"shortcut: teacher detectors {list(teacher.vocab.detectors)} != student's "
+            f"{list(student.vocab.detectors)}"
+        )
+
+
+__all__ = [
+    "VELOCITY_TARGETS",
+    "ShortcutConfig",
+    "ShortcutDistillation",
+    "check_step_teacher",
+    "shortcut_targets",
+]
