@@ -19,8 +19,9 @@ ALLOWED = {
         "registry/tracking.py",
         "evaluation/mlflow_hook.py",
     },
-    "ray": {"pretrain/launch.py", "pretrain/worker.py", "pretrain/checkpoints.py"},
-    "deepspeed": {"pretrain/deepspeed_backend.py"},
+    # the Ray Train path shared by pretraining and adaptation (caloforge/training/ray/)
+    "ray": {"training/ray/launch.py", "training/ray/worker.py", "training/ray/checkpoints.py"},
+    "deepspeed": {"training/deepspeed_backend.py"},
     "peft": {"adapt/strategies.py"},
     "webdataset": {"datasets/shards.py", "datasets/streaming.py"},
     "fastapi": {"adapt/service/app.py"},
