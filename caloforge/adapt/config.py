@@ -182,9 +182,9 @@ class AdaptConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     device: str = "auto"
-    keep_checkpoints: int = 2
-    progress: bool = True
-    torch_threads: int = 0
+    keep_checkpoints: int = 2  # one process (on Ray Train: cluster.num_to_keep)
+    progress: bool = True  # a progress bar in one process (Ray workers log lines)
+    torch_threads: int = 0  # this process's torch threads (Ray workers: cluster.cpus_per_worker)
     fault_injection_step: int | None = None  # test-only: fail once after this step (resume drills)
     # Ray Train (``adapt/distributed.py``): unset, one process; set, ``cluster.num_workers`` workers with the
     # ``engine`` (DeepSpeed ZeRO 0/1/2 or DDP), checkpoints in Ray storage (default: the run directory).

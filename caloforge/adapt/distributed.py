@@ -149,6 +149,11 @@ def train_on_ray(
             )
         attempts = ray_launch.attempt_records(run)
         starts = [attempts[n] for n in sorted(set(attempts) - before)]
+        log.info(
+            "Ray Train finished: %d worker-group start(s), the first from step %s",
+            len(starts),
+            starts[0]["start_step"] if starts else "?",
+        )
     final = run.read_json(FINAL_FILE)
     model_dir = _fetch(run, "model", run_dir / "model")
     adapter_dir = _fetch(run, "adapter", run_dir / "adapter") if config.strategy.kind == "lora" else None
