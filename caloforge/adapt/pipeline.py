@@ -29,8 +29,8 @@ Run directory (default ``$CALOFORGE_HOME/runs/adapt-<detector>-<name>``)::
 
     request.json    base, detector, data and the resolved config (a resume must match it)
     base/           the downloaded base bundle (registry bases)
-    checkpoints/    the loop's checkpoints; metrics.jsonl; adapt.log; parameters.json
-                    (Ray Train: checkpoint_*/, attempts/, logs/, final.json instead of checkpoints/)
+    checkpoints/    the loop's checkpoints (on Ray Train: checkpoint_<step>/, attempts/, logs/, final.json)
+    metrics.jsonl   the log-step metrics; adapt.log; parameters.json (trainable and total counts)
     model/          the adapted bundle        adapter/   the LoRA adapter (peft format; lora only)
     report/         the evaluation report     result.json  the AdaptResult
 """
