@@ -108,6 +108,9 @@ def test_lora_on_deepspeed_zero2_workers_saves_the_peft_adapter_equal_to_the_bun
     for name, value in bundle.state_dict().items():
         torch.testing.assert_close(value, reloaded.state_dict()[name], rtol=0, atol=1e-6, msg=name)
     assert any(not torch.equal(v, base.state_dict()[k]) for k, v in bundle.state_dict().items())
+    weight, start = bundle.state_dict()[EMBED], base.state_dict()[EMBED]  # peft's trainable token: one row
+    others = [i for i in range(weight.shape[0]) if i != bundle.vocab.detector_index("lar-pb")]
+    assert torch.equal(weight[others], start[others]) and not torch.equal(weight, start)
     showers = load_split(lar_pb_shards, "test", max_showers=4)
     x1 = bundle.to_model_space(showers.showers_NZPR)
     ct = bundle.encode_conditions(showers.conditions)
