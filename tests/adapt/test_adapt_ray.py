@@ -1,11 +1,11 @@
 """``caloforge adapt`` on Ray Train workers (a ``cluster:`` block): the embedded local Ray, 2 CPU workers,
 DDP and DeepSpeed ZeRO-2, a real base bundle and a real sqlite registry.
 
-- ``embedding`` on DDP, with a worker failing after step 3: Ray restarts the group from the step-2
-  checkpoint, the rows outside the new detector's stay bitwise the base's, the version is registered; a
-  ``--resume`` of the finished run starts no worker and registers nothing twice;
-- ``lora`` on DeepSpeed ZeRO-2: the adapter is saved in peft's format and the merged bundle equals the
-  adapter applied to the base;
+- ``embedding`` on DDP: the rows outside the new detector's stay bitwise the base's, the version is
+  registered; a ``--resume`` of the finished run starts no worker and registers nothing twice;
+- ``lora`` on DeepSpeed ZeRO-2, with a worker failing after step 3: Ray restarts the group from the step-2
+  checkpoint (peft's modules inside DeepSpeed restored); the adapter is saved in peft's format and the merged
+  bundle equals the adapter applied to the base;
 - the config's mistakes are named errors before anything runs.
 """
 
@@ -51,23 +51,22 @@ def _attempts(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_embedding_on_ddp_workers_survives_a_failure_keeps_other_rows_and_registers(
+def test_embedding_on_ddp_workers_keeps_other_rows_registers_and_resumes_without_workers(
     ray_up, registry, base_bundle, lar_pb_shards, tmp_path
 ) -> None:
-    cfg = _ray_config(
-        EngineConfig(backend="ddp"), strategy=StrategyConfig(kind="embedding"), fault_injection_step=3
-    )
+    cfg = _ray_config(EngineConfig(backend="ddp"), strategy=StrategyConfig(kind="embedding"))
     request = AdaptRequest(str(base_bundle), "lar-pb", lar_pb_shards)
     run_dir = tmp_path / "run"
     result = run_adaptation(cfg, request, run_dir)
     assert result.steps == 4 and result.registered is not None and result.registered["version"] == 1
     assert result.trainable_parameters == 64 and result.gate.passed
-    # rank 1 failed after step 3; Ray restarted the group from the step-2 checkpoint; one timeline
-    assert json.loads((run_dir / "fault_injection_fired.json").read_text())["rank"] == 1
     starts = _attempts(run_dir)
-    assert [a["start_step"] for a in starts] == [0, 2] and all(a["world_size"] == 2 for a in starts)
-    assert starts[1]["restored_from"].endswith("checkpoint_00000002") and starts[1]["engine"] == "ddp"
+    assert [(a["start_step"], a["world_size"], a["engine"]) for a in starts] == [(0, 2, "ddp")]
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 4]
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == [
+        "checkpoint_00000002",
+        "checkpoint_00000004",
+    ]
     # only the new detector's row trained: every other weight and row is bitwise the base's
     start = ShowerModel.load(base_bundle).with_detector("lar-pb").state_dict()
     adapted = ShowerModel.load(result.model_dir)
@@ -82,25 +81,31 @@ def test_embedding_on_ddp_workers_survives_a_failure_keeps_other_rows_and_regist
     # a resumed run whose training finished starts no worker and does not register again
     again = run_adaptation(cfg, request, run_dir, resume=True)
     assert again.registered["version"] == 1 and len(registry.versions("caloforge-lar-pb")) == 1
-    assert len(_attempts(run_dir)) == 2
+    assert len(_attempts(run_dir)) == 1
 
 
 @pytest.mark.slow
-def test_lora_on_deepspeed_zero2_workers_saves_the_peft_adapter_equal_to_the_bundle(
+def test_lora_on_deepspeed_zero2_workers_survives_a_failure_and_saves_the_adapter_equal_to_the_bundle(
     ray_up, registry, base_bundle, lar_pb_shards, tmp_path
 ) -> None:
     from caloforge.adapt.strategies import load_adapter
 
     engine = EngineConfig(backend="deepspeed", deepspeed=DeepSpeedOptions(zero_stage=2))
-    cfg = _ray_config(engine, strategy=StrategyConfig(kind="lora"))
+    cfg = _ray_config(engine, strategy=StrategyConfig(kind="lora"), fault_injection_step=3)
     request = AdaptRequest(str(base_bundle), "lar-pb", lar_pb_shards)
-    result = run_adaptation(cfg, request, tmp_path / "run")
+    run_dir = tmp_path / "run"
+    result = run_adaptation(cfg, request, run_dir)
     assert result.steps == 4 and result.registered["name"] == "caloforge-lar-pb"
-    assert result.adapter_dir == tmp_path / "run" / "adapter"
+    # rank 1 failed after step 3; Ray restarted the group from the step-2 checkpoint; one timeline
+    assert json.loads((run_dir / "fault_injection_fired.json").read_text())["rank"] == 1
+    starts = _attempts(run_dir)
+    assert [(a["start_step"], a["engine"]) for a in starts] == [(0, "deepspeed"), (2, "deepspeed")]
+    assert starts[1]["restored_from"].endswith("checkpoint_00000002")
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2, 4]
+    assert result.adapter_dir == run_dir / "adapter"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {
         p.name for p in result.adapter_dir.iterdir()
     }
-    assert _attempts(tmp_path / "run")[0]["engine"] == "deepspeed"
     assert 0 < result.trainable_parameters < 0.2 * result.total_parameters
     bundle = ShowerModel.load(result.model_dir)
     base = ShowerModel.load(base_bundle).with_detector("lar-pb")
