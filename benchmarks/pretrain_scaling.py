@@ -323,8 +323,8 @@ def engine_throughput(
     from caloforge.platform.conditioning import ConditionVocab
     from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig
     from caloforge.pretrain.config import DeepSpeedOptions
-    from caloforge.pretrain.deepspeed_backend import DeepSpeedBackend
     from caloforge.training.config import LoopConfig
+    from caloforge.training.deepspeed_backend import DeepSpeedBackend
     from caloforge.training.loop import Trainer
     from caloforge.training.tasks import shower_loss_fn
     from caloforge.training.torch_backend import TorchBackend

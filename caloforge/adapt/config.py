@@ -11,7 +11,11 @@
 - ``stream``: how the target detector's ``train`` split is streamed;
 - ``eval`` and ``gate``: the evaluation against the target's ``test`` split and the bounds a model must meet
   to become the detector's ``champion``;
-- ``register``: the registry step (``caloforge-<detector>`` by default, alias ``candidate``).
+- ``register``: the registry step (``caloforge-<detector>`` by default, alias ``candidate``);
+- ``cluster`` and ``engine``: unset, the run trains in this process (on ``device``); a ``cluster:`` block
+  trains on Ray Train workers the way pretraining does (the same ``ClusterConfig`` / ``EngineConfig`` blocks
+  and keys: ``cluster.num_workers``, ``engine.backend: deepspeed|ddp``, ``engine.deepspeed.zero_stage``, …;
+  ``adapt/distributed.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from caloforge.evaluation.config import EvalConfig
 from caloforge.platform.backbone import LORA_TARGETS
 from caloforge.platform.objectives import ObjectiveConfig
 from caloforge.training.config import EMAConfig, LoopConfig, OptimConfig, ScheduleConfig
+from caloforge.training.ray.config import ClusterConfig, EngineConfig
 
 __all__ = [
     "GATE_METRICS",
@@ -177,10 +182,14 @@ class AdaptConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     device: str = "auto"
-    keep_checkpoints: int = 2
-    progress: bool = True
-    torch_threads: int = 0
+    keep_checkpoints: int = 2  # one process (on Ray Train: cluster.num_to_keep)
+    progress: bool = True  # a progress bar in one process (Ray workers log lines)
+    torch_threads: int = 0  # this process's torch threads (Ray workers: cluster.cpus_per_worker)
     fault_injection_step: int | None = None  # test-only: fail once after this step (resume drills)
+    # Ray Train (``adapt/distributed.py``): unset, one process; set, ``cluster.num_workers`` workers with the
+    # ``engine`` (DeepSpeed ZeRO 0/1/2 or DDP), checkpoints in Ray storage (default: the run directory).
+    cluster: ClusterConfig | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         if self.fault_injection_step is not None and not 1 <= self.fault_injection_step < self.loop.steps:
@@ -196,7 +205,29 @@ class AdaptConfig:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")
+        if self.cluster is None:
+            if self.engine != EngineConfig():
+                raise ValueError(
+                    "engine: applies to training on Ray Train workers only; add a cluster: block "
+                    "(cluster.num_workers, ...) or remove engine"
+                )
+            return
+        if self.device != "auto":
+            raise ValueError(
+                f"device: {self.device!r} with a cluster: block; the Ray workers' device is set by "
+                "cluster.use_gpu (leave device: auto)"
+            )
+        try:
+            self.loop.micro_batch_size(self.cluster.num_workers)
+        except ValueError as exc:
+            raise ValueError(f"loop.batch_size: {exc}") from None
+
+    @property
+    def world_size(self) -> int:
+        """Training processes: ``cluster.num_workers``, or 1 without a cluster block."""
+        return self.cluster.num_workers if self.cluster is not None else 1
 
     def stream_config(self) -> StreamConfig:
-        """The stream options with the loop's micro-batch (one process)."""
-        return dataclasses.replace(self.stream, batch_size=self.loop.micro_batch_size(1))
+        """The stream options with the loop's per-rank micro-batch (``loop.batch_size`` split over
+        :attr:`world_size` ranks and ``loop.grad_accum``)."""
+        return dataclasses.replace(self.stream, batch_size=self.loop.micro_batch_size(self.world_size))

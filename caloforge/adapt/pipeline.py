@@ -13,7 +13,9 @@
    another mesh than the base's rebuilds the model for it (``platform.transfer.rebuild_for_mesh``: the
    transform refitted from the data, mesh-independent weights reused).
 3. **Train** with the strategy's selection (``adapt.strategies``) through the one job assembly
-   (``training.job``) and loop, checkpointed in the run directory (``--resume`` continues).
+   (``training.job``, ``adapt.job``) and loop, checkpointed in the run directory (``--resume`` continues):
+   in this process, or on Ray Train workers (DeepSpeed or DDP) when the config has a ``cluster:`` block
+   (``adapt.distributed``: the Ray path shared with pretraining).
 4. **Bundle**: the EMA weights (LoRA merged), lineage ``kind=adapted`` with the parent's URI and version, the
    strategy, the objective and the trained ranges; a LoRA run also keeps its adapter in peft's format.
 5. **Evaluate** against the detector's held-out split (``caloforge.evaluation``; report + plots) and apply
@@ -27,7 +29,8 @@ Run directory (default ``$CALOFORGE_HOME/runs/adapt-<detector>-<name>``)::
 
     request.json    base, detector, data and the resolved config (a resume must match it)
     base/           the downloaded base bundle (registry bases)
-    checkpoints/    the loop's checkpoints; metrics.jsonl; adapt.log
+    checkpoints/    the loop's checkpoints (on Ray Train: checkpoint_<step>/, attempts/, logs/, final.json)
+    metrics.jsonl   the log-step metrics; adapt.log; parameters.json (trainable and total counts)
     model/          the adapted bundle        adapter/   the LoRA adapter (peft format; lora only)
     report/         the evaluation report     result.json  the AdaptResult
 """
@@ -45,13 +48,13 @@ from pathlib import Path
 from typing import Any
 
 from caloforge.adapt.config import AdaptConfig
+from caloforge.adapt.job import TrainOutcome
 from caloforge.config import to_dict
 from caloforge.datasets.shards import Manifest
 from caloforge.datasets.verify import verify_shards
 from caloforge.platform.geometry import DetectorSpec, Mesh, builtin_detector_names, load_detector
 from caloforge.platform.objectives import make_objective
 from caloforge.platform.shower_model import ShowerModel
-from caloforge.training.hooks import FailAfterStep
 from caloforge.training.rundir import run_logging, start_or_resume, write_json
 
 __all__ = [
@@ -253,6 +256,10 @@ def plan_adaptation(config: AdaptConfig, request: AdaptRequest, run_dir: Path) -
     if data_mesh.shape != base.mesh_shape:
         base.config.backbone_config().check_mesh(data_mesh.shape)  # the patch must divide the new mesh
     objective = make_objective(config.objective, base.config.parametrisation).name
+    if config.cluster is not None:
+        from caloforge.adapt.distributed import check_ray_plan
+
+        check_ray_plan(config, run_dir, base.has_energy_head, len(manifest.shards("train")))
     if config.register.enabled:
         from caloforge.registry.versions import check_name, validate_alias
 
@@ -359,33 +366,24 @@ def _run(
     plan = plan_adaptation(config, request, run_dir)
     run_id = start_or_resume(run_dir, record, resume, "an adaptation")
     log.info("adaptation %s: %s", run_dir, plan.describe())
-    prepared, trainer, lineage = _train(config, request, plan, run_dir)
-    model_dir = run_dir / "model"
-    adapted, _ = _bundle(config, prepared, trainer, lineage, model_dir)
-    adapter_dir = None
-    if config.strategy.kind == "lora":
-        adapter_dir = run_dir / "adapter"
-        averaged = trainer.averaged_model()
-        prepared.save_adapter(averaged.to("cpu"), adapter_dir)
+    trained_run = _train(config, request, plan, run_dir, run_id, resume)
+    model_dir, adapter_dir, steps = trained_run.model_dir, trained_run.adapter_dir, trained_run.steps
+    trained, total = trained_run.trainable_parameters, trained_run.total_parameters
     if on_stage is not None:
-        trained, total = prepared.parameter_counts
-        on_stage(
-            "evaluate", {"steps": trainer.step, "trainable_parameters": trained, "total_parameters": total}
-        )
+        on_stage("evaluate", {"steps": steps, "trainable_parameters": trained, "total_parameters": total})
     metrics, report_dir = _evaluate(config, request, plan, model_dir, run_dir)
     gate = apply_gate(config, metrics)
     log.info("gate %s%s", "passed" if gate.passed else "failed: ", "; ".join(gate.reasons()))
-    trained, total = prepared.parameter_counts
     registered = None
     if config.register.enabled:
-        registered = _register(config, plan, run_id, model_dir, metrics, gate, trainer.step, trained, total)
+        registered = _register(config, plan, run_id, model_dir, metrics, gate, steps, trained, total)
     result = AdaptResult(
         run_dir=run_dir,
         model_dir=model_dir,
         adapter_dir=adapter_dir,
         report_dir=report_dir,
         strategy=config.strategy.kind,
-        steps=trainer.step,
+        steps=steps,
         trainable_parameters=trained,
         total_parameters=total,
         metrics=metrics,
@@ -396,89 +394,24 @@ def _run(
         wall_time_s=time.perf_counter() - t0,
     )
     write_json(run_dir / "result.json", result.to_dict())
-    del adapted
     return result
 
 
 def _train(
-    config: AdaptConfig, request: AdaptRequest, plan: AdaptPlan, run_dir: Path
-) -> tuple[Any, Any, Any]:
-    from caloforge.adapt.strategies import prepare_strategy
-    from caloforge.datasets.streaming import ShowerStream
-    from caloforge.platform.transfer import rebuild_for_mesh
-    from caloforge.training import job
-    from caloforge.training.loop import Trainer
-    from caloforge.training.state import CheckpointManager
-    from caloforge.training.torch_backend import TorchBackend
+    config: AdaptConfig, request: AdaptRequest, plan: AdaptPlan, run_dir: Path, run_id: str, resume: bool
+) -> TrainOutcome:
+    """The training step: the bundle (and LoRA adapter) in ``run_dir``; in this process, or on Ray Train
+    workers when the config has a ``cluster:`` block."""
+    from caloforge.adapt.job import prepare_model, report_parameters, train_here
 
-    manifest = Manifest.load(request.data)
-    name = plan.detector.name
-    base = ShowerModel.load(plan.base_dir)
-    model = base.with_detector(name, init_from=config.strategy.init_from)
-    if plan.rebuild_mesh:
-        model, report = rebuild_for_mesh(model, plan.data_mesh, manifest.stats["pooled"])
-        log.info("rebuilt for the mesh %s: %s", plan.data_mesh.shape, report.summary())
-    prepared = prepare_strategy(model, name, config.strategy)
-    trained, total = prepared.parameter_counts
-    log.info(
-        "strategy %s: %d of %d parameters train (%.3g%%)",
-        config.strategy.kind,
-        trained,
-        total,
-        100.0 * trained / max(total, 1),
-    )
-    print(f"strategy {config.strategy.kind}: {trained:,} trainable of {total:,} parameters", flush=True)
-    write_json(
-        run_dir / "parameters.json",
-        {
-            "strategy": config.strategy.kind,
-            "trainable": trained,
-            "total": total,
-            **prepared.trainable.to_dict(),
-        },
-    )
-    loss_fn, objective = job.loss_for(prepared.model, config.objective)
-    stream = ShowerStream(
-        request.data, config.stream_config(), "train", rank=0, world_size=1, seed=config.loop.seed
-    )
-    lineage = job.training_lineage(
-        manifest,
-        stream.groups,
-        objective,
-        extra={"run_dir": str(run_dir.resolve()), "run_name": config.name},
-        kind="adapted",
-        parent_uri=plan.parent_uri,
-        parent_version=plan.parent_version,
-        strategy=config.strategy.kind,
-        target_detector=name,
-    )
-    hooks: list[FailAfterStep] = []
-    if config.fault_injection_step is not None:
-        hooks.append(FailAfterStep(config.fault_injection_step, run_dir, "adaptation"))
-    hooks = job.standard_hooks(run_dir / "metrics.jsonl", progress=config.progress, extra=hooks)
-    trainer = Trainer(
-        prepared.module,
-        loss_fn,
-        TorchBackend(config.device),
-        stream,
-        config.loop,
-        hooks,
-        checkpoints=CheckpointManager(run_dir / "checkpoints", config.keep_checkpoints),
-        trainable=prepared.trainable,
-    )
-    trainer.fit()
-    return prepared, trainer, lineage
+    prepared = prepare_model(config, plan)
+    report_parameters(config, prepared, run_dir)
+    if config.cluster is None:
+        return train_here(config, request, plan, prepared, run_dir)
+    from caloforge.adapt.distributed import train_on_ray
 
-
-def _bundle(
-    config: AdaptConfig, prepared: Any, trainer: Any, lineage: Any, model_dir: Path
-) -> tuple[ShowerModel, Path]:
-    from caloforge.training import job
-
-    extra = {}
-    if config.strategy.kind == "lora":
-        extra["lora"] = json.dumps(to_dict(config.strategy.lora), sort_keys=True)
-    return job.save_final_bundle(trainer, model_dir, lineage, extra=extra, finalize=prepared.merged)
+    del prepared  # each worker builds its own
+    return train_on_ray(config, request, plan, run_dir, run_id, resume)
 
 
 def _evaluate(

@@ -1,19 +1,17 @@
-"""The pretraining worker's own hooks around the one loop: resource metrics, MLflow metrics, copying
-rank-local files into remote run storage, and the test-only fault injection."""
+"""The pretraining worker's own hooks around the one loop: resource metrics and MLflow metrics. Copying
+rank-local files into remote run storage and the test-only fault injection are the shared Ray worker's
+(``caloforge.training.ray.storage``; re-exported here)."""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from caloforge.pretrain.rundir import RunDir
 from caloforge.training.hooks import Hook
 from caloforge.training.loop import Trainer
+from caloforge.training.ray.storage import FAULT_MARKER, FaultInjection, UploadRunFiles
 
 __all__ = [
     "FAULT_MARKER",
@@ -24,7 +22,6 @@ __all__ = [
     "UploadRunFiles",
 ]
 
-FAULT_MARKER = "fault_injection_fired.json"
 PENDING_FILE = "tracking_pending.json"  # MLflow calls rank 0 could not deliver (replayed by the driver)
 
 
@@ -66,40 +63,3 @@ class MlflowMetrics(Hook):
 
     def on_train_end(self, step: int, metrics: dict[str, float]) -> None:
         self.tracker.flush()
-
-
-class FaultInjection(Hook):
-    """Test-only: raise in (or SIGKILL) worker ``rank`` after step ``step`` — once per run (a marker in the
-    run directory keeps the restarted worker group, and later ``--resume`` launches, from failing again)."""
-
-    def __init__(self, rank: int, step: int, my_rank: int, run: RunDir, kind: str = "raise") -> None:
-        self.rank, self.step, self.my_rank, self.run, self.kind = rank, step, my_rank, run, kind
-
-    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
-        if self.my_rank != self.rank or step != self.step or self.run.exists(FAULT_MARKER):
-            return
-        self.run.write_json(
-            FAULT_MARKER,
-            {"rank": self.rank, "step": step, "at_unix": time.time(), "pid": os.getpid(), "kind": self.kind},
-        )
-        if self.kind == "sigkill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise RuntimeError(f"fault injection (test-only): worker rank {self.rank} fails after step {step}")
-
-
-class UploadRunFiles(Hook):
-    """Remote storage: copy rank-local logs and metrics.jsonl into the run directory at each checkpoint."""
-
-    def __init__(self, run: RunDir, files: dict[str, Path]) -> None:
-        self.run, self.files = run, files
-
-    def upload(self) -> None:
-        for rel, path in self.files.items():
-            if path.is_file():
-                self.run.upload_file(path, rel)
-
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        self.upload()
-
-    def on_train_end(self, step: int, metrics: dict[str, float]) -> None:
-        self.upload()

@@ -1,16 +1,9 @@
-"""Driver side of distributed pretraining: validate, prepare the run directory and MLflow run, start (or join)
-Ray, run ``ray.train.torch.TorchTrainer`` and hand the final bundle to the ``on_final_bundle`` hooks.
+"""Driver side of distributed pretraining: validate, prepare the run directory and MLflow run, run the
+workers (``pretrain/worker.py``) on Ray Train and hand the final bundle to the ``on_final_bundle`` hooks.
 
-Ray (one of the two modules importing it, with ``worker.py``):
-
-- without ``RAY_ADDRESS`` an embedded local Ray is started for the run and shut down after it
-  (``include_dashboard=False``, ``_node_ip_address="127.0.0.1"``, usage stats off): a laptop just works. It
-  runs with token authentication, set explicitly (``RAY_AUTH_MODE=token``; Ray keeps the token in
-  ``~/.ray/auth_token``); with ``RAY_AUTH_MODE`` set to anything else in the environment it refuses to start
-  unless ``cluster.allow_unauthenticated_ray`` or ``CALOFORGE_ALLOW_UNAUTHENTICATED_RAY=1`` says so;
-- with ``RAY_ADDRESS`` (set by ``ray job submit``, or by hand: ``ray://…`` / ``host:6379``) the run joins
-  that cluster unchanged;
-- when Ray is already initialised in this process (tests, notebooks) it is used as is and left running.
+The Ray session (embedded local Ray with token authentication, or the cluster of ``RAY_ADDRESS``, or the
+process's own) and the ``TorchTrainer`` are the shared Ray path of ``caloforge.training.ray.launch`` (also
+used by adaptation); ``ray_session`` and ``embedded_auth_mode`` are re-exported here.
 
 Ray Train V2 semantics we rely on (docs/pretraining.md): reusing run name + storage path resumes a run from
 its latest checkpoint, even a finished one. CaloForge makes that explicit: a fresh launch whose run directory
@@ -19,26 +12,24 @@ already exists is an error, ``resume=True`` (``--resume``) is required to contin
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import caloforge
 from caloforge.config import dump_yaml, to_dict
-from caloforge.environment import (  # noqa: F401  (ALLOW_UNAUTHENTICATED_ENV: re-exported, its old home)
-    ALLOW_UNAUTHENTICATED_ENV,
-    embedded_auth_mode,
-)
 from caloforge.pretrain.config import DataPlan, PretrainConfig, resume_differences, validate_pretrain_config
 from caloforge.pretrain.rundir import RUN_FILE, RunDir, validate_run_name
+from caloforge.training.ray import launch as ray_launch
+from caloforge.training.ray.launch import ALLOW_UNAUTHENTICATED_ENV, embedded_auth_mode, ray_session
 
 __all__ = [
+    "ALLOW_UNAUTHENTICATED_ENV",
     "FinalBundleHook",
     "PretrainResult",
     "default_bundle_hooks",
@@ -52,13 +43,6 @@ log = logging.getLogger("caloforge.pretrain")
 
 FinalBundleHook = Callable[[Path, "str | None", dict[str, float]], None]
 """``hook(bundle_dir, mlflow_run_id, final_metrics)``: called by the driver after a successful run."""
-
-# Environment of an embedded local Ray (propagated to the Train controller and workers).
-_EMBEDDED_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    # A laptop has no node preemption; the watcher actor only adds a C++ warning line per worker group.
-    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-}
 
 
 @dataclass(frozen=True)
@@ -74,148 +58,6 @@ class PretrainResult:
     worker_group_starts: int  # worker-group starts during this launch (1 + restarts after failures)
     resumed_from_step: int | None  # step the first worker group of this launch started from
     registered: list[Any] = field(default_factory=list)  # what the on_final_bundle hooks returned
-
-
-# -- Ray -------------------------------------------------------------------------------------------------
-def _embedded_num_cpus(cfg: PretrainConfig) -> int:
-    if cfg.cluster.local_num_cpus is not None:
-        return cfg.cluster.local_num_cpus
-    return max(1, math.ceil(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker))
-
-
-@contextlib.contextmanager
-def ray_session(num_cpus: int, allow_unauthenticated: bool = False) -> Iterator[str]:
-    """Ray for one run; yields ``"existing"``, ``"cluster"`` (``RAY_ADDRESS``) or ``"embedded"``.
-
-    ``num_cpus`` sizes an embedded local Ray (ignored when joining a cluster or reusing a session);
-    ``allow_unauthenticated``: see :func:`embedded_auth_mode`.
-    """
-    import ray
-
-    if ray.is_initialized():
-        yield "existing"
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        log.info("joining the Ray cluster at RAY_ADDRESS=%s", address)
-        ray.init(address=address, log_to_driver=True)
-        mode = "cluster"
-    else:
-        auth = embedded_auth_mode(allow_unauthenticated)  # before anything of Ray's starts
-        for key, value in _EMBEDDED_ENV.items():
-            os.environ.setdefault(key, value)
-        preexisting = _descendant_pids()
-        log.info(
-            "starting an embedded local Ray (%d CPUs, dashboard off, 127.0.0.1, %s)",
-            num_cpus,
-            "token authentication" if auth == "token" else f"RAY_AUTH_MODE={auth}",
-        )
-        ray.init(
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            num_cpus=num_cpus,
-            log_to_driver=True,
-            runtime_env={"worker_process_setup_hook": "caloforge.pretrain.raylog.quiet_ray_internals"},
-        )
-        mode = "embedded"
-    try:
-        yield mode
-    finally:
-        spawned = _ray_descendants(preexisting) if mode == "embedded" else []
-        ray.shutdown()
-        _reap(spawned)
-
-
-def _descendant_pids() -> set[int]:
-    import psutil
-
-    return {p.pid for p in psutil.Process().children(recursive=True)}
-
-
-def _ray_descendants(preexisting: set[int]) -> list[Any]:
-    """Ray processes this process started since ``ray.init`` (GCS, raylet, workers, actors)."""
-    import psutil
-
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        if proc.pid in preexisting:
-            continue
-        try:
-            cmdline = " ".join(proc.cmdline())
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if "ray" in cmdline:
-            found.append(proc)
-    return found
-
-
-def _reap(processes: list[Any], grace_s: float = 5.0) -> None:
-    """After ``ray.shutdown()`` of the embedded Ray: terminate the processes it left behind.
-
-    Ray normally takes its workers down with the raylet, but an actor (seen: a Ray Train controller of a run
-    that had restarted its workers) can survive as an orphan; this leaves nothing running on the machine.
-    """
-    import psutil
-
-    def running(procs: list[Any]) -> list[Any]:
-        out = []
-        for proc in procs:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                    out.append(proc)
-        return out
-
-    deadline = time.monotonic() + grace_s
-    while (alive := running(processes)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if not alive:
-        return
-    log.warning(
-        "embedded Ray left %d process(es) after shutdown (pids %s): terminating them",
-        len(alive),
-        ", ".join(str(p.pid) for p in alive),
-    )
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.terminate()
-    deadline = time.monotonic() + grace_s
-    while (alive := running(alive)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-
-
-def _check_cluster_resources(cfg: PretrainConfig, mode: str) -> None:
-    """The GPUs/CPUs the scaling config asks for, against the Ray cluster's (before any worker starts).
-
-    Embedded Ray: a shortfall is an error. An existing cluster may autoscale (KubeRay adds worker pods when
-    Ray Train asks for them), so there a shortfall is a warning and Ray Train waits for the resources.
-    """
-    import ray
-
-    total = ray.cluster_resources()
-    c = cfg.cluster
-    problems = []
-    if c.use_gpu:
-        need = c.num_workers * c.gpus_per_worker
-        have = float(total.get("GPU", 0.0))
-        if have < need:
-            problems.append(
-                f"cluster.use_gpu: {c.num_workers} workers × {c.gpus_per_worker:g} GPU need {need:g} GPUs, "
-                f"the Ray cluster has {have:g} now (set cluster.use_gpu=false, or fewer workers)"
-            )
-    need_cpu = c.num_workers * c.cpus_per_worker
-    have_cpu = float(total.get("CPU", 0.0))
-    if have_cpu < need_cpu:
-        problems.append(
-            f"cluster: {c.num_workers} workers × {c.cpus_per_worker:g} CPU need {need_cpu:g} CPUs, the Ray "
-            f"cluster has {have_cpu:g} now (lower cluster.cpus_per_worker or cluster.num_workers)"
-        )
-    if problems and mode == "embedded":
-        raise ValueError("; ".join(problems))
-    for problem in problems:
-        log.warning("%s; Ray Train waits until an autoscaler provides them", problem)
 
 
 # -- data ------------------------------------------------------------------------------------------------
@@ -277,10 +119,6 @@ def _prepare_run_dir(run: RunDir, cfg: PretrainConfig, plan: DataPlan, resume: b
     if not run.ray_checkpoints():
         log.warning("run %s has no checkpoint yet: it starts again from step 0", run.uri)
     return record
-
-
-def _attempt_files(run: RunDir) -> list[str]:
-    return [n for n in run.listdir("attempts") if n.endswith(".json")]
 
 
 # -- hooks -----------------------------------------------------------------------------------------------
@@ -485,7 +323,7 @@ def run_pretrain(
         run.write_text("config.yaml", dump_yaml(cfg))
         run.write_json("versions.json", versions)
         run.write_json(RUN_FILE, new_record)
-        attempts_before = set(_attempt_files(run))
+        attempts_before = set(ray_launch.attempt_records(run))
 
         payload = {
             "config": to_dict(cfg),
@@ -498,11 +336,30 @@ def run_pretrain(
             "mlflow_tracking_uri": tracker.tracking_uri if tracker else None,
             "log_level": logging.getLogger("caloforge").getEffectiveLevel(),
         }
-        with ray_session(_embedded_num_cpus(cfg), cfg.cluster.allow_unauthenticated_ray) as mode:
-            _check_cluster_resources(cfg, mode)
-            _fit(cfg, run, payload)
-        new_attempts = sorted(set(_attempt_files(run)) - attempts_before)
-        starts = [run.read_json(f"attempts/{n}") for n in new_attempts]
+        from caloforge.pretrain.worker import train_loop_per_worker
+
+        c = cfg.cluster
+        with ray_session(ray_launch.embedded_num_cpus(c), c.allow_unauthenticated_ray) as mode:
+            ray_launch.check_cluster_resources(c, mode)
+            log.info(
+                "pretraining %s: %d workers (%s), engine %s, %d steps → %s",
+                run.name,
+                c.num_workers,
+                "GPU" if c.use_gpu else "CPU",
+                ray_launch.describe_engine(cfg.engine),
+                cfg.loop.steps,
+                run.uri,
+            )
+            ray_launch.fit(
+                train_loop_per_worker,
+                payload,
+                c,
+                run,
+                what=f"pretraining run {run.name!r}",
+                how_to_continue=f"--resume --run-name {run.name}",
+            )
+        attempts = ray_launch.attempt_records(run)
+        starts = [attempts[n] for n in sorted(set(attempts) - attempts_before)]
         final = run.read_json("final_metrics.json")
         metrics = {k: float(v) for k, v in final.get("metrics", {}).items()}
         bundle_dir = run.download_dir(
@@ -540,52 +397,3 @@ def run_pretrain(
         if handler is not None:
             root_logger.removeHandler(handler)
             handler.close()
-
-
-def _fit(cfg: PretrainConfig, run: RunDir, payload: dict[str, Any]) -> None:
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from caloforge.pretrain.worker import train_loop_per_worker
-
-    c = cfg.cluster
-    resources: dict[str, float] = {"CPU": c.cpus_per_worker}
-    if c.use_gpu:
-        resources["GPU"] = c.gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=payload,
-        scaling_config=ScalingConfig(
-            num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=run.name,
-            storage_path=run.storage_path,
-            failure_config=FailureConfig(max_failures=c.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=c.num_to_keep),
-        ),
-    )
-    log.info(
-        "pretraining %s: %d workers (%s), engine %s, %d steps → %s",
-        run.name,
-        c.num_workers,
-        "GPU" if c.use_gpu else "CPU",
-        cfg.engine.backend
-        if cfg.engine.backend == "ddp"
-        else f"deepspeed ZeRO-{cfg.engine.deepspeed.zero_stage}",
-        cfg.loop.steps,
-        run.uri,
-    )
-    try:
-        trainer.fit()
-    except Exception as exc:
-        from ray.train import TrainingFailedError
-
-        if isinstance(exc, TrainingFailedError):
-            raise RuntimeError(
-                f"pretraining run {run.name!r} failed (after up to cluster.max_failures={c.max_failures} "
-                f"restarts from its latest checkpoint): {exc}. Fix the cause and continue it with --resume "
-                f"--run-name {run.name}"
-            ) from exc
-        raise

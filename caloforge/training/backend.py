@@ -6,7 +6,7 @@ gradient clipping, the optimizer and LR scheduler, and saving/loading their stat
 counting, EMA, the data stream and its position, RNG states, hooks and the ``TrainState``.
 
 Implementations: ``TorchBackend`` and ``DDPBackend`` (here), ``DeepSpeedBackend``
-(``caloforge/pretrain/deepspeed_backend.py``).
+(``caloforge/training/deepspeed_backend.py``).
 
 Per micro-batch the loop does::
 

@@ -17,7 +17,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "adapt"
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_adapt_config_loads_and_names_its_strategy(path: Path) -> None:
     config = load_config(AdaptConfig, path)
-    assert config.strategy.kind == path.stem == config.name
+    assert config.strategy.kind == path.stem.removesuffix("-ray") and config.name == path.stem
+    assert (config.cluster is not None) == path.stem.endswith("-ray")  # <kind>-ray: on Ray Train workers
     assert config.register.alias == "candidate" and config.gate.metric == "fpd"
 
 

@@ -19,14 +19,16 @@ ALLOWED = {
         "registry/tracking.py",
         "evaluation/mlflow_hook.py",
     },
+    # the Ray Train path shared by pretraining and adaptation (caloforge/training/ray/); the local Ray's
+    # authentication (environment.py); the adaptation service's Ray jobs
     "ray": {
-        "pretrain/launch.py",
-        "pretrain/worker.py",
-        "pretrain/checkpoints.py",
+        "training/ray/launch.py",
+        "training/ray/worker.py",
+        "training/ray/checkpoints.py",
         "environment.py",
         "adapt/service/rayjobs.py",
     },
-    "deepspeed": {"pretrain/deepspeed_backend.py"},
+    "deepspeed": {"training/deepspeed_backend.py"},
     "peft": {"adapt/strategies.py"},
     "webdataset": {"datasets/shards.py", "datasets/streaming.py"},
     "fastapi": {"adapt/service/app.py"},

@@ -23,7 +23,7 @@ from pathlib import Path
 from torch import nn
 torch.set_num_threads(1)
 from caloforge.pretrain.config import DeepSpeedOptions
-from caloforge.pretrain.deepspeed_backend import DeepSpeedBackend
+from caloforge.training.deepspeed_backend import DeepSpeedBackend
 from caloforge.training.config import LoopConfig, OptimConfig
 from caloforge.training.loop import Trainer
 from caloforge.training.state import CheckpointManager, file_digests
@@ -105,7 +105,7 @@ def test_genuine_deepspeed_files_need_only_the_allowed_globals(tmp_path: Path) -
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from caloforge.pretrain.deepspeed_backend import weights_only_checkpoint_engine
+    from caloforge.training.deepspeed_backend import weights_only_checkpoint_engine
 
     path = tmp_path / "optim.pt"
     state = {

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from caloforge.pretrain.checkpoints import (
+from caloforge.pretrain.rundir import RunDir
+from caloforge.training.ray.checkpoints import (
     COMPLETE_DIR,
     RayCheckpointManager,
     choose_resume_checkpoint,
     remove_incomplete_checkpoints,
     verify_checkpoint,
 )
-from caloforge.pretrain.rundir import RunDir
 from caloforge.training.state import file_digests
 
 

@@ -29,9 +29,9 @@ import yaml
 from test_pretrain_run import debug_config
 
 from caloforge.platform.shower_model import ShowerModel
-from caloforge.pretrain.checkpoints import verify_checkpoint
 from caloforge.pretrain.rundir import RunDir
 from caloforge.training.hooks import read_metrics
+from caloforge.training.ray.checkpoints import verify_checkpoint
 
 BIN = Path(sys.executable).parent
 QUIET = {

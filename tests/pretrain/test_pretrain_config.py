@@ -16,10 +16,11 @@ from caloforge.pretrain.config import (
     resume_differences,
     validate_pretrain_config,
 )
-from caloforge.pretrain.deepspeed_backend import build_deepspeed_config, deepspeed_config
+from caloforge.pretrain.deepspeed_backend import deepspeed_config
 from caloforge.pretrain.launch import run_pretrain
 from caloforge.pretrain.rundir import RunDir, resolve_storage_path, validate_run_name
 from caloforge.training.config import LoopConfig
+from caloforge.training.deepspeed_backend import build_deepspeed_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
 

@@ -105,7 +105,7 @@ def _train_in_ray(config: dict) -> None:
     """Ray Train worker: per ZeRO stage, a straight run and a run split at step 3 through a checkpoint."""
     import ray.train
 
-    from caloforge.pretrain.deepspeed_backend import DeepSpeedBackend
+    from caloforge.training.deepspeed_backend import DeepSpeedBackend
 
     torch.set_num_threads(1)
     ctx = ray.train.get_context()

@@ -25,12 +25,12 @@ import torch
 from safetensors.torch import load_file
 
 from caloforge.config import from_dict
-from caloforge.pretrain.checkpoints import verify_checkpoint
 from caloforge.pretrain.config import PretrainConfig
 from caloforge.pretrain.hooks import FAULT_MARKER, PENDING_FILE
 from caloforge.pretrain.launch import run_pretrain
 from caloforge.pretrain.rundir import RunDir
 from caloforge.training.hooks import read_metrics
+from caloforge.training.ray.checkpoints import verify_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -27,12 +27,12 @@ from caloforge.datasets.shards import Manifest, shard_samples
 from caloforge.platform.conditioning import Conditions
 from caloforge.platform.shower_model import ShowerModel
 from caloforge.pretrain.audit import sample_fingerprint
-from caloforge.pretrain.checkpoints import verify_checkpoint
 from caloforge.pretrain.config import PretrainConfig
 from caloforge.pretrain.hooks import FAULT_MARKER
 from caloforge.pretrain.launch import run_pretrain
 from caloforge.pretrain.rundir import RunDir
 from caloforge.training.hooks import read_metrics
+from caloforge.training.ray.checkpoints import verify_checkpoint
 
 
 def debug_config(shards: Path, storage: Path) -> dict:

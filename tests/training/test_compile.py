@@ -113,7 +113,7 @@ def _backend(engine: str) -> Backend:
     if engine == "torch":
         return TorchBackend("cuda")
     from caloforge.pretrain.config import DeepSpeedOptions
-    from caloforge.pretrain.deepspeed_backend import DeepSpeedBackend
+    from caloforge.training.deepspeed_backend import DeepSpeedBackend
 
     return DeepSpeedBackend(DeepSpeedOptions(zero_stage=2, overlap_comm=False), "cuda")
 

@@ -347,7 +347,7 @@ def test_ddp_trains_only_the_row(tmp_path: Path) -> None:
 def _deepspeed_worker(_: int, tmp: str) -> None:
     """One process (DeepSpeedBackend starts its own single-rank gloo group), ZeRO stages 0, 1 and 2."""
     from caloforge.pretrain.config import DeepSpeedOptions
-    from caloforge.pretrain.deepspeed_backend import DeepSpeedBackend
+    from caloforge.training.deepspeed_backend import DeepSpeedBackend
 
     torch.set_num_threads(1)
     cfg = dataclasses.replace(CFG, max_grad_norm=1e-3)

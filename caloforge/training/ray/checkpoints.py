@@ -1,4 +1,5 @@
-"""Pretraining checkpoints on Ray Train: per-rank staging, completion markers, ``ray.train.report``.
+"""Checkpoints on Ray Train (every job on the Ray path: pretraining, adaptation): per-rank staging,
+completion markers, ``ray.train.report``.
 
 :class:`RayCheckpointManager` keeps the loop's layout (``meta.json``, one ``trainer_state_rank<r>.pt`` per
 rank, DeepSpeed's own files under ``deepspeed/``) but each rank writes into a node-local temporary directory,
@@ -29,8 +30,8 @@ from typing import Any
 import ray.train
 import torch
 
-from caloforge.pretrain.rundir import RunDir
 from caloforge.training.backend import Backend
+from caloforge.training.ray.storage import FAULT_MARKER, RunDir
 from caloforge.training.state import (
     META_FILE,
     CheckpointManager,
@@ -50,7 +51,7 @@ __all__ = [
     "verify_checkpoint",
 ]
 
-log = logging.getLogger("caloforge.pretrain")
+log = logging.getLogger("caloforge.training")
 
 COMPLETE_DIR = "_complete"
 
@@ -254,8 +255,6 @@ class RayCheckpointManager(CheckpointManager):
         return verify_checkpoint(directory)
 
     def _inject_enospc(self, path: Path, step: int, run: RunDir) -> None:
-        from caloforge.pretrain.hooks import FAULT_MARKER
-
         if run.exists(FAULT_MARKER):
             return
         run.write_json(
