@@ -82,6 +82,7 @@ def test_adapted_headline_counts_steps_to_the_scratch_runs_final_loss(bench) -> 
     head = bench.adapted_headline(runs, {"model_dir": "m", "steps": 5, "wall_s": 1.0}, {"auc_high": 0.7})
     assert head["scratch_final_probe"] == 0.25 and head["steps_to_scratch_final"] == 20
     assert head["step_ratio"] == pytest.approx(2.0) and head["wall_ratio"] == pytest.approx(2.0)
+    assert not head["step_ratio_lower_bound"]
     assert head["initial_probe"] == {"from_base_student": 0.5, "from_teacher": 1.0}
     assert head["short_matches_scratch_auc"]
 
