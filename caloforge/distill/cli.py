@@ -2,7 +2,12 @@
 against the teacher, gated and registered as a ``distilled`` version of the teacher's registered model.
 
     caloforge distill --teacher models:/NAME@ALIAS|BUNDLE_DIR --data SHARDS_DIR --method cd|shortcut|bns \\
-        --config configs/distill/cd.yaml [--set loop.steps=200] [--dry-run] [--resume] [--run-dir DIR]
+        --config configs/distill/cd.yaml [--set loop.steps=200] [--dry-run] [--resume] [--run-dir DIR] \\
+        [--student-init models:/NAME@fast|BUNDLE_DIR]
+
+An adapted teacher distils like the base (CaloDiT-2): ``--student-init`` starts the consistency student from
+the base's distilled student (its backbone; the adapted teacher's detector row, transforms and head) instead
+of the teacher's weights (``cd.student_init``).
 
 Everything is checked before training starts (``distill.pipeline.plan_distillation``); ``--dry-run`` prints
 the resolved config and that plan. ``--resume`` continues a run directory (a registered run is never
@@ -39,6 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--method", choices=("cd", "shortcut", "bns"), default=None, help="override the config's method"
     )
+    p.add_argument(
+        "--student-init",
+        default=None,
+        help="cd: start the student from this distilled student of the base (registry URI, e.g. "
+        "models:/caloforge-base@fast, or bundle dir) instead of the teacher's weights (cd.student_init)",
+    )
     add_config_args(p, default=DEFAULT_CONFIG)
     p.add_argument("--resume", action="store_true", help="continue the run directory's distillation")
     p.add_argument(
@@ -59,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.method is not None:
         overrides.append(f"method={args.method}")
+    if args.student_init is not None:
+        overrides.append(f"cd.student_init={args.student_init}")
     config = load_config(DistillConfig, args.config, overrides)
     request = DistillRequest(teacher=args.teacher, data=args.data)
     if args.dry_run:
@@ -76,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         ("teacher", result.parent_uri + (f" (v{result.parent_version})" if result.parent_version else "")),
         ("method", f"{result.method}: sampler {result.sampler} x {result.num_steps}"),
     ]
+    if args.student_init is not None or config.cd.student_init is not None:
+        rows.append(("student init", str(config.cd.student_init)))
     for n, rec in sorted(result.solvers.items(), key=lambda kv: int(kv[0])):
         rows.append((f"bespoke {n}-step", f"rmse {rec['rmse_bespoke']:.4g} (euler {rec['rmse_euler']:.4g})"))
     for key in ("fpd", "auc_low", "auc_high"):

@@ -5,7 +5,9 @@
 - ``method``: ``cd`` (consistency distillation: a new student network, trained), ``shortcut`` (the
   one-network route for flow-matching teachers: the teacher's network, step-conditioned, fine-tuned with
   the shortcut objective) or ``bns`` (bespoke solvers for the teacher itself: no weight changes);
-- ``cd``: the student's sampling steps recorded in the bundle, the target network's decay μ;
+- ``cd``: the student's sampling steps recorded in the bundle, the target network's decay μ, and
+  ``student_init`` (a distilled student of the base to start from instead of the teacher's weights:
+  CaloDiT-2's workflow for adapted teachers; ``distill.student_init``);
   ``objective``: its loss options (``objective.consistency_distillation``: N = 32, the teacher's Heun step;
   ``objective.shortcut`` for method ``shortcut``); ``shortcut``: the shortcut student's sampling steps and
   optional target network;
@@ -52,14 +54,21 @@ STUDENT_OF = {"edm": "consistency", "flow_matching": "consistency_fm"}
 @dataclass(frozen=True)
 class CDOptions:
     """Consistency distillation: ``num_steps`` the student's default sampling steps (1, 2 or 4 recorded in
-    the bundle; ``consistency`` sampler), ``target_decay`` μ of the target network θ⁻ (CaloDiT-2: 0.95)."""
+    the bundle; ``consistency`` sampler), ``target_decay`` μ of the target network θ⁻ (CaloDiT-2: 0.95),
+    ``student_init``: ``None`` (the student starts from the teacher's weights) or a distilled student of
+    the base to start from — a bundle directory or a registry URI (``models:/caloforge-base@fast``); the
+    adapted teacher's detector row, fitted transforms and layer-energy head are kept
+    (``caloforge.distill.student_init``)."""
 
     num_steps: int = 1
     target_decay: float = 0.95
+    student_init: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.num_steps, bool) or self.num_steps < 1:
             raise ValueError(f"cd.num_steps must be >= 1, got {self.num_steps!r}")
+        if self.student_init is not None and not str(self.student_init).strip():
+            raise ValueError("cd.student_init must be a bundle directory or a registry URI, or null")
         if not 0.0 <= self.target_decay < 1.0:
             raise ValueError(f"cd.target_decay must be in [0, 1), got {self.target_decay}")
 
@@ -211,6 +220,11 @@ class DistillConfig:
         if wanted is not None and self.objective.name != wanted:
             raise ValueError(
                 f"objective.name must be {wanted!r} for method {self.method}, got {self.objective.name!r}"
+            )
+        if self.method != "cd" and self.cd.student_init is not None:
+            raise ValueError(
+                f"cd.student_init is for method cd (a consistency student of the base), got method "
+                f"{self.method!r}"
             )
         if self.stream.mode != "resampled":
             raise ValueError(f"stream.mode must be 'resampled' for training, got {self.stream.mode!r}")

@@ -9,9 +9,12 @@ register.
    teacher's parametrisation (``cd``: ``edm`` → ``consistency`` student, ``flow_matching`` →
    ``consistency_fm``), the registered model name. Every problem is a ``ValueError`` naming it.
 2. **cd**: the student is the teacher's weights in the consistency parametrisation (``STUDENT_OF``), its
-   default sampler ``consistency`` × ``cd.num_steps``; the backbone trains (the layer-energy head stays the
-   teacher's) with ``consistency_distillation`` through the one job assembly and loop, the teacher frozen
-   and a target network with decay ``cd.target_decay``; checkpoints in the run directory (``--resume``).
+   default sampler ``consistency`` × ``cd.num_steps`` — or, with ``cd.student_init`` (an adapted teacher,
+   CaloDiT-2's workflow), the base's distilled student's backbone with the teacher's detector row, fitted
+   transforms and head (``distill.student_init``, validated in the plan); the backbone trains (the
+   layer-energy head stays the teacher's) with ``consistency_distillation`` through the one job assembly
+   and loop, the teacher frozen and a target network with decay ``cd.target_decay``; checkpoints in the run
+   directory (``--resume``).
    **bns**: the teacher's weights unchanged; one bespoke solver per ``bns.steps`` fitted against the
    reference solve of seeded noise with conditions of ``train`` showers (``distill.bns``), stored in the
    bundle (``ShowerModelConfig.bespoke``) with default sampler ``bespoke`` × ``bns.num_steps``; each fitted
@@ -30,6 +33,7 @@ register.
 Run directory (default ``$CALOFORGE_HOME/runs/distill-<teacher>-<method>-<name>``)::
 
     request.json  teacher/      checkpoints/ (cd)  bns/ (bns)  metrics.jsonl  distill.log
+    student_init/ (a registry ``cd.student_init``)  student_init.json (how the student was initialised)
     model/        report/student  report/teacher  result.json
 """
 
@@ -40,7 +44,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +54,7 @@ from caloforge.datasets.shards import Manifest
 from caloforge.distill.config import STUDENT_OF, DistillConfig
 from caloforge.platform.objectives import make_objective
 from caloforge.platform.shower_model import ShowerModel
-from caloforge.training.hooks import FailAfterStep
+from caloforge.training.hooks import FailAfterStep, PeriodicEval
 from caloforge.training.rundir import run_logging, start_or_resume, write_json
 
 __all__ = [
@@ -101,11 +105,20 @@ class DistillPlan:
     sampler: str
     num_steps: int
     register_name: str | None
+    student_init_dir: Path | None = None  # cd.student_init: the initialising student's bundle
+    student_init_uri: str | None = None
+    student_init_version: str | None = None
 
     def describe(self) -> dict[str, Any]:
+        init = "the teacher's weights"
+        if self.student_init_uri is not None:
+            init = self.student_init_uri + (
+                f" (version {self.student_init_version})" if self.student_init_version else ""
+            )
         return {
             "method": self.method,
             "teacher": self.parent_uri + (f" (version {self.parent_version})" if self.parent_version else ""),
+            **({"student_init": init} if self.method == "cd" else {}),
             "parametrisation": f"{self.teacher_parametrisation} -> {self.student_parametrisation}",
             "detectors": list(self.detectors),
             "train_showers": self.n_train,
@@ -151,29 +164,37 @@ class DistillResult:
 def _resolve_teacher(teacher: str, run_dir: Path) -> tuple[Path, str, str | None, str | None]:
     """(bundle dir, parent URI, version, registered name): a local bundle, or an exact registry version
     downloaded into ``run_dir/teacher`` (reused on resume when it is the same version)."""
-    path = Path(teacher)
+    return _resolve_bundle(teacher, run_dir, "teacher", "teacher")
+
+
+def _resolve_bundle(
+    ref: str, run_dir: Path, subdir: str, what: str
+) -> tuple[Path, str, str | None, str | None]:
+    """(bundle dir, URI, version, registered name) of a bundle directory or a registry reference (an exact
+    version downloaded into ``run_dir/subdir``, reused on resume when it is the same version)."""
+    path = Path(ref)
     if path.is_dir():
         ShowerModel.load(path)  # a clear error for a directory that is not a bundle
         return path.resolve(), str(path.resolve()), None, None
-    if not (teacher.startswith("models:/") or "@" in teacher):
+    if not (ref.startswith("models:/") or "@" in ref):
         raise ValueError(
-            f"teacher: {teacher!r} is neither a bundle directory nor a registry URI (models:/NAME/VERSION, "
+            f"{what}: {ref!r} is neither a bundle directory nor a registry URI (models:/NAME/VERSION, "
             "models:/NAME@ALIAS or NAME@ALIAS)"
         )
     from caloforge.registry.store import RegistryStore
 
     store = RegistryStore()
     try:
-        version = store.resolve(teacher)
+        version = store.resolve(ref)
     except ValueError as exc:
-        raise ValueError(f"teacher: {exc}") from None
-    target = run_dir / "teacher"
+        raise ValueError(f"{what}: {exc}") from None
+    target = run_dir / subdir
     marker = target / ".registry_uri"
     if marker.is_file() and marker.read_text() == version.uri:
         return target, version.uri, str(version.version), version.name
     if target.exists():
         raise ValueError(
-            f"{target}: holds another teacher ({marker.read_text() if marker.is_file() else '?'})"
+            f"{target}: holds another {what} ({marker.read_text() if marker.is_file() else '?'})"
         )
     store.download_bundle(version.uri, target)
     marker.write_text(version.uri)
@@ -206,6 +227,7 @@ def plan_distillation(config: DistillConfig, request: DistillRequest, run_dir: P
     if mesh.shape != teacher.mesh_shape:
         raise ValueError(f"data: the showers' mesh {mesh.shape} is not the teacher's {teacher.mesh_shape}")
     param = teacher.config.parametrisation
+    init_dir, init_uri, init_version = None, None, None
     if config.method == "cd":
         if param not in STUDENT_OF:
             raise ValueError(
@@ -215,6 +237,13 @@ def plan_distillation(config: DistillConfig, request: DistillRequest, run_dir: P
         student_param = STUDENT_OF[param]
         make_objective(config.objective, student_param)  # the objective fits the student
         sampler, num_steps = "consistency", config.cd.num_steps
+        if config.cd.student_init is not None:
+            from caloforge.distill.student_init import check_student_init
+
+            init_dir, init_uri, init_version, _ = _resolve_bundle(
+                config.cd.student_init, run_dir, "student_init", "cd.student_init"
+            )
+            check_student_init(teacher, ShowerModel.load(init_dir))
     elif config.method == "shortcut":
         from caloforge.platform.denoisers import STEP_TEACHERS
 
@@ -259,6 +288,9 @@ def plan_distillation(config: DistillConfig, request: DistillRequest, run_dir: P
         sampler=sampler,
         num_steps=num_steps,
         register_name=register_name,
+        student_init_dir=init_dir,
+        student_init_uri=init_uri,
+        student_init_version=init_version,
     )
 
 
@@ -321,14 +353,19 @@ def run_distillation(
     resume: bool = False,
     *,
     on_stage: Callable[[str, dict[str, Any]], None] | None = None,
+    extra_evals: Sequence[PeriodicEval] = (),
 ) -> DistillResult:
     """Run (or resume) one distillation; returns the :class:`DistillResult` (also ``run_dir/result.json``).
     ``on_stage(stage, data)`` is called when the run enters the evaluation (``"evaluate"``, with the steps),
-    as ``caloforge.adapt.pipeline.run_adaptation``'s."""
+    as ``caloforge.adapt.pipeline.run_adaptation``'s. ``extra_evals``: evaluations along a ``cd`` student's
+    training (``training.hooks.PeriodicEval``; their metrics land in ``metrics.jsonl``), as
+    ``training.run.train``'s."""
     run_dir = Path(run_dir) if run_dir is not None else _default_run_dir(config, request)
+    if extra_evals and config.method != "cd":
+        raise ValueError(f"extra_evals run along a trained student (method cd), not method {config.method!r}")
     record = {"request": request.to_dict(), "config": to_dict(config)}
     with run_logging(run_dir, "distill.log", config.torch_threads):
-        return _run(config, request, run_dir, resume, record, on_stage)
+        return _run(config, request, run_dir, resume, record, on_stage, tuple(extra_evals))
 
 
 def register_distillation(
@@ -363,6 +400,7 @@ def _run(
     resume: bool,
     record: dict[str, Any],
     on_stage: Callable[[str, dict[str, Any]], None] | None = None,
+    extra_evals: tuple[PeriodicEval, ...] = (),
 ) -> DistillResult:
     t0 = time.perf_counter()
     plan = plan_distillation(config, request, run_dir)
@@ -370,7 +408,7 @@ def _run(
     log.info("distillation %s: %s", run_dir, plan.describe())
     model_dir = run_dir / "model"
     if config.method in ("cd", "shortcut"):
-        steps, solvers = _distil_cd(config, request, plan, run_dir, model_dir), {}
+        steps, solvers = _distil_cd(config, request, plan, run_dir, model_dir, extra_evals), {}
     else:
         steps, solvers = _fit_bns(config, request, plan, run_dir, model_dir)
     if on_stage is not None:
@@ -413,6 +451,7 @@ def _lineage(config: DistillConfig, plan: DistillPlan, manifest: Manifest, group
             "run_name": config.name,
             "sampler": plan.sampler,
             "num_steps": str(plan.num_steps),
+            **_student_init_tags(plan),
         },
         kind="distilled",
         parent_uri=plan.parent_uri,
@@ -422,8 +461,23 @@ def _lineage(config: DistillConfig, plan: DistillPlan, manifest: Manifest, group
     )
 
 
+def _student_init_tags(plan: DistillPlan) -> dict[str, str]:
+    """Lineage extra / registry tags of a student initialised from another student (none otherwise)."""
+    if plan.student_init_uri is None:
+        return {}
+    tags = {"student_init": plan.student_init_uri}
+    if plan.student_init_version is not None:
+        tags["student_init_version"] = plan.student_init_version
+    return tags
+
+
 def _distil_cd(
-    config: DistillConfig, request: DistillRequest, plan: DistillPlan, run_dir: Path, model_dir: Path
+    config: DistillConfig,
+    request: DistillRequest,
+    plan: DistillPlan,
+    run_dir: Path,
+    model_dir: Path,
+    extra_evals: tuple[PeriodicEval, ...] = (),
 ) -> int:
     from caloforge.datasets.streaming import ShowerStream
     from caloforge.training import job
@@ -433,14 +487,23 @@ def _distil_cd(
 
     manifest = Manifest.load(request.data)
     teacher = ShowerModel.load(plan.teacher_dir)
+    target_decay = config.cd.target_decay
     if config.method == "shortcut":
         from caloforge.distill.shortcut import make_shortcut_student
 
         student = make_shortcut_student(teacher, config.shortcut.num_steps)
         target_decay = config.shortcut.target_decay
+    elif plan.student_init_dir is not None:
+        from caloforge.distill.student_init import init_student
+
+        student, report = init_student(teacher, ShowerModel.load(plan.student_init_dir), config.cd.num_steps)
+        log.info("student initialised from %s: %s", plan.student_init_uri, report.summary())
+        write_json(
+            run_dir / "student_init.json",
+            {"uri": plan.student_init_uri, "version": plan.student_init_version, **report.to_dict()},
+        )
     else:
         student = make_student(teacher, config.cd.num_steps)
-        target_decay = config.cd.target_decay
     # The backbone trains; the layer-energy head stays the teacher's (its loss term is then a constant).
     trainable = [p for n, p in student.named_parameters() if not n.startswith("energy_head.")]
     loss_fn, _ = job.loss_for(student, config.objective)
@@ -451,7 +514,9 @@ def _distil_cd(
     hooks: list[FailAfterStep] = []
     if config.fault_injection_step is not None:
         hooks.append(FailAfterStep(config.fault_injection_step, run_dir, "distillation"))
-    hooks = job.standard_hooks(run_dir / "metrics.jsonl", progress=config.progress, extra=hooks)
+    hooks = job.standard_hooks(
+        run_dir / "metrics.jsonl", progress=config.progress, evals=extra_evals, extra=hooks
+    )
     trainer = Trainer(
         student,
         loss_fn,
@@ -600,6 +665,7 @@ def _register(
         if plan.parent_version is not None:
             tags["parent_version"] = plan.parent_version
             tags["teacher_version"] = plan.parent_version
+        tags.update(_student_init_tags(plan))
         if len(plan.detectors) == 1:
             tags["target_detector"] = plan.detectors[0]
         for key in HEADLINE:

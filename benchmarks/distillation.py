@@ -1,0 +1,1090 @@
+"""Benchmark: the quality–speed study of distillation (issue #13) — few-step samplers against their teacher.
+
+Protocol (docs/distillation.md explains the numbers):
+
+1. **Teacher**: the ``configs/train/debug.yaml`` model (flow matching, ``debug`` backbone; ``--backbone S`` on
+   a GPU) trained with ``caloforge.training.run.train`` on the simulated ``par04-siw`` and ``pbwo4`` showers
+   (e- and pi+), one spare detector slot; cached in the work directory. A **fixed held-out set** of both
+   detectors (another simulation seed) is what every row is evaluated on.
+2. **Routes** (``--routes``, a comma-separated subset of ``ROUTES``; each yields rows = a bundle + a sampler
+   + a step count):
+   - ``euler``, ``midpoint``, ``heun``: the teacher at 1, 2, 4, 8, 16, 32 network evaluations (NFE; a
+     midpoint or Heun step takes two, so they start at 2);
+   - ``cd``: the consistency student (``caloforge distill --method cd``, ``configs/distill/cd.yaml`` at the
+     study's budget) sampled with 1, 2 and 4 steps;
+   - ``bns``: bespoke solvers for the teacher (``--method bns``, ``configs/distill/bns.yaml``) at 2, 4, 8;
+   - another route (the one-network route for flow-matching models) is one function added to ``ROUTES``:
+     ``route(ctx) -> list[Candidate]`` (see ``route_cd``).
+3. **Quality** of every row: ``caloforge.evaluation.evaluate_model`` on the held-out set with the same seeds:
+   classifier AUCs on high-level features (``auc_high``) and voxels (``auc_low``; 0.5 = indistinguishable),
+   FPD and KPD beside their data-vs-data floor (two halves of the held-out set).
+4. **Speed** of every row: the row's graph exported to ONNX (``caloforge.registry.export.export_onnx``,
+   plain fp32, parity-checked against PyTorch) and run in onnxruntime on ONE CPU thread (the ``grid`` session
+   profile) at batch 1 and ``--batch`` (default 100): ms per shower (wall). With CUDA present, also eager
+   PyTorch on the GPU at batch 100 and 1000.
+5. **Adapted models distil like the base** (``--no-adapted`` skips it): the teacher adapted to the held-out
+   ``lar-pb`` (``caloforge adapt``, full fine-tuning, ``configs/adapt/full.yaml``) is distilled (a) from the
+   base's distilled student (``cd.student_init``, CaloDiT-2's workflow) and (b) from its own weights, with
+   the same budget, data order and seeds; the consistency loss on a fixed probe of ``lar-pb`` showers
+   (``distill.student_init.probe_consistency_loss``) is logged along both runs, and a shorter run from the
+   base student is added. Reported: the steps and wall time the base-student start needs to reach the
+   from-scratch run's final consistency loss, and the 1-step AUCs of every run on ``lar-pb`` held-out showers.
+
+Goal checks printed (issue #13): the 1-step student's ``auc_high`` within 0.05 of the teacher's at 32 NFE (the
+best sampler there), and at equal quality (``auc_high`` ≤ the student's) ≥ 10× faster (ONNX, one thread,
+batch 1) than the fastest teacher row of any sampler.
+
+Outputs: a table, ``<results>_pareto.png`` (quality vs ms per shower, log x; the non-dominated front joined)
+and the JSON record (default ``benchmarks/results/distillation.json``; ``--quick``:
+``distillation_quick.json``). Finished pieces (teacher, distillations, rows) are cached in the work directory
+(``--work-dir``, default ``$CALOFORGE_HOME/bench/distillation-<backbone>[_quick]``).
+
+    .venv/bin/python benchmarks/distillation.py --quick          # the smoke run (tests): well under a minute
+    nice .venv/bin/python benchmarks/distillation.py             # the CPU study (debug backbone, ~21 min)
+    .venv/bin/python benchmarks/distillation.py --device cuda --backbone S   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from common import RESULTS, git_commit, write_results
+
+REPO = Path(__file__).resolve().parents[1]
+
+BASE_DETECTORS = ("par04-siw", "pbwo4")
+ADAPT_TARGET = "lar-pb"
+PARTICLES = ("e-", "pi+")
+TEACHER_SAMPLERS = ("euler", "midpoint", "heun")
+GOAL_AUC_GAP, GOAL_SPEEDUP = 0.05, 10.0
+QUALITY = "auc_high"  # the Pareto front's and the goal's quality (lower is better)
+METRICS = ("auc_high", "auc_low", "fpd", "floor/fpd", "kpd", "floor/kpd")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything that decides the study's numbers (hashed into the cache keys)."""
+
+    backbone: str
+    device: str
+    threads: int  # torch intra-op threads for training and evaluation (0: torch's default)
+    # teacher
+    base_showers: int  # per base detector
+    base_steps: int
+    batch_size: int
+    n_eval: int  # the fixed held-out set (as many showers generated per row)
+    nfe: tuple[int, ...]
+    # consistency distillation
+    cd_steps: int
+    cd_batch_size: int
+    cd_lr: float
+    cd_sampling: tuple[int, ...]
+    # bespoke solvers
+    bns_steps: tuple[int, ...]
+    bns_iterations: int
+    bns_n_train: int
+    bns_reference_steps: int
+    bns_lr: float
+    # timing
+    batch: int  # the large CPU batch (batch 1 always)
+    gpu_batches: tuple[int, ...]
+    min_time_s: float
+    max_reps: int
+    # adapted models
+    adapt_showers: int
+    adapt_steps: int
+    adapted_cd_steps: int
+    adapted_short_steps: int
+    probe_showers: int
+    probe_every: int
+    n_eval_adapted: int
+    energy_gev: tuple[float, float] = (2.0, 100.0)
+    seed: int = 0
+
+    def key(self, *fields: str, **extra: Any) -> str:
+        data = {f: getattr(self, f) for f in fields} | extra
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+
+    def teacher_key(self) -> str:
+        return self.key("backbone", "base_showers", "base_steps", "batch_size", "energy_gev", "seed")
+
+    def cd_key(self) -> str:
+        return self.key("cd_steps", "cd_batch_size", "cd_lr", teacher=self.teacher_key())
+
+    def bns_key(self) -> str:
+        return self.key(
+            "bns_steps",
+            "bns_iterations",
+            "bns_n_train",
+            "bns_reference_steps",
+            "bns_lr",
+            t=self.teacher_key(),
+        )
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    if args.quick:
+        plan = Plan(
+            backbone=args.backbone,
+            device=args.device,
+            threads=1,
+            base_showers=100,  # the pipelines' own check needs >= 20 test-split showers (10 %)
+            base_steps=6,
+            batch_size=8,
+            n_eval=40,
+            nfe=(1, 2),
+            cd_steps=4,
+            cd_batch_size=8,
+            cd_lr=1e-3,
+            cd_sampling=(1, 2),
+            bns_steps=(2,),
+            bns_iterations=3,
+            bns_n_train=8,
+            bns_reference_steps=4,
+            bns_lr=5e-3,
+            batch=10,
+            gpu_batches=(10, 100),
+            min_time_s=0.02,
+            max_reps=2,
+            adapt_showers=140,
+            adapt_steps=2,
+            adapted_cd_steps=4,
+            adapted_short_steps=2,
+            probe_showers=8,
+            probe_every=2,
+            n_eval_adapted=20,
+        )
+    else:  # the CPU study (debug backbone, about 25 minutes on 2 contended cores)
+        plan = Plan(
+            backbone=args.backbone,
+            device=args.device,
+            threads=1,  # on a shared 2-core machine a second thread thrashes
+            base_showers=1000,
+            base_steps=400,
+            batch_size=32,
+            n_eval=200,
+            nfe=(1, 2, 4, 8, 16, 32),
+            cd_steps=160,
+            cd_batch_size=32,
+            cd_lr=5e-4,
+            cd_sampling=(1, 2, 4),
+            bns_steps=(2, 4, 8),
+            bns_iterations=60,
+            bns_n_train=96,
+            bns_reference_steps=32,
+            bns_lr=5e-3,
+            batch=100,
+            gpu_batches=(100, 1000),
+            min_time_s=0.5,
+            max_reps=10,
+            adapt_showers=400,
+            adapt_steps=40,
+            adapted_cd_steps=40,
+            adapted_short_steps=10,
+            probe_showers=48,
+            probe_every=5,
+            n_eval_adapted=150,
+        )
+    changes: dict[str, Any] = {}
+    for name in ("base_steps", "base_showers", "n_eval", "cd_steps", "bns_iterations", "adapted_cd_steps"):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value
+    if args.threads is not None:
+        changes["threads"] = args.threads
+    plan = dataclasses.replace(plan, **changes)
+    if plan.n_eval < 20 or plan.n_eval_adapted < 20 or min(plan.nfe) < 1 or plan.cd_steps < 1:
+        raise ValueError("n_eval and n_eval_adapted must be >= 20, NFE >= 1, cd_steps >= 1")
+    if not 1 <= plan.adapted_short_steps <= plan.adapted_cd_steps:
+        raise ValueError("adapted_short_steps must be in [1, adapted_cd_steps]")
+    return plan
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+def cached(path: Path, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``fn()``'s record kept in ``path`` (a JSON file; a rerun reuses it)."""
+    if path.is_file():
+        return json.loads(path.read_text()) | {"cached": True}
+    record = fn()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return record | {"cached": False}
+
+
+def eval_config(n: int) -> Any:
+    """The evaluation of every row (as ``configs/eval/ci.yaml``: small classifiers; no groups, no plots)."""
+    from caloforge.config import from_dict
+    from caloforge.evaluation.config import EvalConfig
+
+    return from_dict(
+        EvalConfig,
+        {
+            "seed": 0,
+            "n_bins": 30,
+            "metrics": ["response", "fpd", "kpd", "cls_low", "cls_high"],
+            "floor_metrics": ["fpd", "kpd"],
+            "classifier": {
+                "hidden": 64,
+                "n_layers": 2,
+                "lr": 1.0e-3,
+                "epochs": 8 if n >= 200 else 2,
+                "batch_size": 256,
+                "patience": 3,
+                "n_seeds": 2 if n >= 200 else 1,
+            },
+            "fpd": {
+                "min_samples": max(10, min(200, n // 4)),
+                "max_samples": max(15, n // 2),
+                "num_points": 5 if n >= 200 else 2,
+                "num_batches": 4 if n >= 200 else 2,
+            },
+            "kpd": {"batch_size": max(10, min(500, n // 4)), "num_batches": 6 if n >= 200 else 2},
+            "groups": {"enabled": False},
+            "plots": {"enabled": False},
+        },
+        "benchmarks/distillation.py eval",
+    )
+
+
+def simulate(detectors: tuple[str, ...], n: int, seed: int, plan: Plan, out: Path, split: tuple) -> Path:
+    """``n`` showers per detector simulated and sharded into ``out/shards`` (cached)."""
+    from caloforge.datasets.prepare import SimulateConfig, prepare_shards
+    from caloforge.datasets.shards import ShardConfig, SplitFractions
+
+    spec = SimulateConfig(
+        detectors=detectors,
+        particles=PARTICLES,
+        n_per_detector=n,
+        energy_gev=plan.energy_gev,
+        seed=seed,
+        shards=ShardConfig(showers_per_shard=500, split=SplitFractions(*split), seed=seed),
+    )
+    return prepare_shards(None, spec, out)
+
+
+def model_config(plan: Plan) -> dict[str, Any]:
+    model = dict(yaml.safe_load((REPO / "configs" / "train" / "debug.yaml").read_text())["model"])
+    model["backbone"] = plan.backbone
+    return model
+
+
+def train_teacher(plan: Plan, work: Path) -> dict[str, Any]:
+    """The teacher: ``configs/train/debug.yaml`` on the base detectors at the study's budget (cached)."""
+    from caloforge.config import from_dict
+    from caloforge.training.run import TrainConfig, train
+
+    run_dir = work / f"teacher-{plan.teacher_key()}"
+    path = REPO / "configs" / "train" / "debug.yaml"
+    data = yaml.safe_load(path.read_text())
+    loop = data["loop"]
+    loop.update(
+        steps=plan.base_steps,
+        batch_size=plan.batch_size,
+        log_every=max(1, min(50, plan.base_steps // 4)),
+        checkpoint_every=plan.base_steps,
+        seed=plan.seed,
+    )
+    data.update(
+        name="distillation-bench-teacher",
+        model=model_config(plan),
+        loop=loop,
+        eval={"every": 0},
+        device=plan.device,
+        keep_checkpoints=1,
+        progress=False,
+        torch_threads=plan.threads,
+    )
+    data["data"]["simulate"].update(
+        detectors=list(BASE_DETECTORS),
+        n_per_detector=plan.base_showers,
+        energy_gev=list(plan.energy_gev),
+        shards={"showers_per_shard": 500, "seed": 7},
+    )
+    data["data"]["spare_detector_slots"] = 1  # the adapted detector's slot
+    config = from_dict(TrainConfig, data, str(path))
+
+    def run() -> dict[str, Any]:
+        if run_dir.exists():  # an interrupted run: start again (the record is written only when finished)
+            shutil.rmtree(run_dir)
+        t0 = time.perf_counter()
+        result = train(config, run_dir)
+        return {
+            "model_dir": str(result.model_dir),
+            "shards": str(result.manifest_dir),
+            "steps": result.steps,
+            "final_loss": result.final_loss,
+            "wall_s": time.perf_counter() - t0,
+        }
+
+    print(f"teacher: {run_dir}", flush=True)
+    return cached(work / f"teacher-{plan.teacher_key()}.json", run)
+
+
+def distill_config(
+    plan: Plan, method: str, name: str, steps: int | None = None, student_init: str | None = None
+):
+    """``configs/distill/<method>.yaml`` at the study's budget; registration off; the pipeline's own
+    evaluation reduced to its minimum (every row is evaluated on the fixed held-out set)."""
+    from caloforge.config import from_dict
+    from caloforge.distill.config import DistillConfig
+
+    path = REPO / "configs" / "distill" / f"{method}.yaml"
+    data = yaml.safe_load(path.read_text())
+    if method == "cd":
+        n = steps if steps is not None else plan.cd_steps
+        data["loop"].update(
+            steps=n,
+            batch_size=plan.cd_batch_size,
+            log_every=max(1, min(10, n // 4)),
+            checkpoint_every=n,
+            seed=plan.seed,
+        )
+        data["loop"]["optim"]["lr"] = plan.cd_lr
+        data["cd"].update(num_steps=1, student_init=student_init)
+    else:
+        data["bns"].update(
+            steps=list(plan.bns_steps),
+            num_steps=max(plan.bns_steps),
+            reference_steps=plan.bns_reference_steps,
+            n_train=plan.bns_n_train,
+            n_heldout=max(8, plan.bns_n_train // 4),
+            batch_size=min(32, plan.bns_n_train),
+            iterations=plan.bns_iterations,
+            lr=plan.bns_lr,
+            seed=plan.seed,
+        )
+    data.update(
+        name=name,
+        eval={
+            "n_showers": 20,
+            "split": "test",
+            "metrics": {
+                "metrics": ["response"],
+                "floor": False,
+                "groups": {"enabled": False},
+                "plots": {"enabled": False},
+            },
+        },
+        register={"enabled": False},
+        device=plan.device,
+        progress=False,
+        torch_threads=plan.threads,
+    )
+    return from_dict(DistillConfig, data, str(path))
+
+
+def distil(plan: Plan, work: Path, teacher: dict, method: str, key: str) -> dict[str, Any]:
+    from caloforge.distill.pipeline import DistillRequest, run_distillation
+
+    run_dir = work / f"{method}-{key}"
+
+    def run() -> dict[str, Any]:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        t0 = time.perf_counter()
+        config = distill_config(plan, method, f"bench-{method}")
+        result = run_distillation(
+            config, DistillRequest(teacher["model_dir"], Path(teacher["shards"])), run_dir
+        )
+        return {
+            "model_dir": str(result.model_dir),
+            "steps": result.steps,
+            "solvers": result.solvers,
+            "wall_s": time.perf_counter() - t0,
+        }
+
+    print(f"{method}: {run_dir}", flush=True)
+    return cached(work / f"{method}-{key}.json", run)
+
+
+# -- routes -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Candidate:
+    """One row of the study: a bundle sampled with ``sampler`` × ``num_steps`` (``nfe`` network calls)."""
+
+    label: str
+    route: str
+    kind: str  # teacher | student | solver
+    bundle: str
+    sampler: str
+    num_steps: int
+    nfe: int
+
+
+@dataclass
+class Context:
+    plan: Plan
+    work: Path
+    teacher: dict[str, Any]
+    distilled: dict[str, dict[str, Any]]  # method -> its distil() record (filled by the routes)
+
+
+def teacher_route(sampler_name: str) -> Callable[[Context], list[Candidate]]:
+    def route(ctx: Context) -> list[Candidate]:
+        """The teacher with ``sampler_name`` at each NFE of the grid it can reach (the most steps whose NFE
+        does not exceed the target; duplicates dropped)."""
+        from caloforge.platform.samplers import get_sampler
+        from caloforge.platform.shower_model import ShowerModel
+
+        model = ShowerModel.load(ctx.teacher["model_dir"])
+        sampler = get_sampler(sampler_name)
+        singular = bool(model.denoiser.final_singular)
+        out: dict[int, Candidate] = {}
+        for target in ctx.plan.nfe:
+            steps = max((n for n in range(1, target + 1) if sampler.nfe(n, singular) <= target), default=None)
+            if steps is None:
+                continue
+            nfe = sampler.nfe(steps, singular)
+            out.setdefault(
+                nfe,
+                Candidate(
+                    f"{sampler_name} {nfe}",
+                    sampler_name,
+                    "teacher",
+                    ctx.teacher["model_dir"],
+                    sampler_name,
+                    steps,
+                    nfe,
+                ),
+            )
+        return list(out.values())
+
+    return route
+
+
+def route_cd(ctx: Context) -> list[Candidate]:
+    """The consistency student (``caloforge distill --method cd``) at ``plan.cd_sampling`` steps."""
+    rec = distil(ctx.plan, ctx.work, ctx.teacher, "cd", ctx.plan.cd_key())
+    ctx.distilled["cd"] = rec
+    return [
+        Candidate(f"cd {n}", "cd", "student", rec["model_dir"], "consistency", n, n)
+        for n in ctx.plan.cd_sampling
+    ]
+
+
+def route_bns(ctx: Context) -> list[Candidate]:
+    """Bespoke solvers for the teacher (``caloforge distill --method bns``) at ``plan.bns_steps``."""
+    rec = distil(ctx.plan, ctx.work, ctx.teacher, "bns", ctx.plan.bns_key())
+    ctx.distilled["bns"] = rec
+    return [
+        Candidate(f"bns {n}", "bns", "solver", rec["model_dir"], "bespoke", n, n) for n in ctx.plan.bns_steps
+    ]
+
+
+# name -> route(ctx) -> candidates. Another route (e.g. the one-network route for flow-matching models) is
+# one entry here: distil its bundle (cached like ``distil``), return its candidates.
+ROUTES: dict[str, Callable[[Context], list[Candidate]]] = {
+    **{name: teacher_route(name) for name in TEACHER_SAMPLERS},
+    "cd": route_cd,
+    "bns": route_bns,
+}
+
+
+# -- measurements -----------------------------------------------------------------------------------------
+TIMING = "best of >= 3 calls after a warm-up (a shared machine: the fastest call is the least disturbed)"
+
+
+def timed(fn: Callable[[], object], min_time_s: float, max_reps: int) -> tuple[float, float, int]:
+    """(fastest, median wall s per call, calls) of at least 3 (and until ``min_time_s`` or ``max_reps``)
+    ``fn()`` calls after one warm-up call."""
+    fn()
+    times: list[float] = []
+    while len(times) < 3 or (len(times) < max_reps and sum(times) < min_time_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    ordered = sorted(times)
+    return ordered[0], ordered[len(ordered) // 2], len(times)
+
+
+def measure(c: Candidate, plan: Plan, heldout: Any, work: Path) -> dict[str, Any]:
+    """Quality on the held-out set and ms per shower (ONNX on one CPU thread; CUDA when present)."""
+    import numpy as np
+    import torch
+
+    from caloforge.evaluation.api import evaluate_model
+    from caloforge.platform.shower_model import ShowerModel, derive_seeds
+    from caloforge.registry.export import export_onnx
+    from caloforge.registry.onnx_graph import SamplerGraph, seeded_noise
+    from caloforge.registry.onnx_runtime import onnx_feeds, ort_session
+
+    model = ShowerModel.load(c.bundle)
+    t0 = time.perf_counter()
+    report = evaluate_model(
+        model, heldout, None, eval_config(len(heldout)), sampler=c.sampler, num_steps=c.num_steps
+    )
+    metrics = {k: float(v) for k, v in report.metrics.items() if isinstance(v, int | float)}
+    eval_s = time.perf_counter() - t0
+    onnx_dir = work / "onnx"
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    path = onnx_dir / f"{c.label.replace(' ', '-')}.onnx"
+    info = export_onnx(
+        model,
+        path,
+        sampler=c.sampler,
+        num_steps=c.num_steps,
+        exporter="legacy",
+        variant="plain",
+        parity_batch_sizes=(1, 2),
+        overwrite=True,
+    )
+    if info.nfe != c.nfe:
+        raise ValueError(f"{c.label}: the graph makes {info.nfe} network calls, the row says {c.nfe}")
+    session = ort_session(path, threads=1, profile="grid")
+    detectors = list(model.vocab.detectors)
+    ms: dict[str, float] = {}
+    for batch in (1, plan.batch):
+        idx = np.arange(batch) % len(heldout)
+        cond = heldout.conditions.subset(idx)
+        feeds = onnx_feeds(
+            detectors, cond, *seeded_noise(derive_seeds(7, batch), model.mesh_shape, model.has_energy_head)
+        )
+        best, median, _ = timed(lambda f=feeds: session.run(None, f), plan.min_time_s, plan.max_reps)
+        ms[f"onnx_cpu1_b{batch}"] = 1e3 * best / batch
+        ms[f"onnx_cpu1_b{batch}_median"] = 1e3 * median / batch
+    mb = path.stat().st_size / 2**20
+    path.unlink()
+    if torch.cuda.is_available():
+        gpu = ShowerModel.load(c.bundle, device="cuda").eval()
+        graph = SamplerGraph(gpu, num_steps=c.num_steps, sampler=c.sampler).eval()
+        for batch in plan.gpu_batches:
+            idx = np.arange(batch) % len(heldout)
+            feeds = onnx_feeds(
+                detectors,
+                heldout.conditions.subset(idx),
+                *seeded_noise(derive_seeds(7, batch), gpu.mesh_shape, gpu.has_energy_head),
+            )
+            args = tuple(torch.from_numpy(feeds[n]).cuda() for n in graph.input_names)
+
+            def run(a: tuple = args) -> None:
+                with torch.inference_mode():
+                    graph(*a)
+                torch.cuda.synchronize()
+
+            best, median, _ = timed(run, plan.min_time_s, plan.max_reps)
+            ms[f"cuda_b{batch}"] = 1e3 * best / batch
+            ms[f"cuda_b{batch}_median"] = 1e3 * median / batch
+        del gpu, graph
+    return {
+        **dataclasses.asdict(c),
+        "metrics": {
+            k: metrics[k]
+            for k in sorted(metrics)
+            if k.startswith(("auc", "fpd", "kpd", "floor/", "response"))
+        },
+        "eval_s": eval_s,
+        "ms_per_shower": ms,
+        "onnx": {"mb": mb, "export_s": info.export_seconds, "parity_max_rel_err": info.parity.max_rel_err},
+    }
+
+
+def pareto_front(rows: list[dict], quality: str = QUALITY, speed: str = "onnx_cpu1_b1") -> list[str]:
+    """Labels of the non-dominated rows (no other row is at least as fast and as good, and better in one)."""
+    pts = [
+        (r["label"], r["ms_per_shower"][speed], r["metrics"][quality])
+        for r in rows
+        if math.isfinite(r["metrics"].get(quality, math.nan))
+    ]
+    front = []
+    for label, x, y in pts:
+        dominated = any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for _, x2, y2 in pts)
+        if not dominated:
+            front.append((x, label))
+    return [label for _, label in sorted(front)]
+
+
+def goal_check(rows: list[dict], speed: str = "onnx_cpu1_b1") -> dict[str, Any]:
+    """The issue's two goals for the 1-step student (``cd 1``) against the teacher rows."""
+    by = {r["label"]: r for r in rows}
+    teacher = [
+        r for r in rows if r["kind"] == "teacher" and math.isfinite(r["metrics"].get(QUALITY, math.nan))
+    ]
+    student = by.get("cd 1")
+    if student is None or not teacher:
+        return {"status": "not measured (needs the cd route and a teacher sampler)"}
+    q = student["metrics"][QUALITY]
+    ms = student["ms_per_shower"][speed]
+    at32 = [r for r in teacher if r["nfe"] == max(t["nfe"] for t in teacher)]
+    ref = min(at32, key=lambda r: r["metrics"][QUALITY])
+    gap = q - ref["metrics"][QUALITY]
+    matching = [r for r in teacher if r["metrics"][QUALITY] <= q]
+    out: dict[str, Any] = {
+        "student": "cd 1",
+        "student_auc_high": q,
+        "student_ms": ms,
+        "teacher_reference": ref["label"],
+        "teacher_reference_auc_high": ref["metrics"][QUALITY],
+        "auc_gap": gap,
+        "auc_goal_met": bool(gap <= GOAL_AUC_GAP),
+    }
+    if matching:
+        fastest = min(matching, key=lambda r: r["ms_per_shower"][speed])
+        speedup = fastest["ms_per_shower"][speed] / ms
+        out.update(
+            equal_quality_teacher=fastest["label"],
+            equal_quality_teacher_ms=fastest["ms_per_shower"][speed],
+            speedup=speedup,
+            speedup_lower_bound=False,
+        )
+    else:  # no teacher row is as good: compare with the teacher's best row (a lower bound)
+        best = min(teacher, key=lambda r: r["metrics"][QUALITY])
+        speedup = best["ms_per_shower"][speed] / ms
+        out.update(
+            equal_quality_teacher=best["label"] + " (no teacher row is as good: lower bound)",
+            equal_quality_teacher_ms=best["ms_per_shower"][speed],
+            speedup=speedup,
+            speedup_lower_bound=True,
+        )
+    out["speedup_goal_met"] = bool(speedup >= GOAL_SPEEDUP)
+    return out
+
+
+# -- adapted models ----------------------------------------------------------------------------------------
+def adapted_study(plan: Plan, work: Path, teacher: dict, base_student: dict) -> dict[str, Any]:
+    """The adapted teacher distilled from the base's student vs from its own weights (module docstring)."""
+    import numpy as np
+
+    from caloforge.adapt.config import AdaptConfig
+    from caloforge.adapt.pipeline import AdaptRequest, run_adaptation
+    from caloforge.config import from_dict
+    from caloforge.datasets.streaming import load_split
+    from caloforge.distill.pipeline import DistillRequest, make_student, run_distillation
+    from caloforge.distill.student_init import init_student, probe_consistency_loss
+    from caloforge.evaluation.api import evaluate_model
+    from caloforge.platform.shower_model import ShowerModel
+    from caloforge.training.hooks import PeriodicEval
+
+    fields = ("adapt_showers", "adapt_steps", "adapted_cd_steps", "adapted_short_steps", "probe_showers")
+    key = plan.key(*fields, "probe_every", "n_eval_adapted", "cd_batch_size", "cd_lr", base=plan.cd_key())
+    root = work / f"adapted-{key}"
+    data = simulate(
+        (ADAPT_TARGET,), plan.adapt_showers, 300 + plan.seed, plan, root / "data", (0.85, 0.0, 0.15)
+    )
+    heldout = load_split(
+        simulate(
+            (ADAPT_TARGET,), plan.n_eval_adapted, 400 + plan.seed, plan, root / "heldout", (0.0, 0.0, 1.0)
+        ),
+        "test",
+    )
+    probe = heldout.subset(np.arange(min(plan.probe_showers, len(heldout))))
+
+    def adapt() -> dict[str, Any]:
+        path = REPO / "configs" / "adapt" / "full.yaml"
+        cfg = yaml.safe_load(path.read_text())
+        cfg["loop"].update(
+            steps=plan.adapt_steps,
+            batch_size=plan.batch_size,
+            log_every=max(1, min(10, plan.adapt_steps // 4)),
+            checkpoint_every=plan.adapt_steps,
+            seed=plan.seed,
+        )
+        cfg.update(
+            name="bench",
+            eval={
+                "n_showers": 20,
+                "split": "test",
+                "num_steps": 1,
+                "metrics": {
+                    "metrics": ["response"],
+                    "floor": False,
+                    "groups": {"enabled": False},
+                    "plots": {"enabled": False},
+                },
+            },
+            register={"enabled": False},
+            device=plan.device,
+            progress=False,
+            torch_threads=plan.threads,
+        )
+        run_dir = root / "adapt"
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        t0 = time.perf_counter()
+        result = run_adaptation(
+            from_dict(AdaptConfig, cfg, str(path)),
+            AdaptRequest(teacher["model_dir"], ADAPT_TARGET, data),
+            run_dir,
+        )
+        return {"model_dir": str(result.model_dir), "steps": result.steps, "wall_s": time.perf_counter() - t0}
+
+    adapted = cached(root / "adapt.json", adapt)
+    print(
+        f"adapted teacher ({ADAPT_TARGET}, full, {adapted['steps']} steps): {adapted['model_dir']}",
+        flush=True,
+    )
+    adapted_model = ShowerModel.load(adapted["model_dir"]).eval()
+
+    def probe_loss(model: Any) -> float:
+        return probe_consistency_loss(
+            model, adapted_model, probe.showers_NZPR, probe.conditions, seed=plan.seed
+        )
+
+    def cd_run(name: str, steps: int, init: str | None) -> dict[str, Any]:
+        run_dir = root / name
+
+        def run() -> dict[str, Any]:
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            if init is None:
+                start = make_student(adapted_model)
+            else:
+                start, _ = init_student(adapted_model, ShowerModel.load(init))
+            curve = [{"step": 0, "probe": probe_loss(start)}]
+            hook = PeriodicEval(plan.probe_every, lambda m: {"consistency": probe_loss(m)}, prefix="probe")
+            config = distill_config(plan, "cd", f"bench-{name}", steps=steps, student_init=init)
+            t0 = time.perf_counter()
+            result = run_distillation(
+                config, DistillRequest(adapted["model_dir"], data), run_dir, extra_evals=[hook]
+            )
+            wall = time.perf_counter() - t0
+            curve += [{"step": s, "probe": m["probe/consistency"]} for s, m in hook.history]
+            report = evaluate_model(result.model_dir, heldout, None, eval_config(len(heldout)), num_steps=1)
+            metrics = {k: float(v) for k, v in report.metrics.items() if k in METRICS}
+            return {"name": name, "steps": steps, "student_init": init, "wall_s": wall, "curve": curve,
+                    "metrics_1step": metrics, "model_dir": str(result.model_dir)}  # fmt: skip
+
+        print(f"adapted cd {name}: {run_dir}", flush=True)
+        return cached(root / f"{name}.json", run)
+
+    runs = [
+        cd_run("from-base-student", plan.adapted_cd_steps, base_student["model_dir"]),
+        cd_run("from-teacher", plan.adapted_cd_steps, None),
+        cd_run("from-base-student-short", plan.adapted_short_steps, base_student["model_dir"]),
+    ]
+
+    def teacher_eval() -> dict[str, Any]:
+        report = evaluate_model(adapted["model_dir"], heldout, None, eval_config(len(heldout)))
+        return {k: float(v) for k, v in report.metrics.items() if k in METRICS}
+
+    teacher_metrics = cached(root / "teacher_eval.json", teacher_eval)
+    return adapted_headline(runs, adapted, teacher_metrics)
+
+
+def adapted_headline(runs: list[dict], adapted: dict, teacher_metrics: dict) -> dict[str, Any]:
+    """Steps and wall time the base-student start needs to reach the from-scratch run's final loss; AUCs."""
+    by = {r["name"]: r for r in runs}
+    init, scratch = by["from-base-student"], by["from-teacher"]
+    target = scratch["curve"][-1]["probe"]
+    reached = next((p["step"] for p in init["curve"] if p["probe"] <= target), None)
+    out: dict[str, Any] = {
+        "adapted_teacher": {k: adapted[k] for k in ("model_dir", "steps", "wall_s")},
+        "adapted_teacher_metrics": {k: v for k, v in teacher_metrics.items() if k != "cached"},
+        "runs": runs,
+        "initial_probe": {
+            "from_base_student": init["curve"][0]["probe"],
+            "from_teacher": scratch["curve"][0]["probe"],
+        },
+        "scratch_final_probe": target,
+        "scratch_steps": scratch["steps"],
+        "steps_to_scratch_final": reached,
+    }
+    if reached is not None:
+        # reached at the first probe (step 0: before any step) -> the ratio is only a lower bound
+        out["step_ratio_lower_bound"] = reached == init["curve"][0]["step"]
+        out["step_ratio"] = scratch["steps"] / max(reached, 1)
+        out["wall_ratio"] = scratch["wall_s"] / max(init["wall_s"] * max(reached, 1) / init["steps"], 1e-9)
+    short = by.get("from-base-student-short")
+    if short is not None:
+        out["short_auc_high"] = short["metrics_1step"].get("auc_high")
+        out["scratch_auc_high"] = scratch["metrics_1step"].get("auc_high")
+        out["short_matches_scratch_auc"] = bool(
+            out["short_auc_high"] is not None
+            and out["scratch_auc_high"] is not None
+            and out["short_auc_high"] <= out["scratch_auc_high"]
+        )
+    return out
+
+
+# -- output -----------------------------------------------------------------------------------------------
+def fmt(x: float | None, spec: str = ".3g") -> str:
+    return "-" if x is None or not isinstance(x, int | float) or not math.isfinite(x) else format(x, spec)
+
+
+def print_table(rows: list[dict], front: list[str], batch: int) -> None:
+    gpu = sorted({k for r in rows for k in r["ms_per_shower"] if k.startswith("cuda") and "median" not in k})
+    header = (
+        f"{'row':13} {'NFE':>4} {'AUC hi':>7} {'AUC lo':>7} {'FPD':>9} {'floor':>9} {'KPD':>9} "
+        f"{'ms b=1':>8} {'ms b=' + str(batch):>9}" + "".join(f" {k:>11}" for k in gpu) + "  front"
+    )
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in rows:
+        m, t = r["metrics"], r["ms_per_shower"]
+        print(
+            f"{r['label']:13} {r['nfe']:>4} {fmt(m.get('auc_high'), '.3f'):>7} "
+            f"{fmt(m.get('auc_low'), '.3f'):>7} "
+            f"{fmt(m.get('fpd')):>9} {fmt(m.get('floor/fpd')):>9} {fmt(m.get('kpd')):>9} "
+            f"{fmt(t.get('onnx_cpu1_b1'), '.2f'):>8} {fmt(t.get(f'onnx_cpu1_b{batch}'), '.2f'):>9}"
+            + "".join(f" {fmt(t.get(k), '.3f'):>11}" for k in gpu)
+            + ("  *" if r["label"] in front else "")
+        )
+
+
+def plot(rows: list[dict], front: list[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"euler": "C0", "midpoint": "C1", "heun": "C2", "cd": "C3", "bns": "C4"}
+    markers = {"teacher": "o", "student": "s", "solver": "^"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, key, label in (
+        (axes[0], "auc_high", "classifier AUC, high-level features"),
+        (axes[1], "fpd", "FPD"),
+    ):
+        by_route: dict[str, list[dict]] = {}
+        for r in rows:
+            if math.isfinite(r["metrics"].get(key, math.nan)):
+                by_route.setdefault(r["route"], []).append(r)
+        for route, rs in by_route.items():
+            rs = sorted(rs, key=lambda r: r["nfe"])
+            ax.plot(
+                [r["ms_per_shower"]["onnx_cpu1_b1"] for r in rs],
+                [r["metrics"][key] for r in rs],
+                ls="--" if rs[0]["kind"] == "teacher" else "-",
+                marker=markers.get(rs[0]["kind"], "o"),
+                color=colours.get(route),
+                label=route,
+            )
+            for r in rs:
+                xy = (r["ms_per_shower"]["onnx_cpu1_b1"], r["metrics"][key])
+                ax.annotate(str(r["nfe"]), xy, fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if key == "auc_high":
+            pts = sorted(
+                (r["ms_per_shower"]["onnx_cpu1_b1"], r["metrics"][key]) for r in rows if r["label"] in front
+            )
+            if pts:
+                ax.step(
+                    *zip(*pts, strict=True), where="post", color="k", lw=1.5, alpha=0.5, label="Pareto front"
+                )
+            ax.axhline(0.5, color="grey", lw=1, ls=":", label="indistinguishable (0.5)")
+        else:
+            floors = [r["metrics"].get("floor/fpd", math.nan) for r in rows]
+            floors = [f for f in floors if math.isfinite(f)]
+            if floors:
+                ax.axhline(sum(floors) / len(floors), color="grey", lw=1, ls=":", label="data-vs-data floor")
+            ax.set_yscale("log")
+        ax.set(
+            xscale="log",
+            xlabel="ms per shower (ONNX Runtime, 1 CPU thread, batch 1)",
+            ylabel=f"{label} (lower is better)",
+        )
+        ax.legend(fontsize=7)
+    axes[0].set_title("quality vs speed (numbers: network calls)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# -- main -------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a tiny end-to-end run (tests)")
+    p.add_argument("--device", default="cpu", help="training/evaluation device: cpu | cuda | cuda:N")
+    p.add_argument("--backbone", default="debug", help="backbone flavour (debug on CPU, S on a GPU)")
+    p.add_argument("--routes", default=",".join(ROUTES), help=f"comma-separated subset of {','.join(ROUTES)}")
+    p.add_argument("--no-adapted", action="store_true", help="skip the adapted-model distillation study")
+    p.add_argument("--base-steps", type=int, help="teacher training steps")
+    p.add_argument("--base-showers", type=int, help="teacher training showers per detector")
+    p.add_argument("--n-eval", type=int, help="held-out showers (as many generated per row)")
+    p.add_argument("--cd-steps", type=int, help="consistency distillation steps of the base student")
+    p.add_argument("--bns-iterations", type=int, help="Adam iterations per bespoke solver")
+    p.add_argument("--adapted-cd-steps", type=int, help="distillation steps of the adapted runs")
+    p.add_argument("--threads", type=int, help="torch threads (0: torch's default); ONNX timing is 1 thread")
+    p.add_argument(
+        "--work-dir", type=Path, help="cache (default $CALOFORGE_HOME/bench/distillation-<backbone>)"
+    )
+    p.add_argument(
+        "--out", type=Path, help="results JSON (default benchmarks/results/distillation[_quick].json)"
+    )
+    args = p.parse_args(argv)
+    args.route_list = tuple(r.strip() for r in args.routes.split(",") if r.strip())
+    unknown = sorted(set(args.route_list) - set(ROUTES))
+    if unknown or not args.route_list:
+        p.error(f"--routes: unknown {unknown} (known: {list(ROUTES)})")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from caloforge.environment import apply_default_env
+
+    apply_default_env()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import numpy as np
+    import torch
+
+    from caloforge import paths
+    from caloforge.datasets.streaming import load_split
+
+    plan = make_plan(args)
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
+    suffix = "_quick" if args.quick else ""
+    work = args.work_dir or paths.home() / "bench" / f"distillation-{plan.backbone}{suffix}"
+    work.mkdir(parents=True, exist_ok=True)
+    out = args.out or RESULTS / f"distillation{suffix}.json"
+    png = out.with_name(out.stem + "_pareto.png")
+    print(
+        f"distillation study: {dataclasses.asdict(plan)}\nroutes: {args.route_list}\nwork dir: {work}",
+        flush=True,
+    )
+
+    t_start = time.perf_counter()
+    teacher = train_teacher(plan, work)
+    print(
+        f"teacher: {teacher['steps']} steps in {teacher['wall_s']:.0f} s, loss {teacher['final_loss']:.4g}",
+        flush=True,
+    )
+    heldout_dir = simulate(
+        BASE_DETECTORS, plan.n_eval // len(BASE_DETECTORS) + 1, 1000 + plan.seed, plan,
+        work / f"heldout-{plan.key('n_eval', 'energy_gev', 'seed')}", (0.0, 0.0, 1.0),
+    )  # fmt: skip
+    heldout = load_split(heldout_dir, "test")
+    heldout = heldout.subset(np.arange(min(plan.n_eval, len(heldout))))
+    ctx = Context(plan, work, teacher, {})
+    rows: list[dict] = []
+    for name in args.route_list:
+        for c in ROUTES[name](ctx):
+            key = plan.key(
+                "n_eval",
+                "batch",
+                "gpu_batches",
+                "threads",
+                c=dataclasses.asdict(c),
+                t=plan.teacher_key(),
+                timing=TIMING,
+            )
+            row = cached(
+                work / "rows" / f"{c.label.replace(' ', '-')}-{key}.json",
+                lambda c=c: measure(c, plan, heldout, work),
+            )
+            rows.append(row)
+            m, t = row["metrics"], row["ms_per_shower"]
+            print(
+                f"  {c.label:12} NFE {c.nfe:>3}: AUC hi {fmt(m.get('auc_high'), '.3f')} "
+                f"lo {fmt(m.get('auc_low'), '.3f')} "
+                f"FPD {fmt(m.get('fpd'))} | {fmt(t['onnx_cpu1_b1'], '.2f')} ms (b=1), "
+                f"{fmt(t[f'onnx_cpu1_b{plan.batch}'], '.2f')} ms (b={plan.batch})",
+                flush=True,
+            )
+    front = pareto_front(rows)
+    front_fpd = pareto_front(rows, quality="fpd")
+    goal = goal_check(rows)
+    adapted = None
+    if not args.no_adapted:
+        if "cd" not in ctx.distilled:
+            ctx.distilled["cd"] = distil(plan, work, teacher, "cd", plan.cd_key())
+        adapted = adapted_study(plan, work, teacher, ctx.distilled["cd"])
+    total = time.perf_counter() - t_start
+
+    print_table(rows, front, plan.batch)
+    print(f"\nPareto front ({QUALITY} vs ms per shower, ONNX 1 thread batch 1): {', '.join(front)}")
+    if "auc_gap" in goal:
+        print(
+            f"goal 1 (1-step student within {GOAL_AUC_GAP} AUC of the 32-NFE teacher): student "
+            f"{goal['student_auc_high']:.3f} vs {goal['teacher_reference']} "
+            f"{goal['teacher_reference_auc_high']:.3f}: gap {goal['auc_gap']:+.3f} -> "
+            f"{'met' if goal['auc_goal_met'] else 'NOT met'}"
+        )
+        lb = "≥ " if goal["speedup_lower_bound"] else ""
+        print(
+            f"goal 2 (at equal quality >= {GOAL_SPEEDUP:g}x faster than the best teacher sampler): "
+            f"{goal['student_ms']:.2f} ms vs {goal['equal_quality_teacher']} "
+            f"{goal['equal_quality_teacher_ms']:.2f} ms: "
+            f"{lb}{goal['speedup']:.1f}x -> {'met' if goal['speedup_goal_met'] else 'NOT met'}"
+        )
+    else:
+        print(f"goals: {goal['status']}")
+    if adapted is not None:
+        print(f"\nadapted teacher ({ADAPT_TARGET}) distilled from the base student vs from its own weights:")
+        print(
+            f"{'run':26} {'steps':>6} {'wall s':>7} {'probe@0':>9} {'probe@end':>10} {'AUC hi':>7} "
+            f"{'AUC lo':>7} {'FPD':>9}"
+        )
+        for r in adapted["runs"]:
+            m = r["metrics_1step"]
+            print(
+                f"{r['name']:26} {r['steps']:>6} {r['wall_s']:>7.1f} {r['curve'][0]['probe']:>9.4g} "
+                f"{r['curve'][-1]['probe']:>10.4g} {fmt(m.get('auc_high'), '.3f'):>7} "
+                f"{fmt(m.get('auc_low'), '.3f'):>7} "
+                f"{fmt(m.get('fpd')):>9}"
+            )
+        tm = adapted["adapted_teacher_metrics"]
+        blank = " " * 36
+        print(
+            f"{'adapted teacher (default)':26} {blank} {fmt(tm.get('auc_high'), '.3f'):>7} "
+            f"{fmt(tm.get('auc_low'), '.3f'):>7} {fmt(tm.get('fpd')):>9}"
+        )
+        if adapted["steps_to_scratch_final"] is not None:
+            lb = "≥ " if adapted["step_ratio_lower_bound"] else ""
+            print(
+                "from the base student the probe loss reaches the from-scratch run's final "
+                f"{adapted['scratch_final_probe']:.4g} "
+                f"after {adapted['steps_to_scratch_final']} of {adapted['scratch_steps']} steps: "
+                f"{lb}{adapted['step_ratio']:.3g}x fewer steps, "
+                f"{lb}{adapted['wall_ratio']:.3g}x less wall time"
+            )
+        else:
+            print(
+                "from the base student the probe loss does not reach the from-scratch run's final "
+                f"{adapted['scratch_final_probe']:.4g} within {adapted['scratch_steps']} steps"
+            )
+    plot(rows, front, png)
+    record = {
+        "benchmark": "distillation",
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "device": plan.device,
+        "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor(),
+        "cuda": torch.cuda.is_available(),
+        "threads": torch.get_num_threads(),
+        "onnx_threads": 1,
+        "mode": "quick" if args.quick else "cpu",
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "onnxruntime": __import__("onnxruntime").__version__,
+        "plan": dataclasses.asdict(plan),
+        "routes": list(args.route_list),
+        "definitions": {
+            "quality": f"{QUALITY} on the fixed held-out set (lower is better; 0.5 = indistinguishable)",
+            "speed": "ms per shower, ONNX Runtime plain fp32 graph, 1 CPU thread (grid profile), batch 1; "
+            + TIMING,
+            "front": "rows no other row beats on both quality and speed",
+            "goal_auc": f"cd 1 auc_high - best teacher auc_high at the largest NFE <= {GOAL_AUC_GAP}",
+            "goal_speed": "ms of the fastest teacher row with auc_high <= the student's / student ms >= "
+            f"{GOAL_SPEEDUP}",
+        },
+        "teacher": teacher,
+        "distilled": ctx.distilled,
+        "rows": rows,
+        "front": front,
+        "front_fpd": front_fpd,
+        "goal": goal,
+        "adapted": adapted,
+        "plot": str(png),
+        "wall_s": total,
+    }
+    write_results(record, "distillation", plan.device, out)
+    print(f"plot: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""``benchmarks/distillation.py`` (the quality–speed study): the Pareto front and the goal checks on hand-made
+rows, and the script end to end on a tiny budget (a real trained teacher, real consistency and bespoke
+distillations, the evaluation module, ONNX export and onnxruntime timings, the adapted-model runs)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import distillation
+
+        yield distillation
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _row(label: str, kind: str, nfe: int, ms: float, auc: float) -> dict:
+    return {
+        "label": label,
+        "route": label.split()[0],
+        "kind": kind,
+        "nfe": nfe,
+        "ms_per_shower": {"onnx_cpu1_b1": ms},
+        "metrics": {"auc_high": auc},
+    }
+
+
+def test_front_and_goals_follow_their_definitions(bench) -> None:
+    rows = [
+        _row("euler 1", "teacher", 1, 1.0, 0.99),
+        _row("midpoint 8", "teacher", 8, 8.0, 0.70),
+        _row("heun 16", "teacher", 16, 16.0, 0.62),
+        _row("heun 32", "teacher", 32, 32.0, 0.60),
+        _row("euler 32", "teacher", 32, 31.0, 0.64),
+        _row("cd 1", "student", 1, 1.2, 0.64),
+        _row("cd 2", "student", 2, 2.5, 0.66),  # dominated by cd 1
+    ]
+    assert bench.pareto_front(rows) == ["euler 1", "cd 1", "heun 16", "heun 32"]
+    goal = bench.goal_check(rows)
+    assert goal["teacher_reference"] == "heun 32" and goal["auc_gap"] == pytest.approx(0.04)
+    assert goal["auc_goal_met"]
+    # equal quality: the fastest teacher row at least as good as 0.64 is heun 16 (euler 32 ties but is slower)
+    assert goal["equal_quality_teacher"] == "heun 16" and goal["speedup"] == pytest.approx(16.0 / 1.2)
+    assert goal["speedup_goal_met"] and not goal["speedup_lower_bound"]
+    # a student better than every teacher row: the speed-up against the best teacher row is a lower bound
+    rows[5]["metrics"]["auc_high"] = 0.55
+    goal = bench.goal_check(rows)
+    assert goal["speedup_lower_bound"] and goal["speedup"] == pytest.approx(32.0 / 1.2)
+    assert "status" in bench.goal_check([r for r in rows if r["kind"] == "teacher"])
+
+
+def test_adapted_headline_counts_steps_to_the_scratch_runs_final_loss(bench) -> None:
+    def run(name: str, steps: int, probes: list[float], wall: float, auc: float) -> dict:
+        every = steps // (len(probes) - 1)
+        curve = [{"step": i * every, "probe": p} for i, p in enumerate(probes)]
+        return {
+            "name": name,
+            "steps": steps,
+            "wall_s": wall,
+            "curve": curve,
+            "metrics_1step": {"auc_high": auc},
+        }
+
+    runs = [
+        run("from-base-student", 40, [0.5, 0.3, 0.2, 0.15, 0.1], 40.0, 0.8),
+        run("from-teacher", 40, [1.0, 0.6, 0.4, 0.3, 0.25], 40.0, 0.9),
+        run("from-base-student-short", 10, [0.5, 0.35], 10.0, 0.85),
+    ]
+    head = bench.adapted_headline(runs, {"model_dir": "m", "steps": 5, "wall_s": 1.0}, {"auc_high": 0.7})
+    assert head["scratch_final_probe"] == 0.25 and head["steps_to_scratch_final"] == 20
+    assert head["step_ratio"] == pytest.approx(2.0) and head["wall_ratio"] == pytest.approx(2.0)
+    assert not head["step_ratio_lower_bound"]
+    assert head["initial_probe"] == {"from_base_student": 0.5, "from_teacher": 1.0}
+    assert head["short_matches_scratch_auc"]
+
+
+def test_routes_are_checked(bench) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--routes", "euler,meanflow"])
+    assert bench.parse_args(["--routes", "heun, cd"]).route_list == ("heun", "cd")
+
+
+@pytest.mark.slow
+def test_the_study_runs_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
+    out = tmp_path / "distillation.json"
+    env = {
+        **os.environ,
+        "CALOFORGE_HOME": str(tmp_path / "home"),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "ORT_DISABLE_TELEMETRY": "1",
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "distillation.py"),
+            "--quick",
+            "--work-dir",
+            str(tmp_path / "w"),
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Pareto front" in proc.stdout and "goal 1" in proc.stdout and "goal 2" in proc.stdout
+    record = json.loads(out.read_text())
+    rows = record["rows"]
+    labels = [r["label"] for r in rows]
+    assert labels == ["euler 1", "euler 2", "midpoint 2", "heun 2", "cd 1", "cd 2", "bns 2"]
+    for r in rows:
+        for key in ("auc_high", "auc_low", "fpd", "floor/fpd", "kpd"):
+            assert math.isfinite(r["metrics"][key]), (r["label"], key)
+        assert 0.0 <= r["metrics"]["auc_high"] <= 1.0
+        for key in ("onnx_cpu1_b1", "onnx_cpu1_b10"):
+            assert math.isfinite(r["ms_per_shower"][key]) and r["ms_per_shower"][key] > 0, (r["label"], key)
+        assert r["onnx"]["parity_max_rel_err"] >= 0
+    assert {r["kind"] for r in rows} == {"teacher", "student", "solver"}
+    by = {r["label"]: r for r in rows}
+    assert (by["cd 2"]["sampler"], by["cd 2"]["num_steps"], by["midpoint 2"]["num_steps"]) == (
+        "consistency",
+        2,
+        1,
+    )
+    # every row on the front is non-dominated; every row off it is dominated by one on it
+    pts = {r["label"]: (r["ms_per_shower"]["onnx_cpu1_b1"], r["metrics"]["auc_high"]) for r in rows}
+
+    def dominates(a: str, b: str) -> bool:
+        (xa, ya), (xb, yb) = pts[a], pts[b]
+        return xa <= xb and ya <= yb and (xa < xb or ya < yb)
+
+    front = record["front"]
+    assert front and set(front) <= set(labels)
+    for f in front:
+        assert not any(dominates(o, f) for o in labels), f
+    for other in set(labels) - set(front):
+        assert any(dominates(f, other) for f in front), other
+    goal = record["goal"]
+    assert goal["student"] == "cd 1" and math.isfinite(goal["auc_gap"]) and goal["speedup"] > 0
+    assert record["distilled"]["bns"]["solvers"]["2"]["rmse_bespoke"] >= 0
+    adapted = record["adapted"]
+    assert [r["name"] for r in adapted["runs"]] == [
+        "from-base-student",
+        "from-teacher",
+        "from-base-student-short",
+    ]
+    for r in adapted["runs"]:
+        assert [p["step"] for p in r["curve"]] == list(range(0, r["steps"] + 1, 2))
+        assert all(math.isfinite(p["probe"]) and p["probe"] >= 0 for p in r["curve"])
+        assert math.isfinite(r["metrics_1step"]["auc_high"])
+    assert adapted["initial_probe"]["from_teacher"] == adapted["runs"][1]["curve"][0]["probe"]
+    png = Path(record["plot"])
+    assert png.is_file() and png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
