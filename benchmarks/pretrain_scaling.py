@@ -121,7 +121,8 @@ def run_ray(
 ) -> list[dict[str, Any]]:
     from caloforge.config import from_dict
     from caloforge.pretrain.config import PretrainConfig
-    from caloforge.pretrain.launch import ray_session, run_pretrain
+    from caloforge.pretrain.launch import run_pretrain
+    from caloforge.training.ray.launch import ray_session
 
     rows = []
     with ray_session(num_cpus=max(2, os.cpu_count() or 2)):

@@ -104,7 +104,6 @@ def train_on_ray(
     wrote the bundle. A resumed run whose training had finished (a crash in evaluation or registration)
     starts no worker."""
     from caloforge.training.ray import launch as ray_launch
-    from caloforge.training.ray.launch import ray_session
 
     c = config.cluster
     assert c is not None
@@ -128,27 +127,16 @@ def train_on_ray(
             "run_name": run.name,
             "log_level": logging.getLogger("caloforge").getEffectiveLevel(),
         }
-        before = set(ray_launch.attempt_records(run))
-        with ray_session(ray_launch.embedded_num_cpus(c), c.allow_unauthenticated_ray) as mode:
-            ray_launch.check_cluster_resources(c, mode)
-            log.info(
-                "adapting on Ray Train: %d workers (%s), engine %s, %d steps → %s",
-                c.num_workers,
-                "GPU" if c.use_gpu else "CPU",
-                ray_launch.describe_engine(config.engine),
-                config.loop.steps,
-                run.uri,
-            )
-            ray_launch.fit(
-                train_loop_per_worker,
-                payload,
-                c,
-                run,
-                what=f"adaptation run {str(run_dir)!r}",
-                how_to_continue=f"--resume --run-dir {run_dir}",
-            )
-        attempts = ray_launch.attempt_records(run)
-        starts = [attempts[n] for n in sorted(set(attempts) - before)]
+        starts = ray_launch.launch_workers(
+            train_loop_per_worker,
+            payload,
+            c,
+            config.engine,
+            run,
+            steps=config.loop.steps,
+            what=f"adaptation run {str(run_dir)!r}",
+            how_to_continue=f"--resume --run-dir {run_dir}",
+        )
         log.info(
             "Ray Train finished: %d worker-group start(s), the first from step %s",
             len(starts),

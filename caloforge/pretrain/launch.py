@@ -3,7 +3,7 @@ workers (``pretrain/worker.py``) on Ray Train and hand the final bundle to the `
 
 The Ray session (embedded local Ray with token authentication, or the cluster of ``RAY_ADDRESS``, or the
 process's own) and the ``TorchTrainer`` are the shared Ray path of ``caloforge.training.ray.launch`` (also
-used by adaptation); ``ray_session`` and ``embedded_auth_mode`` are re-exported here.
+used by adaptation).
 
 Ray Train V2 semantics we rely on (docs/pretraining.md): reusing run name + storage path resumes a run from
 its latest checkpoint, even a finished one. CaloForge makes that explicit: a fresh launch whose run directory
@@ -26,16 +26,12 @@ from caloforge.config import dump_yaml, to_dict
 from caloforge.pretrain.config import DataPlan, PretrainConfig, resume_differences, validate_pretrain_config
 from caloforge.pretrain.rundir import RUN_FILE, RunDir, validate_run_name
 from caloforge.training.ray import launch as ray_launch
-from caloforge.training.ray.launch import ALLOW_UNAUTHENTICATED_ENV, embedded_auth_mode, ray_session
 
 __all__ = [
-    "ALLOW_UNAUTHENTICATED_ENV",
     "FinalBundleHook",
     "PretrainResult",
     "default_bundle_hooks",
-    "embedded_auth_mode",
     "prepare_data",
-    "ray_session",
     "run_pretrain",
 ]
 
@@ -323,7 +319,6 @@ def run_pretrain(
         run.write_text("config.yaml", dump_yaml(cfg))
         run.write_json("versions.json", versions)
         run.write_json(RUN_FILE, new_record)
-        attempts_before = set(ray_launch.attempt_records(run))
 
         payload = {
             "config": to_dict(cfg),
@@ -339,27 +334,16 @@ def run_pretrain(
         from caloforge.pretrain.worker import train_loop_per_worker
 
         c = cfg.cluster
-        with ray_session(ray_launch.embedded_num_cpus(c), c.allow_unauthenticated_ray) as mode:
-            ray_launch.check_cluster_resources(c, mode)
-            log.info(
-                "pretraining %s: %d workers (%s), engine %s, %d steps → %s",
-                run.name,
-                c.num_workers,
-                "GPU" if c.use_gpu else "CPU",
-                ray_launch.describe_engine(cfg.engine),
-                cfg.loop.steps,
-                run.uri,
-            )
-            ray_launch.fit(
-                train_loop_per_worker,
-                payload,
-                c,
-                run,
-                what=f"pretraining run {run.name!r}",
-                how_to_continue=f"--resume --run-name {run.name}",
-            )
-        attempts = ray_launch.attempt_records(run)
-        starts = [attempts[n] for n in sorted(set(attempts) - attempts_before)]
+        starts = ray_launch.launch_workers(
+            train_loop_per_worker,
+            payload,
+            c,
+            cfg.engine,
+            run,
+            steps=cfg.loop.steps,
+            what=f"pretraining run {run.name!r}",
+            how_to_continue=f"--resume --run-name {run.name}",
+        )
         final = run.read_json("final_metrics.json")
         metrics = {k: float(v) for k, v in final.get("metrics", {}).items()}
         bundle_dir = run.download_dir(

@@ -15,7 +15,7 @@ def ray_local() -> Iterator[None]:
     the slow tests of this package and shut down after them; ``run_pretrain`` reuses it."""
     import ray
 
-    from caloforge.pretrain.launch import ray_session
+    from caloforge.training.ray.launch import ray_session
 
     os.environ.pop("RAY_ADDRESS", None)
     os.environ.pop("RAY_AUTH_MODE", None)

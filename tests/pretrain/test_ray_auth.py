@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from caloforge.pretrain.launch import ALLOW_UNAUTHENTICATED_ENV, embedded_auth_mode
+from caloforge.environment import ALLOW_UNAUTHENTICATED_ENV, embedded_auth_mode
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 _REFUSAL = """
 import ray
-from caloforge.pretrain.launch import ray_session
+from caloforge.training.ray.launch import ray_session
 try:
     with ray_session(num_cpus=1):
         raise SystemExit("started an unauthenticated Ray")

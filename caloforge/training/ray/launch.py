@@ -41,6 +41,7 @@ __all__ = [
     "embedded_auth_mode",
     "embedded_num_cpus",
     "fit",
+    "launch_workers",
     "ray_session",
 ]
 
@@ -272,3 +273,33 @@ def fit(
                 f"checkpoint): {exc}. Fix the cause and continue it with {how_to_continue}"
             ) from exc
         raise
+
+
+def launch_workers(
+    train_loop_per_worker: Callable[[dict[str, Any]], None],
+    payload: dict[str, Any],
+    cluster: ClusterConfig,
+    engine: EngineConfig,
+    run: RunDir,
+    *,
+    steps: int,
+    what: str,
+    how_to_continue: str,
+) -> list[dict[str, Any]]:
+    """One launch of a job's Ray Train workers: the Ray session (:func:`ray_session`), the resource check,
+    :func:`fit`; returns the attempt records this launch added (one per worker-group start, in order)."""
+    before = set(attempt_records(run))
+    with ray_session(embedded_num_cpus(cluster), cluster.allow_unauthenticated_ray) as mode:
+        check_cluster_resources(cluster, mode)
+        log.info(
+            "%s: %d workers (%s), engine %s, %d steps → %s",
+            what,
+            cluster.num_workers,
+            "GPU" if cluster.use_gpu else "CPU",
+            describe_engine(engine),
+            steps,
+            run.uri,
+        )
+        fit(train_loop_per_worker, payload, cluster, run, what=what, how_to_continue=how_to_continue)
+    attempts = attempt_records(run)
+    return [attempts[n] for n in sorted(set(attempts) - before)]
