@@ -136,6 +136,19 @@ class Validator:
         source = f"{path} (with --set overrides)" if overrides else str(path)
         return from_dict(cls, data, source)
 
+    def warm_up(self) -> None:
+        """Import what validation needs (the model and torch's lazily imported parts, MLflow's client) and
+        open the registry, so that the first request does not pay for it: that is tens of seconds on a busy
+        machine, and a burst of first requests would all wait for it. The app calls this on startup."""
+        import torch._dynamo  # noqa: F401  (imported by torch's parameter initialisation on first use)
+
+        from caloforge.platform.shower_model import ShowerModel  # noqa: F401
+        from caloforge.registry.store import RegistryStore
+
+        with self._lock:
+            if self._registry is None:
+                self._registry = RegistryStore()
+
     # -- the request ---------------------------------------------------------------------------------------
     def validate(self, req: SubmitRequest) -> dict[str, Any]:
         """The job spec of ``req`` (SERVICE_CONTRACT.md), or :class:`SpecError`."""
