@@ -10,12 +10,18 @@ Stages (each prints what it did; the last prints one summary table):
    tracked in MLflow; the final bundle is registered as a ``caloforge-base`` version;
 4. evaluate the model against the held-out test split (CaloChallenge-style metrics, report + plots);
 5. pull the registered model back as ONNX, run it once with onnxruntime and print its URI;
-6. adapt the base to ``lar-pb`` (held out of pretraining) with a few hundred simulated showers: fine-tune,
-   evaluate against its test split, gate, register ``caloforge-lar-pb`` (``caloforge adapt``);
+6. request an adaptation of the base to ``lar-pb`` (held out of pretraining, a few hundred simulated
+   showers) from the adaptation service, started embedded (``adapt.service.embedded.EmbeddedService``: the
+   API on 127.0.0.1 and a free port, a generated ``submit`` token, a Ray head it owns sized for the
+   machine): the Python client submits it, follows its events and waits; the job (a Ray job) fine-tunes,
+   evaluates against the test split, gates, exports and registers ``caloforge-lar-pb``; the service and its
+   Ray head are stopped afterwards (also on a failure);
 7. pull ``caloforge-lar-pb`` as ONNX and run it; the summary shows both models side by side.
 
-Everything lands under ``$CALOFORGE_HOME/quickstart`` (data, shards, runs, reports, the pulled model) and
-the default MLflow store; a new quickstart replaces its own previous outputs in that folder.
+So the one command does what users do: launch pretraining, request an adaptation, pull a model. Everything
+lands under ``$CALOFORGE_HOME/quickstart`` (data, shards, runs, reports, the service's database and job
+directories, the pulled models) and the default MLflow store; a new quickstart replaces its own previous
+outputs in that folder.
 """
 
 from __future__ import annotations
@@ -116,6 +122,7 @@ def run(config: QuickstartConfig) -> dict[str, Any]:
     base = paths.home() / "quickstart"
     if base.exists():
         log.info("removing the previous quickstart outputs in %s", base)
+        _stop_stray_service(base)
         shutil.rmtree(base)
     base.mkdir(parents=True)
     summary: dict[str, Any] = {"home": str(base)}
@@ -263,8 +270,8 @@ def run(config: QuickstartConfig) -> dict[str, Any]:
 
     _stage(
         6,
-        f"adapt the base to {config.adapt.detector} (never pretrained on) with "
-        f"{config.adapt.n_showers} simulated showers",
+        f"request an adaptation of the base to {config.adapt.detector} (never pretrained on, "
+        f"{config.adapt.n_showers} simulated showers) from the adaptation service",
     )
     adapted = _adapt(config, base, model_uri)
     summary["adaptation"] = adapted
@@ -327,10 +334,13 @@ def run(config: QuickstartConfig) -> dict[str, Any]:
 
 
 def _adapt(config: QuickstartConfig, base: Path, base_uri: str | None) -> dict[str, Any]:
-    """Stage 6: simulate the target detector, adapt the registered base to it (``caloforge adapt``)."""
+    """Stage 6: simulate the target detector, then request the adaptation of the registered base from the
+    adaptation service (embedded) and wait for it; returns what the summary shows."""
     from caloforge.adapt.config import AdaptConfig
-    from caloforge.adapt.pipeline import AdaptRequest, run_adaptation
+    from caloforge.adapt.service.client import AdaptationClient
+    from caloforge.adapt.service.embedded import EmbeddedService
     from caloforge.datasets.prepare import simulate_and_shard
+    from caloforge.datasets.shards import Manifest
 
     if base_uri is None:
         raise ValueError("quickstart: the pretraining run registered no model (tracking.register is off?)")
@@ -348,33 +358,90 @@ def _adapt(config: QuickstartConfig, base: Path, base_uri: str | None) -> dict[s
     data = simulate_and_shard(sim, base / "adapt-data")
     adapt_cfg = load_config(AdaptConfig, _resolve(q.config), list(q.overrides))
     (base / "adapt.yaml").write_text(dump_yaml(adapt_cfg))
-    request = AdaptRequest(base=base_uri, detector=q.detector, data=data)
+    # The service reads configs/adapt/<strategy>.yaml: give it exactly this config (overrides applied).
+    configs = base / "service-configs"
+    (configs / "adapt").mkdir(parents=True)
+    (configs / "adapt" / f"{adapt_cfg.strategy.kind}.yaml").write_text(dump_yaml(adapt_cfg))
+    request = {
+        "base": base_uri,
+        "detector": {"name": q.detector},
+        "data": str(data),
+        "strategy": adapt_cfg.strategy.kind,
+        "seed": adapt_cfg.loop.seed,
+        "registration": {"model_name": adapt_cfg.register.name, "alias": adapt_cfg.register.alias},
+        "metadata": {"requested_by": "caloforge quickstart"},
+    }
     t0 = time.perf_counter()
-    result = run_adaptation(adapt_cfg, request, base / "runs" / "adapt")
+    with EmbeddedService(base, data_roots=(base,), configs_dir=configs, token_name="quickstart") as service:
+        print(
+            f"service {service.url} (Ray head: {service.num_cpus} CPUs, token 'quickstart' with the submit "
+            f"scope); submitting {q.detector} ({adapt_cfg.strategy.kind}, {adapt_cfg.loop.steps} steps)",
+            flush=True,
+        )
+        with AdaptationClient(service.url, service.token) as client:
+            job = client.submit(request, idempotency_key=f"quickstart-{q.detector}")
+            print(f"job {job['id']}: {job['status']}", flush=True)
+            trained: dict[str, Any] = {}
+            for kind, event in client.stream(job["id"]):
+                _print_job_event(kind, event)
+                data_ = event.get("data") or {}
+                if kind == "stage" and event.get("stage") == "adapt" and data_.get("phase") == "end":
+                    trained = data_
+            job = client.get(job["id"])
+            if job["status"] != "succeeded":
+                logs = client.logs(job["id"])
+                tail = "\n".join(logs.splitlines()[-40:])
+                raise RuntimeError(
+                    f"quickstart: the adaptation job {job['id']} {job['status']}: {job['error']}\n"
+                    f"last lines of its log:\n{tail}"
+                )
     seconds = time.perf_counter() - t0
-    reg = result.registered or {}
+    result = job["result"]
     print(
-        f"{result.strategy}: {result.trainable_parameters:,} of {result.total_parameters:,} parameters, "
-        f"{result.steps} steps in {seconds:.0f} s; gate {'passed' if result.gate.passed else 'failed'}; "
-        f"registered {reg.get('uri')} @{', @'.join(reg.get('aliases', []))}; report {result.report_dir}"
+        f"{adapt_cfg.strategy.kind}: {trained.get('trainable_parameters', 0):,} of "
+        f"{trained.get('total_parameters', 0):,} parameters, {trained.get('steps')} steps; job {job['id']} "
+        f"succeeded in {seconds:.0f} s; gate {'passed' if result['gate']['passed'] else 'failed'}; "
+        f"registered {result['uri']} @{', @'.join(result['aliases'])}; ONNX {result['onnx_uri']}; "
+        f"report {result['report_dir']}"
     )
-    from caloforge.datasets.shards import Manifest
-
     return {
         "detector": q.detector,
         "data": str(data),
         "train_showers": Manifest.load(data).counts["train"]["total"],
-        "strategy": result.strategy,
-        "steps": result.steps,
+        "strategy": adapt_cfg.strategy.kind,
+        "steps": trained.get("steps"),
         "seconds": round(seconds, 1),
-        "trainable": result.trainable_parameters,
-        "total": result.total_parameters,
-        "metrics": result.metrics,
-        "gate_passed": result.gate.passed,
-        "uri": reg.get("uri"),
-        "aliases": reg.get("aliases", []),
-        "parent": result.parent_uri,
+        "trainable": trained.get("trainable_parameters", 0),
+        "total": trained.get("total_parameters", 0),
+        "metrics": result["metrics"],
+        "gate_passed": result["gate"]["passed"],
+        "uri": result["uri"],
+        "aliases": result["aliases"],
+        "parent": result["parent"]["uri"],
+        "job": job["id"],
+        "service_onnx": result["onnx_uri"],
+        "report": result["report_dir"],
     }
+
+
+def _print_job_event(kind: str, event: dict[str, Any]) -> None:
+    """One line per stage start/end, status change, metric and error of the job's event stream."""
+    data = event.get("data") or {}
+    if kind == "status":
+        print(f"  status {event['status']}" + (f" (stage {event['stage']})" if event.get("stage") else ""))
+    elif kind == "stage":
+        took = f" ({data['seconds']:.0f} s)" if data.get("phase") == "end" and "seconds" in data else ""
+        print(f"  [{event.get('stage')}] {event['message']}{took}", flush=True)
+    elif kind in ("error", "result"):
+        print(f"  {kind}: {event['message']}", flush=True)
+
+
+def _stop_stray_service(base: Path) -> None:
+    """A Ray head that a killed quickstart left running: stopped before its folder is removed."""
+    from caloforge.adapt.service.embedded import EmbeddedService
+
+    if EmbeddedService.stop_leftovers(base):
+        log.info("stopped the Ray head a previous quickstart left running")
 
 
 def _handler(args: argparse.Namespace) -> int:

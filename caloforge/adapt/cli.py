@@ -91,6 +91,11 @@ def _register_client(p: argparse.ArgumentParser) -> None:
         "--idempotency-key", default=None, help="resubmitting with the same key returns the same job"
     )
     s.add_argument("--wait", action="store_true", help="wait until the job has finished")
+    s.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print only the job id (JOB=$(caloforge adapt submit ... --quiet))",
+    )
     command("status", "show a job")
     ls = command("list", "list jobs (newest first)", job=False)
     ls.add_argument("--status", default=None)
@@ -244,6 +249,9 @@ def _client_command(client: Any, args: argparse.Namespace) -> int:
     cmd = args.adapt_command
     if cmd == "submit":
         job = client.submit(_submit_body(args), idempotency_key=args.idempotency_key)
+        if args.quiet:
+            print(job["id"], flush=True)
+            return 0 if not args.wait or client.wait(job["id"])["status"] == "succeeded" else 1
         _print_job(job)
         if args.wait:
             for _, event in client.stream(job["id"]):

@@ -33,7 +33,7 @@ ALLOWED = {
     "webdataset": {"datasets/shards.py", "datasets/streaming.py"},
     "fastapi": {"adapt/service/app.py"},
     "starlette": {"adapt/service/app.py"},
-    "uvicorn": {"adapt/service/cli.py"},
+    "uvicorn": {"adapt/service/cli.py", "adapt/service/embedded.py"},
     "sqlalchemy": {
         "adapt/service/db.py",
         "adapt/service/store.py",
@@ -105,7 +105,8 @@ MAY_IMPORT = {
 }
 TOP = {"cli", "quickstart"}  # may import every component
 SERVICE = "caloforge.adapt.service"
-SERVICE_USERS = {"cli.py", "adapt/cli.py"}  # the CLI starts the service; the adapt CLI is its client
+# the CLI starts the service; the adapt CLI is its client; the quickstart requests its adaptation from one
+SERVICE_USERS = {"cli.py", "adapt/cli.py", "quickstart.py"}
 
 
 def _component(rel: str) -> str:

@@ -7,6 +7,13 @@ with ``CALOFORGE_HOME`` (./caloforge-home, the README's default) and ``MLFLOW_TR
 inside it. Only sizes change: ``TINY`` appends arguments to each command, keyed by its leading words (later
 ``--n``/``--steps``/``--set`` win over the README's). A README command that no row covers fails the test, so
 a new step (``caloforge adapt ...``) needs a row here: add ``Tiny(("adapt",), (...))``.
+
+The block under ``## Requesting an adaptation from the service`` runs next, on the state the first left (the
+champion base, the lar-pb shards). Its shell forms are played by ``ServiceBlock``: ``[export ]VAR=$(caloforge
+...)`` runs the command and keeps its output in ``VAR`` (``"$VAR"`` in later commands), ``caloforge serve &``
+starts a real ``caloforge serve`` subprocess, ``until curl -sf URL ...`` polls the URL, ``kill %1`` stops the
+service (and the test then stops the Ray head it left, as the README says it stays). Port 8080 becomes a
+free port.
 """
 
 from __future__ import annotations
@@ -16,10 +23,15 @@ import os
 import re
 import shlex
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 
 from caloforge.cli import main
@@ -27,6 +39,7 @@ from caloforge.cli import main
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 SECTION = "## The CLI"
+SERVICE_SECTION = "## Requesting an adaptation from the service"
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,21 @@ _PRETRAIN = _MODEL + sets(
     "validation.enabled=false",
 )
 _EXPORT = ("--steps", "1", "--exporter", "legacy", "--gate-config", "configs/export/fidelity_gate_ci.yaml")
+_ADAPT = sets(
+    "loop.steps=2",
+    "loop.batch_size=8",
+    "loop.log_every=1",
+    "loop.checkpoint_every=2",
+    "stream.shuffle_buffer=8",
+    "eval.n_showers=20",
+    "eval.metrics.classifier.epochs=1",
+    "eval.metrics.classifier.n_seeds=1",
+    "eval.metrics.fpd.min_samples=10",
+    "eval.metrics.fpd.max_samples=10",
+    "eval.metrics.kpd.batch_size=10",
+    "eval.metrics.plots.enabled=false",
+    "progress=false",
+)
 TINY: tuple[Tiny, ...] = (
     Tiny(("data", "simulate"), ("--n", "160", "--no-progress")),
     # the adaptation target: enough held-out showers for its evaluation (>= 20 test showers)
@@ -103,24 +131,13 @@ TINY: tuple[Tiny, ...] = (
     Tiny(("registry", "promote")),
     Tiny(("registry", "pull"), _EXPORT),
     Tiny(("export",), _EXPORT),
-    Tiny(
-        ("adapt",),
-        sets(
-            "loop.steps=2",
-            "loop.batch_size=8",
-            "loop.log_every=1",
-            "loop.checkpoint_every=2",
-            "stream.shuffle_buffer=8",
-            "eval.n_showers=20",
-            "eval.metrics.classifier.epochs=1",
-            "eval.metrics.classifier.n_seeds=1",
-            "eval.metrics.fpd.min_samples=10",
-            "eval.metrics.fpd.max_samples=10",
-            "eval.metrics.kpd.batch_size=10",
-            "eval.metrics.plots.enabled=false",
-            "progress=false",
-        ),
-    ),
+    Tiny(("adapt",), _ADAPT),
+    # the service block: the request's hyper-parameters are the same --set overrides
+    Tiny(("serve", "token", "create")),
+    Tiny(("serve",), sets("poll_interval_s=0.5")),
+    Tiny(("adapt", "submit"), _ADAPT),
+    Tiny(("adapt", "events")),
+    Tiny(("adapt", "wait"), ("--timeout", "900")),
 )
 
 
@@ -159,6 +176,90 @@ def tiny_argv(command: str) -> list[str]:
     return args + list(max(rows, key=lambda r: r.specificity).extra)
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+_CAPTURE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=\$\((caloforge\s.*)\)$")
+_UNTIL_CURL = re.compile(r"^until curl -sf (\S+) > /dev/null; do sleep 1; done$")
+
+
+def service_steps(commands: list[str]) -> list[tuple[str, str, str]]:
+    """(kind, variable or URL, command) of each line of the service block: ``capture``, ``background``,
+    ``wait_http``, ``kill`` or ``run``; any other shell form is a ValueError (teach ``ServiceBlock`` it)."""
+    steps = []
+    for command in commands:
+        line = command.split(" #", 1)[0].strip()
+        if m := _CAPTURE.match(line):
+            steps.append(("capture", m.group(1), m.group(2)))
+        elif line.startswith("caloforge ") and line.endswith(" &"):
+            steps.append(("background", "", line[:-2].strip()))
+        elif m := _UNTIL_CURL.match(line):
+            steps.append(("wait_http", m.group(1), ""))
+        elif line == "kill %1":
+            steps.append(("kill", "", ""))
+        elif line.startswith("caloforge "):
+            steps.append(("run", "", line))
+        else:
+            raise ValueError(f"{README}: the service block has a line the test cannot play: {command!r}")
+    return steps
+
+
+@dataclass
+class ServiceBlock:
+    """Plays the service block (module docstring); ``close()`` stops what it started."""
+
+    cwd: Path
+    port: int = field(default_factory=_free_port)
+    variables: dict[str, str] = field(default_factory=dict)
+    server: subprocess.Popen | None = None
+
+    def command(self, command: str) -> list[str]:
+        command = command.replace("127.0.0.1:8080", f"127.0.0.1:{self.port}")
+        argv = tiny_argv(command)
+        return [self.variables.get(w[1:], w) if w.startswith("$") else w for w in argv]
+
+    def start(self, command: str, log: Path) -> None:
+        argv = [*self.command(command), "--port", str(self.port)]
+        with log.open("w") as out:
+            self.server = subprocess.Popen(
+                [sys.executable, "-m", "caloforge.cli", *argv],
+                cwd=self.cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait_http(self, url: str, log: Path, timeout_s: float = 600.0) -> None:
+        url = url.replace("127.0.0.1:8080", f"127.0.0.1:{self.port}")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert self.server is not None and self.server.poll() is None, log.read_text()[-5000:]
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, (
+                f"{url} not ready after {timeout_s} s\n{log.read_text()[-5000:]}"
+            )
+            time.sleep(1.0)
+
+    def kill(self) -> int:
+        assert self.server is not None
+        self.server.send_signal(signal.SIGTERM)
+        return self.server.wait(60)
+
+    def close(self, home: Path) -> None:
+        from caloforge.adapt.service.embedded import EmbeddedService
+
+        if self.server is not None and self.server.poll() is None:
+            self.server.kill()
+            self.server.wait(30)
+        EmbeddedService.stop_leftovers(home)  # the Ray head the service started (it outlives the service)
+
+
 def test_readme_commands_parse() -> None:
     text = "## The CLI\n\n```bash\n# c\ncaloforge a \\\n    --b 1\n\ncaloforge c  # d\n```\n```bash\nx\n```\n"
     assert readme_commands(text) == ["caloforge a --b 1", "caloforge c  # d"]
@@ -166,6 +267,22 @@ def test_readme_commands_parse() -> None:
     assert len(commands) >= 8
     for command in commands:
         tiny_argv(command)  # every command is covered by a TINY row
+    steps = service_steps(readme_commands(README.read_text(), SERVICE_SECTION))
+    assert [kind for kind, _, _ in steps] == [
+        "capture",
+        "background",
+        "wait_http",
+        "capture",
+        "run",
+        "run",
+        "run",
+        "kill",
+    ]
+    block = ServiceBlock(Path("."), port=1234)
+    for _, _, command in steps:
+        if command:
+            block.command(command)  # covered by a TINY row
+    assert "http://127.0.0.1:1234" in block.command(steps[3][2])
 
 
 @pytest.mark.slow
@@ -193,6 +310,32 @@ def test_readme_walkthrough_runs_in_order(
         outputs[" ".join(argv[:2])] = out.out
 
     home = tmp_path / "caloforge-home"
+    block = ServiceBlock(tmp_path)
+    log = tmp_path / "serve.log"
+    t_service = time.perf_counter()
+    try:
+        for kind, name, command in service_steps(readme_commands(README.read_text(), SERVICE_SECTION)):
+            if kind == "background":
+                block.start(command, log)
+            elif kind == "wait_http":
+                block.wait_http(name, log)
+            elif kind == "kill":
+                assert block.kill() in (0, -signal.SIGTERM), log.read_text()[-5000:]
+            else:
+                argv = block.command(command)
+                rc = main(argv)
+                out = capsys.readouterr()
+                assert rc == 0, (
+                    f"README command failed (rc {rc}): {command}\n  ran: {argv}\n{out.out}\n{out.err}"
+                )
+                outputs[" ".join(argv[:2])] = out.out
+                if kind == "capture":
+                    block.variables[name] = out.out.strip()
+                    monkeypatch.setenv(name, out.out.strip())
+    finally:
+        block.close(home)
+    print(f"service block: {time.perf_counter() - t_service:.0f} s")
+
     assert (home / "data" / "shards" / "pretrain-4det" / "manifest.json").is_file()
     assert (home / "runs" / "train-debug" / "model" / "config.json").is_file()
     assert (home / "runs" / "debug" / "bundle" / "config.json").is_file()
@@ -210,3 +353,12 @@ def test_readme_walkthrough_runs_in_order(
     assert adapted["model"]["kind"] == "adapted" and (tmp_path / "pulled-lar-pb" / "model.onnx").is_file()
     assert adapted["lineage"]["parent_uri"] == "models:/caloforge-base/2"
     assert adapted["lineage"]["strategy"] == "lora" and adapted["lineage"]["target_detector"] == "lar-pb"
+    # the service block: a job that succeeded and registered caloforge-lar-pb version 2, pulled as ONNX
+    job = block.variables["JOB"]
+    assert job.startswith("adapt-") and "succeeded" in outputs["adapt wait"]
+    assert "[register]" in outputs["adapt events"] and "caloforge-lar-pb/2" in outputs["adapt wait"]
+    served = json.loads((tmp_path / "pulled-lar-pb-service" / "model_card.json").read_text())
+    assert (
+        served["registry"]["tags"]["caloforge.service_job"] == job and served["lineage"]["strategy"] == "lora"
+    )
+    assert not (home / "service" / "ray-head.json").exists()  # the head was stopped

@@ -16,6 +16,8 @@ import hashlib
 import json
 import logging
 import os
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -79,8 +81,23 @@ def create_app(config: ServiceConfig, store: JobStore | None = None, executor: A
         tokens.ensure_bootstrap(bootstrap)
     validator = Validator(config)
 
+    warm_state = {"validator": "warming up"}
+
+    def warm_up() -> None:
+        t0 = time.perf_counter()
+        try:
+            validator.warm_up()
+        except Exception as exc:  # reported in /readyz and the log; each request reports its own error
+            warm_state["validator"] = f"warm-up failed: {type(exc).__name__}: {exc}"
+            log.exception("validator warm-up failed (validation will retry on each request)")
+            return
+        warm_state["validator"] = "ready"
+        log.info("validator warmed up in %.1f s", time.perf_counter() - t0)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # in the background (Validator.warm_up): requests that come meanwhile wait for what they need
+        threading.Thread(target=warm_up, name="caloforge-validator-warm-up", daemon=True).start()
         if executor is not None:
             executor.start()
         try:
@@ -188,6 +205,7 @@ def create_app(config: ServiceConfig, store: JobStore | None = None, executor: A
             state["database"] = "ok"
         except Exception as exc:  # reported, not swallowed: the probe fails with the reason
             state["database"] = f"unreachable: {type(exc).__name__}: {exc}"
+        state["validator"] = warm_state["validator"]  # informational: "warming up" does not fail the probe
         if executor is None:
             state["executor"] = "none"
         else:

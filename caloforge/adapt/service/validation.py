@@ -8,7 +8,8 @@ spec against the shards' recorded spec and mesh, a spare slot, the objective, th
 
 Speed (many concurrent submissions): a registry base is resolved to an exact version at most every
 ``base_cache_ttl_s`` seconds per URI, its bundle downloaded once per exact version (into
-``$CALOFORGE_HOME/service/cache/base``), and the plan cached per (bundle, detector, data manifest, config).
+``$CALOFORGE_HOME/service/cache/base``), and the plan cached per (bundle, detector, data manifest, the parts
+of the config it depends on: not the seed, the loop, the metrics or the gate).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from caloforge.adapt.config import AdaptConfig
 from caloforge.adapt.pipeline import AdaptPlan, AdaptRequest, plan_adaptation
 from caloforge.adapt.service.config import ServiceConfig
 from caloforge.adapt.service.schemas import SubmitRequest
-from caloforge.config import ConfigError, load_config, safe_load_strict, to_dict
+from caloforge.config import ConfigError, apply_overrides, from_dict, read_yaml, safe_load_strict, to_dict
 from caloforge.distill.config import STUDENT_OF, DistillConfig
 from caloforge.platform.geometry import builtin_detector_names
 
@@ -48,6 +49,22 @@ _RESERVED = {
     "fault_injection_step": None,
 }
 _PLAN_CACHE_SIZE = 512
+# Parts of an AdaptConfig that ``plan_adaptation`` does not read (training, evaluation metrics, the gate, run
+# housekeeping): left out of the plan cache's key, so requests that differ only in them (a seed, a step
+# count, a learning rate) share one plan instead of each loading the base again. Anything not named here is
+# part of the key (a new config field costs a cache miss, never a wrong plan).
+_NOT_PLANNED = (
+    "name",
+    "loop",
+    "stream",
+    "gate",
+    "device",
+    "keep_checkpoints",
+    "progress",
+    "torch_threads",
+    "fault_injection_step",
+)
+_NOT_PLANNED_EVAL = ("sampler", "num_steps", "metrics")
 
 
 class SpecError(ValueError):
@@ -104,6 +121,33 @@ class Validator:
         self._resolved: dict[str, tuple[float, _Base]] = {}
         self._plans: OrderedDict[tuple[Any, ...], AdaptPlan] = OrderedDict()
         self._registry: Any = None
+        self._files: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
+
+    def _load_config(self, cls: type, path: Path, overrides: list[str]) -> Any:
+        """``caloforge.config.load_config(cls, path, overrides)`` with the file's YAML parsed once per
+        (mtime, size) instead of once per request (the same checks and messages)."""
+        stat = path.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        hit = self._files.get(path)
+        if hit is None or hit[0] != stamp:
+            hit = (stamp, read_yaml(path))
+            self._files[path] = hit
+        data = apply_overrides(hit[1], overrides) if overrides else hit[1]
+        source = f"{path} (with --set overrides)" if overrides else str(path)
+        return from_dict(cls, data, source)
+
+    def warm_up(self) -> None:
+        """Import what validation needs (the model and torch's lazily imported parts, MLflow's client) and
+        open the registry, so that the first request does not pay for it: that is tens of seconds on a busy
+        machine, and a burst of first requests would all wait for it. The app calls this on startup."""
+        import torch._dynamo  # noqa: F401  (imported by torch's parameter initialisation on first use)
+
+        from caloforge.platform.shower_model import ShowerModel  # noqa: F401
+        from caloforge.registry.store import RegistryStore
+
+        with self._lock:
+            if self._registry is None:
+                self._registry = RegistryStore()
 
     # -- the request ---------------------------------------------------------------------------------------
     def validate(self, req: SubmitRequest) -> dict[str, Any]:
@@ -117,7 +161,7 @@ class Validator:
         overrides.append(f"register.alias={json.dumps(req.registration.alias)}")
         overrides += _overrides(req.hyperparameters, "hyperparameters", _RESERVED)
         try:
-            config = load_config(AdaptConfig, adapt_path, overrides)
+            config = self._load_config(AdaptConfig, adapt_path, overrides)
         except ConfigError as exc:
             raise SpecError(_config_field(exc, req.hyperparameters, "hyperparameters"), str(exc)) from None
         distillation = self._distillation(req)
@@ -223,7 +267,7 @@ class Validator:
             *_overrides(d.hyperparameters, "distillation.hyperparameters", reserved),
         ]
         try:
-            load_config(DistillConfig, path, overrides)
+            self._load_config(DistillConfig, path, overrides)
         except ConfigError as exc:
             field = _config_field(exc, d.hyperparameters, "distillation.hyperparameters")
             if field == "distillation.hyperparameters" and "num_steps" in str(exc):
@@ -302,7 +346,7 @@ class Validator:
             detector,
             str(data),
             stamp,
-            json.dumps(to_dict(config), sort_keys=True),
+            _plan_key(config),
         )
         with self._lock:
             plan = self._plans.get(key)
@@ -321,6 +365,13 @@ class Validator:
             if len(self._plans) > _PLAN_CACHE_SIZE:
                 self._plans.popitem(last=False)
             return plan
+
+
+def _plan_key(config: AdaptConfig) -> str:
+    """The part of ``config`` a plan depends on, as canonical JSON (the plan cache's key)."""
+    values = {k: v for k, v in to_dict(config).items() if k not in _NOT_PLANNED}
+    values["eval"] = {k: v for k, v in values["eval"].items() if k not in _NOT_PLANNED_EVAL}
+    return json.dumps(values, sort_keys=True)
 
 
 def _plan_field(message: str) -> str:
