@@ -94,7 +94,8 @@ def serve(args: argparse.Namespace) -> int:
         from caloforge.adapt.service.rayjobs import RayJobRunner  # type: ignore[import-not-found]
         from caloforge.paths import home
 
-        executor = Executor(store, RayJobRunner(config.ray_address, home()), config)
+        runner = RayJobRunner(config.ray_address, home(), num_cpus=config.ray_num_cpus)
+        executor = Executor(store, runner, config)
     elif config.execute:
         print("caloforge serve: no executor in this installation; jobs are validated and queued only")
     app = create_app(config, store=store, executor=executor)
