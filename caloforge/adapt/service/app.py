@@ -45,6 +45,7 @@ log = logging.getLogger("caloforge.service")
 
 MAX_IDEMPOTENCY_KEY = 255
 LOG_TAIL_BYTES = 256 * 1024
+REPORT_DIR = "adapt/report"  # the adaptation run's evaluation report, in the job dir (jobmain's layout)
 
 
 class ApiError(Exception):
@@ -426,7 +427,7 @@ def create_app(config: ServiceConfig, store: JobStore | None = None, executor: A
 
     def _report_dir(job_id: str) -> Path:
         _job_or_404(job_id)
-        report = config.job_dir(job_id) / "report"
+        report = config.job_dir(job_id) / REPORT_DIR
         if not (report / "report.md").is_file():
             raise ApiError(404, "not_found", f"job {job_id} has no evaluation report yet", "job_id")
         return report
