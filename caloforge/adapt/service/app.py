@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,6 @@ from caloforge.adapt.service.schemas import (
     SubmitRequest,
 )
 from caloforge.adapt.service.store import STATUSES, TERMINAL, IdempotencyConflict, Job, JobStore
-from caloforge.adapt.service.validation import SpecError, Validator
 
 __all__ = ["ApiError", "create_app"]
 
@@ -78,10 +78,23 @@ def create_app(config: ServiceConfig, store: JobStore | None = None, executor: A
     bootstrap = os.environ.get(ENV_BOOTSTRAP_TOKEN)
     if bootstrap:
         tokens.ensure_bootstrap(bootstrap)
-    validator = Validator(config)
+    validators: list[Any] = []
+    validator_lock = threading.Lock()
+
+    def validator() -> Any:
+        """The request ``Validator``, made on first use: its imports (the adaptation pipeline: torch, scipy)
+        take seconds, so they load in the background from startup and a (re)started service answers and
+        reconciles its jobs at once; a request that comes sooner waits for them."""
+        with validator_lock:
+            if not validators:
+                from caloforge.adapt.service.validation import Validator
+
+                validators.append(Validator(config))
+            return validators[0]
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        threading.Thread(target=validator, name="caloforge-validator-import", daemon=True).start()
         if executor is not None:
             executor.start()
         try:
@@ -212,6 +225,8 @@ def create_app(config: ServiceConfig, store: JobStore | None = None, executor: A
         return b"".join(chunks)
 
     def _submit(principal: Principal, body: bytes, key: str | None, request: Request) -> JSONResponse:
+        from caloforge.adapt.service.validation import SpecError
+
         if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
             raise ApiError(
                 422, "invalid_request", f"at most {MAX_IDEMPOTENCY_KEY} characters", "Idempotency-Key"
@@ -241,7 +256,7 @@ def create_app(config: ServiceConfig, store: JobStore | None = None, executor: A
                     "Idempotency-Key",
                 )
         try:
-            spec = validator.validate(req)
+            spec = validator().validate(req)
         except SpecError as exc:
             code = "too_large" if exc.status == 413 else "invalid_request"
             raise ApiError(exc.status, code, exc.message, exc.field) from None
