@@ -1,7 +1,6 @@
 """Fixtures of the service tests: one real service, validate-only (``execute: false``): uvicorn in a thread on
 127.0.0.1, SQLite in WAL mode under a temporary $CALOFORGE_HOME, simulated lar-pb shards in the data root, a
-base bundle; ``registered_base`` (made on first use) registers it in a real sqlite MLflow registry as
-``caloforge-base@champion``."""
+base bundle (a registry base, in a real ``mlflow server``: test_service_acceptance.py)."""
 
 from __future__ import annotations
 
@@ -74,14 +73,3 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-@pytest.fixture(scope="session")
-def registered_base(service: Service) -> str:
-    """The base bundle registered as ``caloforge-base@champion`` in the service's MLflow registry."""
-    from caloforge.registry.store import RegistryStore
-
-    RegistryStore().register_bundle(
-        service.base_bundle, name="caloforge-base", kind="base", aliases=("champion",)
-    )
-    return "caloforge-base@champion"

@@ -490,10 +490,10 @@ def test_report_and_logs_from_the_job_dir(service) -> None:
     with client(service.url, service.tokens["reader"]) as c:
         assert c.get(f"/v1/adaptations/{job['id']}/report").status_code == 404
         assert c.get(f"/v1/adaptations/{job['id']}/logs").status_code == 404
-        (job_dir / "report" / "plots").mkdir(parents=True)
-        (job_dir / "report" / "report.md").write_text("# lar-pb\nFPD 0.1\n")
-        (job_dir / "report" / "plots" / "energy.png").write_bytes(b"\x89PNG fake plot bytes")
-        (job_dir / "adapt").mkdir()
+        report_dir = job_dir / "adapt" / "report"  # where the job entrypoint's adaptation run writes it
+        (report_dir / "plots").mkdir(parents=True)
+        (report_dir / "report.md").write_text("# lar-pb\nFPD 0.1\n")
+        (report_dir / "plots" / "energy.png").write_bytes(b"\x89PNG fake plot bytes")
         (job_dir / "adapt" / "adapt.log").write_text("step 1 loss 0.5\n")
         (job_dir.parent / "secret.txt").write_text("not for you")
         report = c.get(f"/v1/adaptations/{job['id']}/report").json()
@@ -503,7 +503,7 @@ def test_report_and_logs_from_the_job_dir(service) -> None:
         ]
         plot = c.get(f"/v1/adaptations/{job['id']}/report/files/plots/energy.png")
         assert plot.status_code == 200 and plot.content == b"\x89PNG fake plot bytes"
-        for name in ("..%2F..%2Fsecret.txt", "%2E%2E/%2E%2E/secret.txt", "nothing.png"):
+        for name in ("..%2F..%2F..%2Fsecret.txt", "%2E%2E/%2E%2E/%2E%2E/secret.txt", "nothing.png"):
             r = c.get(f"/v1/adaptations/{job['id']}/report/files/{name}")
             assert r.status_code == 404 and "not for you" not in r.text
         logs = c.get(f"/v1/adaptations/{job['id']}/logs")

@@ -1,17 +1,9 @@
-"""``caloforge serve token ...`` and ``caloforge adapt submit|status|...`` against the real server; one slow
-test runs ``caloforge serve --no-execute`` as a process with a registry base."""
+"""``caloforge serve token ...`` and ``caloforge adapt submit|status|...`` against the real server
+(``caloforge serve`` as a process, executing and ``--no-execute``: test_service_acceptance.py)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
-import httpx
-import pytest
-from service_helpers import client, free_port
+from service_helpers import client
 
 from caloforge.cli import main
 
@@ -74,47 +66,3 @@ def test_local_adapt_command_still_works(service, capsys) -> None:
     assert "kind: lora" in out and "#   detector: lar-pb" in out
     assert main(["adapt", "--detector", "lar-pb"]) == 2
     assert "required: --base, --data" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_caloforge_serve_process_with_a_registry_base(service, registered_base, tmp_path) -> None:
-    """``caloforge serve --no-execute`` as a process: bootstrap token, a registry base (resolved, downloaded
-    once), then SIGTERM stops it."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(p) for p in sys.path if p]),
-        "CALOFORGE_HOME": str(tmp_path / "home"),
-        "CALOFORGE_SERVICE_BOOTSTRAP_TOKEN": "process-bootstrap-token-0123456789abcdef",
-    }
-    cmd = [sys.executable, "-m", "caloforge.cli", "serve", "--no-execute", "--port", str(port)]
-    cmd += ["--set", f"data_roots=[{service.data.parent}]"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, (
-                proc.stdout.read() if proc.stdout else ""
-            )
-            time.sleep(0.2)
-        body = {"base": registered_base, "detector": {"name": "lar-pb"}, "data": str(service.data)}
-        body["hyperparameters"] = {"eval.n_showers": 20}
-        with client(url, "process-bootstrap-token-0123456789abcdef") as c:
-            job = c.post("/v1/adaptations", json=body)
-            assert job.status_code == 202, job.text
-            plan = job.json()["spec"]["plan"]
-            assert (plan["base_uri"], plan["base_version"]) == ("models:/caloforge-base/1", "1")
-            missing = c.post("/v1/adaptations", json={**body, "base": "caloforge-base@nope"})
-            assert missing.status_code == 422 and missing.json()["error"]["field"] == "base"
-        assert (tmp_path / "home" / "service" / "service.db").is_file()
-    finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=30)
-    assert proc.returncode in (0, -signal.SIGTERM), out  # uvicorn shuts down, then re-raises the signal
-    assert f"http://127.0.0.1:{port} (validate-only" in out

@@ -39,7 +39,6 @@ from caloforge.adapt.service.schemas import (
     SubmitRequest,
 )
 from caloforge.adapt.service.store import STATUSES, TERMINAL, IdempotencyConflict, Job, JobStore
-from caloforge.adapt.service.validation import SpecError, Validator
 
 __all__ = ["ApiError", "create_app"]
 
@@ -47,6 +46,7 @@ log = logging.getLogger("caloforge.service")
 
 MAX_IDEMPOTENCY_KEY = 255
 LOG_TAIL_BYTES = 256 * 1024
+REPORT_DIR = "adapt/report"  # the adaptation run's evaluation report, in the job dir (jobmain's layout)
 
 
 class ApiError(Exception):
@@ -79,14 +79,26 @@ def create_app(config: ServiceConfig, store: JobStore | None = None, executor: A
     bootstrap = os.environ.get(ENV_BOOTSTRAP_TOKEN)
     if bootstrap:
         tokens.ensure_bootstrap(bootstrap)
-    validator = Validator(config)
+    validators: list[Any] = []
+    validator_lock = threading.Lock()
+
+    def validator() -> Any:
+        """The request ``Validator``, made on first use: its imports (the adaptation pipeline: torch, scipy)
+        take seconds, so they load in the background from startup and a (re)started service answers and
+        reconciles its jobs at once; a request that comes sooner waits for them."""
+        with validator_lock:
+            if not validators:
+                from caloforge.adapt.service.validation import Validator
+
+                validators.append(Validator(config))
+            return validators[0]
 
     warm_state = {"validator": "warming up"}
 
     def warm_up() -> None:
         t0 = time.perf_counter()
         try:
-            validator.warm_up()
+            validator().warm_up()
         except Exception as exc:  # reported in /readyz and the log; each request reports its own error
             warm_state["validator"] = f"warm-up failed: {type(exc).__name__}: {exc}"
             log.exception("validator warm-up failed (validation will retry on each request)")
@@ -229,6 +241,8 @@ def create_app(config: ServiceConfig, store: JobStore | None = None, executor: A
         return b"".join(chunks)
 
     def _submit(principal: Principal, body: bytes, key: str | None, request: Request) -> JSONResponse:
+        from caloforge.adapt.service.validation import SpecError
+
         if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
             raise ApiError(
                 422, "invalid_request", f"at most {MAX_IDEMPOTENCY_KEY} characters", "Idempotency-Key"
@@ -258,7 +272,7 @@ def create_app(config: ServiceConfig, store: JobStore | None = None, executor: A
                     "Idempotency-Key",
                 )
         try:
-            spec = validator.validate(req)
+            spec = validator().validate(req)
         except SpecError as exc:
             code = "too_large" if exc.status == 413 else "invalid_request"
             raise ApiError(exc.status, code, exc.message, exc.field) from None
@@ -444,7 +458,7 @@ def create_app(config: ServiceConfig, store: JobStore | None = None, executor: A
 
     def _report_dir(job_id: str) -> Path:
         _job_or_404(job_id)
-        report = config.job_dir(job_id) / "report"
+        report = config.job_dir(job_id) / REPORT_DIR
         if not (report / "report.md").is_file():
             raise ApiError(404, "not_found", f"job {job_id} has no evaluation report yet", "job_id")
         return report

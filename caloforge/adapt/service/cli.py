@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 DEFAULT_CONFIG = "configs/service/local.yaml"
@@ -72,11 +71,7 @@ def _store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def serve(args: argparse.Namespace) -> int:
     import dataclasses
-
-    import uvicorn
-
-    from caloforge.adapt.service.app import create_app
-    from caloforge.adapt.service.store import JobStore
+    from concurrent.futures import ThreadPoolExecutor
 
     config = _config(args)
     changes = {}
@@ -87,16 +82,22 @@ def serve(args: argparse.Namespace) -> int:
     if args.no_execute:
         changes["execute"] = False
     config = dataclasses.replace(config, **changes)
-    store = JobStore(config.resolved_database_url())
-    executor = None
-    if config.execute and importlib.util.find_spec("caloforge.adapt.service.executor") is not None:
-        from caloforge.adapt.service.executor import Executor  # type: ignore[import-not-found]
-        from caloforge.adapt.service.rayjobs import RayJobRunner  # type: ignore[import-not-found]
-        from caloforge.paths import home
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="caloforge-ray-head") as pool:
+        runner = None
+        if config.execute:
+            from caloforge.adapt.service.rayjobs import RayJobRunner
+            from caloforge.paths import home
 
-        executor = Executor(store, RayJobRunner(config.ray_address, home()), config)
-    elif config.execute:
-        print("caloforge serve: no executor in this installation; jobs are validated and queued only")
+            # An owned Ray head takes seconds to start: it starts while the API's imports (torch, scipy) load.
+            runner = pool.submit(RayJobRunner, config.ray_address, home(), num_cpus=config.ray_num_cpus)
+        import uvicorn
+
+        from caloforge.adapt.service.app import create_app
+        from caloforge.adapt.service.executor import Executor
+        from caloforge.adapt.service.store import JobStore
+
+        store = JobStore(config.resolved_database_url())
+        executor = Executor(store, runner.result(), config) if runner is not None else None
     app = create_app(config, store=store, executor=executor)
     mode = "executing" if executor is not None else "validate-only"
     print(f"caloforge serve: http://{config.host}:{config.port} ({mode}; database {store.url})", flush=True)

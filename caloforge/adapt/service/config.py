@@ -21,6 +21,7 @@ __all__ = ["ENV_BOOTSTRAP_TOKEN", "ENV_DATABASE_URL", "ServiceConfig", "load_ser
 ENV_DATABASE_URL = "CALOFORGE_SERVICE_DATABASE_URL"
 ENV_BOOTSTRAP_TOKEN = "CALOFORGE_SERVICE_BOOTSTRAP_TOKEN"
 ENV_RAY_ADDRESS = "RAY_ADDRESS"
+ONNX_EXPORTERS = ("dynamo", "legacy")  # caloforge.registry.export.EXPORTERS (not imported: torch)
 
 
 def service_dir() -> Path:
@@ -38,6 +39,9 @@ class ServiceConfig:
     data (and a bundle-directory base) may come from (``None``: ``$CALOFORGE_HOME/data`` and ``./data``).
     ``configs_dir``: where ``adapt/<strategy>.yaml`` and ``distill/<method>.yaml`` are read. ``execute``:
     ``False`` validates and queues jobs without running them (validate-only mode, ``--no-execute``).
+    ``ray_num_cpus``: the CPUs of the owned local Ray head (unused with ``ray_address``). ``onnx_exporter``:
+    the torch.onnx exporter of the jobs' export stage (``dynamo``, as ``caloforge export``; ``legacy``: the
+    TorchScript exporter, much faster on small graphs), recorded in each job's spec.
     """
 
     host: str = "127.0.0.1"
@@ -54,6 +58,8 @@ class ServiceConfig:
     base_cache_ttl_s: float = 30.0
     page_limit_max: int = 200
     jobs_dir: Path | None = None
+    ray_num_cpus: int = 2
+    onnx_exporter: str = "dynamo"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -73,6 +79,12 @@ class ServiceConfig:
             raise ValueError(f"base_cache_ttl_s must be >= 0, got {self.base_cache_ttl_s}")
         if self.page_limit_max < 1:
             raise ValueError(f"page_limit_max must be >= 1, got {self.page_limit_max}")
+        if self.ray_num_cpus < 1:
+            raise ValueError(f"ray_num_cpus must be >= 1, got {self.ray_num_cpus}")
+        if self.onnx_exporter not in ONNX_EXPORTERS:
+            raise ValueError(
+                f"onnx_exporter must be one of {list(ONNX_EXPORTERS)}, got {self.onnx_exporter!r}"
+            )
         if self.data_roots is not None and not self.data_roots:
             raise ValueError("data_roots must name at least one directory (or be null for the defaults)")
 

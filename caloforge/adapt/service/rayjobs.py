@@ -234,26 +234,32 @@ class RayJobRunner:
 
     @staticmethod
     def _stop_head(head: dict[str, Any], grace_s: float = 8.0) -> None:
-        """Stop a head started by ``_start_head``: SIGTERM to ``ray start --block`` (which stops what it
-        started), then whatever is left of it (processes whose command line names its own temp dir)."""
+        """Stop a head started by ``_start_head``: SIGTERM to ``ray start --block`` alone (it stops what it
+        started: 3 s here; a SIGTERM to every Ray process at once left them waiting on each other past the
+        grace time), then whatever is left of it (processes whose command line names its own temp dir):
+        SIGTERM, then SIGKILL."""
         import psutil
 
         temp_dir = str(head.get("temp_dir") or "")
-        procs = []
+        others = []
         pid = int(head.get("pid", -1))
-        if _pid_alive(pid):
-            procs.append(psutil.Process(pid))
         if temp_dir.startswith("/tmp/cfsvc-ray-"):
             for proc in psutil.process_iter(["cmdline"]):
                 with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                    if proc.pid != os.getpid() and any(
+                    if proc.pid not in (os.getpid(), pid) and any(
                         temp_dir in part for part in proc.info["cmdline"] or []
                     ):
-                        procs.append(proc)
-        for proc in procs:
+                        others.append(proc)
+        alive = others
+        if _pid_alive(pid):
+            ray_start = psutil.Process(pid)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                ray_start.terminate()
+            _, alive = psutil.wait_procs([ray_start, *others], timeout=grace_s)
+        for proc in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=grace_s)
+        _, alive = psutil.wait_procs(alive, timeout=2)
         for proc in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()

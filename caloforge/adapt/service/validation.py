@@ -188,6 +188,7 @@ class Validator:
             "registration": {"model_name": req.registration.model_name, "alias": req.registration.alias},
             "seed": req.seed,
             "metadata": dict(req.metadata),
+            "export": {"exporter": self.config.onnx_exporter},  # the service's choice, for jobmain's export
             "plan": {**description, "base": base.uri, "base_uri": base.uri, "base_version": base.version},
         }
 
