@@ -372,7 +372,11 @@ def _adapt(config: QuickstartConfig, base: Path, base_uri: str | None) -> dict[s
         "metadata": {"requested_by": "caloforge quickstart"},
     }
     t0 = time.perf_counter()
-    with EmbeddedService(base, data_roots=(base,), configs_dir=configs, token_name="quickstart") as service:
+    # The job's own ONNX export is a by-product here (stage 7 pulls the registered model as users do): the
+    # legacy exporter makes it in seconds where dynamo takes minutes on a small CPU machine.
+    with EmbeddedService(
+        base, data_roots=(base,), configs_dir=configs, token_name="quickstart", onnx_exporter="legacy"
+    ) as service:
         print(
             f"service {service.url} (Ray head: {service.num_cpus} CPUs, token 'quickstart' with the submit "
             f"scope); submitting {q.detector} ({adapt_cfg.strategy.kind}, {adapt_cfg.loop.steps} steps)",

@@ -46,6 +46,7 @@ class EmbeddedService:
         configs_dir: Path,
         token_name: str = "embedded",
         num_cpus: int | None = None,
+        onnx_exporter: str = "dynamo",
         max_concurrent: int = 1,
         poll_interval_s: float = 0.5,
         start_timeout_s: float = 180.0,
@@ -54,6 +55,7 @@ class EmbeddedService:
 
         self.home = Path(home).resolve()
         state = self.home / "service"
+        self.num_cpus = int(num_cpus if num_cpus is not None else (os.cpu_count() or 1))
         self.config = ServiceConfig(
             host="127.0.0.1",
             port=_free_port(),
@@ -64,10 +66,11 @@ class EmbeddedService:
             poll_interval_s=poll_interval_s,
             execute=True,
             jobs_dir=state / "jobs",
+            ray_num_cpus=self.num_cpus,
+            onnx_exporter=onnx_exporter,
         )
         self.url = f"http://127.0.0.1:{self.config.port}"
         self.token_name = token_name
-        self.num_cpus = int(num_cpus if num_cpus is not None else (os.cpu_count() or 1))
         self.start_timeout_s = start_timeout_s
         self.token: str | None = None
         self.runner: Any = None
@@ -95,7 +98,7 @@ class EmbeddedService:
         store = JobStore(self.config.resolved_database_url())
         self._stack.callback(store.close)
         self.token = TokenStore(store).create(self.token_name, ["submit", "read"])
-        self.runner = RayJobRunner(None, self.home, num_cpus=self.num_cpus)
+        self.runner = RayJobRunner(None, self.home, num_cpus=self.config.ray_num_cpus)
         self._stack.callback(self.runner.close, shutdown_head=True)
         executor = Executor(store, self.runner, self.config)
         self._stack.callback(executor.stop)  # a no-op when the server's shutdown has stopped it
