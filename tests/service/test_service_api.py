@@ -454,12 +454,12 @@ def test_sse_stream_delivers_events(service) -> None:
     job = _submit(service)
 
     def later() -> None:
-        time.sleep(0.3)
         service.store.add_event(job["id"], "stage", "adapting", stage="adapt")
         time.sleep(0.2)
         service.store.transition(job["id"], "cancelled")
 
-    threading.Thread(target=later).start()
+    # the new event and the end come once the stream has delivered what was there (no race with its start)
+    producer = threading.Thread(target=later)
     received = []
     with (
         client(service.url, service.tokens["reader"]) as c,
@@ -472,6 +472,9 @@ def test_sse_stream_delivers_events(service) -> None:
                 name = line[6:].strip()
             elif line.startswith("data:"):
                 received.append((name, json.loads(line[5:])))
+                if name == "status" and not producer.is_alive() and producer.ident is None:
+                    producer.start()
+    producer.join()
     kinds = [n for n, _ in received]
     assert kinds[0] == "log" and kinds[-1] == "end"
     assert ("stage", "adapting") in [(n, d.get("message")) for n, d in received]
