@@ -15,8 +15,8 @@
   directory; conditions outside the trained ranges warn, or are refused with ``--strict``.
 - ``caloforge export --model URI_OR_DIR --format onnx|torch [--steps N] --out DIR``.
 
-ONNX exports take ``--variant plain|optimized|int8|int8-static`` (default ``optimized``), ``--gate-config
-FILE.yaml`` (fidelity-gate bounds) and ``--calibration-showers N`` (``int8-static``).
+ONNX exports take ``--variant plain|optimized|int8|int8-attn|int8-static`` (default ``optimized``),
+``--gate-config FILE.yaml`` (fidelity-gate bounds) and ``--calibration-showers N`` (``int8-static``).
 
 Every command takes ``--tracking-uri`` (default ``$MLFLOW_TRACKING_URI``, else the sqlite store under
 ``$CALOFORGE_HOME/mlflow``). mlflow/torch are imported inside the handlers.
@@ -31,6 +31,8 @@ import math
 import sys
 from pathlib import Path
 from typing import Any
+
+from caloforge.registry.optimize import VARIANTS
 
 log = logging.getLogger("caloforge.registry")
 
@@ -66,10 +68,11 @@ def _add_export_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--variant",
-        choices=["plain", "optimized", "int8", "int8-static"],
+        choices=list(VARIANTS),
         default="optimized",
         help="ONNX graph written: plain fp32 (standard ops), optimized (default: fp32 + ORT fusions), "
-        "int8 (dynamic quantisation), int8-static (calibrated QDQ); all but plain pass the fidelity gate",
+        "int8 (dynamic quantisation of the token-wise MatMuls), int8-attn (also the attention MatMuls), "
+        "int8-static (calibrated QDQ); all but plain pass the fidelity gate",
     )
     p.add_argument(
         "--gate-config",

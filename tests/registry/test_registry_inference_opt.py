@@ -22,10 +22,17 @@ from caloforge.registry.export import export_bundle
 from caloforge.registry.fidelity import FidelityGateConfig, auc_null_sigma, fidelity_gate, small_gate
 from caloforge.registry.onnx_graph import onnx_input_names
 from caloforge.registry.onnx_runtime import SESSION_PROFILES, OnnxShowerGenerator, ort_session
-from caloforge.registry.optimize import build_variant
+from caloforge.registry.optimize import (
+    attention_matmuls,
+    build_variant,
+    fuse_fast_gelu,
+    op_counts,
+    token_matmuls,
+)
 
 GATE = small_gate(128)
-VARIANTS = ("optimized", "int8", "int8-static")
+VARIANTS = ("optimized", "int8", "int8-attn", "int8-static")
+DEPTH = 2  # the debug backbone of the tiny model
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +91,21 @@ def test_cards_and_files_say_what_they_are(variant_dirs: dict[str, Path]) -> Non
     i8 = ModelCard.load(variant_dirs["int8"] / CARD_FILE).exports[0]
     assert i8["precision"].startswith("int8") and "DynamicQuantizeMatMul" in i8["contrib_ops"]
     assert i8["parity_of"] == "fp32 graph before quantisation"
+    assert any("FastGelu fusion" in o for o in i8["optimizations"]) and "FastGelu" in i8["contrib_ops"]
+    # int8: every token-wise linear layer (patch embedding, qkv, proj, fc1, fc2 per block, final layer) and
+    # nothing per shower (condition MLPs, adaLN, the layer-energy head stay fp32 Gemms); int8-attn: also the
+    # attention core's two MatMuls per block
+    counts = {v: op_counts(variant_dirs[v] / "model.onnx") for v in ("optimized", "int8", "int8-attn")}
+    dq = "com.microsoft.DynamicQuantizeMatMul"
+    assert counts["int8"][dq] == 4 * DEPTH + 2 and counts["int8-attn"][dq] == 6 * DEPTH + 2
+    assert counts["int8"]["Gemm"] == counts["optimized"]["Gemm"] == counts["int8-attn"]["Gemm"] > 0
+    assert counts["optimized"].get(dq, 0) == 0 and counts["optimized"]["com.microsoft.FastGelu"] == DEPTH
     st = ModelCard.load(variant_dirs["int8-static"] / CARD_FILE).exports[0]
     assert (
         st["calibration"]["n_showers"] == 32 and "trained ranges (lineage)" in st["calibration"]["conditions"]
     )
-    assert sizes["int8"] < 0.75 * sizes["optimized"] and sizes["int8-static"] < 0.8 * sizes["optimized"]
+    # the tiny model's weights are mostly per-shower layers (fp32): the token-wise ones shrink 4×
+    assert sizes["int8"] < sizes["optimized"] and sizes["int8-static"] < sizes["optimized"]
 
 
 @pytest.mark.slow
@@ -198,6 +215,71 @@ def test_damaged_graph_is_not_published(
     ):
         export_bundle(adapted_bundle_dir, out, "onnx", exporter="legacy", variant="int8", gate=GATE)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def _toy_block(path: Path) -> None:
+    """x (B, T, 8) → linear → tanh-GELU (the exporters' seven ops) → linear → QKᵀ-style MatMul with itself;
+    plus a per-row Gemm on c (B, 8): what ``token_matmuls`` / ``attention_matmuls`` tell apart."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(a.astype(np.float32), n)
+        for n, a in {
+            "w1": rng.standard_normal((8, 16)), "w2": rng.standard_normal((16, 8)) / 4,
+            "wc": rng.standard_normal((8, 8)), "three": np.array(3.0), "c0": np.array(0.044715),
+            "c1": np.array(np.sqrt(2 / np.pi)), "one": np.array(1.0), "half": np.array(0.5),
+        }.items()
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+        helper.make_node("Pow", ["h", "three"], ["h3"]),
+        helper.make_node("Mul", ["h3", "c0"], ["h3c"]),
+        helper.make_node("Add", ["h", "h3c"], ["inner"]),
+        helper.make_node("Mul", ["inner", "c1"], ["scaled"]),
+        helper.make_node("Tanh", ["scaled"], ["t"]),
+        helper.make_node("Add", ["t", "one"], ["t1"]),
+        helper.make_node("Mul", ["h", "half"], ["hh"]),
+        helper.make_node("Mul", ["hh", "t1"], ["g"]),
+        helper.make_node("MatMul", ["g", "w2"], ["y"], name="fc2"),
+        helper.make_node("Transpose", ["y"], ["yt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["y", "yt"], ["scores"], name="qk"),
+        helper.make_node("Gemm", ["c", "wc"], ["cc"], name="per_row"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "toy",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 5, 8]),
+            helper.make_tensor_value_info("c", TensorProto.FLOAT, ["B", 8]),
+        ],
+        [
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("cc", TensorProto.FLOAT, None),
+        ],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+
+def test_quantised_nodes_and_gelu_fusion_on_a_toy_graph(tmp_path: Path) -> None:
+    """Which MatMuls the int8 variants quantise (token-wise weights; activation × activation for int8-attn;
+    never the per-row Gemm), and the FastGelu fusion computes what the seven ops did."""
+    import onnxruntime as ort
+
+    src, fused = tmp_path / "toy.onnx", tmp_path / "fused.onnx"
+    _toy_block(src)
+    assert token_matmuls(src) == ["fc1", "fc2"] and attention_matmuls(src) == ["qk"]
+    assert fuse_fast_gelu(src, fused) == 1
+    counts = op_counts(fused)
+    assert counts["com.microsoft.FastGelu"] == 1 and "Tanh" not in counts and "Pow" not in counts
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((2, 5, 8), dtype=np.float32), "c": np.ones((2, 8), np.float32)}
+    run = [
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)
+        for p in (src, fused)
+    ]
+    np.testing.assert_allclose(run[1][0], run[0][0], rtol=1e-4, atol=1e-4)
 
 
 def test_gate_config_and_session_profiles(tmp_path: Path) -> None:
