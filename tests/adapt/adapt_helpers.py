@@ -3,37 +3,11 @@ the base's model config, simulated shard sets, and a tiny adaptation config."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from tiny_world import BASE_DETECTORS, MODEL, make_shards  # noqa: F401  (re-exported to the tests)
 
 from caloforge.adapt.config import AdaptConfig, AdaptEvalConfig, GateConfig
-from caloforge.datasets.prepare import SimulateConfig, simulate_and_shard
-from caloforge.datasets.shards import ShardConfig, SplitFractions
 from caloforge.evaluation.config import ClassifierConfig, EvalConfig, FPDConfig, KPDConfig, PlotConfig
-from caloforge.platform.energy import LayerEnergyConfig
-from caloforge.platform.shower_model import ShowerModelConfig
 from caloforge.training.config import EMAConfig, LoopConfig, OptimConfig, ScheduleConfig
-
-BASE_DETECTORS = ("par04-siw", "pbwo4")
-MODEL = ShowerModelConfig(
-    backbone="debug",
-    patch_size=(9, 4, 3),
-    parametrisation="flow_matching",
-    sampler="euler",
-    num_steps=2,
-    layer_energy=LayerEnergyConfig(width=16, depth=1, num_steps=2),
-)
-
-
-def make_shards(out: Path, detectors: tuple[str, ...], n: int, seed: int = 3) -> Path:
-    spec = SimulateConfig(
-        detectors=detectors,
-        particles=("e-", "pi+"),
-        n_per_detector=n,
-        energy_gev=(2.0, 50.0),
-        seed=seed,
-        shards=ShardConfig(showers_per_shard=40, split=SplitFractions(train=0.6, val=0.1, test=0.3)),
-    )
-    return simulate_and_shard(spec, out)
 
 
 def tiny_config(**changes) -> AdaptConfig:

@@ -12,35 +12,11 @@ from typing import Any
 import httpx
 import torch
 import uvicorn
+from tiny_world import BASE_DETECTORS, MODEL, make_shards
 
-from caloforge.datasets.prepare import SimulateConfig, simulate_and_shard
-from caloforge.datasets.shards import Manifest, ShardConfig, SplitFractions
-from caloforge.platform.energy import LayerEnergyConfig
+from caloforge.datasets.shards import Manifest
 from caloforge.platform.lineage import Lineage
-from caloforge.platform.shower_model import ShowerModelConfig
 from caloforge.training.job import model_for_manifest
-
-BASE_DETECTORS = ("par04-siw", "pbwo4")
-MODEL = ShowerModelConfig(
-    backbone="debug",
-    patch_size=(9, 4, 3),
-    parametrisation="flow_matching",
-    sampler="euler",
-    num_steps=2,
-    layer_energy=LayerEnergyConfig(width=16, depth=1, num_steps=2),
-)
-
-
-def make_shards(out: Path, detectors: tuple[str, ...], n: int, seed: int = 3) -> Path:
-    spec = SimulateConfig(
-        detectors=detectors,
-        particles=("e-", "pi+"),
-        n_per_detector=n,
-        energy_gev=(2.0, 50.0),
-        seed=seed,
-        shards=ShardConfig(showers_per_shard=40, split=SplitFractions(train=0.6, val=0.1, test=0.3)),
-    )
-    return simulate_and_shard(spec, out)
 
 
 def make_base_bundle(root: Path) -> Path:
