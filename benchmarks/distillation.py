@@ -41,7 +41,7 @@ and the JSON record (default ``benchmarks/results/distillation.json``; ``--quick
 (``--work-dir``, default ``$CALOFORGE_HOME/bench/distillation-<backbone>[_quick]``).
 
     .venv/bin/python benchmarks/distillation.py --quick          # the smoke run (tests): well under a minute
-    nice .venv/bin/python benchmarks/distillation.py             # the CPU study (debug backbone, ~21 min)
+    nice .venv/bin/python benchmarks/distillation.py             # the CPU study (debug backbone, ~24 min)
     .venv/bin/python benchmarks/distillation.py --device cuda --backbone S   # on a GPU
 """
 
@@ -175,7 +175,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             probe_every=2,
             n_eval_adapted=20,
         )
-    else:  # the CPU study (debug backbone, about 25 minutes on 2 contended cores)
+    else:  # the CPU study (debug backbone, about 24 minutes on 2 contended cores)
         plan = Plan(
             backbone=args.backbone,
             device=args.device,
@@ -875,6 +875,7 @@ def plot(rows: list[dict], front: list[str], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     colours = {"euler": "C0", "midpoint": "C1", "heun": "C2", "cd": "C3", "bns": "C4", "shortcut": "C5"}
     markers = {"teacher": "o", "student": "s", "solver": "^"}
@@ -920,6 +921,9 @@ def plot(rows: list[dict], front: list[str], path: Path) -> Path:
             xlabel="ms per shower (ONNX Runtime, 1 CPU thread, batch 1)",
             ylabel=f"{label} (lower is better)",
         )
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no overlapping minor labels
         ax.legend(fontsize=7)
     axes[0].set_title("quality vs speed (numbers: network calls)")
     fig.tight_layout()
