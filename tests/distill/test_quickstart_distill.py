@@ -1,6 +1,6 @@
-"""The quickstart's distillation stage (stage 8) is configured by ``configs/quickstart.yaml``: its distillation
-config with the quickstart's overrides is a valid, small ``DistillConfig`` (the stage itself runs in
-``make quickstart``)."""
+"""The quickstart's distillation stage (stage 8) is configured by ``configs/quickstart.yaml``: its
+distillation config with the quickstart's overrides is a valid, small ``DistillConfig`` (the stage itself
+runs in ``make quickstart``)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ def test_quickstart_distils_the_adapted_model_with_a_two_step_bespoke_solver() -
     assert q.timing_batch >= 1
 
 
-def test_quickstart_refuses_a_bad_timing_batch() -> None:
-    with pytest.raises(ConfigError, match="distill.timing_batch must be >= 1"):
-        load_config(QuickstartConfig, REPO / "configs" / "quickstart.yaml", ["distill.timing_batch=0"])
+def test_quickstart_refuses_bad_stage_settings() -> None:
+    path = REPO / "configs" / "quickstart.yaml"
+    with pytest.raises(ConfigError, match=r"distill\.timing_batch must be >= 1"):
+        load_config(QuickstartConfig, path, ["distill.timing_batch=0"])
+    with pytest.raises(ConfigError, match=r"distill\.fidelity_showers must be >= 20"):
+        load_config(QuickstartConfig, path, ["distill.fidelity_showers=10"])
