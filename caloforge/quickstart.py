@@ -31,7 +31,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from caloforge import paths
 from caloforge.config import apply_overrides, dump_yaml, from_dict, load_config, read_yaml
@@ -67,6 +67,7 @@ class QuickDistill:
     overrides: tuple[str, ...] = ()
     timing_batch: int = 16  # showers per ONNX call when timing teacher and student
     fidelity_showers: int = 200  # the student's export fidelity gate (the registry's default: 800)
+    exporter: Literal["dynamo", "legacy"] = "legacy"  # the student's ONNX exporter (legacy: seconds)
 
     def __post_init__(self) -> None:
         if self.timing_batch < 1:
@@ -431,7 +432,11 @@ def _distil(
         raise ValueError("quickstart: the distillation registered no student (its register.enabled is off?)")
     student_onnx = base / "pulled-distilled"
     RegistryStore().pull(
-        reg["uri"], student_onnx, "onnx", gate=FidelityGateConfig(n_showers=q.fidelity_showers)
+        reg["uri"],
+        student_onnx,
+        "onnx",
+        exporter=q.exporter,
+        gate=FidelityGateConfig(n_showers=q.fidelity_showers),
     )
     cond = load_split(adapted["data"], "test").conditions
     cond = cond.subset(np.arange(q.timing_batch) % len(cond))
@@ -447,7 +452,7 @@ def _distil(
             best = min(best, time.perf_counter() - t1)
         timing[name] = 1e3 * best / len(cond)
         export = ModelCard.load(onnx_dir / CARD_FILE).exports[-1]
-        graph[name] = {k: export[k] for k in ("sampler", "num_steps", "nfe")}
+        graph[name] = {k: export.get(k) for k in ("sampler", "num_steps", "nfe", "exporter")}
     sm, tm = result.metrics, result.teacher_metrics
     nan = float("nan")
     print(
@@ -463,9 +468,9 @@ def _distil(
             f"{result.method} from the adapted model, {fit_s:.0f} s",
         ],
         [
-            "ONNX graph: sampler x steps (network calls)",
+            "ONNX graph: sampler x steps (network calls, exporter)",
             *(
-                f"{g['sampler']} x {g['num_steps']} ({g['nfe']})"
+                f"{g['sampler']} x {g['num_steps']} ({g['nfe']}, {g['exporter']})"
                 for g in (graph["teacher"], graph["student"])
             ),
         ],
