@@ -37,10 +37,12 @@ batch 1) than the fastest teacher row of any sampler.
 
 Outputs: a table, ``<results>_pareto.png`` (quality vs ms per shower, log x; the non-dominated front joined)
 and the JSON record (default ``benchmarks/results/distillation.json``; ``--quick``:
-``distillation_quick.json``). Finished pieces (teacher, distillations, rows) are cached in the work directory
-(``--work-dir``, default ``$CALOFORGE_HOME/bench/distillation-<backbone>[_quick]``).
+``distillation_quick.json``: a tiny teacher with a 2-step default sampler and layer-energy head, one step
+count per student and solver route, no short adapted run). Finished pieces (teacher, distillations, rows)
+are cached in the work directory (``--work-dir``, default
+``$CALOFORGE_HOME/bench/distillation-<backbone>[_quick]``).
 
-    .venv/bin/python benchmarks/distillation.py --quick          # the smoke run (tests): well under a minute
+    .venv/bin/python benchmarks/distillation.py --quick          # the smoke run (tests): about a minute
     nice .venv/bin/python benchmarks/distillation.py             # the CPU study (debug backbone, ~24 min)
     .venv/bin/python benchmarks/distillation.py --device cuda --backbone S   # on a GPU
 """
@@ -111,19 +113,28 @@ class Plan:
     adapt_showers: int
     adapt_steps: int
     adapted_cd_steps: int
-    adapted_short_steps: int
+    adapted_short_steps: int  # 0: no short run
     probe_showers: int
     probe_every: int
     n_eval_adapted: int
     energy_gev: tuple[float, float] = (2.0, 100.0)
     seed: int = 0
+    # quick-mode model changes (None: configs/train/debug.yaml's): the layer-energy head's sampler steps
+    # (every row's export traces them), the teacher's default steps (the pipelines' teacher evaluations)
+    layer_energy_steps: int | None = None
+    teacher_num_steps: int | None = None
 
     def key(self, *fields: str, **extra: Any) -> str:
         data = {f: getattr(self, f) for f in fields} | extra
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
 
     def teacher_key(self) -> str:
-        return self.key("backbone", "base_showers", "base_steps", "batch_size", "energy_gev", "seed")
+        extra = {
+            k: getattr(self, k)
+            for k in ("layer_energy_steps", "teacher_num_steps")
+            if getattr(self, k) is not None
+        }
+        return self.key("backbone", "base_showers", "base_steps", "batch_size", "energy_gev", "seed", **extra)
 
     def cd_key(self) -> str:
         return self.key("cd_steps", "cd_batch_size", "cd_lr", teacher=self.teacher_key())
@@ -156,7 +167,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             cd_steps=4,
             cd_batch_size=8,
             cd_lr=1e-3,
-            cd_sampling=(1, 2),
+            cd_sampling=(1,),
             shortcut_sampling=(1,),
             bns_steps=(2,),
             bns_iterations=3,
@@ -170,10 +181,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
             adapt_showers=140,
             adapt_steps=2,
             adapted_cd_steps=4,
-            adapted_short_steps=2,
+            adapted_short_steps=0,  # the short run's headline is tested on hand-made runs
             probe_showers=8,
             probe_every=2,
             n_eval_adapted=20,
+            layer_energy_steps=2,
+            teacher_num_steps=2,
         )
     else:  # the CPU study (debug backbone, about 24 minutes on 2 contended cores)
         plan = Plan(
@@ -217,8 +230,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     plan = dataclasses.replace(plan, **changes)
     if plan.n_eval < 20 or plan.n_eval_adapted < 20 or min(plan.nfe) < 1 or plan.cd_steps < 1:
         raise ValueError("n_eval and n_eval_adapted must be >= 20, NFE >= 1, cd_steps >= 1")
-    if not 1 <= plan.adapted_short_steps <= plan.adapted_cd_steps:
-        raise ValueError("adapted_short_steps must be in [1, adapted_cd_steps]")
+    if not 0 <= plan.adapted_short_steps <= plan.adapted_cd_steps:
+        raise ValueError("adapted_short_steps must be in [0, adapted_cd_steps]")
     return plan
 
 
@@ -289,6 +302,10 @@ def simulate(detectors: tuple[str, ...], n: int, seed: int, plan: Plan, out: Pat
 def model_config(plan: Plan) -> dict[str, Any]:
     model = dict(yaml.safe_load((REPO / "configs" / "train" / "debug.yaml").read_text())["model"])
     model["backbone"] = plan.backbone
+    if plan.teacher_num_steps is not None:
+        model["num_steps"] = plan.teacher_num_steps
+    if plan.layer_energy_steps is not None:
+        model["layer_energy"] = {**model.get("layer_energy", {}), "num_steps": plan.layer_energy_steps}
     return model
 
 
@@ -800,8 +817,9 @@ def adapted_study(plan: Plan, work: Path, teacher: dict, base_student: dict) -> 
     runs = [
         cd_run("from-base-student", plan.adapted_cd_steps, base_student["model_dir"]),
         cd_run("from-teacher", plan.adapted_cd_steps, None),
-        cd_run("from-base-student-short", plan.adapted_short_steps, base_student["model_dir"]),
     ]
+    if plan.adapted_short_steps:
+        runs.append(cd_run("from-base-student-short", plan.adapted_short_steps, base_student["model_dir"]))
 
     def teacher_eval() -> dict[str, Any]:
         report = evaluate_model(adapted["model_dir"], heldout, None, eval_config(len(heldout)))
