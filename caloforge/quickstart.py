@@ -489,11 +489,16 @@ def _distil(
     ]
     print()
     print(_fmt_table(["", "adapted model (teacher)", "distilled student"], rows))
+    stage_s = time.perf_counter() - t0
+    print(
+        f"stage 8: {stage_s:.0f} s (distillation {fit_s:.0f} s, ONNX pull and timing {stage_s - fit_s:.0f} s)"
+    )
     return {
         "method": result.method,
         "sampler": result.sampler,
         "num_steps": result.num_steps,
         "seconds": round(fit_s, 1),
+        "stage_seconds": round(stage_s, 1),
         "uri": reg["uri"],
         "aliases": reg.get("aliases", []),
         "gate_passed": result.gate.passed,
