@@ -16,7 +16,10 @@ Stages (each prints what it did; the last prints one summary table):
    machine): the Python client submits it, follows its events and waits; the job (a Ray job) fine-tunes,
    evaluates against the test split, gates, exports and registers ``caloforge-lar-pb``; the service and its
    Ray head are stopped afterwards (also on a failure);
-7. pull ``caloforge-lar-pb`` as ONNX and run it; the summary shows both models side by side.
+7. pull ``caloforge-lar-pb`` as ONNX and run it; the summary shows both models side by side;
+8. distil the adapted model to a 2-step bespoke solver (``caloforge distill --method bns``: its weights
+   unchanged, so seconds of fitting), register it as a ``distilled`` version of ``caloforge-lar-pb``, pull
+   it as ONNX and time it beside its teacher's graph.
 
 So the one command does what users do: launch pretraining, request an adaptation, pull a model. Everything
 lands under ``$CALOFORGE_HOME/quickstart`` (data, shards, runs, reports, the service's database and job
@@ -29,11 +32,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from caloforge import paths
 from caloforge.config import apply_overrides, dump_yaml, from_dict, load_config, read_yaml
@@ -44,7 +48,7 @@ log = logging.getLogger("caloforge.quickstart")
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "quickstart.yaml"
-N_STAGES = 7
+N_STAGES = 8
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,23 @@ class QuickAdapt:
     def __post_init__(self) -> None:
         if self.n_showers < 100:
             raise ValueError(f"adapt.n_showers must be >= 100, got {self.n_showers}")
+
+
+@dataclass(frozen=True)
+class QuickDistill:
+    """The distillation stage: the adapted model distilled to a few-step sampler (``caloforge distill``)."""
+
+    config: Path = Path("configs/distill/bns.yaml")  # its method: bns (seconds), cd or shortcut (minutes)
+    overrides: tuple[str, ...] = ()
+    timing_batch: int = 16  # showers per ONNX call when timing teacher and student
+    fidelity_showers: int = 200  # the student's export fidelity gate (the registry's default: 800)
+    exporter: Literal["dynamo", "legacy"] = "legacy"  # the student's ONNX exporter (legacy: seconds)
+
+    def __post_init__(self) -> None:
+        if self.timing_batch < 1:
+            raise ValueError(f"distill.timing_batch must be >= 1, got {self.timing_batch}")
+        if self.fidelity_showers < 20:
+            raise ValueError(f"distill.fidelity_showers must be >= 20, got {self.fidelity_showers}")
 
 
 @dataclass(frozen=True)
@@ -82,6 +103,7 @@ class QuickstartConfig:
     eval_showers: int = 200
     export_steps: int = 4
     adapt: QuickAdapt = field(default_factory=QuickAdapt)
+    distill: QuickDistill = field(default_factory=QuickDistill)
 
     def __post_init__(self) -> None:
         if self.stream_batches < 1 or self.stream_batch_size < 1:
@@ -329,6 +351,8 @@ def run(config: QuickstartConfig) -> dict[str, Any]:
     ]
     print()
     print(_fmt_table(["", "base model", "adapted model"], models))
+    _stage(8, f"distil {adapted['uri']} ({config.distill.config.stem}) and time it beside its teacher")
+    summary["distillation"] = _distil(config, base, adapted, adapted_pulled)
     (base / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
@@ -446,6 +470,115 @@ def _stop_stray_service(base: Path) -> None:
 
     if EmbeddedService.stop_leftovers(base):
         log.info("stopped the Ray head a previous quickstart left running")
+
+
+def _distil(
+    config: QuickstartConfig, base: Path, adapted: dict[str, Any], teacher_onnx: Path
+) -> dict[str, Any]:
+    """Stage 8: distil the adapted model (``caloforge distill``), register the student as a ``distilled``
+    version of the adapted model's registered model, pull it as ONNX and time both graphs alike (one warm-up
+    call, then the fastest of 3 at ``timing_batch``); prints the teacher-vs-student table."""
+    import numpy as np
+
+    from caloforge.datasets.streaming import load_split
+    from caloforge.distill.config import DistillConfig
+    from caloforge.distill.pipeline import DistillRequest, run_distillation
+    from caloforge.registry.card import CARD_FILE, ModelCard
+    from caloforge.registry.export import OnnxShowerGenerator
+    from caloforge.registry.fidelity import FidelityGateConfig
+    from caloforge.registry.store import RegistryStore
+
+    q = config.distill
+    if adapted.get("uri") is None:
+        raise ValueError("quickstart: the adaptation registered no model (its register.enabled is off?)")
+    cfg = load_config(DistillConfig, _resolve(q.config), list(q.overrides))
+    (base / "distill.yaml").write_text(dump_yaml(cfg))
+    t0 = time.perf_counter()
+    result = run_distillation(
+        cfg, DistillRequest(adapted["uri"], Path(adapted["data"])), base / "runs" / "distill"
+    )
+    fit_s = time.perf_counter() - t0
+    reg = result.registered or {}
+    if reg.get("uri") is None:
+        raise ValueError("quickstart: the distillation registered no student (its register.enabled is off?)")
+    student_onnx = base / "pulled-distilled"
+    RegistryStore().pull(
+        reg["uri"],
+        student_onnx,
+        "onnx",
+        exporter=q.exporter,
+        gate=FidelityGateConfig(n_showers=q.fidelity_showers),
+    )
+    cond = load_split(adapted["data"], "test").conditions
+    cond = cond.subset(np.arange(q.timing_batch) % len(cond))
+    timing: dict[str, float] = {}
+    graph: dict[str, dict[str, Any]] = {}
+    for name, onnx_dir in (("teacher", teacher_onnx), ("student", student_onnx)):
+        gen = OnnxShowerGenerator.from_card(onnx_dir)
+        gen.generate(cond, seed=0)  # warm-up
+        best = math.inf
+        for rep in range(3):
+            t1 = time.perf_counter()
+            gen.generate(cond, seed=1 + rep)
+            best = min(best, time.perf_counter() - t1)
+        timing[name] = 1e3 * best / len(cond)
+        export = ModelCard.load(onnx_dir / CARD_FILE).exports[-1]
+        graph[name] = {k: export.get(k) for k in ("sampler", "num_steps", "nfe", "exporter")}
+    sm, tm = result.metrics, result.teacher_metrics
+    nan = float("nan")
+    print(
+        f"{result.method}: {result.sampler} x {result.num_steps} in {fit_s:.0f} s; gate "
+        f"{'passed' if result.gate.passed else 'failed: ' + '; '.join(result.gate.reasons())}; registered "
+        f"{reg['uri']} @{', @'.join(reg.get('aliases', []))}; ONNX {student_onnx}"
+    )
+    rows = [
+        ["model", adapted["uri"], reg["uri"]],
+        [
+            "how",
+            f"{adapted['strategy']} adaptation, {adapted['steps']} steps",
+            f"{result.method} from the adapted model, {fit_s:.0f} s",
+        ],
+        [
+            "ONNX graph: sampler x steps (network calls, exporter)",
+            *(
+                f"{g['sampler']} x {g['num_steps']} ({g['nfe']}, {g['exporter']})"
+                for g in (graph["teacher"], graph["student"])
+            ),
+        ],
+        ["FPD (distillation's evaluation)", f"{tm.get('fpd', nan):.3g}", f"{sm.get('fpd', nan):.3g}"],
+        ["AUC high-level", f"{tm.get('auc_high', nan):.3f}", f"{sm.get('auc_high', nan):.3f}"],
+        [
+            "gate / aliases",
+            "-",
+            f"{'passed' if result.gate.passed else 'failed'}; @{', @'.join(reg.get('aliases', []))}",
+        ],
+        [
+            f"ONNX ms/shower (batch {q.timing_batch}, warm)",
+            f"{timing['teacher']:.2f}",
+            f"{timing['student']:.2f}",
+        ],
+    ]
+    print()
+    print(_fmt_table(["", "adapted model (teacher)", "distilled student"], rows))
+    stage_s = time.perf_counter() - t0
+    print(
+        f"stage 8: {stage_s:.0f} s (distillation {fit_s:.0f} s, ONNX pull and timing {stage_s - fit_s:.0f} s)"
+    )
+    return {
+        "method": result.method,
+        "sampler": result.sampler,
+        "num_steps": result.num_steps,
+        "seconds": round(fit_s, 1),
+        "stage_seconds": round(stage_s, 1),
+        "uri": reg["uri"],
+        "aliases": reg.get("aliases", []),
+        "gate_passed": result.gate.passed,
+        "metrics": result.metrics,
+        "teacher_metrics": result.teacher_metrics,
+        "onnx_graphs": graph,
+        "onnx_ms_per_shower": {k: round(v, 3) for k, v in timing.items()},
+        "onnx_dir": str(student_onnx),
+    }
 
 
 def _handler(args: argparse.Namespace) -> int:

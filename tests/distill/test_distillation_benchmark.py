@@ -107,6 +107,8 @@ def test_the_study_runs_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
             sys.executable,
             str(BENCH / "distillation.py"),
             "--quick",
+            "--routes",  # a teacher sampler (1 NFE is out of its reach) and every other route
+            "midpoint,cd,shortcut,bns",
             "--work-dir",
             str(tmp_path / "w"),
             "--out",
@@ -122,7 +124,7 @@ def test_the_study_runs_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
     record = json.loads(out.read_text())
     rows = record["rows"]
     labels = [r["label"] for r in rows]
-    assert labels == ["euler 1", "euler 2", "midpoint 2", "heun 2", "cd 1", "cd 2", "bns 2"]
+    assert labels == ["midpoint 2", "cd 1", "shortcut 1", "bns 2"]
     for r in rows:
         for key in ("auc_high", "auc_low", "fpd", "floor/fpd", "kpd"):
             assert math.isfinite(r["metrics"][key]), (r["label"], key)
@@ -132,11 +134,14 @@ def test_the_study_runs_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
         assert r["onnx"]["parity_max_rel_err"] >= 0
     assert {r["kind"] for r in rows} == {"teacher", "student", "solver"}
     by = {r["label"]: r for r in rows}
-    assert (by["cd 2"]["sampler"], by["cd 2"]["num_steps"], by["midpoint 2"]["num_steps"]) == (
-        "consistency",
-        2,
-        1,
-    )
+    assert [
+        (by[k]["sampler"], by[k]["num_steps"]) for k in ("midpoint 2", "cd 1", "shortcut 1", "bns 2")
+    ] == [
+        ("midpoint", 1),
+        ("consistency", 1),
+        ("shortcut", 1),
+        ("bespoke", 2),
+    ]
     # every row on the front is non-dominated; every row off it is dominated by one on it
     pts = {r["label"]: (r["ms_per_shower"]["onnx_cpu1_b1"], r["metrics"]["auc_high"]) for r in rows}
 
@@ -151,14 +156,12 @@ def test_the_study_runs_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
     for other in set(labels) - set(front):
         assert any(dominates(f, other) for f in front), other
     goal = record["goal"]
-    assert goal["student"] == "cd 1" and math.isfinite(goal["auc_gap"]) and goal["speedup"] > 0
+    assert goal["student"] in ("cd 1", "shortcut 1") and set(goal["students"]) == {"cd 1", "shortcut 1"}
+    assert math.isfinite(goal["auc_gap"]) and goal["speedup"] > 0
     assert record["distilled"]["bns"]["solvers"]["2"]["rmse_bespoke"] >= 0
     adapted = record["adapted"]
-    assert [r["name"] for r in adapted["runs"]] == [
-        "from-base-student",
-        "from-teacher",
-        "from-base-student-short",
-    ]
+    # quick mode: no short run (its headline is the hand-made test above)
+    assert [r["name"] for r in adapted["runs"]] == ["from-base-student", "from-teacher"]
     for r in adapted["runs"]:
         assert [p["step"] for p in r["curve"]] == list(range(0, r["steps"] + 1, 2))
         assert all(math.isfinite(p["probe"]) and p["probe"] >= 0 for p in r["curve"])
