@@ -264,7 +264,8 @@ def _stage_adapt(spec: dict[str, Any], job_dir: Path, stages: _Stages) -> tuple[
     request = AdaptRequest(base=spec["base"], detector=_detector_arg(spec, job_dir), data=Path(spec["data"]))
     run_dir = job_dir / "adapt"
     done = run_dir / "result.json"
-    stages.start("adapt", f"adapting {spec['base']} to {spec['detector']} ({config.strategy.kind})")
+    detector = Path(request.detector).stem  # a built-in name, or the inline YAML's file (named after it)
+    stages.start("adapt", f"adapting {spec['base']} to {detector} ({config.strategy.kind})")
     if done.is_file():
         result = _load_result(AdaptResult, GateResult, done)
         stages.end("adaptation finished in an earlier attempt (reused)", {"steps": result.steps})
