@@ -135,6 +135,7 @@ TINY: tuple[Tiny, ...] = (
     # the service block: the request's hyper-parameters are the same --set overrides
     Tiny(("serve", "token", "create")),
     Tiny(("serve",), sets("poll_interval_s=0.5")),
+    Tiny(("serve", "stop-head")),
     Tiny(("adapt", "submit"), _ADAPT),
     Tiny(("adapt", "events")),
     Tiny(("adapt", "wait"), ("--timeout", "900")),
@@ -277,6 +278,7 @@ def test_readme_commands_parse() -> None:
         "run",
         "run",
         "kill",
+        "run",
     ]
     block = ServiceBlock(Path("."), port=1234)
     for _, _, command in steps:
@@ -361,4 +363,5 @@ def test_readme_walkthrough_runs_in_order(
     assert (
         served["registry"]["tags"]["caloforge.service_job"] == job and served["lineage"]["strategy"] == "lora"
     )
-    assert not (home / "service" / "ray-head.json").exists()  # the head was stopped
+    assert "stopped the service's Ray head" in outputs["serve stop-head"]  # by the README's last line
+    assert not (home / "service" / "ray-head.json").exists()

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="listen port (default: the config's, 8080)")
     p.add_argument("--no-execute", action="store_true", help="validate and queue jobs without running them")
     p.set_defaults(func=serve)
-    sub = p.add_subparsers(dest="serve_command", metavar="token")
+    sub = p.add_subparsers(dest="serve_command", metavar="token|stop-head")
     token = sub.add_parser("token", help="create, list or revoke API tokens")
     tsub = token.add_subparsers(dest="token_command", metavar="create|list|revoke", required=True)
     create = tsub.add_parser("create", help="create a token (printed once)")
@@ -50,7 +50,22 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     revoke = tsub.add_parser("revoke", help="revoke a token")
     revoke.add_argument("name")
     revoke.set_defaults(func=token_revoke)
+    sub.add_parser(
+        "stop-head",
+        help="stop the service's own Ray head (it outlives `caloforge serve`, so a restart follows its jobs)",
+    ).set_defaults(func=stop_head)
     return p
+
+
+def stop_head(args: argparse.Namespace) -> int:
+    from caloforge.adapt.service.rayjobs import stop_recorded_head
+    from caloforge.paths import home
+
+    if stop_recorded_head(home()):
+        print(f"stopped the service's Ray head ({home() / 'service'})")
+    else:
+        print(f"no Ray head of the service is recorded under {home() / 'service'}")
+    return 0
 
 
 def _config(args: argparse.Namespace):  # type: ignore[no-untyped-def]

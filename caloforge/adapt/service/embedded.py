@@ -17,7 +17,6 @@ its jobs: nothing is left running.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import threading
@@ -132,16 +131,11 @@ class EmbeddedService:
 
     @staticmethod
     def stop_leftovers(home: Path) -> bool:
-        """Stop the Ray head recorded in ``home/service/ray-head.json`` (left by a process that was killed
-        before it could close its service); True when there was a record."""
-        from caloforge.adapt.service.rayjobs import HEAD_FILE, RayJobRunner
+        """Stop the Ray head recorded under ``home`` (left by a process that was killed before it could
+        close its service): ``rayjobs.stop_recorded_head``."""
+        from caloforge.adapt.service.rayjobs import stop_recorded_head
 
-        path = Path(home) / "service" / HEAD_FILE
-        if not path.is_file():
-            return False
-        RayJobRunner._stop_head(json.loads(path.read_text()))
-        path.unlink()
-        return True
+        return stop_recorded_head(home)
 
     def __enter__(self) -> EmbeddedService:
         return self.start()

@@ -40,7 +40,7 @@ import caloforge
 from caloforge import paths
 from caloforge.environment import DEFAULT_ENV, embedded_auth_mode
 
-__all__ = ["HEAD_FILE", "RayJobRunner", "job_env"]
+__all__ = ["HEAD_FILE", "RayJobRunner", "job_env", "stop_recorded_head"]
 
 log = logging.getLogger("caloforge.service.ray")
 
@@ -343,3 +343,15 @@ class RayJobRunner:
             with contextlib.suppress(FileNotFoundError):
                 self.head_file.unlink()
             self.head = None
+
+
+def stop_recorded_head(home: Path) -> bool:
+    """Stop the service's own Ray head recorded in ``home/service/ray-head.json`` (it outlives the service
+    on purpose, so that a restarted service follows its jobs) and remove the record; False when there is
+    none. ``caloforge serve stop-head``; also what cleans up after a killed quickstart."""
+    path = Path(home) / "service" / HEAD_FILE
+    if not path.is_file():
+        return False
+    RayJobRunner._stop_head(json.loads(path.read_text()))
+    path.unlink()
+    return True
