@@ -157,38 +157,6 @@ class AdaptResult:
 
 
 # -- validation -------------------------------------------------------------------------------------------
-def _resolve_base(base: str, run_dir: Path) -> tuple[Path, str, str | None]:
-    """(bundle dir, parent URI, parent version): a local bundle, or an exact registry version downloaded
-    into ``run_dir/base`` (reused on resume when it is the same version)."""
-    path = Path(base)
-    if path.is_dir():
-        ShowerModel.load(path)  # a clear error for a directory that is not a bundle
-        return path.resolve(), str(path.resolve()), None
-    if not (base.startswith("models:/") or "@" in base):
-        raise ValueError(
-            f"base: {base!r} is neither a bundle directory nor a registry URI (models:/NAME/VERSION, "
-            "models:/NAME@ALIAS or NAME@ALIAS)"
-        )
-    from caloforge.registry.store import RegistryStore
-
-    store = RegistryStore()
-    try:
-        version = store.resolve(base)
-    except ValueError as exc:
-        raise ValueError(f"base: {exc}") from None
-    target = run_dir / "base"
-    marker = target / ".registry_uri"
-    if marker.is_file() and marker.read_text() == version.uri:
-        return target, version.uri, str(version.version)
-    if target.exists():
-        raise ValueError(
-            f"{target}: holds another base model ({marker.read_text() if marker.is_file() else '?'})"
-        )
-    store.download_bundle(version.uri, target)
-    marker.write_text(version.uri)
-    return target, version.uri, str(version.version)
-
-
 def _check_detector_name(spec: DetectorSpec, given: str) -> None:
     if spec.name in builtin_detector_names() and Path(given).suffix in (".yaml", ".yml"):
         builtin = load_detector(spec.name)
@@ -237,7 +205,9 @@ def plan_adaptation(config: AdaptConfig, request: AdaptRequest, run_dir: Path) -
             f"data: {data} has {n_eval} {config.eval.split!r} showers; the evaluation needs >= 20"
         )
 
-    base_dir, parent_uri, parent_version = _resolve_base(request.base, run_dir)
+    from caloforge.registry.store import fetch_bundle
+
+    base_dir, parent_uri, parent_version, _ = fetch_bundle(request.base, run_dir / "base", "base")
     base = ShowerModel.load(base_dir)
     known = spec.name in base.vocab.detectors
     if known and data_mesh.shape != base.mesh_shape:

@@ -161,46 +161,6 @@ class DistillResult:
 
 
 # -- validation -------------------------------------------------------------------------------------------
-def _resolve_teacher(teacher: str, run_dir: Path) -> tuple[Path, str, str | None, str | None]:
-    """(bundle dir, parent URI, version, registered name): a local bundle, or an exact registry version
-    downloaded into ``run_dir/teacher`` (reused on resume when it is the same version)."""
-    return _resolve_bundle(teacher, run_dir, "teacher", "teacher")
-
-
-def _resolve_bundle(
-    ref: str, run_dir: Path, subdir: str, what: str
-) -> tuple[Path, str, str | None, str | None]:
-    """(bundle dir, URI, version, registered name) of a bundle directory or a registry reference (an exact
-    version downloaded into ``run_dir/subdir``, reused on resume when it is the same version)."""
-    path = Path(ref)
-    if path.is_dir():
-        ShowerModel.load(path)  # a clear error for a directory that is not a bundle
-        return path.resolve(), str(path.resolve()), None, None
-    if not (ref.startswith("models:/") or "@" in ref):
-        raise ValueError(
-            f"{what}: {ref!r} is neither a bundle directory nor a registry URI (models:/NAME/VERSION, "
-            "models:/NAME@ALIAS or NAME@ALIAS)"
-        )
-    from caloforge.registry.store import RegistryStore
-
-    store = RegistryStore()
-    try:
-        version = store.resolve(ref)
-    except ValueError as exc:
-        raise ValueError(f"{what}: {exc}") from None
-    target = run_dir / subdir
-    marker = target / ".registry_uri"
-    if marker.is_file() and marker.read_text() == version.uri:
-        return target, version.uri, str(version.version), version.name
-    if target.exists():
-        raise ValueError(
-            f"{target}: holds another {what} ({marker.read_text() if marker.is_file() else '?'})"
-        )
-    store.download_bundle(version.uri, target)
-    marker.write_text(version.uri)
-    return target, version.uri, str(version.version), version.name
-
-
 def plan_distillation(config: DistillConfig, request: DistillRequest, run_dir: Path) -> DistillPlan:
     """Check everything that can be checked before training (see the module docstring)."""
     data = Path(request.data)
@@ -215,7 +175,11 @@ def plan_distillation(config: DistillConfig, request: DistillRequest, run_dir: P
         raise ValueError(
             f"data: {data} has {n_eval} {config.eval.split!r} showers; the evaluation needs >= 20"
         )
-    teacher_dir, parent_uri, parent_version, teacher_name = _resolve_teacher(request.teacher, run_dir)
+    from caloforge.registry.store import fetch_bundle
+
+    teacher_dir, parent_uri, parent_version, teacher_name = fetch_bundle(
+        request.teacher, run_dir / "teacher", "teacher"
+    )
     teacher = ShowerModel.load(teacher_dir)
     unknown = sorted(set(manifest.detectors) - set(teacher.vocab.detectors))
     if unknown:
@@ -240,8 +204,8 @@ def plan_distillation(config: DistillConfig, request: DistillRequest, run_dir: P
         if config.cd.student_init is not None:
             from caloforge.distill.student_init import check_student_init
 
-            init_dir, init_uri, init_version, _ = _resolve_bundle(
-                config.cd.student_init, run_dir, "student_init", "cd.student_init"
+            init_dir, init_uri, init_version, _ = fetch_bundle(
+                config.cd.student_init, run_dir / "student_init", "cd.student_init"
             )
             check_student_init(teacher, ShowerModel.load(init_dir))
     elif config.method == "shortcut":

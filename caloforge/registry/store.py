@@ -254,6 +254,39 @@ def register_pretrained_bundle(
     )
 
 
+def fetch_bundle(ref: str, target: Path, what: str) -> tuple[Path, str, str | None, str | None]:
+    """(bundle dir, URI, version, registered name) of ``ref``: a bundle directory (checked, used in place),
+    or a registry reference (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``NAME@ALIAS``) resolved to
+    an exact version and downloaded into ``target`` (reused when it holds that version already: a resumed
+    run). ``what`` names the input in errors (``base``, ``teacher``, ``cd.student_init``)."""
+    from caloforge.platform.shower_model import ShowerModel
+
+    path = Path(ref)
+    if path.is_dir():
+        ShowerModel.load(path)  # a clear error for a directory that is not a bundle
+        return path.resolve(), str(path.resolve()), None, None
+    if not (ref.startswith("models:/") or "@" in ref):
+        raise ValueError(
+            f"{what}: {ref!r} is neither a bundle directory nor a registry URI (models:/NAME/VERSION, "
+            "models:/NAME@ALIAS or NAME@ALIAS)"
+        )
+    store = RegistryStore()
+    try:
+        version = store.resolve(ref)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    marker = target / ".registry_uri"
+    if marker.is_file() and marker.read_text() == version.uri:
+        return target, version.uri, str(version.version), version.name
+    if target.exists():
+        raise ValueError(
+            f"{target}: holds another {what} ({marker.read_text() if marker.is_file() else '?'})"
+        )
+    store.download_bundle(version.uri, target)
+    marker.write_text(version.uri)
+    return target, version.uri, str(version.version), version.name
+
+
 __all__ = [
     "ALIASES",
     "BASE_MODEL_NAME",
@@ -263,6 +296,7 @@ __all__ = [
     "RegisteredVersion",
     "RegistryStore",
     "default_model_name",
+    "fetch_bundle",
     "parse_model_uri",
     "register_pretrained_bundle",
     "validate_alias",
