@@ -1,27 +1,28 @@
 """Fidelity benchmark: train a config for a fixed budget, evaluate on a fixed held-out set (issue #16).
 
-One command: the training config (``--config``, default ``configs/train/debug.yaml``) is trained on the
-CaloChallenge dataset-2 setting — ``par04-siw`` electrons, 1 GeV–1 TeV log-uniform, normal incidence (the
-DS2 mesh 45 × 16 × 9; showers from the built-in simulator, not Geant4) — for ``--steps`` optimizer steps,
-then compared with ``caloforge.evaluation`` against ``--n-eval`` held-out showers simulated with another
-seed (default 10,000). Along the run, ``--points`` evaluations of the EMA weights (a cheaper config on
-``--curve-n`` showers: both classifiers, FPD/KPD, separation powers) give the quality-vs-compute curve:
-training loss and AUC against training FLOPs (3 × the analytic forward FLOPs of ``forward_flops`` × showers
-seen; elementwise ops not counted).
+One command: the training config (``--config``, default ``configs/train/fidelity-cpu.yaml``) is trained
+on the CaloChallenge dataset-2 setting — ``par04-siw`` electrons, 1 GeV–1 TeV log-uniform, normal incidence
+(the DS2 mesh 45 × 16 × 9; showers from the built-in simulator, not Geant4) — for ``--steps`` optimizer steps
+(default: the config's), then compared with ``caloforge.evaluation`` against ``--n-eval`` held-out showers
+simulated with another seed (default 10,000). Along the run, ``--points`` evaluations of the EMA weights (a
+cheaper config on ``--curve-n`` showers: both classifiers, FPD/KPD, separation powers, per-layer deviations)
+give the quality-vs-compute curve: training loss and AUC against training FLOPs (3 × the analytic forward
+FLOPs of ``forward_flops`` × showers seen; elementwise ops not counted).
 
 Writes, under ``--out-dir`` (default ``benchmarks/results/fidelity_<device>_<date>/``): the training run
 (``run/``, replaced on every invocation), the final evaluation report (``report/``: report.md table,
 report.json, plots), the sample and the matching reference in CaloChallenge format (``sample_cc.h5``,
-``reference_cc.h5``: rerun the official ``evaluate.py -d 2`` on them), ``curve.png``, ``fidelity.json``;
-and ``benchmarks/results/<device>_<date>_fidelity.json``.
-Prints a table.
+``reference_cc.h5``: rerun the official ``evaluate.py -d 2`` on them), ``curve.png``, ``layers.png`` (mean
+hits and radial width per layer against the data), ``fidelity.json`` (with the per-layer table and the
+issue's goals, met or not); and ``benchmarks/results/<device>_<date>_fidelity.json``. Prints a table.
 
-Budgets (issue #16): the CPU budget is the ``debug`` model on 2 cores for 20 minutes of training; choose
-``--steps`` from the step rate the curve rows report (``train_s`` / step). The GPU budget is the ``S`` model,
-8 minutes in bf16 (``--config`` of an S-sized run, ``--device cuda``).
+Budgets (issue #16): the CPU budget is the ``debug`` model on 2 cores for 20 minutes of training
+(``configs/train/fidelity-cpu.yaml``: its step count fits 20 minutes on 2 idle cores; on another machine
+choose ``--steps`` from the step rate the curve rows report, ``train_s`` / step). The GPU budget is the
+``S`` model, 8 minutes in bf16 (``--config`` of an S-sized run, ``--device cuda``).
 
     .venv/bin/python benchmarks/fidelity.py --quick                       # smoke run, < 1 minute
-    .venv/bin/python benchmarks/fidelity.py --steps 3000 --points 6       # the CPU budget (see docs)
+    .venv/bin/python benchmarks/fidelity.py --points 6                    # the CPU budget (see docs)
 """
 
 from __future__ import annotations
@@ -50,7 +51,17 @@ from benchmarks.common import RESULTS, git_commit, write_results  # noqa: E402
 DETECTOR = "par04-siw"
 ENERGY_GEV = (1.0, 1000.0)
 REFERENCE_SEED = 1_000_003  # the held-out set: never the training simulation's seed
-CURVE_KEYS = ("auc_low", "auc_high", "fpd", "kpd", "sep_power/mean", "sep_power/width_r", "sep_power/e_layer")
+CURVE_KEYS = (
+    "auc_low",
+    "auc_high",
+    "fpd",
+    "kpd",
+    "sep_power/mean",
+    "sep_power/width_r",
+    "sep_power/e_layer",
+    "response/layer_hits_max_dev",
+    "response/layer_width_r_max_dev",
+)
 TABLE_KEYS = (
     "auc_low",
     "auc_high",
@@ -64,16 +75,22 @@ TABLE_KEYS = (
     "sep_power/mean",
     "response/radial_width",
     "response/scale",
+    "response/layer_hits_max_dev",
+    "response/layer_width_r_max_dev",
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=ROOT / "configs/train/debug.yaml", help="training config")
+    p.add_argument(
+        "--config", type=Path, default=ROOT / "configs/train/fidelity-cpu.yaml", help="training config"
+    )
     p.add_argument("--set", action="append", default=[], dest="overrides", help="training config override")
     p.add_argument("--eval-config", type=Path, default=ROOT / "configs/eval/default.yaml")
     p.add_argument("--curve-config", type=Path, default=ROOT / "configs/eval/ci.yaml")
-    p.add_argument("--steps", type=int, default=3000, help="training budget in optimizer steps")
+    p.add_argument(
+        "--steps", type=int, default=None, help="training budget in optimizer steps (the config's)"
+    )
     p.add_argument("--n-train", type=int, default=20_000, help="simulated training showers")
     p.add_argument("--n-eval", type=int, default=10_000, help="held-out showers of the final evaluation")
     p.add_argument("--curve-n", type=int, default=2000, help="showers per evaluation along the run")
@@ -88,6 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.steps, args.n_train, args.n_eval, args.curve_n, args.points = 6, 160, 200, 100, 2
         args.eval_config = ROOT / "configs/eval/ci.yaml"
         args.overrides = [*args.overrides, "model.num_steps=4"]  # a cheap sampler for the smoke run
+    if args.steps is None:
+        from caloforge.training.run import load_train_config
+
+        args.steps = load_train_config(args.config, args.overrides).loop.steps
     if args.steps < 1 or args.points < 1 or min(args.n_train, args.n_eval, args.curve_n) < 10:
         raise ValueError("--steps, --points must be >= 1 and --n-train, --n-eval, --curve-n >= 10")
     return args
@@ -164,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     curve_cfg = dataclasses.replace(
         load_config(EvalConfig, args.curve_config),
-        metrics=("sep_power", "fpd", "kpd", "cls_low", "cls_high"),
+        metrics=("sep_power", "response", "fpd", "kpd", "cls_low", "cls_high"),
         floor=False,
         groups=dataclasses.replace(load_config(EvalConfig, args.curve_config).groups, enabled=False),
         plots=dataclasses.replace(load_config(EvalConfig, args.curve_config).plots, enabled=False),
@@ -229,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     calochallenge.write(out / "reference_cc.h5", ref_matched, showers_dtype="float64")
     eval_s = time.perf_counter() - t_eval
     _plot_curve(curve, losses, out / "curve.png")
+    layers = layer_table(report.info["layer_profiles"])
+    _plot_layers(layers, out / "layers.png")
 
     m = report.metrics
     record = {
@@ -254,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": {
             k: m[k] for k in sorted(m) if not k.startswith("group/") and not k.startswith("floor/group/")
         },
+        "goals": goals(m, args.device),
+        "layers": layers,
         "curve": curve,
         "loss_curve": losses,
         "out_dir": str(out),
@@ -267,6 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     for k in TABLE_KEYS:
         if k in m:
             print(f"{k:28} {m[k]:>12.4g} {m.get('floor/' + k, float('nan')):>12.4g}")
+    print(f"\nper layer (> {100 * LAYER_MIN_FRAC:.0f} % of the energy): sample / data")
+    print(f"{'layer':>6} {'E frac':>8} {'hits data':>10} {'hits':>7} {'width data':>11} {'width':>7}")
+    for r in layers["rows"]:
+        print(f"{r['layer']:>6} {r['energy_frac']:>8.3f} {r['hits_ref']:>10.1f} {r['hits_ratio']:>7.3f} "
+              f"{r['width_r_ref_mm']:>11.2f} {r['width_r_ratio']:>7.3f}")  # fmt: skip
+    print("\ngoals (issue #16):")
+    for g in record["goals"]:
+        print(f"  {'met' if g['met'] else 'NOT met':8} {g['goal']}: {g['value']:.4g}")
     print(f"\n{'step':>6} {'train FLOPs':>12} {'train s':>8} " + " ".join(f"{k:>14}" for k in CURVE_KEYS))
     for r in curve:
         print(f"{r['step']:>6} {r['train_flops']:>12.3g} {r['train_s']:>8.0f} "
@@ -274,6 +307,79 @@ def main(argv: list[str] | None = None) -> int:
     (out / "fidelity.json").write_text(json.dumps(record, indent=2) + "\n")
     write_results(record, "fidelity" + ("_quick" if args.quick else ""), device_label, args.results)
     return 0
+
+
+LAYER_MIN_FRAC = 0.01  # the per-layer goals count layers with more than 1 % of the energy
+
+
+def layer_table(profiles: dict) -> dict:
+    """Per-layer sample/data ratios of the mean hits and radial width (``report.info["layer_profiles"]``)
+    for the layers holding more than ``LAYER_MIN_FRAC`` of the data's energy."""
+    ref, gen = profiles["reference"], profiles["sample"]
+    rows = []
+    for z, frac in enumerate(ref["energy_frac"]):
+        if frac <= LAYER_MIN_FRAC:
+            continue
+        rows.append(
+            {
+                "layer": z,
+                "energy_frac": frac,
+                "hits_ref": ref["hits"][z],
+                "hits_ratio": gen["hits"][z] / ref["hits"][z] if ref["hits"][z] > 0 else float("nan"),
+                "width_r_ref_mm": ref["width_r"][z],
+                "width_r_ratio": gen["width_r"][z] / ref["width_r"][z]
+                if ref["width_r"][z] > 0
+                else float("nan"),
+            }
+        )
+    return {"min_energy_frac": LAYER_MIN_FRAC, "rows": rows, "reference": ref, "sample": gen}
+
+
+def goals(m: dict[str, float], device: str) -> list[dict]:
+    """Issue #16's goals for the budget this run measured (CPU: debug; GPU: S)."""
+    if device.startswith("cuda"):
+        bounds = [("auc_low <= 0.65", m["auc_low"], m["auc_low"] <= 0.65)]
+        bounds.append(("auc_high <= 0.62", m["auc_high"], m["auc_high"] <= 0.62))
+        return [{"goal": g, "value": v, "met": bool(ok)} for g, v, ok in bounds]
+    hits, width = m["response/layer_hits_max_dev"], m["response/layer_width_r_max_dev"]
+    return [
+        {"goal": "hits per layer within 10 % (max |dev|)", "value": hits, "met": bool(hits <= 0.10)},
+        {
+            "goal": "mean radial width per layer within 10 % (max |dev|)",
+            "value": width,
+            "met": bool(width <= 0.10),
+        },
+        {"goal": "auc_high <= 0.80", "value": m["auc_high"], "met": bool(m["auc_high"] <= 0.80)},
+    ]
+
+
+def _plot_layers(layers: dict, path: Path) -> None:
+    """Mean hits and radial width per layer, data and sample, with the ratio panels and the ±10 % band."""
+    from matplotlib.figure import Figure
+
+    ref, gen = layers["reference"], layers["sample"]
+    z = np.arange(len(ref["hits"]))
+    fig = Figure(figsize=(10.0, 5.5))
+    axes = fig.subplots(2, 2, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    for col, (key, label) in enumerate(
+        (("hits", "mean hits per layer"), ("width_r", "mean radial width [mm]"))
+    ):
+        top, bottom = axes[0, col], axes[1, col]
+        top.step(z, ref[key], where="mid", color="black", label="data")
+        top.step(z, gen[key], where="mid", color="tab:red", label="sample")
+        top.set_ylabel(label)
+        top.legend(fontsize=8)
+        keep = np.asarray(ref["energy_frac"]) > layers["min_energy_frac"]
+        ratio = np.where(
+            keep & (np.asarray(ref[key]) > 0), np.asarray(gen[key]) / np.maximum(ref[key], 1e-12), np.nan
+        )
+        bottom.axhspan(0.9, 1.1, color="grey", alpha=0.2)
+        bottom.plot(z, ratio, marker=".", color="tab:red")
+        bottom.axhline(1.0, color="black", lw=0.8)
+        bottom.set_ylabel("sample / data")
+        bottom.set_xlabel("layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def _plot_curve(curve: list[dict], losses: list[dict], path: Path) -> None:

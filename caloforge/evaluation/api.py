@@ -25,6 +25,8 @@ One evaluation compares a sample (generated showers) with a reference (simulated
 
 Metric keys (flat ``dict[str, float]``; ``fpd``/``kpd`` and their errors are ×10³ like the CaloChallenge):
 ``sep_power/<group>``, ``sep_power/mean``, ``response/{scale,resolution,depth_shift,radial_width,sparsity}``,
+``response/layer_{hits,width_r}_max_dev`` (largest |gen/ref − 1| of a per-layer mean over the layers with
+> 1 % of the energy, ``layer_profile_deviations``),
 ``fpd``, ``fpd_err``, ``kpd``, ``kpd_err``, ``prdc/{precision,recall,density,coverage}``, ``auc_low``,
 ``auc_low_std``, ``auc_high``, ``auc_high_std``, ``cls_{low,high}/{jsd,best_epoch,w_gen_qNN,...}``,
 ``n_sample``, ``n_reference``; every one again under ``floor/``; groups under ``group/...`` and
@@ -318,6 +320,40 @@ def _response(ref: ShowerFeatures, gen: ShowerFeatures) -> dict[str, float]:
         "response/depth_shift": float(gen.depth.mean() - ref.depth.mean()),
         "response/radial_width": radial_width(gen) / radial_width(ref) - 1.0,
         "response/sparsity": float(gen.sparsity.mean() - ref.sparsity.mean()),
+        **{
+            f"response/layer_{name}_max_dev": float(np.max(np.abs(dev), initial=0.0))
+            for name, dev in layer_profile_deviations(ref, gen).items()
+        },
+    }
+
+
+LAYER_PROFILE_MIN_ENERGY_FRAC = 0.01
+
+
+def layer_profiles(f: ShowerFeatures) -> dict[str, np.ndarray]:
+    """Per-layer means over showers (Z,): ``energy_frac`` (mean E_z / mean E_tot), ``hits`` (non-empty
+    voxels), ``width_r`` (energy-weighted radial width in mm, over showers with energy in the layer)."""
+    n_vox = f.e_r_mev.shape[1] * f.e_phi_mev.shape[1]
+    hit = f.e_layer_mev > 0
+    n_hit = hit.sum(axis=0)
+    width = np.where(n_hit > 0, (f.width_r_mm * hit).sum(axis=0) / np.maximum(n_hit, 1), 0.0)
+    return {
+        "energy_frac": f.e_layer_mev.mean(axis=0) / max(float(f.e_tot_mev.mean()), 1e-16),
+        "hits": (1.0 - f.sparsity).mean(axis=0) * n_vox,
+        "width_r": width,
+    }
+
+
+def layer_profile_deviations(
+    ref: ShowerFeatures, gen: ShowerFeatures, min_energy_frac: float = LAYER_PROFILE_MIN_ENERGY_FRAC
+) -> dict[str, np.ndarray]:
+    """gen/ref − 1 of the mean hits and the mean radial width per layer, over the layers holding more
+    than ``min_energy_frac`` of the reference's mean energy (issue #16's per-layer goals: within 10 %)."""
+    pr, pg = layer_profiles(ref), layer_profiles(gen)
+    keep = pr["energy_frac"] > min_energy_frac
+    return {
+        key: np.where(keep & (pr[key] > 0), pg[key] / np.where(pr[key] > 0, pr[key], 1.0) - 1.0, 0.0)[keep]
+        for key in ("hits", "width_r")
     }
 
 
@@ -554,6 +590,17 @@ def evaluate(
         "hlf_vector": config.hlf_vector,
         "hlf_dim": int(ref.hlf.shape[1]),
         "groups": group_table,
+        **(
+            {
+                "layer_profiles": {
+                    "min_energy_frac": LAYER_PROFILE_MIN_ENERGY_FRAC,
+                    "reference": {k: v.tolist() for k, v in layer_profiles(ref.feats).items()},
+                    "sample": {k: v.tolist() for k, v in layer_profiles(gen.feats).items()},
+                }
+            }
+            if "response" in config.metrics
+            else {}
+        ),
         "timings_s": {k: round(v, 4) for k, v in ctx.timings.items()},
         "cpu_timings_s": {k: round(v, 4) for k, v in ctx.cpu_timings.items()},
     }

@@ -230,6 +230,8 @@ class EvalReport:
             "response/depth_shift",
             "response/radial_width",
             "response/sparsity",
+            "response/layer_hits_max_dev",
+            "response/layer_width_r_max_dev",
             "sep_power/mean",
         ):
             if key in m or f"floor/{key}" in m:

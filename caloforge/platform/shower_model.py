@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,9 @@ from caloforge.platform.transforms import (
 )
 
 logger = logging.getLogger("caloforge.platform")
+# A fresh model whose patch holds more voxels than this × the token width gets a warning: 18 voxels per
+# 64-wide token (0.28) learn the shape, 30, 36, 54 and 60 do not (docs/model.md).
+MAX_PATCH_VOXELS_PER_WIDTH = 0.3
 
 GENERATE_SEED_PURPOSE = (
     Purpose.GENERATE
@@ -266,6 +270,18 @@ class ShowerModel(nn.Module):
         """A fresh model whose transform is fitted from ``stats`` (a ``caloforge.datasets.stats`` block)."""
         if stats is None:
             raise ValueError("ShowerModel.build needs a stats block to fit the transform")
+        bb = config.backbone_config()
+        voxels = math.prod(bb.patch_size)
+        if voxels > MAX_PATCH_VOXELS_PER_WIDTH * bb.width:
+            logger.warning(
+                "patch %s packs %d voxels into a %d-wide token (> %.2f × width): measured to cap the "
+                "voxel-level shape (hits and radial widths 15-45 %% off at any step count of the CPU budget; "
+                "docs/model.md, 'What limits the voxel-level shape')",
+                bb.patch_size,
+                voxels,
+                bb.width,
+                MAX_PATCH_VOXELS_PER_WIDTH,
+            )
         return cls(config, vocab, mesh_shape, stats=stats, lineage=lineage)
 
     def with_detector(self, name: str, init_from: str | None = None) -> ShowerModel:

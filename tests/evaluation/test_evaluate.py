@@ -67,6 +67,7 @@ def test_same_simulator_configuration_is_indistinguishable(null_report: EvalRepo
     ):
         assert m[f"sep_power/{g}"] <= 2.0 * m[f"floor/sep_power/{g}"] + 0.002, g
     assert abs(m["response/scale"]) < 0.01 and abs(m["response/radial_width"]) < 0.02
+    assert m["response/layer_hits_max_dev"] < 0.05 and m["response/layer_width_r_max_dev"] < 0.05
     assert m["prdc/coverage"] > 0.9 and 0.8 < m["prdc/density"] < 1.2
     assert abs(m["prdc/precision"] - m["floor/prdc/precision"]) < 0.1
     assert m["n_sample"] == m["n_reference"] == 3000 and m["floor/n_sample"] == 1500
@@ -89,6 +90,11 @@ def test_report_files_are_complete_and_plots_are_not_blank(null_report: EvalRepo
     # 9 per-layer groups (8 official + e_layer_adaptive) + 7 single histograms
     assert len(data["hist_sep_power"]) == 9 * 45 + 7
     assert data["info"]["hlf_dim"] == 2 + 8 * 45 and data["info"]["detectors"] == ["par04-siw"]
+    profiles = data["info"]["layer_profiles"]
+    assert set(profiles["reference"]) == set(profiles["sample"]) == {"energy_frac", "hits", "width_r"}
+    assert len(profiles["sample"]["hits"]) == 45 and sum(
+        profiles["reference"]["energy_frac"]
+    ) == pytest.approx(1)
     assert data["info"]["voxel_threshold_mev"]["par04-siw"] == pytest.approx(
         0.0005 / load_detector("par04-siw").sampling_fraction
     )
@@ -155,6 +161,7 @@ def test_wider_radial_profile_is_seen_by_the_radial_width_group(sim_a, sim_b, ch
     for g in ("width_r", "ec_r", "width_x", "width_y"):
         assert m[f"sep_power/{g}"] > 5 * m[f"floor/sep_power/{g}"], g
     assert 0.05 < m["response/radial_width"] < 0.15
+    assert 0.05 < m["response/layer_width_r_max_dev"] < 0.3
     # the longitudinal development is untouched
     assert m["sep_power/e_layer"] < 2 * m["floor/sep_power/e_layer"] + 0.002
     assert m["sep_power/depth"] < 2 * m["floor/sep_power/depth"] + 0.002
@@ -167,6 +174,7 @@ def test_missing_soft_hits_are_seen_by_the_sparsity_group(sim_a, sim_b, cheap_co
     assert m["sep_power/sparsity"] > 10 * m["floor/sep_power/sparsity"]
     assert m["sep_power/voxel_energy"] > 10 * m["floor/sep_power/voxel_energy"]
     assert m["response/sparsity"] > 0.01  # more empty voxels
+    assert m["response/layer_hits_max_dev"] > 0.1
     # layer energies were rescaled (only layers made of soft hits alone lose theirs): the response stays
     assert m["sep_power/etot_einc"] < 2 * m["floor/sep_power/etot_einc"] + 0.002
     assert abs(m["response/scale"]) < 0.005

@@ -149,3 +149,29 @@ def test_bad_inputs_are_value_errors(shape: tuple, energy: list, match: str) -> 
         bad = np.zeros((1, *MESH.shape), np.float32)
         bad[0, 0, 0, 0] = np.nan
         compute_features(bad, np.ones(1), MESH, 0.0, EDGES)
+
+
+def test_layer_profiles_and_their_deviations_by_hand() -> None:
+    from caloforge.evaluation.api import layer_profile_deviations, layer_profiles
+
+    # reference: layer 1 holds 2 voxels of 5 MeV at r = 1 and r = 3 (width 1 mm), layer 2 one voxel of
+    # 90 MeV (width 0), layer 3 a 0.5 MeV voxel (0.5 % of the energy: below the 1 % cut), layer 0 empty
+    ref = np.zeros((2, *MESH.shape))
+    ref[:, 1, 0, 0] = ref[:, 1, 0, 1] = 5.0
+    ref[:, 2, 3, 2] = 90.0
+    ref[:, 3, 0, 0] = 0.5
+    # sample: shower 0 as the reference; shower 1 has a third hit in layer 1 (r = 6), layer 3 hit twice
+    gen = ref.copy()
+    gen[1, 1, 4, 2] = 5.0
+    gen[1, 3, 2, 2] = 0.5
+    fr, fg = features(ref), features(gen)
+    pr = layer_profiles(fr)
+    assert pr["hits"].tolist() == pytest.approx([0.0, 2.0, 1.0, 1.0])
+    assert pr["width_r"].tolist() == pytest.approx([0.0, 1.0, 0.0, 0.0], abs=1e-6)
+    assert pr["energy_frac"].tolist() == pytest.approx([0.0, 10.0 / 100.5, 90.0 / 100.5, 0.5 / 100.5])
+    # sample layer 1: hits (2 + 3)/2 = 2.5; widths 1 and std of {1, 3, 6} = sqrt(38/9) → mean
+    width_3 = math.sqrt((1 + 9 + 36) / 3 - (10 / 3) ** 2)
+    dev = layer_profile_deviations(fr, fg)
+    # only layers 1 and 2 carry > 1 % of the reference energy; layer 2 has width 0 in both: no deviation
+    assert dev["hits"].tolist() == pytest.approx([2.5 / 2.0 - 1.0, 0.0])
+    assert dev["width_r"].tolist() == pytest.approx([(1.0 + width_3) / 2.0 - 1.0, 0.0])

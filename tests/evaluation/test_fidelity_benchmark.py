@@ -39,4 +39,16 @@ def test_fidelity_benchmark_quick_runs_end_to_end(tmp_path: Path) -> None:
         e = f["incident_energies"][:, 0]
     assert e.min() >= 1e3 and e.max() <= 1e6  # 1 GeV - 1 TeV in MeV
     assert (out / "curve.png").stat().st_size > 5_000
+    assert (out / "layers.png").stat().st_size > 5_000
+    # the per-layer table covers the layers with > 1 % of the data's energy, and the goals are judged
+    rows = record["layers"]["rows"]
+    fracs = record["layers"]["reference"]["energy_frac"]
+    assert [r["layer"] for r in rows] == [z for z, f in enumerate(fracs) if f > 0.01] and rows
+    worst = max(abs(r["hits_ratio"] - 1.0) for r in rows)
+    assert m["response/layer_hits_max_dev"] == pytest.approx(worst)
+    assert [g["met"] for g in record["goals"]] == [
+        m["response/layer_hits_max_dev"] <= 0.1,
+        m["response/layer_width_r_max_dev"] <= 0.1,
+        m["auc_high"] <= 0.8,
+    ]
     assert (out / "report" / "report.md").is_file()
