@@ -39,11 +39,15 @@ lint: $(STAMP)
 
 # CPU benchmarks (tables + benchmarks/results/*.json); GPU figures: benchmarks/gpu_session.sh on a GPU host.
 # The data-efficiency study runs its --quick grid here (about a minute); the CPU study (benchmarks/adaptation.py
-# without --quick) takes over an hour on 2 cores: docs/adaptation.md.
+# without --quick) takes over an hour on 2 cores: docs/adaptation.md. The fidelity benchmark runs its CPU
+# budget (20 minutes of training plus about 20 of evaluation: docs/evaluation.md); `make bench FIDELITY_ARGS=--quick`
+# makes it a smoke run.
 BENCHES := simulator loader model evaluation export pretrain_scaling
+FIDELITY_ARGS := --points 6
 bench: $(STAMP)
 	for b in $(BENCHES); do $(PY) benchmarks/$$b.py $(BENCH_ARGS) || exit 1; done
 	$(PY) benchmarks/adaptation.py --quick
+	$(PY) benchmarks/fidelity.py $(FIDELITY_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

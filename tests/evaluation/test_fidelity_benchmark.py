@@ -52,3 +52,23 @@ def test_fidelity_benchmark_quick_runs_end_to_end(tmp_path: Path) -> None:
         m["auc_high"] <= 0.8,
     ]
     assert (out / "report" / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_fidelity_benchmark_quick_on_the_detector_mix(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import fidelity
+
+    out, results = tmp_path / "fid", tmp_path / "fid.json"
+    argv = ["--quick", "--data", "mix", "--threads", "2", "--out-dir", str(out), "--results", str(results)]
+    assert fidelity.main(argv) == 0
+    record = json.loads(results.read_text())
+    detectors = ["fe-sci", "odd-like", "par04-scipb", "par04-siw", "pbwo4", "wsi-granular"]
+    assert record["data"]["detectors"] == detectors and record["data"]["particles"] == ["e-", "gamma", "pi+"]
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report["info"]["detectors"] == detectors
+    assert report["info"]["particles"] == ["e-", "gamma", "pi+"]
+    assert report["info"]["n_reference"] == 6 * (200 // 6)  # --n-eval split evenly over the detectors
+    assert record["goals"] == []  # judged on dataset 2 only
+    assert not (out / "sample_cc.h5").exists() and (out / "layers.png").is_file()
+    assert np.isfinite(record["metrics"]["auc_high"]) and len(record["curve"]) == 2

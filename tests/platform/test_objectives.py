@@ -46,6 +46,32 @@ def test_flow_matching_loss_is_the_linear_path_velocity_regression() -> None:
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-6, atol=1e-7)
 
 
+def test_flow_matching_with_logit_normal_time_draws_t_as_a_sigmoid_of_a_normal() -> None:
+    from caloforge.platform.objectives.flow_matching import sample_time
+
+    model = make_model("flow_matching")
+    x1, ct = batch(model)
+    options = FlowMatchingConfig(time_sampling="logit_normal", logit_mean=0.5, logit_std=0.8)
+    config = ObjectiveConfig(name="flow_matching", flow_matching=options)
+    loss = make_objective(config, "flow_matching")(model, x1, ct, torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(4)
+    x0 = torch.randn(x1.shape, generator=gen)
+    t = torch.sigmoid(0.5 + 0.8 * torch.randn(x1.shape[0], generator=gen))
+    tb = t[:, None, None, None]
+    with torch.no_grad():
+        v = model((1 - tb) * x0 + tb * x1, t, ct)
+    torch.testing.assert_close(
+        loss.detach(), ((v - (x1 - x0)) ** 2).mean(dim=(1, 2, 3)), rtol=1e-6, atol=1e-7
+    )
+    # the distribution: logit(t) ~ N(0.5, 0.8²)
+    logit = torch.logit(sample_time(200_000, torch.Generator().manual_seed(0), options).double())
+    assert abs(logit.mean().item() - 0.5) < 0.01 and abs(logit.std().item() - 0.8) < 0.01
+    with pytest.raises(ValueError, match=r"objective\.flow_matching\.time_sampling must be one of"):
+        FlowMatchingConfig(time_sampling="cosine")
+    with pytest.raises(ValueError, match=r"logit_std must be > 0"):
+        FlowMatchingConfig(time_sampling="logit_normal", logit_std=0.0)
+
+
 def test_edm_loss_is_weighted_denoising_with_lognormal_sigma() -> None:
     model = make_model("edm")
     x1, ct = batch(model)

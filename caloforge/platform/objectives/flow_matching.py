@@ -1,12 +1,15 @@
 """Conditional flow matching on the linear path, optionally with minibatch OT coupling.
 
 Lipman et al. 2023 ("Flow Matching for Generative Modeling", Eq. 22–23 with σ_min = 0), as CaloDREAM
-(Favaro et al. 2025): x_0 ~ N(0, I) noise, x_1 data (in model space), t ~ U(0, 1),
-x_t = (1 − t) x_0 + t x_1, loss ‖v_θ(x_t, t, c) − (x_1 − x_0)‖² (mean over voxels, per sample).
+(Favaro et al. 2025): x_0 ~ N(0, I) noise, x_1 data (in model space), t ~ U(0, 1) (``time_sampling:
+uniform``) or logit-normal, t = sigmoid(m + s·n) with n ~ N(0, 1) (``logit_normal``, Esser et al. 2024, SD3:
+more weight on the middle of the path), x_t = (1 − t) x_0 + t x_1, loss ‖v_θ(x_t, t, c) − (x_1 − x_0)‖² (mean
+over voxels, per sample).
 With ``coupling = "ot"`` the noise is first re-ordered by the minibatch OT plan within condition groups
 (Tong et al. 2023, OT-CFM; see ``coupling.py`` for the grouping).
 
-Draw order from ``generator`` (fixed, for reproducibility): x_0 (B·Z·P·R normals), then t (B uniforms).
+Draw order from ``generator`` (fixed, for reproducibility): x_0 (B·Z·P·R normals), then t (B uniforms or,
+logit-normal, B normals).
 Draws happen on the generator's device and move to the data's device.
 """
 
@@ -27,6 +30,7 @@ from caloforge.platform.objectives.common import (
 from caloforge.platform.objectives.coupling import condition_groups, ot_couple
 
 COUPLINGS = ("independent", "ot")
+TIME_SAMPLINGS = ("uniform", "logit_normal")
 
 
 @dataclass(frozen=True)
@@ -36,8 +40,18 @@ class FlowMatchingConfig:
     coupling: str = "independent"  # "independent" | "ot" (minibatch OT within condition groups)
     ot_energy_bins_per_decade: int = 4
     ot_theta_bins: int = 0  # 0: θ is not part of the OT group key
+    time_sampling: str = "uniform"  # "uniform" | "logit_normal" (t = sigmoid(logit_mean + logit_std · n))
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.time_sampling not in TIME_SAMPLINGS:
+            raise ValueError(
+                f"objective.flow_matching.time_sampling must be one of {TIME_SAMPLINGS}, "
+                f"got {self.time_sampling!r}"
+            )
+        if not self.logit_std > 0:
+            raise ValueError(f"objective.flow_matching.logit_std must be > 0, got {self.logit_std}")
         if self.coupling not in COUPLINGS:
             raise ValueError(
                 f"objective.flow_matching.coupling must be one of {COUPLINGS}, got {self.coupling!r}"
@@ -73,7 +87,7 @@ class FlowMatchingLoss(Objective):
         options = self.config
         b = x1_BZPR.shape[0]
         x0_BZPR = torch.randn(x1_BZPR.shape, generator=generator, device=generator.device)
-        t_B = torch.rand(b, generator=generator, device=generator.device)
+        t_B = sample_time(b, generator, options)
         x0_BZPR = x0_BZPR.to(device=x1_BZPR.device, dtype=x1_BZPR.dtype)
         t_B = t_B.to(x1_BZPR.device)
         if options.coupling == "ot":
@@ -86,4 +100,12 @@ class FlowMatchingLoss(Objective):
         return (v_BZPR.float() - target_BZPR.float()).pow(2).mean(dim=(1, 2, 3))
 
 
-__all__ = ["COUPLINGS", "FlowMatchingConfig", "FlowMatchingLoss"]
+def sample_time(b: int, generator: torch.Generator, options: FlowMatchingConfig) -> torch.Tensor:
+    """(B,) flow times in (0, 1) on the generator's device: uniform, or logit-normal (``options``)."""
+    if options.time_sampling == "logit_normal":
+        n_B = torch.randn(b, generator=generator, device=generator.device)
+        return torch.sigmoid(options.logit_mean + options.logit_std * n_B)
+    return torch.rand(b, generator=generator, device=generator.device)
+
+
+__all__ = ["COUPLINGS", "TIME_SAMPLINGS", "FlowMatchingConfig", "FlowMatchingLoss", "sample_time"]
