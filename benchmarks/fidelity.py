@@ -16,7 +16,7 @@ report.json, plots), the sample and the matching reference in CaloChallenge form
 hits and radial width per layer against the data), ``fidelity.json`` (with the per-layer table and the
 issue's goals, met or not); and ``benchmarks/results/<device>_<date>_fidelity.json``. Prints a table.
 
-Data (``--data``): ``ds2`` (default) as above; ``mix`` the six pretraining detectors × e-, γ, π+ (1 GeV–1 TeV,
+Data (``--data``): ``ds2`` (default) as above; ``mix`` the six pretraining detectors × e-, γ, π+ (1–500 GeV,
 θ 80–100°), ``--n-train`` and ``--n-eval`` split evenly over the detectors, per-detector/particle groups in
 the report, no CaloChallenge files (the official code reads one detector). The issue's goals are judged on
 ``ds2`` only.
@@ -80,7 +80,7 @@ DATA_SETTINGS = {
         "mix",
         ("fe-sci", "odd-like", "par04-scipb", "par04-siw", "pbwo4", "wsi-granular"),
         ("e-", "gamma", "pi+"),
-        (1.0, 1000.0),
+        (1.0, 500.0),  # the range every one of the six simulates (fe-sci stops at 500 GeV)
         (80.0, 100.0),
         (-180.0, 180.0),
     ),
