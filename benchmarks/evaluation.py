@@ -44,7 +44,7 @@ from caloforge.platform.geometry import load_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-STEPS = ("features", "sep_power", "fpd", "kpd", "prdc", "cls_low", "cls_high")
+STEPS = ("features", "sep_power", "fpd", "kpd", "prdc", "cls_low", "cls_high", "cls_groups")
 DETECTOR = "par04-siw"
 
 
@@ -69,7 +69,7 @@ def build_config(args: argparse.Namespace) -> EvalConfig:
         classifier = replace(classifier, n_seeds=1)
     return replace(
         base,
-        metrics=tuple(m for m in ("sep_power", "response", "fpd", "kpd", "prdc", "cls_low", "cls_high")),
+        metrics=("sep_power", "response", *STEPS[2:]),
         floor=False,
         groups=replace(base.groups, enabled=False),
         plots=replace(base.plots, enabled=False),

@@ -57,6 +57,7 @@ from caloforge.evaluation.classifier import (
 )
 from caloforge.evaluation.config import EvalConfig, MetricName
 from caloforge.evaluation.features import ShowerFeatures, compute_features, voxel_log_edges
+from caloforge.evaluation.group_classifier import group_classifier_aucs
 from caloforge.evaluation.metrics import Standardiser, fpd, kpd
 from caloforge.evaluation.prdc import prdc
 from caloforge.evaluation.report import EvalReport, PlotData
@@ -436,6 +437,20 @@ def _compare(
             del xr, xg
         res.classifiers[kind] = cr
         out.update(cr.metrics(kind))
+    if "cls_groups" in metrics:
+        with ctx.timer("cls_groups"):
+            out.update(
+                group_classifier_aucs(
+                    ref.hlf_raw,
+                    gen.hlf_raw,
+                    _condition_columns(ref.cond, ctx)[:, 1:],
+                    _condition_columns(gen.cond, ctx)[:, 1:],
+                    ref.feats.vector_names(cfg.hlf_vector),
+                    cfg.group_classifier,
+                    cfg.seed,
+                    purpose,
+                )
+            )
     for key in SCALE_1E3:
         if key in out:
             out[key] *= 1e3

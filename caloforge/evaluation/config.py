@@ -11,8 +11,17 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Literal
 
-MetricName = Literal["sep_power", "response", "fpd", "kpd", "prdc", "cls_low", "cls_high"]
-ALL_METRICS: tuple[MetricName, ...] = ("sep_power", "response", "fpd", "kpd", "prdc", "cls_low", "cls_high")
+MetricName = Literal["sep_power", "response", "fpd", "kpd", "prdc", "cls_low", "cls_high", "cls_groups"]
+ALL_METRICS: tuple[MetricName, ...] = (
+    "sep_power",
+    "response",
+    "fpd",
+    "kpd",
+    "prdc",
+    "cls_low",
+    "cls_high",
+    "cls_groups",
+)
 CHEAP_METRICS: tuple[MetricName, ...] = ("sep_power", "response", "fpd", "kpd")
 
 
@@ -146,6 +155,22 @@ class GroupConfig:
 
 
 @dataclass(frozen=True)
+class GroupClassifierConfig:
+    """The classifier per HLF group (``group_classifier.py``): scikit-learn's
+    ``HistGradientBoostingClassifier`` with early stopping on 20 % of its training half."""
+
+    max_iter: int = 200
+    learning_rate: float = 0.1
+    max_leaf_nodes: int = 31
+    max_showers_per_class: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_iter", "learning_rate", "max_leaf_nodes", "max_showers_per_class")
+        if self.max_leaf_nodes < 2:
+            raise ValueError(f"group_classifier.max_leaf_nodes must be >= 2, got {self.max_leaf_nodes}")
+
+
+@dataclass(frozen=True)
 class PlotConfig:
     enabled: bool = True
     layers: tuple[int, ...] = ()  # layers shown for per-layer groups; () = 6 spread over the shower core
@@ -183,6 +208,7 @@ class EvalConfig:
     kpd: KPDConfig = field(default_factory=KPDConfig)
     prdc: PRDCConfig = field(default_factory=PRDCConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    group_classifier: GroupClassifierConfig = field(default_factory=GroupClassifierConfig)
     groups: GroupConfig = field(default_factory=GroupConfig)
     plots: PlotConfig = field(default_factory=PlotConfig)
 

@@ -265,6 +265,27 @@ class EvalReport:
                     + ", ".join(f"`{k}` {_num(v, 3)}" for v, k in worst),
                 ]
 
+        cls_groups = sorted(
+            (k.split("/", 1)[1] for k in m if k.startswith("cls_groups/")),
+            key=lambda g: -m[f"cls_groups/{g}"],
+        )
+        if cls_groups:
+            lines += [
+                "",
+                "## Which features give the model away: a classifier per HLF group (AUC)",
+                "",
+                "Gradient-boosted trees on each group's columns plus the conditions (`group_classifier.py`); "
+                "0.5 = the group looks right given the conditions, jointly over its columns (correlations "
+                "included, which the histograms above cannot show). `all`: the whole HLF vector.",
+                "",
+                "| group | model | floor |",
+                "| --- | --- | --- |",
+            ]
+            for g in cls_groups:
+                lines.append(
+                    f"| {g} | {_num(m[f'cls_groups/{g}'], 3)} | {_num(m.get(f'floor/cls_groups/{g}'), 3)} |"
+                )
+
         for kind in ("low", "high"):
             qs = [k for k in m if k.startswith(f"cls_{kind}/w_gen_q")]
             if qs:

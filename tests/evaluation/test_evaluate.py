@@ -73,6 +73,10 @@ def test_same_simulator_configuration_is_indistinguishable(null_report: EvalRepo
     assert m["n_sample"] == m["n_reference"] == 3000 and m["floor/n_sample"] == 1500
     # weights of an indistinguishable sample stay near 1
     assert 0.5 < m["cls_low/w_gen_q05"] <= m["cls_low/w_gen_q50"] <= m["cls_low/w_gen_q95"] < 2.0
+    # no HLF group gives a sample of the same simulator away, nor one half of the reference the other
+    groups = [k for k in m if k.startswith("cls_groups/")]
+    assert len(groups) == 10 and all(0.42 <= m[k] <= 0.58 for k in groups), {k: m[k] for k in groups}
+    assert all(0.40 <= m[f"floor/{k}"] <= 0.60 for k in groups)
 
 
 def test_report_files_are_complete_and_plots_are_not_blank(null_report: EvalReport, tmp_path: Path) -> None:
@@ -107,6 +111,8 @@ def test_report_files_are_complete_and_plots_are_not_blank(null_report: EvalRepo
         "FPD ×10³",
         "AUC low-level",
         "## Separation power per HLF group",
+        "## Which features give the model away",
+        "| width_r |",
         "## Conditional groups",
         "par04-siw/e-",
         "classifier weights",
@@ -167,6 +173,17 @@ def test_wider_radial_profile_is_seen_by_the_radial_width_group(sim_a, sim_b, ch
     assert m["sep_power/depth"] < 2 * m["floor/sep_power/depth"] + 0.002
     assert m["fpd"] - m["floor/fpd"] > 5 * math.hypot(m["fpd_err"], m["floor/fpd_err"])
     assert m["kpd"] > 5 * m["kpd_err"]
+
+
+def test_the_group_classifier_names_the_radial_groups_for_a_wider_profile(sim_a, sim_b, cheap_config) -> None:
+    wide = widen_radially(sim_a, load_detector("par04-siw").geometry.r_edges_mm, 1.10)
+    cfg = replace(cheap_config, metrics=("cls_groups",), floor_metrics=("cls_groups",))
+    m = evaluate(wide, sim_b, cfg).metrics
+    radial = [m[f"cls_groups/{g}"] for g in ("width_r", "ec_r", "width_x", "width_y")]
+    assert min(radial) > 0.7, m
+    # the longitudinal development is untouched
+    assert m["cls_groups/e_layer"] < 0.58 and m["cls_groups/e_tot"] < 0.58
+    assert max(m[f"floor/cls_groups/{g}"] for g in ("width_r", "e_layer")) < 0.6
 
 
 def test_missing_soft_hits_are_seen_by_the_sparsity_group(sim_a, sim_b, cheap_config) -> None:
