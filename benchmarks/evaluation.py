@@ -110,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         if step not in wall:
             continue
         note = ""
-        if step.startswith("cls_"):
+        if step == "cls_groups":
+            groups = sorted((k for k in m if k.startswith("cls_groups/")), key=lambda k: -m[k])
+            note = f"{len(groups)} classifiers, most telling: " + ", ".join(
+                f"{k.split('/', 1)[1]} {m[k]:.3f}" for k in groups[:3]
+            )
+        elif step.startswith("cls_"):
             kind = step.removeprefix("cls_")
             runs = history.get(kind, [])
             epochs = [len(h) for h in runs]
