@@ -40,6 +40,7 @@ from caloforge.config import load_config, to_dict
 from caloforge.datasets.simulator import SIMULATOR_VERSION, simulate_dataset
 from caloforge.environment import apply_default_env
 from caloforge.evaluation import EvalConfig, evaluate
+from caloforge.evaluation.group_classifier import most_telling
 from caloforge.platform.geometry import load_detector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         note = ""
         if step == "cls_groups":
-            groups = sorted((k for k in m if k.startswith("cls_groups/")), key=lambda k: -m[k])
-            note = f"{len(groups)} classifiers, most telling: " + ", ".join(
-                f"{k.split('/', 1)[1]} {m[k]:.3f}" for k in groups[:3]
+            telling = most_telling(m)
+            note = f"{len(telling)} classifiers, most telling: " + ", ".join(
+                f"{g} {auc:.3f}" for g, auc in telling[:3]
             )
         elif step.startswith("cls_"):
             kind = step.removeprefix("cls_")

@@ -47,6 +47,7 @@ import torch
 
 from caloforge.cli import apply_default_env
 from caloforge.config import load_config, to_dict
+from caloforge.evaluation.group_classifier import most_telling
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -348,10 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     for k in TABLE_KEYS:
         if k in m:
             print(f"{k:28} {m[k]:>12.4g} {m.get('floor/' + k, float('nan')):>12.4g}")
-    telling = sorted((k for k in m if k.startswith("cls_groups/")), key=lambda k: -m[k])
+    telling = most_telling(m)
     if telling:  # the evaluation config ran the classifier per HLF group: which features give it away
         print("classifier per HLF group (AUC, most telling first): "
-              + ", ".join(f"{k.split('/', 1)[1]} {m[k]:.3f}" for k in telling))  # fmt: skip
+              + ", ".join(f"{g} {auc:.3f}" for g, auc in telling))  # fmt: skip
     print(f"\nper layer (> {100 * LAYER_MIN_FRAC:.0f} % of the energy): sample / data")
     print(f"{'layer':>6} {'E frac':>8} {'hits data':>10} {'hits':>7} {'width data':>11} {'width':>7}")
     for r in layers["rows"]:

@@ -20,7 +20,7 @@ Metrics: ``cls_groups/<group>`` (AUC) for each group of :func:`hlf_groups` and `
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from caloforge.platform.seeding import derive_seed, rng
 
 log = logging.getLogger("caloforge.evaluation")
 
+METRIC_PREFIX = "cls_groups/"
 CONDITION_COLUMN = "log10_e_inc"  # the HLF vector's own condition column, given to every group
 MIN_SHOWERS_PER_CLASS = 10
 MIN_ROWS_EARLY_STOPPING = 200  # smaller training sets: all max_iter iterations, no validation split
@@ -47,6 +48,13 @@ def hlf_groups(names: Sequence[str]) -> dict[str, list[int]]:
         key = stem if stem and last.isdigit() else name
         groups.setdefault(key.removeprefix("log10_"), []).append(i)
     return groups
+
+
+def most_telling(metrics: Mapping[str, float]) -> list[tuple[str, float]]:
+    """``(group, AUC)`` of every ``cls_groups/<group>`` in ``metrics`` (not the ``floor/`` ones), the most
+    telling (highest AUC) first; ``[]`` when the evaluation did not run this test."""
+    found = [(k.removeprefix(METRIC_PREFIX), v) for k, v in metrics.items() if k.startswith(METRIC_PREFIX)]
+    return sorted(found, key=lambda item: -item[1])
 
 
 def group_classifier_aucs(
@@ -112,6 +120,6 @@ def group_classifier_aucs(
         )
         clf.fit(np.concatenate([x_train[:, base + cols], c_train], axis=1), y_train)
         scores = clf.predict_proba(np.concatenate([x_test[:, base + cols], c_test], axis=1))[:, 1]
-        out[f"cls_groups/{name}"] = auc_score(y_test, scores)
+        out[f"{METRIC_PREFIX}{name}"] = auc_score(y_test, scores)
     log.debug("group classifier (%s): %s", purpose, {k: round(v, 3) for k, v in out.items()})
     return out

@@ -22,6 +22,7 @@ import caloforge
 from caloforge.config import from_dict, to_dict
 from caloforge.evaluation import histograms as H
 from caloforge.evaluation.config import EvalConfig
+from caloforge.evaluation.group_classifier import METRIC_PREFIX, most_telling
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -265,10 +266,7 @@ class EvalReport:
                     + ", ".join(f"`{k}` {_num(v, 3)}" for v, k in worst),
                 ]
 
-        cls_groups = sorted(
-            (k.split("/", 1)[1] for k in m if k.startswith("cls_groups/")),
-            key=lambda g: -m[f"cls_groups/{g}"],
-        )
+        cls_groups = most_telling(m)
         if cls_groups:
             lines += [
                 "",
@@ -281,10 +279,8 @@ class EvalReport:
                 "| group | model | floor |",
                 "| --- | --- | --- |",
             ]
-            for g in cls_groups:
-                lines.append(
-                    f"| {g} | {_num(m[f'cls_groups/{g}'], 3)} | {_num(m.get(f'floor/cls_groups/{g}'), 3)} |"
-                )
+            for g, auc in cls_groups:
+                lines.append(f"| {g} | {_num(auc, 3)} | {_num(m.get(f'floor/{METRIC_PREFIX}{g}'), 3)} |")
 
         for kind in ("low", "high"):
             qs = [k for k in m if k.startswith(f"cls_{kind}/w_gen_q")]

@@ -9,7 +9,7 @@ import pytest
 
 from caloforge.evaluation.config import GroupClassifierConfig
 from caloforge.evaluation.features import ShowerFeatures
-from caloforge.evaluation.group_classifier import group_classifier_aucs, hlf_groups
+from caloforge.evaluation.group_classifier import group_classifier_aucs, hlf_groups, most_telling
 
 NAMES = ["log10_e_inc", "log10_e_layer_0", "log10_e_layer_1", "width_r_0", "width_r_1", "log10_e_tot"]
 CFG = GroupClassifierConfig()
@@ -65,6 +65,9 @@ def test_a_distorted_group_is_found_and_the_others_stay_at_one_half() -> None:
     m = group_classifier_aucs(ref, gen, _no_cond(n), _no_cond(n), NAMES, CFG, 0, "test")
     assert set(m) == {"cls_groups/e_layer", "cls_groups/width_r", "cls_groups/e_tot", "cls_groups/all"}
     assert m["cls_groups/width_r"] > 0.68 and m["cls_groups/all"] > 0.65
+    telling = most_telling({**m, "floor/cls_groups/e_tot": 0.99, "auc_high": 0.99})
+    assert [g for g, _ in telling][:1] in (["width_r"], ["all"]) and len(telling) == 4
+    assert [auc for _, auc in telling] == sorted(m.values(), reverse=True)
     for g in ("e_layer", "e_tot"):
         assert 0.45 < m[f"cls_groups/{g}"] < 0.55, (g, m)
 
