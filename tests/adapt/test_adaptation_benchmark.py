@@ -69,6 +69,19 @@ def test_plan_rejects_unknown_strategies_and_bad_budgets(bench) -> None:
         bench.make_plan(bench.parse_args(["--strategies", "full,prefix"]))
     with pytest.raises(ValueError, match="fractions"):
         bench.make_plan(bench.parse_args(["--adapt-budgets", "2"]))
+    with pytest.raises(ValueError, match=r"--patch: three positive integers.*'3,2'"):
+        bench.make_plan(bench.parse_args(["--patch", "3,2"]))
+    with pytest.raises(ValueError, match="--patch"):
+        bench.make_plan(bench.parse_args(["--patch", "3,0,3"]))
+
+
+def test_the_cpu_study_uses_the_small_patch_and_patch_is_part_of_the_base_key(bench) -> None:
+    plan = bench.make_plan(bench.parse_args([]))
+    assert plan.patch_size == (3, 2, 3) and plan.base_steps == 2400
+    coarse = bench.make_plan(bench.parse_args(["--patch", "5,4,3"]))
+    assert coarse.patch_size == (5, 4, 3)
+    assert coarse.base_key() != plan.base_key() and coarse.runs_key() != plan.runs_key()
+    assert bench.model_config(coarse)["patch_size"] == [5, 4, 3]
 
 
 @pytest.mark.slow
