@@ -206,10 +206,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
         text = args.scratch_multipliers_largest
         changes["scratch_multipliers_largest"] = tuple(int(v) for v in text.split(",")) if text else ()
     if args.patch:
-        parts = args.patch.split(",")
-        if len(parts) != 3 or not all(v.strip().isdigit() and int(v) > 0 for v in parts):
-            raise ValueError(f"--patch: three positive integers z,phi,r (e.g. 3,2,3), got {args.patch!r}")
-        changes["patch_size"] = tuple(int(v) for v in parts)
+        try:
+            changes["patch_size"] = tuple(int(v) for v in args.patch.split(","))
+        except ValueError:
+            raise ValueError(f"--patch: integers z,phi,r (e.g. 3,2,3), got {args.patch!r}") from None
     if args.adapt_budgets:
         changes["adapt_budgets"] = tuple(float(v) for v in args.adapt_budgets.split(","))
     for name in ("strategies", "targets"):
@@ -233,7 +233,28 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise ValueError("sizes must be >= 10 showers, steps >= 1, n_heldout >= 20")
     if any(not 0 < f <= 1 for f in plan.adapt_budgets):
         raise ValueError(f"--adapt-budgets: fractions of --steps in (0, 1], got {list(plan.adapt_budgets)}")
+    check_patch(plan)
     return plan
+
+
+def check_patch(plan: Plan) -> None:
+    """The patch against the backbone and every mesh of the study, before anything trains (a patch that
+    does not divide the user-defined target's mesh would otherwise fail after the base's training)."""
+    from caloforge.platform.backbone import backbone_config
+    from caloforge.platform.geometry import Mesh, load_detector
+
+    try:
+        config = backbone_config(plan.backbone, plan.patch_size)
+    except ValueError as err:
+        raise ValueError(f"--patch {plan.patch_size}: {err}") from None
+    meshes = {d: load_detector(d).geometry for d in (*plan.base_detectors, *plan.targets) if d != CUSTOM}
+    if CUSTOM in plan.targets:
+        meshes[CUSTOM] = Mesh(CUSTOM_MESH["n_z"], CUSTOM_MESH["n_phi"], tuple(CUSTOM_MESH["r_edges_mm"]))
+    for name, mesh in meshes.items():
+        try:
+            config.check_mesh(mesh.shape)
+        except ValueError as err:
+            raise ValueError(f"--patch {plan.patch_size}, detector {name}: {err}") from None
 
 
 # -- configs ----------------------------------------------------------------------------------------------

@@ -69,10 +69,17 @@ def test_plan_rejects_unknown_strategies_and_bad_budgets(bench) -> None:
         bench.make_plan(bench.parse_args(["--strategies", "full,prefix"]))
     with pytest.raises(ValueError, match="fractions"):
         bench.make_plan(bench.parse_args(["--adapt-budgets", "2"]))
-    with pytest.raises(ValueError, match=r"--patch: three positive integers.*'3,2'"):
+    with pytest.raises(ValueError, match=r"--patch \(3, 2\): .*three ints >= 1"):
         bench.make_plan(bench.parse_args(["--patch", "3,2"]))
-    with pytest.raises(ValueError, match="--patch"):
+    with pytest.raises(ValueError, match=r"--patch \(3, 0, 3\)"):
         bench.make_plan(bench.parse_args(["--patch", "3,0,3"]))
+    with pytest.raises(ValueError, match=r"--patch: integers z,phi,r .*'3,x,3'"):
+        bench.make_plan(bench.parse_args(["--patch", "3,x,3"]))
+    # 9 divides the pretraining meshes' 45 layers but not lar-pb-coarse's 30: refused before any training
+    with pytest.raises(ValueError, match=r"detector lar-pb-coarse: mesh \(30, 16, 6\) is not divisible"):
+        bench.make_plan(bench.parse_args(["--patch", "9,2,3"]))
+    held_out_only = bench.make_plan(bench.parse_args(["--patch", "9,2,3", "--targets", "lar-pb"]))
+    assert held_out_only.patch_size == (9, 2, 3)
 
 
 def test_the_cpu_study_uses_the_small_patch_and_patch_is_part_of_the_base_key(bench) -> None:
