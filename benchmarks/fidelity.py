@@ -446,7 +446,7 @@ def _plot_layers(layers: dict, path: Path) -> None:
 def _plot_curve(curve: list[dict], losses: list[dict], path: Path) -> None:
     """Training loss and AUCs against training FLOPs (log x; the AUC panel ticked at its evaluations)."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+    from matplotlib.ticker import FixedLocator, NullLocator
 
     fig = Figure(figsize=(9.0, 3.6))
     ax1, ax2 = fig.subplots(1, 2)
@@ -468,7 +468,7 @@ def _plot_curve(curve: list[dict], losses: list[dict], path: Path) -> None:
     points = sorted({r["train_flops"] for r in curve if r.get("train_flops", 0) > 0})
     if points:  # the evaluations often lie within one decade, where log-axis minor labels overlap
         ax2.xaxis.set_major_locator(FixedLocator(points))
-        ax2.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:.1e}"))
+        ax2.xaxis.set_major_formatter("{x:.1e}")
         ax2.xaxis.set_minor_locator(NullLocator())
         ax2.tick_params(axis="x", labelrotation=30, labelsize=8)
     fig.tight_layout()
