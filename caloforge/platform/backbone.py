@@ -146,13 +146,21 @@ def backbone_config(
 # --------------------------------------------------------------------------------------------------------
 
 
-def patch_coordinates(mesh: Mesh | tuple[int, int, int], patch_size: tuple[int, int, int]) -> torch.Tensor:
+def patch_coordinates(
+    mesh: Mesh | tuple[int, int, int],
+    patch_size: tuple[int, int, int],
+    extent: tuple[float, float] = (1.0, 1.0),
+) -> torch.Tensor:
     """Normalised physical coordinates of every patch centre, token order (z, phi, r) with r fastest.
 
     Returns ``coords_TC`` float32 (T, 4): depth fraction (i_z + ½)/T_z, sin α, cos α with α the patch's
     central azimuth (CaloChallenge bin convention, −π + (j + ½)·2π/T_phi), and the radius fraction
     r_centre / r_max using the mesh's radial edges (uniform edges when only a shape is given).
+    ``extent`` (depth, radius) scales the two fractions: the mesh's size in the position frame the
+    backbone was trained in (``ShowerModelConfig.position_extent``; (1, 1): the mesh is the frame).
     """
+    if len(extent) != 2 or not all(math.isfinite(e) and e > 0 for e in extent):
+        raise ValueError(f"patch_coordinates: extent must be two finite numbers > 0, got {extent!r}")
     if isinstance(mesh, Mesh):
         shape = mesh.shape
         r_edges = torch.tensor(mesh.r_edges_mm, dtype=torch.float64)
@@ -162,12 +170,12 @@ def patch_coordinates(mesh: Mesh | tuple[int, int, int], patch_size: tuple[int, 
     if len(shape) != 3 or any(n % p for n, p in zip(shape, patch_size, strict=True)):
         raise ValueError(f"mesh {shape} is not divisible by patch_size {tuple(patch_size)}")
     t_z, t_phi = shape[0] // patch_size[0], shape[1] // patch_size[1]
-    u_z = (torch.arange(t_z, dtype=torch.float64) + 0.5) / t_z
+    u_z = (torch.arange(t_z, dtype=torch.float64) + 0.5) / t_z * float(extent[0])
     alpha = -math.pi + (torch.arange(t_phi, dtype=torch.float64) + 0.5) * (2 * math.pi / t_phi)
     p_r = patch_size[2]
     r_lo = r_edges[0 : shape[2] : p_r]
     r_hi = r_edges[p_r : shape[2] + 1 : p_r]
-    u_r = 0.5 * (r_lo + r_hi) / r_edges[-1]
+    u_r = 0.5 * (r_lo + r_hi) / r_edges[-1] * float(extent[1])
     gz, ga, gr = torch.meshgrid(u_z, alpha, u_r, indexing="ij")
     coords = torch.stack([gz, torch.sin(ga), torch.cos(ga), gr], dim=-1).reshape(-1, N_COORDS)
     return coords.to(torch.float32)

@@ -309,6 +309,11 @@ class DetectorSpec:
         return self.material.pitch_cm * 10.0
 
     @property
+    def radius_rm(self) -> float:
+        """Outer radius of the mesh in Molière radii of the effective material."""
+        return self.mesh.r_edges_mm[-1] / (self.material.rm_cm * 10.0)
+
+    @property
     def depth_x0(self) -> float:
         """Total depth of the mesh in X0 at normal incidence (dead-layer material included)."""
         dead = len(self.dead_layers.indices) * self.dead_layers.extra_x0 if self.dead_layers else 0.0

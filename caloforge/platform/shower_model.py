@@ -105,6 +105,12 @@ class ShowerModelConfig:
     ``fp32`` (the usual autocast recipe) or ``autocast`` (the autocast dtype, bf16: half the bytes of the
     memory-bound work around the matmuls; weights, optimizer and EMA stay fp32). No effect without autocast,
     so fp32 training and the ONNX export do not see it; it can change on a built model.
+    ``position_extent``: the mesh's depth and radius in the position frame of the backbone (the token
+    positions are the patch centres' depth and radius fractions times these; ``backbone.patch_coordinates``).
+    ``position_frame``: what a position coordinate of 1 stands for, (depth in X0, radius in Molière radii);
+    None: the frame is the mesh itself, with ``position_extent`` (1, 1), as for every model trained from
+    scratch. Both are set by ``platform.transfer.rebuild_for_mesh`` when a model moves to a detector of
+    another physical size, so that its tokens sit where the same depth and radius sat in training.
     """
 
     backbone: str | BackboneConfig = "S"
@@ -119,6 +125,8 @@ class ShowerModelConfig:
     init_seed: int = 0
     layer_energy: LayerEnergyConfig = field(default_factory=LayerEnergyConfig)
     residual_stream: Literal["fp32", "autocast"] = "fp32"
+    position_extent: tuple[float, float] = (1.0, 1.0)
+    position_frame: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, str) and self.backbone not in BACKBONE_FLAVORS:
@@ -151,6 +159,17 @@ class ShowerModelConfig:
             raise ValueError(f"threshold_mev must be >= 0, got {self.threshold_mev}")
         if self.residual_stream not in ("fp32", "autocast"):
             raise ValueError(f"residual_stream must be fp32 or autocast, got {self.residual_stream!r}")
+        for name in ("position_extent", "position_frame"):
+            value = getattr(self, name)
+            if value is None and name == "position_frame":
+                continue
+            if len(value) != 2 or not all(math.isfinite(v) and v > 0 for v in value):
+                raise ValueError(f"{name} must be two finite numbers > 0 (depth, radius), got {value!r}")
+        if self.position_frame is None and tuple(self.position_extent) != (1.0, 1.0):
+            raise ValueError(
+                f"position_extent {tuple(self.position_extent)} needs a position_frame (the physical depth "
+                "and radius it is measured in); without one the mesh is the frame, extent (1, 1)"
+            )
 
     def backbone_config(self) -> BackboneConfig:
         return backbone_config(self.backbone, self.patch_size)
@@ -254,7 +273,8 @@ class ShowerModel(nn.Module):
                 else LayerEnergyTransform.from_stats(stats, mesh.n_z)
             )
         # Derived from the mesh, not stored: one network state dict fits meshes of any (divisible) size.
-        self.register_buffer("patch_coords_TC", patch_coordinates(mesh, bb.patch_size), persistent=False)
+        coords_TC = patch_coordinates(mesh, bb.patch_size, config.position_extent)
+        self.register_buffer("patch_coords_TC", coords_TC, persistent=False)
 
     # ---- construction -----------------------------------------------------------------------------
 

@@ -8,10 +8,21 @@ detector's mesh is a valid starting point on another (CaloDiT-2's transfer to ne
 
 - the fitted transforms (``transform.*``, ``energy_transform.*``): fitted from the new data's stats block;
 - the patch grid (``patch_coords_TC``, not stored): derived from the new mesh; the patch must divide it;
+- the token positions: the depth and radius fractions of a patch centre stand for the physical depth and
+  radius the base was trained at. With the specs of the new detector and of the source's detectors
+  (``detector``, ``source_detectors``), the new mesh is placed in that frame: the frame is the mean extent
+  of the source's detectors, (depth in X0, radius in Molière radii), or the source's own
+  ``position_frame`` when it has one, and the new mesh's ``position_extent`` is its extent over the frame
+  (a 30-layer, 13.8 X0 version of a 45-layer, ~22 X0 stack gets depth fractions up to 0.61, where the
+  base saw those depths, not up to 1 where it saw the end of a 22 X0 shower). Without specs the new mesh
+  is its own frame (fractions of it), as a model trained on it from scratch;
 - the layer-energy head's layer-indexed tensors (``energy_head.fc_in.weight`` (W, n_z),
   ``energy_head.fc_out.weight`` (n_z, W), ``energy_head.fc_out.bias`` (n_z,)): their rows/columns *are*
-  the old detector's layers, so with another n_z they keep the new model's fresh initialisation (fc_out
-  starts at zero, so the head starts as v = 0); the head's MLP blocks, time and context layers transfer;
+  the old detector's layers, so they are resampled along the depth coordinate of the position frame:
+  the output rows (a velocity per layer) interpolated linearly at the new layer centres (held constant
+  beyond the old depth), the input columns (the weight of one layer's standardised energy) summed over
+  the old layers each new layer overlaps, by the overlap's share of the old layer; layers deeper than
+  the old mesh get no input weight. The head's MLP blocks, time and context layers transfer;
 - the patch embedding and output layer (``patch_embed.*``, ``final_layer.linear.*``) transfer only when the
   patch volume is unchanged (a ``patch_size`` override with another volume re-initialises them);
 - the detector embedding is copied row by row by detector *name* (a ``vocab`` may reorder, add or drop
@@ -26,31 +37,38 @@ the new model's seeded initialisation, and the returned ``TransferReport`` names
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from caloforge.platform.conditioning import ConditionVocab
-from caloforge.platform.geometry import Mesh
+from caloforge.platform.geometry import DetectorSpec, Mesh
 from caloforge.platform.shower_model import Lineage, ShowerModel, as_mesh
 
 logger = logging.getLogger("caloforge.platform")
 
 DETECTOR_EMBED = "denoiser.net.detector_embed.weight"
 FITTED_PREFIXES = ("transform.", "energy_transform.")
+# The layer-energy head's tensors indexed by layer: rows of outputs (interpolated along depth) and
+# columns of inputs (summed over the depth each new layer covers).
+LAYER_ROWS = ("energy_head.fc_out.weight", "energy_head.fc_out.bias")
+LAYER_COLUMNS = ("energy_head.fc_in.weight",)
 
 
 @dataclass(frozen=True)
 class TransferReport:
     """What ``rebuild_for_mesh`` did with every tensor of the new model's state dict.
 
-    ``copied``: parameters taken unchanged from the source; ``reinitialised``: parameters that keep the new
-    model's fresh initialisation, each with the reason (shape differs from the source's, or the source has
-    no such tensor); ``fitted``: buffers fitted from the new stats block; ``detector_rows``: how each row of
-    the detector embedding was set (detector name → ``copied`` | ``mean of copied rows``; spare rows are
-    absent: they keep their fresh initialisation).
+    ``copied``: parameters taken unchanged from the source; ``resampled``: the layer-indexed ones resampled
+    along depth, each with how; ``reinitialised``: parameters that keep the new model's fresh
+    initialisation, each with the reason (shape differs from the source's, or the source has no such
+    tensor); ``fitted``: buffers fitted from the new stats block; ``detector_rows``: how each row of the
+    detector embedding was set (detector name → ``copied`` | ``mean of copied rows``; spare rows are
+    absent: they keep their fresh initialisation). ``positions``: where the new mesh's tokens sit (its
+    ``position_extent`` in which frame, or why it is its own frame).
     """
 
     source_mesh: tuple[int, int, int]
@@ -59,14 +77,68 @@ class TransferReport:
     reinitialised: dict[str, str]
     fitted: tuple[str, ...]
     detector_rows: dict[str, str]
+    resampled: dict[str, str] = field(default_factory=dict)
+    positions: str = ""
 
     def summary(self) -> str:
         """One line for logs."""
         reinit = ", ".join(f"{k} ({v})" for k, v in self.reinitialised.items()) or "none"
         return (
             f"mesh {self.source_mesh} -> {self.target_mesh}: copied {len(self.copied)} tensors, "
-            f"re-initialised {len(self.reinitialised)}: {reinit}; fitted from stats: {len(self.fitted)}"
+            f"resampled {len(self.resampled)} along depth, re-initialised {len(self.reinitialised)}: "
+            f"{reinit}; fitted from stats: {len(self.fitted)}; positions: {self.positions}"
         )
+
+
+def detector_extent(spec: DetectorSpec) -> tuple[float, float]:
+    """A detector's mesh extent in physical units: (depth in X0, outer radius in Molière radii)."""
+    return (float(spec.depth_x0), float(spec.radius_rm))
+
+
+def place_mesh(
+    source_frame: tuple[float, float] | None,
+    detector: DetectorSpec | None,
+    source_detectors: Sequence[DetectorSpec],
+) -> tuple[tuple[float, float], tuple[float, float] | None, str]:
+    """(position_extent, position_frame, description) of ``detector``'s mesh in the source's frame: the
+    source's recorded frame, else the mean extent of ``source_detectors``; (1, 1) and no frame when either
+    side is unknown (the description says which)."""
+    if detector is None:
+        return (1.0, 1.0), None, "fractions of the new mesh (no detector spec given)"
+    frame = source_frame
+    if frame is None:
+        if not source_detectors:
+            return (1.0, 1.0), None, "fractions of the new mesh (no spec of the source's detectors)"
+        extents = np.array([detector_extent(d) for d in source_detectors], dtype=np.float64)
+        frame = (float(extents[:, 0].mean()), float(extents[:, 1].mean()))
+    depth, radius = detector_extent(detector)
+    extent = (depth / frame[0], radius / frame[1])
+    where = (
+        f"{detector.name} ({depth:.3g} X0, {radius:.3g} R_M) at extent ({extent[0]:.3f}, {extent[1]:.3f}) "
+        f"of the frame ({frame[0]:.3g} X0, {frame[1]:.3g} R_M)"
+    )
+    return extent, frame, where
+
+
+def depth_resampling(
+    n_source: int, source_depth: float, n_target: int, target_depth: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows (n_target, n_source), columns (n_target, n_source)) for layer-indexed tensors of a mesh of
+    ``n_source`` equal layers over [0, source_depth] moved to ``n_target`` over [0, target_depth] (depths in
+    one frame). ``rows``: linear interpolation at the target layer centres, constant beyond the source's
+    first/last centre (for per-layer outputs). ``columns``: the share of each source layer inside each
+    target layer (for per-layer inputs: a target layer's weight is the sum of the weights of the depth it
+    covers; nothing beyond the source's depth)."""
+    src_edges = np.linspace(0.0, source_depth, n_source + 1)
+    tgt_edges = np.linspace(0.0, target_depth, n_target + 1)
+    src_centres = 0.5 * (src_edges[1:] + src_edges[:-1])
+    tgt_centres = 0.5 * (tgt_edges[1:] + tgt_edges[:-1])
+    rows = np.stack([np.interp(tgt_centres, src_centres, np.eye(n_source)[s]) for s in range(n_source)], 1)
+    lo = np.maximum(tgt_edges[:-1, None], src_edges[None, :-1])
+    hi = np.minimum(tgt_edges[1:, None], src_edges[None, 1:])
+    columns = np.clip(hi - lo, 0.0, None) / np.diff(src_edges)[None, :]
+    columns[columns < 1e-9] = 0.0  # edges that coincide up to rounding share no depth
+    return rows, columns
 
 
 def rebuild_for_mesh(
@@ -77,11 +149,16 @@ def rebuild_for_mesh(
     vocab: ConditionVocab | None = None,
     lineage: Lineage | None = None,
     patch_size: tuple[int, int, int] | None = None,
+    detector: DetectorSpec | None = None,
+    source_detectors: Sequence[DetectorSpec] = (),
 ) -> tuple[ShowerModel, TransferReport]:
     """A new ``ShowerModel`` on ``mesh`` with ``model``'s config (``patch_size`` overrides the patch), its
     transforms fitted from ``stats`` (the new data's stats block), and every mesh-independent parameter of
-    ``model`` copied (module docstring). Returns the model (on the CPU, in float32, train mode) and a
-    ``TransferReport``, which is also logged.
+    ``model`` copied (module docstring). ``detector``: the spec of the new mesh's detector;
+    ``source_detectors``: the specs of the detectors ``model`` was trained on; with both (or a source with a
+    recorded ``position_frame``) the new mesh is placed at its physical depth and radius in the source's
+    position frame. Returns the model (on the CPU, in float32, train mode) and a ``TransferReport``, which
+    is also logged.
 
     ``vocab`` defaults to the source's; ``lineage`` to an empty one. ValueError when the patch does not
     divide the mesh (naming both) or ``stats`` does not fit the mesh.
@@ -101,10 +178,17 @@ def rebuild_for_mesh(
             f"rebuild_for_mesh: patch_size {tuple(patch)} does not divide the mesh {target_mesh.shape} "
             f"({'; '.join(bad)}); pass patch_size= a patch that divides it"
         )
+    if detector is not None and detector.geometry.shape != target_mesh.shape:
+        raise ValueError(
+            f"rebuild_for_mesh: detector {detector.name!r} has the mesh {detector.geometry.shape}, "
+            f"not {target_mesh.shape}"
+        )
+    extent, frame, positions = place_mesh(model.config.position_frame, detector, source_detectors)
+    config = replace(config, position_extent=extent, position_frame=frame)
     new = ShowerModel.build(
         config, vocab if vocab is not None else model.vocab, stats, target_mesh, lineage=lineage
     )
-    report = _copy_mesh_independent(model, new)
+    report = replace(_copy_mesh_independent(model, new), positions=positions)
     logger.info("rebuild_for_mesh: %s", report.summary())
     return new, report
 
@@ -115,7 +199,10 @@ def _copy_mesh_independent(source: ShowerModel, target: ShowerModel) -> Transfer
     copied: list[str] = []
     reinitialised: dict[str, str] = {}
     detector_rows: dict[str, str] = {}
+    resampled = _resample_layer_tensors(source, target)
     for name, param in target.named_parameters():
+        if name in resampled:
+            continue
         if name == DETECTOR_EMBED:
             detector_rows = _copy_detector_rows(source, target)
             if detector_rows:
@@ -140,7 +227,34 @@ def _copy_mesh_independent(source: ShowerModel, target: ShowerModel) -> Transfer
         reinitialised=reinitialised,
         fitted=fitted,
         detector_rows=detector_rows,
+        resampled=resampled,
     )
+
+
+@torch.no_grad()
+def _resample_layer_tensors(source: ShowerModel, target: ShowerModel) -> dict[str, str]:
+    """Set the target's layer-indexed head tensors from the source's, resampled along the depth of the
+    position frame (``depth_resampling``); name → how. Empty when either model has no layer-energy head
+    or the two meshes' layers coincide (then they are plain copies)."""
+    src_params, dst_params = dict(source.named_parameters()), dict(target.named_parameters())
+    names = [n for n in (*LAYER_ROWS, *LAYER_COLUMNS) if n in src_params and n in dst_params]
+    n_src, n_dst = source.mesh_shape[0], target.mesh_shape[0]
+    d_src, d_dst = source.config.position_extent[0], target.config.position_extent[0]
+    if not names or (n_src == n_dst and d_src == d_dst):
+        return {}
+    rows, columns = (torch.from_numpy(m) for m in depth_resampling(n_src, d_src, n_dst, d_dst))
+    how = f"{n_src} layers over depth 0-{d_src:.3g} -> {n_dst} over 0-{d_dst:.3g}"
+    out: dict[str, str] = {}
+    for name in names:
+        src = src_params[name].detach().to(torch.float64).cpu()
+        dst = dst_params[name]
+        if name in LAYER_ROWS:
+            value, kind = torch.tensordot(rows, src, dims=([1], [0])), "rows interpolated"
+        else:
+            value, kind = src @ columns.T, "columns summed by overlap"
+        dst.copy_(value.to(device=dst.device, dtype=dst.dtype))
+        out[name] = f"{kind}: {how}"
+    return out
 
 
 def _copy_detector_rows(source: ShowerModel, target: ShowerModel) -> dict[str, str]:
@@ -162,4 +276,10 @@ def _copy_detector_rows(source: ShowerModel, target: ShowerModel) -> dict[str, s
     return rows
 
 
-__all__ = ["TransferReport", "rebuild_for_mesh"]
+__all__ = [
+    "TransferReport",
+    "depth_resampling",
+    "detector_extent",
+    "place_mesh",
+    "rebuild_for_mesh",
+]

@@ -115,16 +115,25 @@ def test_user_detector_yaml_through_simulate_shard_train_evaluate_and_card(
     assert 5e3 <= lo < hi <= 20e3
     capsys.readouterr()
 
-    # the trained backbone moves to a built-in detector's mesh (the layer-energy head is re-sized)
+    # the trained backbone moves to a built-in detector's mesh, placed at its physical depth and radius in
+    # the user detector's frame (the layer-energy head is resampled along that depth)
     siw = load_detector("par04-siw")
     data = simulate_dataset(siw, ["e-"], 16, (5.0, 20.0), True, (90.0, 90.0), seed=4)
     stats = compute_stats(data.showers_NZPR, data.conditions.energy_mev, data.conditions.theta_rad)
-    moved, report = rebuild_for_mesh(model, siw.geometry, stats, vocab=model.vocab.with_detector("par04-siw"))
+    vocab = model.vocab.with_detector("par04-siw")
+    moved, report = rebuild_for_mesh(
+        model, siw.geometry, stats, vocab=vocab, detector=siw, source_detectors=[spec]
+    )
     assert moved.mesh == siw.geometry and report.detector_rows["par04-siw"] == "mean of copied rows"
-    assert set(report.reinitialised) == {
+    assert report.reinitialised == {}
+    assert set(report.resampled) == {
         "energy_head.fc_in.weight",
         "energy_head.fc_out.weight",
         "energy_head.fc_out.bias",
     }
+    assert moved.config.position_extent == pytest.approx(
+        (siw.depth_x0 / spec.depth_x0, siw.radius_rm / spec.radius_rm)
+    )
+    assert report.positions.startswith("par04-siw (")
     out = moved.generate(data.conditions.subset(slice(0, 2)), num_steps=2, seed=1)
     assert out.shape == (2, 45, 16, 9) and np.isfinite(out).all()
