@@ -90,6 +90,9 @@ class BundleInfo:
     lineage: Lineage
     ranges: ValidRanges
     files: dict[str, str] = field(default_factory=dict)
+    # where the mesh sits in the backbone's position frame (ShowerModelConfig; (1, 1), None: the mesh is it)
+    position_extent: tuple[float, float] = (1.0, 1.0)
+    position_frame: tuple[float, float] | None = None
 
     @property
     def extra(self) -> dict[str, str]:
@@ -146,6 +149,8 @@ class BundleInfo:
             "sampler": self.sampler,
             "num_steps": self.num_steps,
             "n_parameters": self.n_parameters,
+            "position_extent": list(self.position_extent),
+            "position_frame": None if self.position_frame is None else list(self.position_frame),
         }
 
     def pyfunc_metadata(self) -> dict[str, Any]:
@@ -202,4 +207,6 @@ def _summarise(directory: Path, config: dict[str, Any], model: ShowerModel) -> B
         lineage=model.lineage,  # typed; migrated from schema 1/2 by load_bundle
         ranges=ranges_from_lineage(model.lineage, model.vocab.detectors),
         files=bundle_files(directory),
+        position_extent=tuple(float(v) for v in mc.position_extent),  # type: ignore[arg-type]
+        position_frame=None if mc.position_frame is None else tuple(float(v) for v in mc.position_frame),  # type: ignore[arg-type]
     )

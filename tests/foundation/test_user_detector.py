@@ -22,6 +22,7 @@ from caloforge.datasets.stats import compute_stats
 from caloforge.platform.geometry import DetectorSpec, Layer, MeshSpec, load_detector
 from caloforge.platform.shower_model import ShowerModel
 from caloforge.platform.transfer import rebuild_for_mesh
+from caloforge.registry.bundle import inspect_bundle
 from caloforge.registry.card import ModelCard
 
 R_EDGES = (0.0, 2.0, 4.0, 6.0, 9.0, 12.0, 16.0, 20.0, 25.0, 31.0, 38.0, 46.0, 55.0)  # 12 non-uniform bins
@@ -135,5 +136,9 @@ def test_user_detector_yaml_through_simulate_shard_train_evaluate_and_card(
         (siw.depth_x0 / spec.depth_x0, siw.radius_rm / spec.radius_rm)
     )
     assert report.positions.startswith("par04-siw (")
+    # the bundle's summary (model cards, MLflow metadata) says where the mesh sits
+    info = inspect_bundle(moved.save(tmp_path / "moved"))
+    assert info.summary()["position_extent"] == pytest.approx(list(moved.config.position_extent))
+    assert info.summary()["position_frame"] == pytest.approx([spec.depth_x0, spec.radius_rm])
     out = moved.generate(data.conditions.subset(slice(0, 2)), num_steps=2, seed=1)
     assert out.shape == (2, 45, 16, 9) and np.isfinite(out).all()
