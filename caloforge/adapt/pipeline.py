@@ -108,6 +108,7 @@ class AdaptPlan:
     n_eval: int
     objective: str
     register_name: str
+    placement: str = ""  # where a rebuilt mesh sits in the base's position frame (platform.transfer)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -116,6 +117,7 @@ class AdaptPlan:
             "detector_row": "its own (known to the base)" if self.known_detector else "a spare slot (new)",
             "mesh": "x".join(map(str, self.data_mesh.shape))
             + (" (rebuilt from the base's)" if self.rebuild_mesh else " (the base's)"),
+            **({"positions": self.placement} if self.rebuild_mesh else {}),
             "train_showers": self.n_train,
             "eval_showers": self.n_eval,
             "objective": self.objective,
@@ -235,6 +237,14 @@ def plan_adaptation(config: AdaptConfig, request: AdaptRequest, run_dir: Path) -
 
         check_name(config.register.name or f"caloforge-{spec.name}")
         validate_alias(config.register.alias)
+    rebuild = data_mesh != base.mesh and data_mesh.shape != base.mesh_shape
+    placement = ""
+    if rebuild:
+        from caloforge.adapt.job import base_detector_specs
+        from caloforge.platform.transfer import place_mesh
+
+        sources = base_detector_specs(base, exclude=spec.name)
+        placement = place_mesh(base.config.position_frame, spec, sources)[2]
     return AdaptPlan(
         detector=spec,
         data_dir=data,
@@ -244,11 +254,12 @@ def plan_adaptation(config: AdaptConfig, request: AdaptRequest, run_dir: Path) -
         parent_version=parent_version,
         known_detector=known,
         data_mesh=data_mesh,
-        rebuild_mesh=data_mesh != base.mesh and data_mesh.shape != base.mesh_shape,
+        rebuild_mesh=rebuild,
         n_train=int(manifest.counts["train"]["total"]),
         n_eval=n_eval,
         objective=objective,
         register_name=config.register.name or f"caloforge-{spec.name}",
+        placement=placement,
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from adapt_helpers import MODEL, make_shards, tiny_config
@@ -16,7 +17,7 @@ from caloforge.adapt.pipeline import AdaptRequest, run_adaptation
 from caloforge.cli import main
 from caloforge.datasets.shards import Manifest
 from caloforge.platform.conditioning import Conditions, ConditionVocab
-from caloforge.platform.geometry import DETECTORS_DIR
+from caloforge.platform.geometry import DETECTORS_DIR, load_detector
 from caloforge.platform.objectives import ObjectiveConfig
 from caloforge.platform.shower_model import ShowerModel
 
@@ -172,6 +173,17 @@ def test_a_detector_with_another_mesh_adapts(base_bundle, tmp_path, monkeypatch)
         100.0,
     )
     assert model.lineage.target_detector == "my-calo" and result.registered is None
+    # placed at its physical size in the frame of the base's (built-in) detectors: 18 layers of lar-pb's
+    # stack are 8.3 X0, the base's detectors ~21 X0 deep
+    base = ShowerModel.load(base_bundle)
+    sources = [load_detector(d) for d in base.vocab.detectors]
+    frame = (np.mean([d.depth_x0 for d in sources]), np.mean([d.radius_rm for d in sources]))
+    assert model.config.position_frame == pytest.approx(frame)
+    target = load_detector(path)
+    assert model.config.position_extent == pytest.approx(
+        (target.depth_x0 / frame[0], target.radius_rm / frame[1])
+    )
+    assert 0.3 < model.config.position_extent[0] < 0.5
     showers = model.generate(Conditions.make([1e4, 2e4], 1.5, 0.0, 11, "my-calo"), seed=1)
     assert showers.shape == (2, 18, 8, 6)
 
