@@ -244,7 +244,7 @@ def plan_adaptation(config: AdaptConfig, request: AdaptRequest, run_dir: Path) -
         from caloforge.platform.transfer import place_mesh
 
         sources = base_detector_specs(base, exclude=spec.name)
-        placement = place_mesh(base.config.position_frame, spec, sources)[2]
+        placement = place_mesh(base.config.position_frame, base.mesh_shape[0], spec, sources)[2]
     return AdaptPlan(
         detector=spec,
         data_dir=data,

@@ -10,12 +10,14 @@ detector's mesh is a valid starting point on another (CaloDiT-2's transfer to ne
 - the patch grid (``patch_coords_TC``, not stored): derived from the new mesh; the patch must divide it;
 - the token positions: the depth and radius fractions of a patch centre stand for the physical depth and
   radius the base was trained at. With the specs of the new detector and of the source's detectors
-  (``detector``, ``source_detectors``), the new mesh is placed in that frame: the frame is the mean extent
-  of the source's detectors, (depth in X0, radius in Molière radii), or the source's own
-  ``position_frame`` when it has one, and the new mesh's ``position_extent`` is its extent over the frame
-  (a 30-layer, 13.8 X0 version of a 45-layer, ~22 X0 stack gets depth fractions up to 0.61, where the
-  base saw those depths, not up to 1 where it saw the end of a 22 X0 shower). Without specs the new mesh
-  is its own frame (fractions of it), as a model trained on it from scratch;
+  (``detector``, ``source_detectors``), the new mesh is placed in that frame (``place_mesh``): a base
+  trained from scratch has seen a range of frames (each detector's own depth in X0 and radius in
+  Molière radii), and the new mesh takes the frame in that range that gives its layers the base's layer
+  pitch where it can (a 30-layer, 13.8 X0 cut of a 45-layer, 20.7 X0 stack sits on the base's first 30
+  layer positions, not stretched over all 45 where the base saw a whole 22 X0 shower), and is scaled
+  physically beyond it; the new model records the frame and its extent in it (``position_frame``,
+  ``position_extent``). Without specs the new mesh is its own frame (fractions of it), as a model trained
+  on it from scratch;
 - the layer-energy head's layer-indexed tensors (``energy_head.fc_in.weight`` (W, n_z),
   ``energy_head.fc_out.weight`` (n_z, W), ``energy_head.fc_out.bias`` (n_z,)): their rows/columns *are*
   the old detector's layers, so they are resampled along the depth coordinate of the position frame:
@@ -97,25 +99,39 @@ def detector_extent(spec: DetectorSpec) -> tuple[float, float]:
 
 def place_mesh(
     source_frame: tuple[float, float] | None,
+    source_n_z: int,
     detector: DetectorSpec | None,
     source_detectors: Sequence[DetectorSpec],
 ) -> tuple[tuple[float, float], tuple[float, float] | None, str]:
-    """(position_extent, position_frame, description) of ``detector``'s mesh in the source's frame: the
-    source's recorded frame, else the mean extent of ``source_detectors``; (1, 1) and no frame when either
-    side is unknown (the description says which)."""
+    """(position_extent, position_frame, description) of ``detector``'s mesh in the source's frame; (1, 1)
+    and no frame when either side is unknown (the description says which).
+
+    A model trained from scratch reads positions as fractions of its mesh, so for its detectors a position
+    of 1 stands for each one's own depth and radius: a *range* of frames, from the shallowest to the
+    deepest of ``source_detectors`` (in X0; the radius likewise in Molière radii). The new mesh gets the
+    frame in that range that comes closest to giving its layers the source's layer pitch (depth ×
+    ``source_n_z`` / its n_z, clamped to the range): a detector whose layers are as thick as the
+    source's ones sit on the source's own layer grid (the positions the backbone was trained at), one
+    beyond the range is scaled physically from the nearest end. The radius frame is the new radius clamped
+    to the range. A source with a recorded frame (``source_frame``: it was itself placed) is that one
+    frame."""
     if detector is None:
         return (1.0, 1.0), None, "fractions of the new mesh (no detector spec given)"
-    frame = source_frame
-    if frame is None:
-        if not source_detectors:
-            return (1.0, 1.0), None, "fractions of the new mesh (no spec of the source's detectors)"
-        extents = np.array([detector_extent(d) for d in source_detectors], dtype=np.float64)
-        frame = (float(extents[:, 0].mean()), float(extents[:, 1].mean()))
     depth, radius = detector_extent(detector)
+    if source_frame is not None:
+        (d_lo, r_lo), (d_hi, r_hi) = source_frame, source_frame
+    elif source_detectors:
+        extents = np.array([detector_extent(d) for d in source_detectors], dtype=np.float64)
+        (d_lo, r_lo), (d_hi, r_hi) = extents.min(axis=0), extents.max(axis=0)
+    else:
+        return (1.0, 1.0), None, "fractions of the new mesh (no spec of the source's detectors)"
+    same_pitch = depth * source_n_z / detector.mesh.n_z
+    frame = (float(np.clip(same_pitch, d_lo, d_hi)), float(np.clip(radius, r_lo, r_hi)))
     extent = (depth / frame[0], radius / frame[1])
     where = (
         f"{detector.name} ({depth:.3g} X0, {radius:.3g} R_M) at extent ({extent[0]:.3f}, {extent[1]:.3f}) "
-        f"of the frame ({frame[0]:.3g} X0, {frame[1]:.3g} R_M)"
+        f"of the frame ({frame[0]:.3g} X0, {frame[1]:.3g} R_M; the source's range {d_lo:.3g}-{d_hi:.3g} X0, "
+        f"{r_lo:.3g}-{r_hi:.3g} R_M)"
     )
     return extent, frame, where
 
@@ -183,7 +199,9 @@ def rebuild_for_mesh(
             f"rebuild_for_mesh: detector {detector.name!r} has the mesh {detector.geometry.shape}, "
             f"not {target_mesh.shape}"
         )
-    extent, frame, positions = place_mesh(model.config.position_frame, detector, source_detectors)
+    extent, frame, positions = place_mesh(
+        model.config.position_frame, model.mesh_shape[0], detector, source_detectors
+    )
     config = replace(config, position_extent=extent, position_frame=frame)
     new = ShowerModel.build(
         config, vocab if vocab is not None else model.vocab, stats, target_mesh, lineage=lineage

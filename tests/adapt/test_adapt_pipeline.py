@@ -173,17 +173,19 @@ def test_a_detector_with_another_mesh_adapts(base_bundle, tmp_path, monkeypatch)
         100.0,
     )
     assert model.lineage.target_detector == "my-calo" and result.registered is None
-    # placed at its physical size in the frame of the base's (built-in) detectors: 18 layers of lar-pb's
-    # stack are 8.3 X0, the base's detectors ~21 X0 deep
+    # placed in the frame of the base's (built-in) detectors: 18 layers of lar-pb's stack are 8.3 X0, with
+    # the layer pitch of 45 layers over 20.7 X0, shallower than the base's detectors (22-25.8 X0): the
+    # shallowest frame, so the tokens sit a little closer together than the base's first 18 layers
     base = ShowerModel.load(base_bundle)
     sources = [load_detector(d) for d in base.vocab.detectors]
-    frame = (np.mean([d.depth_x0 for d in sources]), np.mean([d.radius_rm for d in sources]))
-    assert model.config.position_frame == pytest.approx(frame)
+    depths = [d.depth_x0 for d in sources]
     target = load_detector(path)
-    assert model.config.position_extent == pytest.approx(
-        (target.depth_x0 / frame[0], target.radius_rm / frame[1])
-    )
-    assert 0.3 < model.config.position_extent[0] < 0.5
+    assert target.depth_x0 * 45 / 18 < min(depths)
+    assert model.config.position_frame[0] == pytest.approx(min(depths))
+    assert model.config.position_extent[0] == pytest.approx(target.depth_x0 / min(depths))
+    assert 0.3 < model.config.position_extent[0] < 18 / 45
+    radius = np.clip(target.radius_rm, *[f(d.radius_rm for d in sources) for f in (min, max)])
+    assert model.config.position_extent[1] == pytest.approx(target.radius_rm / radius)
     showers = model.generate(Conditions.make([1e4, 2e4], 1.5, 0.0, 11, "my-calo"), seed=1)
     assert showers.shape == (2, 18, 8, 6)
 

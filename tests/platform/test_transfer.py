@@ -16,7 +16,7 @@ from caloforge.datasets.stats import compute_stats
 from caloforge.platform.conditioning import ConditionVocab
 from caloforge.platform.geometry import DetectorSpec, Mesh, MeshSpec, load_detector
 from caloforge.platform.shower_model import Lineage, ShowerModel, ShowerModelConfig
-from caloforge.platform.transfer import depth_resampling, rebuild_for_mesh
+from caloforge.platform.transfer import depth_resampling, place_mesh, rebuild_for_mesh
 
 SOURCE_SHAPE = (15, 8, 6)
 NEW_MESH = Mesh(30, 24, (0.0, 2.0, 4.0, 6.0, 9.0, 12.0, 16.0, 20.0, 25.0, 31.0, 38.0, 46.0, 55.0))  # 30×24×12
@@ -131,6 +131,28 @@ def test_a_detector_of_another_size_is_placed_at_its_physical_depth_and_radius(s
     torch.testing.assert_close(head[:10], src["energy_head.fc_out.bias"][:10])
     torch.testing.assert_close(head[10:], src["energy_head.fc_out.bias"][9].expand(5))  # held past the end
     assert back.energy_head.fc_in.weight[:, 10:].abs().sum() == 0  # no input weight beyond the old depth
+
+
+def test_a_mesh_is_placed_on_the_base_layer_grid_inside_its_depths_and_scaled_beyond() -> None:
+    shallow, deep = load_detector("par04-scipb"), load_detector("pbwo4")  # 20.3 and 25.8 X0, 45 layers
+    lar_pb = load_detector("lar-pb")  # 20.7 X0
+    cut = dataclasses.replace(lar_pb, name="cut", mesh=MeshSpec(30, 16, lar_pb.mesh.r_edges_mm))  # 13.8 X0
+    # 30 layers as thick as lar-pb's: inside the base's 20.3-25.8 X0, on its first 30 layer positions
+    extent, frame, where = place_mesh(None, 45, cut, [shallow, deep])
+    assert extent[0] == pytest.approx(30 / 45) and frame[0] == pytest.approx(lar_pb.depth_x0)
+    assert extent[1] == pytest.approx(1.0) and frame[1] == pytest.approx(lar_pb.radius_rm)  # in range
+    assert "range 20.3-25.8 X0" in where
+    # a detector twice as thick per layer as the deepest one: the deepest frame, scaled physically
+    thick = dataclasses.replace(lar_pb, name="thick", mesh=MeshSpec(45, 16, lar_pb.mesh.r_edges_mm))
+    thick = dataclasses.replace(thick, absorber=dataclasses.replace(lar_pb.absorber, thickness_mm=7.5))
+    extent, frame, _ = place_mesh(None, 45, thick, [shallow, deep])
+    assert frame[0] == pytest.approx(deep.depth_x0)
+    assert extent[0] == pytest.approx(thick.depth_x0 / deep.depth_x0) and extent[0] > 1.5
+    # a recorded frame is the one frame; no specs: the mesh is its own frame
+    extent, frame, _ = place_mesh((20.0, 4.0), 30, cut, [])
+    assert frame == (20.0, 4.0) and extent == pytest.approx((cut.depth_x0 / 20.0, cut.radius_rm / 4.0))
+    assert place_mesh(None, 45, cut, [])[:2] == ((1.0, 1.0), None)
+    assert place_mesh(None, 45, None, [shallow])[:2] == ((1.0, 1.0), None)
 
 
 def test_depth_resampling_conserves_input_weight_and_interpolates_outputs() -> None:
