@@ -109,6 +109,7 @@ class AdaptPlan:
     objective: str
     register_name: str
     placement: str = ""  # where a rebuilt mesh sits in the base's position frame (platform.transfer)
+    warnings: tuple[str, ...] = ()  # what the plan advises against (logged; shown by --dry-run)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -118,6 +119,7 @@ class AdaptPlan:
             "mesh": "x".join(map(str, self.data_mesh.shape))
             + (" (rebuilt from the base's)" if self.rebuild_mesh else " (the base's)"),
             **({"positions": self.placement} if self.rebuild_mesh else {}),
+            **({"warnings": "; ".join(self.warnings)} if self.warnings else {}),
             "train_showers": self.n_train,
             "eval_showers": self.n_eval,
             "objective": self.objective,
@@ -245,6 +247,16 @@ def plan_adaptation(config: AdaptConfig, request: AdaptRequest, run_dir: Path) -
 
         sources = base_detector_specs(base, exclude=spec.name)
         placement = place_mesh(base.config.position_frame, base.mesh_shape[0], spec, sources)[2]
+    warnings: list[str] = []
+    if rebuild and config.strategy.kind == "embedding":
+        warnings.append(
+            f"strategy 'embedding' on another mesh than the base's ({data_mesh.shape} vs "
+            f"{base.mesh_shape}) trains only the detector's row, while the patch embedding and output layer "
+            "still read the base's voxel layout: measured unable to adapt (docs/adaptation.md, "
+            "lar-pb-coarse: AUC 1.0); use 'full' or 'lora'"
+        )
+    for warning in warnings:
+        log.warning("%s", warning)
     return AdaptPlan(
         detector=spec,
         data_dir=data,
@@ -260,6 +272,7 @@ def plan_adaptation(config: AdaptConfig, request: AdaptRequest, run_dir: Path) -
         objective=objective,
         register_name=config.register.name or f"caloforge-{spec.name}",
         placement=placement,
+        warnings=tuple(warnings),
     )
 
 

@@ -13,7 +13,7 @@ import yaml
 from adapt_helpers import MODEL, make_shards, tiny_config
 
 from caloforge.adapt.config import GateConfig, RegisterConfig, StrategyConfig
-from caloforge.adapt.pipeline import AdaptRequest, run_adaptation
+from caloforge.adapt.pipeline import AdaptRequest, plan_adaptation, run_adaptation
 from caloforge.cli import main
 from caloforge.datasets.shards import Manifest
 from caloforge.platform.conditioning import Conditions, ConditionVocab
@@ -161,7 +161,15 @@ def test_a_detector_with_another_mesh_adapts(base_bundle, tmp_path, monkeypatch)
     path.write_text(yaml.safe_dump(spec))
     shards = make_shards(tmp_path / "data", (str(path),), 90, seed=8)
     cfg = tiny_config(register=RegisterConfig(enabled=False), strategy=StrategyConfig(kind="full"))
-    result = run_adaptation(cfg, AdaptRequest(str(base_bundle), str(path), shards), tmp_path / "run")
+    request = AdaptRequest(str(base_bundle), str(path), shards)
+    # 'embedding' cannot move the patch layers: the plan says so before anything trains
+    embedding = tiny_config(register=RegisterConfig(enabled=False), strategy=StrategyConfig(kind="embedding"))
+    plan = plan_adaptation(embedding, request, tmp_path / "plan-embedding")
+    assert plan.rebuild_mesh and len(plan.warnings) == 1
+    assert "strategy 'embedding' on another mesh" in plan.describe()["warnings"]
+    assert plan.describe()["positions"].startswith("my-calo (")
+    result = run_adaptation(cfg, request, tmp_path / "run")
+    assert plan_adaptation(cfg, request, tmp_path / "plan-full").warnings == ()
     model = ShowerModel.load(result.model_dir)
     assert model.mesh_shape == (18, 8, 6) and model.mesh.r_edges_mm == (
         0.0,
