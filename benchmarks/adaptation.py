@@ -105,6 +105,7 @@ class Plan:
     threads: int  # torch intra-op threads of every run (0: torch's default)
     energy_gev: tuple[float, float] = (2.0, 100.0)
     seed: int = 0
+    mesh_layers: bool = False  # bias / embedding also train the layers that read the mesh
 
     def key(self, *fields: str, **extra: Any) -> str:
         data = {f: getattr(self, f) for f in fields} | extra
@@ -220,6 +221,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
+    if args.mesh_layers:
+        changes["mesh_layers"] = True
     plan = dataclasses.replace(plan, **changes)
     bad = sorted(set(plan.strategies) - set(STRATEGIES))
     if bad:
@@ -231,6 +234,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise ValueError(f"{HELD_OUT} is the held-out detector: it must not be a pretraining detector")
     if min(plan.sizes) < 10 or plan.steps < 1 or plan.n_heldout < 20:
         raise ValueError("sizes must be >= 10 showers, steps >= 1, n_heldout >= 20")
+    if plan.mesh_layers and not set(plan.strategies) <= {"bias", "embedding"}:
+        raise ValueError(
+            f"--mesh-layers applies to the strategies bias and embedding, got {list(plan.strategies)}: "
+            "pass --strategies bias,embedding"
+        )
     if any(not 0 < f <= 1 for f in plan.adapt_budgets):
         raise ValueError(f"--adapt-budgets: fractions of --steps in (0, 1], got {list(plan.adapt_budgets)}")
     check_patch(plan)
@@ -345,6 +353,8 @@ def adapt_config(plan: Plan, kind: str, steps: int, name: str) -> Any:
         progress=False,
         torch_threads=plan.threads,
     )
+    if plan.mesh_layers:
+        data["strategy"]["mesh_layers"] = True
     return from_dict(AdaptConfig, data, str(path))
 
 
@@ -556,14 +566,15 @@ def adapt_run(
 ) -> dict[str, Any]:
     from caloforge.adapt.pipeline import AdaptRequest, run_adaptation
 
-    run_dir = work / f"runs-{plan.runs_key()}" / target / f"n{n}" / f"{kind}-{steps}"
+    label = f"{kind}+mesh" if plan.mesh_layers else kind  # the method's name in the rows and run directory
+    run_dir = work / f"runs-{plan.runs_key()}" / target / f"n{n}" / f"{label}-{steps}"
 
     def run() -> dict[str, Any]:
         if run_dir.exists():  # an interrupted run: start it again
             import shutil
 
             shutil.rmtree(run_dir)
-        config = adapt_config(plan, kind, steps, f"{kind}-{steps}")
+        config = adapt_config(plan, kind, steps, f"{label}-{steps}")
         request = AdaptRequest(base["model_dir"], detector_arg(work, target), shards)
         t0 = time.perf_counter()
         result = run_adaptation(config, request, run_dir)
@@ -571,7 +582,7 @@ def adapt_run(
         fwd = forward_flops_per_shower(result.model_dir)
         return {
             "kind": "adapt",
-            "method": kind,
+            "method": label,
             "steps": result.steps,
             "trainable_parameters": result.trainable_parameters,
             "total_parameters": result.total_parameters,
@@ -759,6 +770,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--full 5,4,3); it must divide every target's mesh",
     )
     p.add_argument("--strategies", help=f"comma-separated subset of {','.join(STRATEGIES)}")
+    p.add_argument(
+        "--mesh-layers",
+        action="store_true",
+        help="bias and embedding also train the layers that read the mesh (strategy.mesh_layers; rows "
+        "named bias+mesh, embedding+mesh); needs --strategies bias,embedding or a subset",
+    )
     p.add_argument("--targets", help=f"comma-separated subset of {HELD_OUT},{CUSTOM}")
     p.add_argument("--base-steps", type=int)
     p.add_argument("--base-showers", type=int, help="showers per pretraining detector")

@@ -75,12 +75,16 @@ class StrategyConfig:
     """What trains. ``kind``: ``full`` (every weight), ``lora`` (adapters + the detector's row),
     ``bias`` (biases and adaLN modulation + the detector's row; BitFit-style), ``embedding`` (the detector's
     row only; with ``energy_head`` also the layer-energy head's context projection, its only input that
-    depends on the detector). ``init_from``: the known detector whose row a new detector's row copies
-    (default: the mean of the known rows)."""
+    depends on the detector). ``mesh_layers`` (``bias`` and ``embedding``): also the layers that read the
+    mesh, ``MESH_LAYERS`` (the patch embedding, the output layer's linear map and the layer-energy head's
+    layer-indexed input and output), for a detector on another mesh than the base's, whose voxel layout
+    inside a patch and layer profile those layers must learn. ``init_from``: the known detector whose row a
+    new detector's row copies (default: the mean of the known rows)."""
 
     kind: Literal["full", "lora", "bias", "embedding"] = "full"
     lora: LoraOptions = field(default_factory=LoraOptions)
     energy_head: bool = False
+    mesh_layers: bool = False
     init_from: str | None = None
 
     def __post_init__(self) -> None:
@@ -90,6 +94,11 @@ class StrategyConfig:
             raise ValueError(
                 f"strategy.energy_head only applies to kind 'embedding' (kind {self.kind!r} already decides "
                 "what of the head trains)"
+            )
+        if self.mesh_layers and self.kind not in ("bias", "embedding"):
+            raise ValueError(
+                f"strategy.mesh_layers applies to kinds 'bias' and 'embedding' (kind {self.kind!r}: 'full' "
+                "trains them anyway, 'lora' adapts only its target modules)"
             )
 
 

@@ -248,12 +248,12 @@ def plan_adaptation(config: AdaptConfig, request: AdaptRequest, run_dir: Path) -
         sources = base_detector_specs(base, exclude=spec.name)
         placement = place_mesh(base.config.position_frame, base.mesh_shape[0], spec, sources)[2]
     warnings: list[str] = []
-    if rebuild and config.strategy.kind == "embedding":
+    if rebuild and config.strategy.kind == "embedding" and not config.strategy.mesh_layers:
         warnings.append(
             f"strategy 'embedding' on another mesh than the base's ({data_mesh.shape} vs "
             f"{base.mesh_shape}) trains only the detector's row, while the patch embedding and output layer "
             "still read the base's voxel layout: measured unable to adapt (docs/adaptation.md, "
-            "lar-pb-coarse: AUC 1.0); use 'full' or 'lora'"
+            "lar-pb-coarse: AUC 1.0); set strategy.mesh_layers: true, or use 'full' or 'lora'"
         )
     for warning in warnings:
         log.warning("%s", warning)

@@ -12,6 +12,9 @@ in its vocabulary (a spare "K+1" slot for a new detector, its own row for a know
 - ``embedding``: the detector's embedding row only (and, with ``energy_head``, the layer-energy head's
   context projection, the head's only detector-dependent input).
 
+``mesh_layers`` adds, to ``bias`` and ``embedding``, the parameters that read the mesh (``MESH_LAYERS``):
+what a detector on another mesh needs beyond its row (the measured case in docs/adaptation.md).
+
 Rows of the embedding other than the detector's stay bitwise unchanged (``training.trainable``: gradient
 mask, no weight decay, EMA of the selected rows). Parameters outside the selection are frozen
 (``requires_grad`` off) so they cost no gradient.
@@ -30,7 +33,7 @@ from caloforge.adapt.config import StrategyConfig
 from caloforge.platform.shower_model import ShowerModel
 from caloforge.training.trainable import Trainable, count, select
 
-__all__ = ["ADAPT_STRATEGIES", "Prepared", "prepare_strategy"]
+__all__ = ["ADAPT_STRATEGIES", "MESH_LAYERS", "Prepared", "prepare_strategy"]
 
 ADAPTER_DIR = "adapter"
 
@@ -86,6 +89,22 @@ def _row_selection(model: ShowerModel, row: int, extra: list[str]) -> Trainable:
     return selection
 
 
+# The parameters that read the mesh: the voxel layout inside a patch (patch embedding, output layer) and the
+# layer profile (the layer-energy head's layer-indexed input and output).
+MESH_LAYERS = (
+    "denoiser.net.patch_embed.",
+    "denoiser.net.final_layer.linear.",
+    "energy_head.fc_in.",
+    "energy_head.fc_out.",
+)
+
+
+def _mesh_layers(model: ShowerModel, config: StrategyConfig) -> list[str]:
+    if not config.mesh_layers:
+        return []
+    return [n for n, _ in model.named_parameters() if n.startswith(MESH_LAYERS)]
+
+
 def _full(model: ShowerModel, row: int, config: StrategyConfig) -> Prepared:
     for p in model.parameters():
         p.requires_grad_(True)
@@ -94,6 +113,7 @@ def _full(model: ShowerModel, row: int, config: StrategyConfig) -> Prepared:
 
 def _bias(model: ShowerModel, row: int, config: StrategyConfig) -> Prepared:
     names = [n for n, _ in model.named_parameters() if n.endswith(".bias") or ".adaLN_modulation." in n]
+    names += [n for n in _mesh_layers(model, config) if n not in names]
     return Prepared("bias", model, model, _row_selection(model, row, names))
 
 
@@ -103,6 +123,7 @@ def _embedding(model: ShowerModel, row: int, config: StrategyConfig) -> Prepared
         if model.energy_head is None:
             raise ValueError("strategy.energy_head: the base model has no layer-energy head")
         names = [n for n, _ in model.named_parameters() if n.startswith("energy_head.context.")]
+    names += _mesh_layers(model, config)
     return Prepared("embedding", model, model, _row_selection(model, row, names))
 
 

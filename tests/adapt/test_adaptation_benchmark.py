@@ -80,6 +80,13 @@ def test_plan_rejects_unknown_strategies_and_bad_budgets(bench) -> None:
         bench.make_plan(bench.parse_args(["--patch", "9,2,3"]))
     held_out_only = bench.make_plan(bench.parse_args(["--patch", "9,2,3", "--targets", "lar-pb"]))
     assert held_out_only.patch_size == (9, 2, 3)
+    # --mesh-layers: only for the strategies that have the option, which the recipe then sets
+    with pytest.raises(ValueError, match=r"--mesh-layers applies to the strategies bias and embedding"):
+        bench.make_plan(bench.parse_args(["--mesh-layers"]))
+    mesh = bench.make_plan(bench.parse_args(["--mesh-layers", "--strategies", "bias,embedding"]))
+    assert mesh.mesh_layers and bench.adapt_config(mesh, "embedding", 8, "x").strategy.mesh_layers
+    plain = bench.make_plan(bench.parse_args(["--strategies", "embedding"]))
+    assert not bench.adapt_config(plain, "embedding", 8, "x").strategy.mesh_layers
 
 
 def test_the_cpu_study_uses_the_small_patch_and_patch_is_part_of_the_base_key(bench) -> None:

@@ -80,6 +80,35 @@ def test_embedding_with_the_energy_head_trains_its_context_projection(base_bundl
         StrategyConfig(kind="full", energy_head=True)
 
 
+def test_mesh_layers_add_the_layers_that_read_the_mesh(base_bundle, lar_pb_shards) -> None:
+    mesh_layers = {
+        "denoiser.net.patch_embed.weight",
+        "denoiser.net.patch_embed.bias",
+        "denoiser.net.final_layer.linear.weight",
+        "denoiser.net.final_layer.linear.bias",
+        "energy_head.fc_in.weight",
+        "energy_head.fc_in.bias",
+        "energy_head.fc_out.weight",
+        "energy_head.fc_out.bias",
+    }
+    start, prepared, _ = _trained(
+        base_bundle, lar_pb_shards, StrategyConfig(kind="embedding", mesh_layers=True)
+    )
+    assert _changed(start, prepared.model) == {EMBED} | mesh_layers
+    params = dict(prepared.model.named_parameters())
+    width = prepared.model.network.detector_embed.weight.shape[1]
+    assert prepared.parameter_counts[0] == width + sum(params[n].numel() for n in mesh_layers)
+
+    def bias_names(mesh: bool) -> set[str]:
+        model = ShowerModel.load(base_bundle).with_detector("lar-pb")
+        strategy = StrategyConfig(kind="bias", mesh_layers=mesh)
+        return set(prepare_strategy(model, "lar-pb", strategy).trainable.names)
+
+    assert bias_names(True) == bias_names(False) | mesh_layers
+    with pytest.raises(ValueError, match="mesh_layers applies to kinds 'bias' and 'embedding'"):
+        StrategyConfig(kind="lora", mesh_layers=True)
+
+
 def test_lora_adapter_round_trips_through_peft_and_equals_the_merged_bundle(
     base_bundle, lar_pb_shards, tmp_path
 ) -> None:
