@@ -723,13 +723,14 @@ def plot(rows: list[dict], targets: tuple[str, ...], out: Path) -> list[Path]:
                 groups.setdefault((r["method"], r["steps"]), []).append(r)
             for (method, steps), rs in sorted(groups.items()):
                 rs = sorted(rs, key=lambda r: r[xkey])
-                style = "--" if method == "scratch" else "-"
+                kind = method.split("+")[0]  # bias+mesh: bias's colour, dash-dotted
+                style = "--" if method == "scratch" else ("-." if "+" in method else "-")
                 ax.plot(
                     [r[xkey] for r in rs],
                     [r["metrics"]["fpd"] for r in rs],
                     style,
                     marker="o",
-                    color=colours[method],
+                    color=colours[kind],
                     alpha=0.4 + 0.6 * steps / max(r["steps"] for r in sel),
                     label=f"{method} {steps} steps",
                 )
