@@ -20,7 +20,6 @@ from caloforge.adapt.strategies import Prepared, prepare_strategy
 from caloforge.config import to_dict
 from caloforge.datasets.shards import Manifest
 from caloforge.datasets.streaming import StreamGroup
-from caloforge.platform.geometry import DetectorSpec, builtin_detector_names, load_detector
 from caloforge.platform.shower_model import Lineage, ShowerModel
 from caloforge.training import job
 from caloforge.training.hooks import FailAfterStep, Hook
@@ -33,7 +32,6 @@ if TYPE_CHECKING:
 __all__ = [
     "TrainOutcome",
     "adaptation_lineage",
-    "base_detector_specs",
     "prepare_model",
     "report_parameters",
     "save_outputs",
@@ -72,23 +70,12 @@ def prepare_model(config: AdaptConfig, plan: AdaptPlan) -> Prepared:
             plan.data_mesh,
             stats,
             detector=plan.detector,
-            source_detectors=base_detector_specs(base, exclude=name),
+            source_detectors=plan.source_detectors,
         )
         log.info("rebuilt for the mesh %s: %s", plan.data_mesh.shape, report.summary())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.loop.seed)
         return prepare_strategy(model, name, config.strategy)
-
-
-def base_detector_specs(base: ShowerModel, exclude: str) -> tuple[DetectorSpec, ...]:
-    """The specs of the base's detectors that are built in (what places a new mesh in the base's position
-    frame, ``platform.transfer``); detectors only a user's YAML describes are left out, and logged."""
-    builtin = set(builtin_detector_names())
-    names = [d for d in base.vocab.detectors if d != exclude]
-    unknown = [d for d in names if d not in builtin]
-    if unknown:
-        log.info("position frame: the base's detectors %s are not built in; placed without them", unknown)
-    return tuple(load_detector(d) for d in names if d in builtin)
 
 
 def report_parameters(config: AdaptConfig, prepared: Prepared, run_dir: Path) -> None:

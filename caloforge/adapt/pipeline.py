@@ -109,6 +109,8 @@ class AdaptPlan:
     objective: str
     register_name: str
     placement: str = ""  # where a rebuilt mesh sits in the base's position frame (platform.transfer)
+    # the built-in detectors of the base that place a rebuilt mesh in its position frame (platform.transfer)
+    source_detectors: tuple[DetectorSpec, ...] = ()
     warnings: tuple[str, ...] = ()  # what the plan advises against (logged; shown by --dry-run)
 
     def describe(self) -> dict[str, Any]:
@@ -241,8 +243,8 @@ def plan_adaptation(config: AdaptConfig, request: AdaptRequest, run_dir: Path) -
         validate_alias(config.register.alias)
     rebuild = data_mesh != base.mesh and data_mesh.shape != base.mesh_shape
     placement = ""
+    sources: tuple[DetectorSpec, ...] = ()
     if rebuild:
-        from caloforge.adapt.job import base_detector_specs
         from caloforge.platform.transfer import place_mesh
 
         sources = base_detector_specs(base, exclude=spec.name)
@@ -272,8 +274,20 @@ def plan_adaptation(config: AdaptConfig, request: AdaptRequest, run_dir: Path) -
         objective=objective,
         register_name=config.register.name or f"caloforge-{spec.name}",
         placement=placement,
+        source_detectors=sources,
         warnings=tuple(warnings),
     )
+
+
+def base_detector_specs(base: ShowerModel, exclude: str) -> tuple[DetectorSpec, ...]:
+    """The specs of the base's detectors that are built in (what places a new mesh in the base's position
+    frame, ``platform.transfer``); detectors only a user's YAML describes are left out, and logged."""
+    builtin = set(builtin_detector_names())
+    names = [d for d in base.vocab.detectors if d != exclude]
+    unknown = [d for d in names if d not in builtin]
+    if unknown:
+        log.info("position frame: the base's detectors %s are not built in; placed without them", unknown)
+    return tuple(load_detector(d) for d in names if d in builtin)
 
 
 # -- gate -------------------------------------------------------------------------------------------------

@@ -168,6 +168,7 @@ def test_a_detector_with_another_mesh_adapts(base_bundle, tmp_path, monkeypatch)
     assert plan.rebuild_mesh and len(plan.warnings) == 1
     assert "strategy 'embedding' on another mesh" in plan.describe()["warnings"]
     assert plan.describe()["positions"].startswith("my-calo (")
+    assert {d.name for d in plan.source_detectors} == set(ShowerModel.load(base_bundle).vocab.detectors)
     with_mesh = StrategyConfig(kind="embedding", mesh_layers=True)
     embedding_mesh = tiny_config(register=RegisterConfig(enabled=False), strategy=with_mesh)
     assert plan_adaptation(embedding_mesh, request, tmp_path / "plan-mesh").warnings == ()
