@@ -415,7 +415,8 @@ def test_sigkill_restart_registers_once_distils_and_serves_pull_and_report(
     gone = _job(acc, had_run)
     assert gone["status"] == "failed" and "Ray job is gone" in gone["error"]
     assert "stage adapt" in gone["error"]
-    assert _job(acc, first["id"])["status"] == "running"
+    # followed, not requeued or failed: still running, or (on a fast machine) already finished and reconciled
+    assert _job(acc, first["id"])["status"] in ("running", "succeeded")
 
     # SIGKILL again while the second job runs; start the service once both Ray jobs have ended.
     wait_for("the second job's adapt stage", lambda: _started(acc, second["id"]))
