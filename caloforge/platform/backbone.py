@@ -53,6 +53,7 @@ from caloforge.platform.geometry import Mesh
 LORA_TARGETS: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation")
 
 TIME_FREQ_DIM = 256  # DiT's frequency embedding size for the noise label
+DEFAULT_POS_MAX_FREQ = 8.0  # BackboneConfig.pos_max_freq of every flavour (bundles before schema 4: 32)
 N_COORDS = 4  # u_z, sin α, cos α, u_r
 
 
@@ -66,7 +67,11 @@ class BackboneConfig:
     mlp_width: int
     patch_size: tuple[int, int, int] = (3, 2, 3)
     pos_embed: str = "sincos"  # "sincos" (fixed) | "sincos+proj" (fixed + zero-initialised learned proj)
-    pos_max_freq: float = 32.0  # highest frequency (cycles per half mesh extent) of u_z / u_r features
+    # Highest frequency of the u_z / u_r features, in half periods over the mesh. 8 stays below the depth
+    # token grid's Nyquist (15 half periods for 15 depth tokens), so the features interpolate between token
+    # positions and a model moved to another mesh off its grid keeps its sense of depth; 32 (before
+    # bundle schema 4) aliased there (docs/model.md, "Position features").
+    pos_max_freq: float = DEFAULT_POS_MAX_FREQ
     energy_freqs: int = 16  # Fourier frequencies of ln(E / 1 GeV)
 
     def __post_init__(self) -> None:
@@ -519,6 +524,7 @@ def forward_flops(config: BackboneConfig, mesh_shape: tuple[int, int, int]) -> d
 
 __all__ = [
     "BACKBONE_FLAVORS",
+    "DEFAULT_POS_MAX_FREQ",
     "LORA_TARGETS",
     "BackboneConfig",
     "ShowerDiT",

@@ -1,10 +1,10 @@
 """Model bundles: a directory with ``config.json`` + ``model.safetensors``; no pickles, no training code.
 
-``config.json`` (schema_version 3)::
+``config.json`` (schema_version 4)::
 
     {
       "format": "caloforge.shower_model",
-      "schema_version": 3,
+      "schema_version": 4,
       "caloforge_version": "0.1.0", "torch_version": "...",
       "model_config": {...ShowerModelConfig as plain data...},
       "vocab": {"detectors": [...], "n_detector_slots": K},
@@ -65,7 +65,8 @@ from caloforge.platform.lineage import LEGACY_FIELD_KEYS, LEGACY_RANGE_KEYS, Lin
 from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig
 
 BUNDLE_FORMAT = "caloforge.shower_model"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+LEGACY_POS_MAX_FREQ = 32.0  # BackboneConfig.pos_max_freq of bundles before schema 4
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -164,9 +165,17 @@ def migrate_model_config(model_config: dict[str, Any], schema_version: int) -> d
     - v1/v2 bundles name the training objective (``objective``) where the model now records its
       parametrisation (same names: ``edm`` and ``flow_matching`` are both), and keep the objective's
       options in the model config: ``edm.p_mean``/``edm.p_std`` and the ``flow_matching`` block move out
-      (they describe how the weights were trained, not what they compute).
+      (they describe how the weights were trained, not what they compute);
+    - v1–v3 bundles were trained with position features up to 32 half periods (the backbones' default
+      then; 8 since v4): ``pos_max_freq = 32`` unless the bundle names one.
     """
     out = dict(model_config)
+    if schema_version < 4 and out.get("pos_max_freq") is None:
+        backbone = out.get("backbone")
+        if isinstance(backbone, dict):
+            out["backbone"] = {"pos_max_freq": LEGACY_POS_MAX_FREQ, **backbone}
+        else:
+            out["pos_max_freq"] = LEGACY_POS_MAX_FREQ
     if schema_version < 2 and "layer_energy" not in out:
         out["layer_energy"] = {"enabled": False}
     if "objective" in out and "parametrisation" not in out:

@@ -111,6 +111,9 @@ class ShowerModelConfig:
     None: the frame is the mesh itself, with ``position_extent`` (1, 1), as for every model trained from
     scratch. Both are set by ``platform.transfer.rebuild_for_mesh`` when a model moves to a detector of
     another physical size, so that its tokens sit where the same depth and radius sat in training.
+    ``pos_max_freq``: the highest frequency of the depth and radius position features, in half periods
+    over the frame (None: the backbone's, ``BackboneConfig.pos_max_freq``; bundles before schema 4 load
+    with 32, what they were trained with).
     """
 
     backbone: str | BackboneConfig = "S"
@@ -127,6 +130,7 @@ class ShowerModelConfig:
     residual_stream: Literal["fp32", "autocast"] = "fp32"
     position_extent: tuple[float, float] = (1.0, 1.0)
     position_frame: tuple[float, float] | None = None
+    pos_max_freq: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, str) and self.backbone not in BACKBONE_FLAVORS:
@@ -135,6 +139,13 @@ class ShowerModelConfig:
             )
         if self.patch_size is not None:
             backbone_config(self.backbone, self.patch_size)  # validates the patch
+        if self.pos_max_freq is not None and not (
+            isinstance(self.pos_max_freq, int | float)
+            and not isinstance(self.pos_max_freq, bool)
+            and math.isfinite(self.pos_max_freq)
+            and self.pos_max_freq >= 1.0
+        ):
+            raise ValueError(f"pos_max_freq must be a finite number >= 1 or null, got {self.pos_max_freq!r}")
         if self.parametrisation not in DENOISERS:
             raise ValueError(
                 f"parametrisation: unknown {self.parametrisation!r} (known: {sorted(DENOISERS)})"
@@ -172,7 +183,10 @@ class ShowerModelConfig:
             )
 
     def backbone_config(self) -> BackboneConfig:
-        return backbone_config(self.backbone, self.patch_size)
+        cfg = backbone_config(self.backbone, self.patch_size)
+        if self.pos_max_freq is not None:
+            cfg = dataclasses.replace(cfg, pos_max_freq=float(self.pos_max_freq))
+        return cfg
 
     def bespoke_solver(self, num_steps: int) -> BespokeSolver:
         """The learned solver for ``num_steps`` (ValueError naming the step counts there are)."""
@@ -301,6 +315,19 @@ class ShowerModel(nn.Module):
                 voxels,
                 bb.width,
                 MAX_PATCH_VOXELS_PER_WIDTH,
+            )
+        n_z = mesh_shape.shape[0] if isinstance(mesh_shape, Mesh) else int(mesh_shape[0])
+        depth_tokens = n_z // bb.patch_size[0]
+        if bb.pos_max_freq > depth_tokens:
+            logger.warning(
+                "pos_max_freq %g is above the Nyquist frequency of the %d depth tokens (%d half periods): "
+                "the position features alias between token positions, so the model will not carry over "
+                "to a mesh whose tokens sit between them; set model.pos_max_freq <= %d "
+                "(docs/model.md, 'Position features')",
+                bb.pos_max_freq,
+                depth_tokens,
+                depth_tokens,
+                depth_tokens,
             )
         return cls(config, vocab, mesh_shape, stats=stats, lineage=lineage)
 

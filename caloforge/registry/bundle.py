@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from caloforge.platform.backbone import DEFAULT_POS_MAX_FREQ
 from caloforge.platform.hashing import sha256_file
 from caloforge.registry.card import ValidRanges, ranges_from_lineage
 
@@ -93,6 +94,9 @@ class BundleInfo:
     # where the mesh sits in the backbone's position frame (ShowerModelConfig; (1, 1), None: the mesh is it)
     position_extent: tuple[float, float] = (1.0, 1.0)
     position_frame: tuple[float, float] | None = None
+    pos_max_freq: float = (
+        DEFAULT_POS_MAX_FREQ  # the position features' highest frequency (32 before schema 4)
+    )
 
     @property
     def extra(self) -> dict[str, str]:
@@ -151,6 +155,7 @@ class BundleInfo:
             "n_parameters": self.n_parameters,
             "position_extent": list(self.position_extent),
             "position_frame": None if self.position_frame is None else list(self.position_frame),
+            "pos_max_freq": self.pos_max_freq,
         }
 
     def pyfunc_metadata(self) -> dict[str, Any]:
@@ -209,4 +214,5 @@ def _summarise(directory: Path, config: dict[str, Any], model: ShowerModel) -> B
         files=bundle_files(directory),
         position_extent=tuple(float(v) for v in mc.position_extent),  # type: ignore[arg-type]
         position_frame=None if mc.position_frame is None else tuple(float(v) for v in mc.position_frame),  # type: ignore[arg-type]
+        pos_max_freq=float(mc.backbone_config().pos_max_freq),
     )

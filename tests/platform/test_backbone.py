@@ -11,6 +11,7 @@ from toy_models import SMALL_MESH, make_model, scramble_zero_init
 
 from caloforge.platform.backbone import (
     BACKBONE_FLAVORS,
+    DEFAULT_POS_MAX_FREQ,
     TIME_FREQ_DIM,
     BackboneConfig,
     ShowerDiT,
@@ -78,7 +79,7 @@ def test_patch_coordinates_are_normalised_physical_positions() -> None:
 @pytest.mark.parametrize("shape", [SMALL_MESH, (45, 16, 9)])
 def test_position_features_bounded_distinct_and_azimuth_periodic(shape: tuple[int, int, int]) -> None:
     coords = patch_coordinates(shape, (3, 2, 3))
-    feats = position_features(coords, 10, 32.0)
+    feats = position_features(coords, 10, DEFAULT_POS_MAX_FREQ)
     assert feats.shape == (coords.shape[0], 60)
     assert feats.abs().max() <= 1.0 + 1e-6
     dist = torch.cdist(feats, feats) + torch.eye(feats.shape[0]) * 1e3
@@ -86,7 +87,30 @@ def test_position_features_bounded_distinct_and_azimuth_periodic(shape: tuple[in
     shifted = coords.clone()
     alpha = torch.atan2(coords[:, 1], coords[:, 2]) + 2 * math.pi
     shifted[:, 1], shifted[:, 2] = torch.sin(alpha), torch.cos(alpha)
-    torch.testing.assert_close(position_features(shifted, 10, 32.0), feats, rtol=0, atol=1e-5)
+    torch.testing.assert_close(position_features(shifted, 10, DEFAULT_POS_MAX_FREQ), feats, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("max_freq", "bound"), [(DEFAULT_POS_MAX_FREQ, 0.2), (32.0, None)])
+def test_position_features_interpolate_between_depth_tokens(max_freq: float, bound: float | None) -> None:
+    """A token half a pitch off the 15 depth tokens of 45 layers (a mesh placed off the base's grid) gets
+    nearly the mean of its two neighbours' features with the default frequencies; with features up to 32
+    half periods (above the grid's Nyquist, the default before bundle schema 4) it gets something else."""
+    n_tokens = 15
+    on_grid = (torch.arange(n_tokens) + 0.5) / n_tokens
+    between = on_grid[:-1] + 0.5 / n_tokens
+
+    def features(u_z: torch.Tensor) -> torch.Tensor:
+        coords = torch.zeros(len(u_z), 4)
+        coords[:, 0], coords[:, 2], coords[:, 3] = u_z, 1.0, 0.5
+        return position_features(coords, 10, max_freq)
+
+    grid = features(on_grid)
+    error = (features(between) - 0.5 * (grid[:-1] + grid[1:])).norm(dim=1)
+    relative = (error / (grid[1:] - grid[:-1]).norm(dim=1)).max().item()
+    if bound is not None:
+        assert relative < bound
+    else:
+        assert relative > 0.7  # 0.78: the halfway token looks like neither neighbour
 
 
 def test_adaln_zero_init_outputs_zero_and_no_global_rng_use() -> None:

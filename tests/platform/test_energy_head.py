@@ -417,7 +417,11 @@ def test_a_v1_bundle_loads_without_the_head(tmp_path: Path) -> None:
     # A v1-era model: no head, and stats without layer_log_max (so no data-range clamp: MAX_LOG).
     v1_stats = {k: v for k, v in stats.items() if k != "layer_log_max"}
     cfg = ShowerModelConfig(
-        backbone="debug", num_steps=3, sampler="euler", layer_energy=LayerEnergyConfig(enabled=False)
+        backbone="debug",
+        num_steps=3,
+        sampler="euler",
+        layer_energy=LayerEnergyConfig(enabled=False),
+        pos_max_freq=32.0,  # what bundles before schema 4 were trained with
     )
     model = scramble_zero_init(
         ShowerModel.build(cfg, ConditionVocab.create(DETECTORS, 2), v1_stats, SMALL_MESH)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -164,6 +166,24 @@ def test_build_checks_stats_against_the_mesh() -> None:
     model = ShowerModel.build(cfg, vocab, stats, (9, 8, 6))
     assert model.mesh_shape == (9, 8, 6) and model.patch_coords_TC.shape == (3 * 4 * 2, 4)
     assert "patch_coords_TC" not in model.state_dict()
+
+
+def test_build_warns_when_position_features_alias_on_the_depth_tokens(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SMALL_MESH has 12 layers: 4 depth tokens of 3, so the default 8 half periods alias; 4 do not."""
+    with caplog.at_level(logging.WARNING, logger="caloforge.platform"):
+        model = make_model()
+    assert model.config.backbone_config().pos_max_freq == 8.0
+    assert "above the Nyquist frequency of the 4 depth tokens" in caplog.text
+    assert "model.pos_max_freq <= 4" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="caloforge.platform"):
+        model = make_model(pos_max_freq=4)
+    assert "Nyquist" not in caplog.text and model.config.backbone_config().pos_max_freq == 4.0
+    for bad in (0.5, float("nan"), True, "8"):
+        with pytest.raises(ValueError, match="pos_max_freq must be a finite number >= 1"):
+            ShowerModelConfig(backbone="debug", pos_max_freq=bad)  # type: ignore[arg-type]
 
 
 def test_sampling_defaults_and_residual_stream_change_through_named_methods() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from registry_helpers import DETECTORS, rewrite_config
 
+from caloforge.platform.checkpoint import SCHEMA_VERSION
 from caloforge.registry.store import (
     BASE_MODEL_NAME,
     RegistryStore,
@@ -44,7 +45,7 @@ def test_register_base_records_tags_metrics_and_lineage(
     assert v.aliases == ("candidate",)
     tags = v.tags
     assert tags["caloforge.version"] == "0.1.0"
-    assert tags["caloforge.schema_version"] == "3"  # bundles with the typed lineage
+    assert tags["caloforge.schema_version"] == str(SCHEMA_VERSION)  # the schema it was saved with
     assert tags["caloforge.dataset_manifest_hash"] == "sha256:" + "ab" * 8
     assert tags["caloforge.detector.lar-pb"] == tags["caloforge.detector.pbwo4"] == "true"
     assert tags["caloforge.particle.211"] == "true"
