@@ -7,8 +7,9 @@ Protocol (issue #12, "The data-efficiency study"; docs/adaptation.md explains th
    detector slots; cached in the work directory (a rerun with the same settings reuses it).
 2. **Targets**: the held-out built-in ``lar-pb`` and a user-defined detector ``lar-pb-coarse`` (lar-pb's stack
    on a 30 × 16 × 6 mesh, unlike the 45 × 16 × 9 pretraining mesh; its YAML is written into the work
-   directory). For each target: a simulated training pool and a **fixed held-out set** (another seed) that
-   every run of that target is evaluated on.
+   directory); ``--targets`` also takes ``lar-pb-thick`` (lar-pb with 1.8× thicker plates in 30 layers: its
+   tokens land between the base's token positions, ``CUSTOM_DETECTORS``). For each target: a simulated
+   training pool and a **fixed held-out set** (another seed) that every run of that target is evaluated on.
 3. For each target data size N (``--sizes``): a shard set of N training showers (a seeded subset of the pool)
    and
    - every adaptation strategy (``full``, ``lora``, ``bias``, ``embedding``; the shipped recipes in
@@ -72,8 +73,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 STRATEGIES = ("full", "lora", "bias", "embedding")
 HELD_OUT = "lar-pb"
-CUSTOM = "lar-pb-coarse"
-CUSTOM_MESH = {"n_z": 30, "n_phi": 16, "r_edges_mm": [0.0, 11.1, 22.2, 44.4, 66.6, 83.3, 99.9]}
+CUSTOM = "lar-pb-coarse"  # the user-defined target of the default grid
+# User-defined targets (changes to lar-pb's YAML; written into the work directory). lar-pb-coarse sits on the
+# base's token grid after placement (its 30 layers have the base's layer pitch); lar-pb-thick, with plates
+# 1.8x as thick (0.82 X0 per layer, 24.5 X0), is deeper per layer than any base detector, so it is scaled
+# physically and its tokens sit between the base's token positions (docs/adaptation.md).
+LAR_PB_R_EDGES = [0.0, 11.1, 22.2, 33.3, 44.4, 55.5, 66.6, 77.7, 88.8, 99.9]
+CUSTOM_DETECTORS: dict[str, dict[str, Any]] = {
+    CUSTOM: {
+        "description": "lar-pb's Pb/LAr stack read out on a coarser 30 × 16 × 6 mesh",
+        "mesh": {"n_z": 30, "n_phi": 16, "r_edges_mm": [0.0, 11.1, 22.2, 44.4, 66.6, 83.3, 99.9]},
+    },
+    "lar-pb-thick": {
+        "description": "lar-pb with 4.5 mm Pb plates, 30 layers",
+        "mesh": {"n_z": 30, "n_phi": 16, "r_edges_mm": LAR_PB_R_EDGES},
+        "absorber": {"material": "Pb", "thickness_mm": 4.5},
+    },
+}
 PARTICLES = ("e-", "pi+")
 GOAL_DATA, GOAL_COMPUTE = 25.0, 20.0
 # What the table shows and the plots draw (evaluation keys).
@@ -106,12 +122,20 @@ class Plan:
     energy_gev: tuple[float, float] = (2.0, 100.0)
     seed: int = 0
     mesh_layers: bool = False  # bias / embedding also train the layers that read the mesh
+    pos_max_freq: float | None = None  # model.pos_max_freq of the base and scratch runs (None: backbone)
 
     def key(self, *fields: str, **extra: Any) -> str:
         data = {f: getattr(self, f) for f in fields} | extra
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
 
     def base_key(self) -> str:
+        """What the base depends on: the plan's settings, the model section of the recipe and the resolved
+        backbone (a changed flavour default, such as ``pos_max_freq``, trains a new base)."""
+        from caloforge.config import from_dict
+        from caloforge.platform.shower_model import ShowerModelConfig
+
+        model = model_config(self)
+        architecture = from_dict(ShowerModelConfig, model, "model").backbone_config()
         return self.key(
             "backbone",
             "patch_size",
@@ -121,6 +145,8 @@ class Plan:
             "batch_size",
             "energy_gev",
             "seed",
+            model=model,
+            architecture=dataclasses.asdict(architecture),
         )
 
     def runs_key(self) -> str:
@@ -223,13 +249,15 @@ def make_plan(args: argparse.Namespace) -> Plan:
             changes[name] = value
     if args.mesh_layers:
         changes["mesh_layers"] = True
+    if args.pos_max_freq is not None:
+        changes["pos_max_freq"] = args.pos_max_freq
     plan = dataclasses.replace(plan, **changes)
     bad = sorted(set(plan.strategies) - set(STRATEGIES))
     if bad:
         raise ValueError(f"--strategies: unknown {bad} (known: {list(STRATEGIES)})")
-    bad = sorted(set(plan.targets) - {HELD_OUT, CUSTOM})
+    bad = sorted(set(plan.targets) - {HELD_OUT, *CUSTOM_DETECTORS})
     if bad:
-        raise ValueError(f"--targets: unknown {bad} (known: {[HELD_OUT, CUSTOM]})")
+        raise ValueError(f"--targets: unknown {bad} (known: {[HELD_OUT, *CUSTOM_DETECTORS]})")
     if HELD_OUT in plan.base_detectors:
         raise ValueError(f"{HELD_OUT} is the held-out detector: it must not be a pretraining detector")
     if min(plan.sizes) < 10 or plan.steps < 1 or plan.n_heldout < 20:
@@ -255,9 +283,13 @@ def check_patch(plan: Plan) -> None:
         config = backbone_config(plan.backbone, plan.patch_size)
     except ValueError as err:
         raise ValueError(f"--patch {plan.patch_size}: {err}") from None
-    meshes = {d: load_detector(d).geometry for d in (*plan.base_detectors, *plan.targets) if d != CUSTOM}
-    if CUSTOM in plan.targets:
-        meshes[CUSTOM] = Mesh(CUSTOM_MESH["n_z"], CUSTOM_MESH["n_phi"], tuple(CUSTOM_MESH["r_edges_mm"]))
+    meshes = {}
+    for name in (*plan.base_detectors, *plan.targets):
+        if name in CUSTOM_DETECTORS:
+            mesh = CUSTOM_DETECTORS[name]["mesh"]
+            meshes[name] = Mesh(mesh["n_z"], mesh["n_phi"], tuple(mesh["r_edges_mm"]))
+        else:
+            meshes[name] = load_detector(name).geometry
     for name, mesh in meshes.items():
         try:
             config.check_mesh(mesh.shape)
@@ -270,6 +302,8 @@ def model_config(plan: Plan) -> dict[str, Any]:
     """The ``configs/train/debug.yaml`` model (flow matching) with the plan's backbone and patch."""
     model = dict(yaml.safe_load((REPO / "configs" / "train" / "debug.yaml").read_text())["model"])
     model.update(backbone=plan.backbone, patch_size=list(plan.patch_size))
+    if plan.pos_max_freq is not None:
+        model["pos_max_freq"] = plan.pos_max_freq
     return model
 
 
@@ -381,17 +415,14 @@ def scratch_config(plan: Plan, shards: Path, steps: int, name: str) -> Any:
 
 
 # -- data -------------------------------------------------------------------------------------------------
-def custom_detector(work: Path) -> Path:
-    """The user-defined target: lar-pb's stack on a 30 × 16 × 6 mesh (written once into the work dir)."""
+def custom_detector(work: Path, name: str = CUSTOM) -> Path:
+    """A user-defined target of ``CUSTOM_DETECTORS``: lar-pb's YAML with its changes (written once into the
+    work dir)."""
     from caloforge.platform.geometry import DETECTORS_DIR
 
-    path = work / "detectors" / f"{CUSTOM}.yaml"
+    path = work / "detectors" / f"{name}.yaml"
     spec = yaml.safe_load((DETECTORS_DIR / f"{HELD_OUT}.yaml").read_text())
-    spec.update(
-        name=CUSTOM,
-        description="lar-pb's Pb/LAr stack read out on a coarser 30 × 16 × 6 mesh",
-        mesh=CUSTOM_MESH,
-    )
+    spec.update(name=name, **CUSTOM_DETECTORS[name])
     text = yaml.safe_dump(spec, sort_keys=False)
     if not path.is_file() or path.read_text() != text:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -400,7 +431,7 @@ def custom_detector(work: Path) -> Path:
 
 
 def detector_arg(work: Path, target: str) -> str:
-    return str(custom_detector(work)) if target == CUSTOM else target
+    return str(custom_detector(work, target)) if target in CUSTOM_DETECTORS else target
 
 
 def simulate(detector: str, n: int, seed: int, plan: Plan, out: Path, split: tuple[float, ...]) -> Path:
@@ -777,7 +808,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="bias and embedding also train the layers that read the mesh (strategy.mesh_layers; rows "
         "named bias+mesh, embedding+mesh); needs --strategies bias,embedding or a subset",
     )
-    p.add_argument("--targets", help=f"comma-separated subset of {HELD_OUT},{CUSTOM}")
+    p.add_argument("--targets", help=f"comma-separated subset of {','.join([HELD_OUT, *CUSTOM_DETECTORS])}")
+    p.add_argument(
+        "--pos-max-freq",
+        type=float,
+        help="model.pos_max_freq of the base and the scratch runs (default: the backbone's; 32 was the "
+        "default before bundle schema 4)",
+    )
     p.add_argument("--base-steps", type=int)
     p.add_argument("--base-showers", type=int, help="showers per pretraining detector")
     p.add_argument("--n-heldout", type=int, help="held-out showers per target (as many are generated)")

@@ -96,6 +96,36 @@ def test_the_cpu_study_uses_the_small_patch_and_patch_is_part_of_the_base_key(be
     assert coarse.patch_size == (5, 4, 3)
     assert coarse.base_key() != plan.base_key() and coarse.runs_key() != plan.runs_key()
     assert bench.model_config(coarse)["patch_size"] == [5, 4, 3]
+    # the position-feature limit is the model's: it keys the base, and 32 (before schema 4) can be asked for
+    legacy = bench.make_plan(bench.parse_args(["--pos-max-freq", "32"]))
+    assert "pos_max_freq" not in bench.model_config(plan) and bench.model_config(legacy)["pos_max_freq"] == 32
+    assert legacy.base_key() != plan.base_key()
+
+
+def test_user_defined_targets_are_written_from_lar_pb(bench, tmp_path: Path) -> None:
+    from caloforge.platform.geometry import load_detector
+    from caloforge.platform.transfer import place_mesh
+
+    plan = bench.make_plan(bench.parse_args(["--targets", "lar-pb-thick,lar-pb-coarse"]))
+    assert plan.targets == ("lar-pb-thick", "lar-pb-coarse")
+    with pytest.raises(ValueError, match=r"--targets: unknown \['lar-pb-fine'\]"):
+        bench.make_plan(bench.parse_args(["--targets", "lar-pb-fine"]))
+    lar_pb = load_detector("lar-pb")
+    thick = load_detector(bench.detector_arg(tmp_path, "lar-pb-thick"))
+    coarse = load_detector(bench.detector_arg(tmp_path, "lar-pb-coarse"))
+    assert thick.geometry.shape == (30, 16, 9) and thick.geometry.r_edges_mm == lar_pb.geometry.r_edges_mm
+    assert coarse.geometry.shape == (30, 16, 6) and coarse.absorber == lar_pb.absorber
+    # thick's layers are deeper than any pretraining detector's pitch allows: scaled physically, its
+    # depth tokens fall between the base's (coarse's sit on them)
+    sources = [load_detector(d) for d in plan.base_detectors]
+    assert thick.depth_x0 / 30 > max(d.depth_x0 for d in sources) / 45
+    pitch = {}  # of the 10 depth tokens (patch 3 on 30 layers) in the base's position frame
+    for name, spec in (("thick", thick), ("coarse", coarse)):
+        (extent_z, _), frame, _ = place_mesh(None, 45, spec, sources)
+        assert frame is not None
+        pitch[name] = extent_z / 10
+    assert pitch["coarse"] == pytest.approx(1 / 15)  # the base's 15 depth tokens
+    assert pitch["thick"] == pytest.approx(0.0948, abs=1e-3)
 
 
 @pytest.mark.slow
