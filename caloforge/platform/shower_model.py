@@ -319,7 +319,9 @@ class ShowerModel(nn.Module):
         n_z = mesh_shape.shape[0] if isinstance(mesh_shape, Mesh) else int(mesh_shape[0])
         depth_tokens = n_z // bb.patch_size[0]
         if bb.pos_max_freq > depth_tokens:
-            logger.warning(
+            # the default on a short mesh warns; a value the config names is the user's choice (logged)
+            logger.log(
+                logging.WARNING if config.pos_max_freq is None else logging.INFO,
                 "pos_max_freq %g is above the Nyquist frequency of the %d depth tokens (%d half periods): "
                 "the position features alias between token positions, so the model will not carry over "
                 "to a mesh whose tokens sit between them; set model.pos_max_freq <= %d "

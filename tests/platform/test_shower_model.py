@@ -181,6 +181,9 @@ def test_build_warns_when_position_features_alias_on_the_depth_tokens(
     with caplog.at_level(logging.WARNING, logger="caloforge.platform"):
         model = make_model(pos_max_freq=4)
     assert "Nyquist" not in caplog.text and model.config.backbone_config().pos_max_freq == 4.0
+    with caplog.at_level(logging.INFO, logger="caloforge.platform"):
+        make_model(pos_max_freq=32)  # named in the config: the user's choice, logged, not warned
+    assert [r.levelno for r in caplog.records if "Nyquist" in r.getMessage()] == [logging.INFO]
     for bad in (0.5, float("nan"), True, "8"):
         with pytest.raises(ValueError, match="pos_max_freq must be a finite number >= 1"):
             ShowerModelConfig(backbone="debug", pos_max_freq=bad)  # type: ignore[arg-type]
