@@ -129,12 +129,27 @@ class Plan:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
 
     def teacher_key(self) -> str:
+        """The plan's settings and the resolved architecture (a changed flavour default, such as
+        ``pos_max_freq``, trains a new teacher)."""
+        from caloforge.config import from_dict
+        from caloforge.platform.shower_model import ShowerModelConfig
+
         extra = {
             k: getattr(self, k)
             for k in ("layer_energy_steps", "teacher_num_steps")
             if getattr(self, k) is not None
         }
-        return self.key("backbone", "base_showers", "base_steps", "batch_size", "energy_gev", "seed", **extra)
+        arch = from_dict(ShowerModelConfig, model_config(self), "model").backbone_config()
+        return self.key(
+            "backbone",
+            "base_showers",
+            "base_steps",
+            "batch_size",
+            "energy_gev",
+            "seed",
+            **extra,
+            architecture=dataclasses.asdict(arch),
+        )
 
     def cd_key(self) -> str:
         return self.key("cd_steps", "cd_batch_size", "cd_lr", teacher=self.teacher_key())
