@@ -68,10 +68,14 @@ def job_env() -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on 127.0.0.1: every socket stays bound until all are chosen, so the OS
+    cannot hand out one port twice (closing each before the next let two Ray components get the same one)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -154,20 +158,18 @@ class RayJobRunner:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # Ray's unix socket paths must stay short: a temp dir of its own under /tmp, not under the home.
         temp_dir = tempfile.mkdtemp(prefix="cfsvc-ray-", dir="/tmp")
-        ports = {
-            name: _free_port()
-            for name in (
-                "port",
-                "dashboard-port",
-                "ray-client-server-port",
-                "dashboard-agent-listen-port",
-                "dashboard-agent-grpc-port",
-                "runtime-env-agent-port",
-                "metrics-export-port",
-                "node-manager-port",
-                "object-manager-port",
-            )
-        }
+        names = (
+            "port",
+            "dashboard-port",
+            "ray-client-server-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+            "node-manager-port",
+            "object-manager-port",
+        )
+        ports = dict(zip(names, _free_ports(len(names)), strict=True))
         cmd = [
             str(Path(sys.executable).with_name("ray")),
             "start",
