@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from common import RESULTS, git_commit, write_results
+from common import RESULTS, git_commit, resolved_architecture, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,11 +131,7 @@ class Plan:
     def base_key(self) -> str:
         """What the base depends on: the plan's settings, the model section of the recipe and the resolved
         backbone (a changed flavour default, such as ``pos_max_freq``, trains a new base)."""
-        from caloforge.config import from_dict
-        from caloforge.platform.shower_model import ShowerModelConfig
-
         model = model_config(self)
-        architecture = from_dict(ShowerModelConfig, model, "model").backbone_config()
         return self.key(
             "backbone",
             "patch_size",
@@ -146,7 +142,7 @@ class Plan:
             "energy_gev",
             "seed",
             model=model,
-            architecture=dataclasses.asdict(architecture),
+            architecture=resolved_architecture(model),
         )
 
     def runs_key(self) -> str:

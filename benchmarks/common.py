@@ -48,3 +48,14 @@ def write_results(record: dict, name: str, device: str, out: Path | None = None)
     tmp.replace(out)
     print(f"\nwrote {out}")
     return out
+
+
+def resolved_architecture(model: dict) -> dict:
+    """The backbone a model section of a config resolves to (flavour defaults included), as plain data for
+    cache keys: a changed flavour default (such as ``pos_max_freq``) then changes the key."""
+    import dataclasses
+
+    from caloforge.config import from_dict
+    from caloforge.platform.shower_model import ShowerModelConfig
+
+    return dataclasses.asdict(from_dict(ShowerModelConfig, model, "model").backbone_config())

@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from common import RESULTS, git_commit, write_results
+from common import RESULTS, git_commit, resolved_architecture, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,15 +131,11 @@ class Plan:
     def teacher_key(self) -> str:
         """The plan's settings and the resolved architecture (a changed flavour default, such as
         ``pos_max_freq``, trains a new teacher)."""
-        from caloforge.config import from_dict
-        from caloforge.platform.shower_model import ShowerModelConfig
-
         extra = {
             k: getattr(self, k)
             for k in ("layer_energy_steps", "teacher_num_steps")
             if getattr(self, k) is not None
         }
-        arch = from_dict(ShowerModelConfig, model_config(self), "model").backbone_config()
         return self.key(
             "backbone",
             "base_showers",
@@ -148,7 +144,7 @@ class Plan:
             "energy_gev",
             "seed",
             **extra,
-            architecture=dataclasses.asdict(arch),
+            architecture=resolved_architecture(model_config(self)),
         )
 
     def cd_key(self) -> str:

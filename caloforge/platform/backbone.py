@@ -89,8 +89,10 @@ class BackboneConfig:
             raise ValueError(f"BackboneConfig.patch_size must be three ints >= 1, got {self.patch_size}")
         if self.pos_embed not in POS_EMBEDS:
             raise ValueError(f"BackboneConfig.pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
-        if not self.pos_max_freq >= 1.0:
-            raise ValueError(f"BackboneConfig.pos_max_freq must be >= 1, got {self.pos_max_freq}")
+        freq = self.pos_max_freq
+        number = isinstance(freq, int | float) and not isinstance(freq, bool)
+        if not (number and math.isfinite(freq) and freq >= 1):
+            raise ValueError(f"BackboneConfig.pos_max_freq must be a finite number >= 1, got {freq!r}")
 
     @property
     def patch_volume(self) -> int:

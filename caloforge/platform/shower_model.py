@@ -139,13 +139,8 @@ class ShowerModelConfig:
             )
         if self.patch_size is not None:
             backbone_config(self.backbone, self.patch_size)  # validates the patch
-        if self.pos_max_freq is not None and not (
-            isinstance(self.pos_max_freq, int | float)
-            and not isinstance(self.pos_max_freq, bool)
-            and math.isfinite(self.pos_max_freq)
-            and self.pos_max_freq >= 1.0
-        ):
-            raise ValueError(f"pos_max_freq must be a finite number >= 1 or null, got {self.pos_max_freq!r}")
+        if self.pos_max_freq is not None:
+            self.backbone_config()  # validates pos_max_freq (BackboneConfig)
         if self.parametrisation not in DENOISERS:
             raise ValueError(
                 f"parametrisation: unknown {self.parametrisation!r} (known: {sorted(DENOISERS)})"
@@ -185,7 +180,7 @@ class ShowerModelConfig:
     def backbone_config(self) -> BackboneConfig:
         cfg = backbone_config(self.backbone, self.patch_size)
         if self.pos_max_freq is not None:
-            cfg = dataclasses.replace(cfg, pos_max_freq=float(self.pos_max_freq))
+            cfg = dataclasses.replace(cfg, pos_max_freq=self.pos_max_freq)
         return cfg
 
     def bespoke_solver(self, num_steps: int) -> BespokeSolver:
@@ -316,8 +311,8 @@ class ShowerModel(nn.Module):
                 bb.width,
                 MAX_PATCH_VOXELS_PER_WIDTH,
             )
-        n_z = mesh_shape.shape[0] if isinstance(mesh_shape, Mesh) else int(mesh_shape[0])
-        depth_tokens = n_z // bb.patch_size[0]
+        model = cls(config, vocab, mesh_shape, stats=stats, lineage=lineage)
+        depth_tokens = bb.check_mesh(model.mesh_shape)[0]
         if bb.pos_max_freq > depth_tokens:
             # the default on a short mesh warns; a value the config names is the user's choice (logged)
             logger.log(
@@ -331,7 +326,7 @@ class ShowerModel(nn.Module):
                 depth_tokens,
                 depth_tokens,
             )
-        return cls(config, vocab, mesh_shape, stats=stats, lineage=lineage)
+        return model
 
     def with_detector(self, name: str, init_from: str | None = None) -> ShowerModel:
         """A copy that also knows detector ``name`` in a spare slot (ValueError when none is left).
