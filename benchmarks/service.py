@@ -31,7 +31,6 @@ import math
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ import httpx
 import numpy as np
 from common import RESULTS, git_commit, write_results
 
-from caloforge.environment import apply_default_env
+from caloforge.environment import apply_default_env, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,12 +115,6 @@ def make_world(work: Path) -> dict[str, Any]:
     return {"base": "caloforge-base@champion", "base_uri": version.uri, "data_root": data_root, "data": data}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Service:
     """``caloforge serve`` as a subprocess on 127.0.0.1 (a home and database of its own)."""
 
@@ -140,7 +133,7 @@ class Service:
         store = JobStore(self.db_url)
         self.token = TokenStore(store).create("bench", ["submit", "read"])
         store.close()
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
             *(sys.executable, "-m", "caloforge.cli", "serve", "--port", str(self.port)),

@@ -3,12 +3,18 @@
 Every entry point (the CLI, Ray workers, tests) calls :func:`apply_default_env` first; users can still
 override each variable in their environment. :func:`embedded_auth_mode`: the authentication of a local Ray
 that CaloForge starts (shared by ``caloforge.pretrain.launch`` and ``caloforge.adapt.service.rayjobs``).
+:func:`free_ports`: ports on 127.0.0.1 for what CaloForge starts locally (a Ray head, the embedded service,
+a one-process ``torch.distributed`` group; tests' servers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
+
+LOCALHOST = "127.0.0.1"
 
 # Quiet and local by default (users can still override these in their environment).
 DEFAULT_ENV = {
@@ -23,6 +29,24 @@ def apply_default_env() -> None:
     """Set each of ``DEFAULT_ENV`` unless the environment already has it."""
     for key, value in DEFAULT_ENV.items():
         os.environ.setdefault(key, value)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1. Every socket stays bound until all are chosen, so the OS
+    cannot hand out one port twice (closing each before binding the next let two Ray components of one head
+    get the same port). A port is free when chosen; a caller binds it soon after."""
+    if n < 1:
+        raise ValueError(f"free_ports: n must be >= 1, got {n}")
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for s in sockets:
+            s.bind((LOCALHOST, 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+
+
+def free_port() -> int:
+    """One free TCP port on 127.0.0.1 (:func:`free_ports`)."""
+    return free_ports(1)[0]
 
 
 ALLOW_UNAUTHENTICATED_ENV = "CALOFORGE_ALLOW_UNAUTHENTICATED_RAY"

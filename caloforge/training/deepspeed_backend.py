@@ -35,7 +35,6 @@ import math
 import os
 import pickle
 import re
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -43,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from caloforge.environment import free_port
 from caloforge.training.backend import Backend, StepInfo
 from caloforge.training.config import LoopConfig
 from caloforge.training.optim import build_optimizer, build_scheduler
@@ -158,12 +158,6 @@ def weights_only_checkpoint_engine(config_params: Any = None) -> Any:
     return WeightsOnlyCheckpointEngine(config_params)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class DeepSpeedBackend(Backend):
     """A DeepSpeed engine (ZeRO stage 0/1/2) implementing the loop's :class:`Backend`.
 
@@ -213,7 +207,7 @@ class DeepSpeedBackend(Backend):
         # what a launcher would export; DeepSpeed's sanity check asks for LOCAL_RANK
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
             os.environ.setdefault(key, value)
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
     def setup(self, model: nn.Module, config: LoopConfig, trainable: TrainableSpec = None) -> None:
         if self._engine is not None:

@@ -19,7 +19,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import yaml
 
 from caloforge.cli import build_parser, main
 from caloforge.config import load_config
-from caloforge.environment import DEFAULT_ENV
+from caloforge.environment import DEFAULT_ENV, free_port
 from caloforge.pretrain.config import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -1203,12 +1202,6 @@ def test_mlflow_server_serves_every_client(kdir: Path):
     assert "*" not in allowed
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _get(url: str, host: str) -> int:
     request = urllib.request.Request(url, headers={"Host": host})
     try:
@@ -1237,7 +1230,7 @@ def test_mlflow_server_runs_as_the_manifest_says(tmp_path: Path):
 
     for mount in mounts:
         (tmp_path / mount.lstrip("/")).mkdir(parents=True)
-    port = _free_port()
+    port = free_port()
     argv = [local(a) for a in c["command"] + c["args"]]
     argv[argv.index("--host") + 1] = "127.0.0.1"
     argv[argv.index("--port") + 1] = str(port)
@@ -1375,7 +1368,7 @@ def _run_postgres_init(
     pg = secrets["caloforge-postgres"]
     (tmp_path / "pw").write_text(pg["postgres-password"] + "\n")
     (tmp_path / "pw").chmod(0o644)
-    data, port = tmp_path / "data", _free_port()
+    data, port = tmp_path / "data", free_port()
     subprocess.run([*prefix, tools["initdb"], "-D", str(data), "-U", "postgres", "--auth=scram-sha-256",
                     f"--pwfile={tmp_path / 'pw'}"], check=True, capture_output=True, timeout=120)  # fmt: skip
     options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={tmp_path}"

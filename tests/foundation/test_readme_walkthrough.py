@@ -24,7 +24,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ import httpx
 import pytest
 
 from caloforge.cli import main
+from caloforge.environment import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
@@ -177,12 +177,6 @@ def tiny_argv(command: str) -> list[str]:
     return args + list(max(rows, key=lambda r: r.specificity).extra)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 _CAPTURE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=\$\((caloforge\s.*)\)$")
 _UNTIL_CURL = re.compile(r"^until curl -sf (\S+) > /dev/null; do sleep 1; done$")
 
@@ -213,7 +207,7 @@ class ServiceBlock:
     """Plays the service block (module docstring); ``close()`` stops what it started."""
 
     cwd: Path
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     variables: dict[str, str] = field(default_factory=dict)
     server: subprocess.Popen | None = None
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from toy_models import DETECTORS, SMALL_MESH, make_model, scramble_zero_init, to
 from caloforge.config import ConfigError, from_dict, to_dict
 from caloforge.datasets.batch import ShowerBatch
 from caloforge.datasets.stats import compute_stats
+from caloforge.environment import free_port
 from caloforge.platform.conditioning import Conditions, ConditionVocab
 from caloforge.platform.energy import (
     LayerEnergyConfig,
@@ -471,12 +471,6 @@ def test_a_bundle_with_the_head_round_trips(tmp_path: Path) -> None:
 # ---- DDP ----------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_shower_loss_with_the_head_through_ddp() -> None:
     """DDP's default mode (find_unused_parameters=False): the head's gradients are reduced like every other
     parameter's although its loss runs on the unwrapped model. (The other mode would miss the head in its
@@ -493,7 +487,7 @@ def test_shower_loss_with_the_head_through_ddp() -> None:
     assert any(n.startswith("energy_head.") for n in plain_grads)
     model.zero_grad(set_to_none=True)
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         wrapped = DistributedDataParallel(model)
         loss = loss_fn(wrapped, batch, torch.Generator().manual_seed(0), LossContext())

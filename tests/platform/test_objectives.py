@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 from toy_models import SMALL_MESH, make_model, toy_showers
 
+from caloforge.environment import free_port
 from caloforge.platform.energy import LayerEnergyConfig
 from caloforge.platform.objectives import (
     NATIVE_OBJECTIVES,
@@ -86,12 +85,6 @@ def test_edm_loss_is_weighted_denoising_with_lognormal_sigma() -> None:
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-6, atol=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("objective", SELF_CONTAINED)
 def test_objectives_call_through_ddp(objective: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
@@ -104,7 +97,7 @@ def test_objectives_call_through_ddp(objective: str) -> None:
     plain_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         wrapped = DistributedDataParallel(model)
         assert unwrap_shower_model(wrapped) is model

@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import pytest
 import yaml
 from test_pretrain_run import debug_config
 
+from caloforge.environment import free_ports
 from caloforge.platform.shower_model import ShowerModel
 from caloforge.pretrain.rundir import RunDir
 from caloforge.training.hooks import read_metrics
@@ -40,12 +40,6 @@ QUIET = {
     "ORT_DISABLE_TELEMETRY": "1",
     "DS_ACCELERATOR": "cpu",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -78,7 +72,7 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture()
 def ray_head(tmp_path: Path) -> Iterator[Head]:
     temp_dir = Path(tempfile.mkdtemp(prefix="cfray-", dir="/tmp"))  # short: Ray's socket paths are limited
-    gcs_port, dash_port = _free_port(), _free_port()
+    gcs_port, dash_port = free_ports(2)
     # `ray start` turns token auth on only if it finds a token (~/.ray/auth_token): be explicit instead.
     token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from caloforge.config import from_dict
+from caloforge.environment import free_port
 from caloforge.pretrain.config import PretrainConfig
 from caloforge.pretrain.hooks import FAULT_MARKER, PENDING_FILE
 from caloforge.pretrain.launch import run_pretrain
@@ -144,10 +144,6 @@ def test_sigkill_and_enospc_resume_from_the_last_complete_checkpoint(
 
 
 # -- drill 5: MLflow outage ----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class MlflowServer:
@@ -155,7 +151,7 @@ class MlflowServer:
     store (1 worker, job execution off)."""
 
     def __init__(self, root: Path) -> None:
-        self.root, self.port = root, _free_port()
+        self.root, self.port = root, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 

@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from registry_helpers import free_port, tiny_model
+from registry_helpers import tiny_model
+
+from caloforge.environment import free_port
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +66,3 @@ def rewrite_config(bundle: Path, **changes: object) -> None:
     data = json.loads(cfg_path.read_text())
     data.update(changes)
     cfg_path.write_text(json.dumps(data))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

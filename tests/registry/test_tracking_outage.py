@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from registry_helpers import free_port
 
+from caloforge.environment import free_port
 from caloforge.registry.tracking import BestEffortTracker, RunTracker, TrackingUnavailable, short_timeouts
 
 

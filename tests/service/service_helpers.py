@@ -3,7 +3,6 @@ base model, simulated shard sets, a uvicorn server in a thread on a free 127.0.0
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import uvicorn
 from tiny_world import BASE_DETECTORS, MODEL, make_shards
 
 from caloforge.datasets.shards import Manifest
+from caloforge.environment import free_port
 from caloforge.platform.lineage import Lineage
 from caloforge.training.job import model_for_manifest
 
@@ -25,12 +25,6 @@ def make_base_bundle(root: Path) -> Path:
     torch.manual_seed(0)
     model = model_for_manifest(MODEL, Manifest.load(shards), spare_detector_slots=1)
     return model.save(root / "bundle", lineage=Lineage(kind="base", objective="flow_matching"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ThreadServer:

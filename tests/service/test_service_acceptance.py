@@ -36,9 +36,10 @@ from typing import Any
 
 import httpx
 import pytest
-from service_helpers import free_port, make_base_bundle, make_shards
+from service_helpers import make_base_bundle, make_shards
 
 from caloforge.adapt.service.jobmain import JOB_TAG, parse_event_line, read_events
+from caloforge.environment import free_port
 
 pytestmark = pytest.mark.slow
 

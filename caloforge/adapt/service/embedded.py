@@ -18,20 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from caloforge.environment import free_port
+
 __all__ = ["EmbeddedService"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class EmbeddedService:
@@ -57,7 +52,7 @@ class EmbeddedService:
         self.num_cpus = int(num_cpus if num_cpus is not None else (os.cpu_count() or 1))
         self.config = ServiceConfig(
             host="127.0.0.1",
-            port=_free_port(),
+            port=free_port(),
             database_url=f"sqlite:///{state / 'service.db'}",
             max_concurrent=max_concurrent,
             data_roots=tuple(Path(r) for r in data_roots),

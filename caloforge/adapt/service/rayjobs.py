@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from typing import Any
 
 import caloforge
 from caloforge import paths
-from caloforge.environment import DEFAULT_ENV, embedded_auth_mode
+from caloforge.environment import DEFAULT_ENV, embedded_auth_mode, free_ports
 
 __all__ = ["HEAD_FILE", "RayJobRunner", "job_env", "stop_recorded_head"]
 
@@ -66,16 +65,6 @@ def job_env() -> dict[str, str]:
     }
     env.update({k: os.environ[k] for k in PASS_ENV if k in os.environ})
     return env
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports on 127.0.0.1: every socket stays bound until all are chosen, so the OS
-    cannot hand out one port twice (closing each before the next let two Ray components get the same one)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -169,7 +158,7 @@ class RayJobRunner:
             "node-manager-port",
             "object-manager-port",
         )
-        ports = dict(zip(names, _free_ports(len(names)), strict=True))
+        ports = dict(zip(names, free_ports(len(names)), strict=True))
         cmd = [
             str(Path(sys.executable).with_name("ray")),
             "start",
