@@ -70,6 +70,10 @@ from common import RESULTS, git_commit, resolved_architecture, write_results
 REPO = Path(__file__).resolve().parents[1]
 
 BASE_DETECTORS = ("par04-siw", "pbwo4")
+# --teacher-recipe: the training config whose model, objective and loop the teacher takes (the data is the
+# study's). ``debug``: the coarse 5 x 4 x 3 patch, fast, its quality saturates at 2-4 NFE; ``fidelity``: the
+# CPU fidelity recipe (3 x 2 x 3 patch, logit-normal t; docs/model.md), 3.3x the cost of a step
+TEACHER_RECIPES = {"debug": "configs/train/debug.yaml", "fidelity": "configs/train/fidelity-cpu.yaml"}
 ADAPT_TARGET = "lar-pb"
 PARTICLES = ("e-", "pi+")
 TEACHER_SAMPLERS = ("euler", "midpoint", "heun")
@@ -123,6 +127,8 @@ class Plan:
     # (every row's export traces them), the teacher's default steps (the pipelines' teacher evaluations)
     layer_energy_steps: int | None = None
     teacher_num_steps: int | None = None
+    # the teacher's training recipe (model, objective, loop): a key of TEACHER_RECIPES
+    teacher_recipe: str = "debug"
 
     def key(self, *fields: str, **extra: Any) -> str:
         data = {f: getattr(self, f) for f in fields} | extra
@@ -136,6 +142,8 @@ class Plan:
             for k in ("layer_energy_steps", "teacher_num_steps")
             if getattr(self, k) is not None
         }
+        if self.teacher_recipe != "debug":  # the debug recipe's keys predate the option
+            extra["teacher_recipe"] = self.teacher_recipe
         return self.key(
             "backbone",
             "base_showers",
@@ -238,6 +246,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             changes[name] = value
     if args.threads is not None:
         changes["threads"] = args.threads
+    changes["teacher_recipe"] = args.teacher_recipe
     plan = dataclasses.replace(plan, **changes)
     if plan.n_eval < 20 or plan.n_eval_adapted < 20 or min(plan.nfe) < 1 or plan.cd_steps < 1:
         raise ValueError("n_eval and n_eval_adapted must be >= 20, NFE >= 1, cd_steps >= 1")
@@ -310,8 +319,14 @@ def simulate(detectors: tuple[str, ...], n: int, seed: int, plan: Plan, out: Pat
     return prepare_shards(None, spec, out)
 
 
+def recipe(plan: Plan) -> tuple[Path, dict[str, Any]]:
+    """The teacher recipe's training config: its path and its YAML."""
+    path = REPO / TEACHER_RECIPES[plan.teacher_recipe]
+    return path, yaml.safe_load(path.read_text())
+
+
 def model_config(plan: Plan) -> dict[str, Any]:
-    model = dict(yaml.safe_load((REPO / "configs" / "train" / "debug.yaml").read_text())["model"])
+    model = dict(recipe(plan)[1]["model"])
     model["backbone"] = plan.backbone
     if plan.teacher_num_steps is not None:
         model["num_steps"] = plan.teacher_num_steps
@@ -321,14 +336,17 @@ def model_config(plan: Plan) -> dict[str, Any]:
 
 
 def train_teacher(plan: Plan, work: Path) -> dict[str, Any]:
-    """The teacher: ``configs/train/debug.yaml`` on the base detectors at the study's budget (cached)."""
+    """The teacher: the recipe's model, objective and loop (``TEACHER_RECIPES``) trained on the base
+    detectors (``configs/train/debug.yaml``'s data section) at the study's budget (cached)."""
     from caloforge.config import from_dict
     from caloforge.training.run import TrainConfig, train
 
     run_dir = work / f"teacher-{plan.teacher_key()}"
     path = REPO / "configs" / "train" / "debug.yaml"
     data = yaml.safe_load(path.read_text())
-    loop = data["loop"]
+    recipe_path, recipe_data = recipe(plan)
+    data["objective"] = recipe_data["objective"]
+    loop = recipe_data["loop"]
     loop.update(
         steps=plan.base_steps,
         batch_size=plan.batch_size,
@@ -353,7 +371,7 @@ def train_teacher(plan: Plan, work: Path) -> dict[str, Any]:
         shards={"showers_per_shard": 500, "seed": 7},
     )
     data["data"]["spare_detector_slots"] = 1  # the adapted detector's slot
-    config = from_dict(TrainConfig, data, str(path))
+    config = from_dict(TrainConfig, data, f"{path} with {recipe_path.name}'s model, objective and loop")
 
     def run() -> dict[str, Any]:
         if run_dir.exists():  # an interrupted run: start again (the record is written only when finished)
@@ -969,6 +987,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backbone", default="debug", help="backbone flavour (debug on CPU, S on a GPU)")
     p.add_argument("--routes", default=",".join(ROUTES), help=f"comma-separated subset of {','.join(ROUTES)}")
     p.add_argument("--no-adapted", action="store_true", help="skip the adapted-model distillation study")
+    p.add_argument(
+        "--teacher-recipe",
+        choices=sorted(TEACHER_RECIPES),
+        default="debug",
+        help="the training config whose model, objective and loop the teacher takes",
+    )
     p.add_argument("--base-steps", type=int, help="teacher training steps")
     p.add_argument("--base-showers", type=int, help="teacher training showers per detector")
     p.add_argument("--n-eval", type=int, help="held-out showers (as many generated per row)")
