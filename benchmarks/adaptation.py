@@ -123,6 +123,10 @@ class Plan:
     seed: int = 0
     mesh_layers: bool = False  # bias / embedding also train the layers that read the mesh
     pos_max_freq: float | None = None  # model.pos_max_freq of the base and scratch runs (None: backbone)
+    pos_max_freq_r: float | None = None  # model.pos_max_freq_r (the radius features alone; None: backbone)
+    # the training seed of every run (model initialisation, data order, noise draws); the data (pool, subsets,
+    # held-out set) stay those of ``seed``, so two training seeds measure the run-to-run spread
+    train_seed: int = 0
 
     def key(self, *fields: str, **extra: Any) -> str:
         data = {f: getattr(self, f) for f in fields} | extra
@@ -141,6 +145,7 @@ class Plan:
             "batch_size",
             "energy_gev",
             "seed",
+            "train_seed",
             model=model,
             architecture=resolved_architecture(model),
         )
@@ -148,7 +153,12 @@ class Plan:
     def runs_key(self) -> str:
         """What every cached run of the study depends on besides its own size, method and steps."""
         return self.key(
-            "batch_size", "n_heldout", "eval_steps", base=self.base_key(), pool=max(self.sizes) + 20
+            "batch_size",
+            "n_heldout",
+            "eval_steps",
+            "train_seed",
+            base=self.base_key(),
+            pool=max(self.sizes) + 20,
         )
 
     def scratch_budgets(self, n: int) -> tuple[int, ...]:
@@ -247,6 +257,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
         changes["mesh_layers"] = True
     if args.pos_max_freq is not None:
         changes["pos_max_freq"] = args.pos_max_freq
+    if args.pos_max_freq_r is not None:
+        changes["pos_max_freq_r"] = args.pos_max_freq_r
+    if args.train_seed is not None:
+        changes["train_seed"] = args.train_seed
     plan = dataclasses.replace(plan, **changes)
     bad = sorted(set(plan.strategies) - set(STRATEGIES))
     if bad:
@@ -300,6 +314,10 @@ def model_config(plan: Plan) -> dict[str, Any]:
     model.update(backbone=plan.backbone, patch_size=list(plan.patch_size))
     if plan.pos_max_freq is not None:
         model["pos_max_freq"] = plan.pos_max_freq
+    if plan.pos_max_freq_r is not None:
+        model["pos_max_freq_r"] = plan.pos_max_freq_r
+    if plan.train_seed:
+        model["init_seed"] = plan.train_seed
     return model
 
 
@@ -347,7 +365,7 @@ def loop_config(plan: Plan, steps: int, optim: dict[str, Any], schedule: dict[st
         "max_grad_norm": 1.0,
         "log_every": max(1, min(50, steps // 4)),
         "checkpoint_every": steps,
-        "seed": plan.seed,
+        "seed": plan.train_seed,
         "optim": optim,
         "schedule": schedule,
         "ema": {"enabled": True, "decay": 0.99, "warmup": True},
@@ -810,6 +828,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         help="model.pos_max_freq of the base and the scratch runs (default: the backbone's; 32 was the "
         "default before bundle schema 4)",
+    )
+    p.add_argument(
+        "--pos-max-freq-r",
+        type=float,
+        help="model.pos_max_freq_r of the base and the scratch runs: the radius features' limit alone "
+        "(default: the backbone's, which is pos_max_freq)",
+    )
+    p.add_argument(
+        "--train-seed",
+        type=int,
+        help="training seed of the base, adapted and scratch runs (initialisation, data order; default 0); "
+        "the data and the held-out set do not change",
     )
     p.add_argument("--base-steps", type=int)
     p.add_argument("--base-showers", type=int, help="showers per pretraining detector")

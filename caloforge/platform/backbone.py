@@ -72,6 +72,9 @@ class BackboneConfig:
     # positions and a model moved to another mesh off its grid keeps its sense of depth; 32 (before
     # bundle schema 4) aliased there (docs/model.md, "Position features").
     pos_max_freq: float = DEFAULT_POS_MAX_FREQ
+    # Highest frequency of the u_r features alone (None: pos_max_freq). The radius has fewer tokens than the
+    # depth (3 on the 9-bin meshes with p_r = 3), so its Nyquist frequency is lower (docs/model.md).
+    pos_max_freq_r: float | None = None
     energy_freqs: int = 16  # Fourier frequencies of ln(E / 1 GeV)
 
     def __post_init__(self) -> None:
@@ -89,10 +92,18 @@ class BackboneConfig:
             raise ValueError(f"BackboneConfig.patch_size must be three ints >= 1, got {self.patch_size}")
         if self.pos_embed not in POS_EMBEDS:
             raise ValueError(f"BackboneConfig.pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
-        freq = self.pos_max_freq
-        number = isinstance(freq, int | float) and not isinstance(freq, bool)
-        if not (number and math.isfinite(freq) and freq >= 1):
-            raise ValueError(f"BackboneConfig.pos_max_freq must be a finite number >= 1, got {freq!r}")
+        for name in ("pos_max_freq", "pos_max_freq_r"):
+            freq = getattr(self, name)
+            if freq is None and name == "pos_max_freq_r":
+                continue
+            number = isinstance(freq, int | float) and not isinstance(freq, bool)
+            if not (number and math.isfinite(freq) and freq >= 1):
+                raise ValueError(f"BackboneConfig.{name} must be a finite number >= 1, got {freq!r}")
+
+    @property
+    def radius_max_freq(self) -> float:
+        """The u_r features' highest frequency (``pos_max_freq_r``, else ``pos_max_freq``)."""
+        return self.pos_max_freq if self.pos_max_freq_r is None else self.pos_max_freq_r
 
     @property
     def patch_volume(self) -> int:
@@ -188,22 +199,30 @@ def patch_coordinates(
     return coords.to(torch.float32)
 
 
-def position_features(coords_TC: torch.Tensor, n_freq: int, max_freq: float) -> torch.Tensor:
+def position_features(
+    coords_TC: torch.Tensor, n_freq: int, max_freq: float, max_freq_r: float | None = None
+) -> torch.Tensor:
     """Fixed sinusoidal features (T, 6·n_freq) of patch coordinates.
 
     u_z and u_r: sin/cos(ω_j u) with ω_j = π·max_freq^(j/(n_freq−1)) (from half a period to ``max_freq``
-    half periods over the mesh). Azimuth: sin/cos(k α) for integer harmonics k = 1..n_freq, written with the
-    angle-addition recursion from (sin α, cos α) so the features stay exactly 2π-periodic.
+    half periods over the mesh; for u_r to ``max_freq_r`` when given). Azimuth: sin/cos(k α) for integer
+    harmonics k = 1..n_freq, written with the angle-addition recursion from (sin α, cos α) so the features
+    stay exactly 2π-periodic.
     """
     device, dtype = coords_TC.device, coords_TC.dtype
     j = torch.arange(n_freq, device=device, dtype=dtype)
-    omega_F = math.pi * torch.pow(torch.tensor(max_freq, device=device, dtype=dtype), j / max(n_freq - 1, 1))
+
+    def omegas(top: float) -> torch.Tensor:
+        return math.pi * torch.pow(torch.tensor(top, device=device, dtype=dtype), j / max(n_freq - 1, 1))
+
+    omega_F = omegas(max_freq)
+    omega_r_F = omega_F if max_freq_r is None else omegas(max_freq_r)
     u_z, sin_a, cos_a, u_r = coords_TC.unbind(-1)
     alpha = torch.atan2(sin_a, cos_a)
     k_F = j + 1.0
     ang_z = u_z[:, None] * omega_F[None, :]
     ang_a = alpha[:, None] * k_F[None, :]
-    ang_r = u_r[:, None] * omega_F[None, :]
+    ang_r = u_r[:, None] * omega_r_F[None, :]
     return torch.cat([ang_z.sin(), ang_z.cos(), ang_a.sin(), ang_a.cos(), ang_r.sin(), ang_r.cos()], dim=-1)
 
 
@@ -429,7 +448,8 @@ class ShowerDiT(nn.Module):
 
     def position_embedding(self, coords_TC: torch.Tensor) -> torch.Tensor:
         """(T, D): fixed sin-cos features (zero-padded to D) plus the optional learned projection."""
-        feats_TF = position_features(coords_TC, self.n_pos_freq, self.config.pos_max_freq)
+        cfg = self.config
+        feats_TF = position_features(coords_TC, self.n_pos_freq, cfg.pos_max_freq, cfg.pos_max_freq_r)
         pad = self.config.width - feats_TF.shape[-1]
         pos_TD = F.pad(feats_TF, (0, pad)) if pad else feats_TF
         if self.pos_proj is not None:

@@ -113,7 +113,8 @@ class ShowerModelConfig:
     another physical size, so that its tokens sit where the same depth and radius sat in training.
     ``pos_max_freq``: the highest frequency of the depth and radius position features, in half periods
     over the frame (None: the backbone's, ``BackboneConfig.pos_max_freq``; bundles before schema 4 load
-    with 32, what they were trained with).
+    with 32, what they were trained with). ``pos_max_freq_r``: the same for the radius features alone
+    (None: the backbone's ``pos_max_freq_r``, which defaults to the depth's).
     """
 
     backbone: str | BackboneConfig = "S"
@@ -131,6 +132,7 @@ class ShowerModelConfig:
     position_extent: tuple[float, float] = (1.0, 1.0)
     position_frame: tuple[float, float] | None = None
     pos_max_freq: float | None = None
+    pos_max_freq_r: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, str) and self.backbone not in BACKBONE_FLAVORS:
@@ -139,8 +141,8 @@ class ShowerModelConfig:
             )
         if self.patch_size is not None:
             backbone_config(self.backbone, self.patch_size)  # validates the patch
-        if self.pos_max_freq is not None:
-            self.backbone_config()  # validates pos_max_freq (BackboneConfig)
+        if self.pos_max_freq is not None or self.pos_max_freq_r is not None:
+            self.backbone_config()  # validates pos_max_freq(_r) (BackboneConfig)
         if self.parametrisation not in DENOISERS:
             raise ValueError(
                 f"parametrisation: unknown {self.parametrisation!r} (known: {sorted(DENOISERS)})"
@@ -181,6 +183,8 @@ class ShowerModelConfig:
         cfg = backbone_config(self.backbone, self.patch_size)
         if self.pos_max_freq is not None:
             cfg = dataclasses.replace(cfg, pos_max_freq=self.pos_max_freq)
+        if self.pos_max_freq_r is not None:
+            cfg = dataclasses.replace(cfg, pos_max_freq_r=self.pos_max_freq_r)
         return cfg
 
     def bespoke_solver(self, num_steps: int) -> BespokeSolver:

@@ -97,6 +97,7 @@ class BundleInfo:
     pos_max_freq: float = (
         DEFAULT_POS_MAX_FREQ  # the position features' highest frequency (32 before schema 4)
     )
+    pos_max_freq_r: float = DEFAULT_POS_MAX_FREQ  # the radius features' (pos_max_freq unless set apart)
 
     @property
     def extra(self) -> dict[str, str]:
@@ -156,6 +157,7 @@ class BundleInfo:
             "position_extent": list(self.position_extent),
             "position_frame": None if self.position_frame is None else list(self.position_frame),
             "pos_max_freq": self.pos_max_freq,
+            "pos_max_freq_r": self.pos_max_freq_r,
         }
 
     def pyfunc_metadata(self) -> dict[str, Any]:
@@ -215,4 +217,5 @@ def _summarise(directory: Path, config: dict[str, Any], model: ShowerModel) -> B
         position_extent=tuple(float(v) for v in mc.position_extent),  # type: ignore[arg-type]
         position_frame=None if mc.position_frame is None else tuple(float(v) for v in mc.position_frame),  # type: ignore[arg-type]
         pos_max_freq=float(mc.backbone_config().pos_max_freq),
+        pos_max_freq_r=float(mc.backbone_config().radius_max_freq),
     )

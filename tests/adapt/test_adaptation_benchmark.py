@@ -100,6 +100,16 @@ def test_the_cpu_study_uses_the_small_patch_and_patch_is_part_of_the_base_key(be
     legacy = bench.make_plan(bench.parse_args(["--pos-max-freq", "32"]))
     assert "pos_max_freq" not in bench.model_config(plan) and bench.model_config(legacy)["pos_max_freq"] == 32
     assert legacy.base_key() != plan.base_key()
+    radius = bench.make_plan(bench.parse_args(["--pos-max-freq-r", "3"]))
+    assert bench.model_config(radius)["pos_max_freq_r"] == 3
+    assert "pos_max_freq_r" not in bench.model_config(plan)
+    assert radius.base_key() not in (plan.base_key(), legacy.base_key())
+    # a second training seed: initialisation and data order change, the data do not
+    seed1 = bench.make_plan(bench.parse_args(["--train-seed", "1"]))
+    assert bench.model_config(seed1)["init_seed"] == 1 and "init_seed" not in bench.model_config(plan)
+    assert [bench.loop_config(p, 10, {}, {})["seed"] for p in (plan, seed1)] == [0, 1]
+    assert seed1.base_key() != plan.base_key() and seed1.runs_key() != plan.runs_key()
+    assert seed1.key("n_heldout", "energy_gev", "seed") == plan.key("n_heldout", "energy_gev", "seed")
 
 
 def test_user_defined_targets_are_written_from_lar_pb(bench, tmp_path: Path) -> None:

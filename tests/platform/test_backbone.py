@@ -113,6 +113,31 @@ def test_position_features_interpolate_between_depth_tokens(max_freq: float, bou
         assert relative > 0.7  # 0.78: the halfway token looks like neither neighbour
 
 
+def test_radius_features_take_their_own_limit() -> None:
+    """``max_freq_r`` changes the u_r columns only (depth and azimuth stay bit for bit); None or the depth's
+    value is the single-limit feature set; the backbone reads it from ``BackboneConfig.pos_max_freq_r``."""
+    coords = patch_coordinates((45, 16, 9), (3, 2, 3))
+    n = 10
+    both = position_features(coords, n, 8.0)
+    assert torch.equal(position_features(coords, n, 8.0, 8.0), both)
+    radius3 = position_features(coords, n, 8.0, 3.0)
+    assert torch.equal(radius3[:, : 4 * n], both[:, : 4 * n])  # u_z and azimuth columns
+    assert not torch.allclose(radius3[:, 4 * n :], both[:, 4 * n :])
+    # the u_r features of 3 half periods: the top frequency is 3π (one column checks it by hand)
+    u_r = coords[:, 3]
+    torch.testing.assert_close(radius3[:, 5 * n - 1], torch.sin(3.0 * math.pi * u_r))
+    cfg = replace(DEBUG, pos_max_freq_r=3.0)
+    assert cfg.radius_max_freq == 3.0 and DEBUG.radius_max_freq == DEBUG.pos_max_freq
+    net = ShowerDiT(cfg, n_detector_slots=2, seed=0)
+    torch.testing.assert_close(
+        net.position_embedding(coords)[:, : 6 * net.n_pos_freq],
+        position_features(coords, net.n_pos_freq, cfg.pos_max_freq, 3.0),
+    )
+    for bad in (0.5, float("inf"), False, "3"):
+        with pytest.raises(ValueError, match=r"BackboneConfig\.pos_max_freq_r must be a finite number >= 1"):
+            replace(DEBUG, pos_max_freq_r=bad)
+
+
 def test_adaln_zero_init_outputs_zero_and_no_global_rng_use() -> None:
     state = torch.random.get_rng_state()
     a = ShowerDiT(DEBUG, n_detector_slots=3, seed=4)

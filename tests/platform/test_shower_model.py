@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from toy_models import DETECTORS, SMALL_MESH, make_model, toy_showers
 from caloforge.config import ConfigError, from_dict, to_dict
 from caloforge.datasets.stats import compute_stats
 from caloforge.platform.backbone import BackboneConfig
+from caloforge.platform.checkpoint import load_bundle, save_bundle
 from caloforge.platform.conditioning import Conditions, ConditionVocab
 from caloforge.platform.denoisers import EDMPrecondConfig
 from caloforge.platform.energy import LayerEnergyConfig
@@ -187,6 +189,26 @@ def test_build_warns_when_position_features_alias_on_the_depth_tokens(
     for bad in (0.5, float("nan"), True, "8"):
         with pytest.raises(ValueError, match="pos_max_freq must be a finite number >= 1"):
             ShowerModelConfig(backbone="debug", pos_max_freq=bad)  # type: ignore[arg-type]
+
+
+def test_radius_position_limit_is_a_model_setting_that_round_trips(small_data, tmp_path: Path) -> None:
+    """``pos_max_freq_r`` sets the radius features' limit alone; unset, the radius follows ``pos_max_freq``
+    (every bundle written before the field existed); saved and loaded, the model samples the same."""
+    assert ShowerModelConfig(backbone="debug").backbone_config().radius_max_freq == 8.0
+    cfg = ShowerModelConfig(backbone="debug", pos_max_freq=6, pos_max_freq_r=3).backbone_config()
+    assert (cfg.pos_max_freq, cfg.radius_max_freq) == (6.0, 3.0)
+    with pytest.raises(ValueError, match="pos_max_freq_r must be a finite number >= 1"):
+        ShowerModelConfig(backbone="debug", pos_max_freq_r=0)
+    model = make_model(pos_max_freq=4, pos_max_freq_r=2)
+    save_bundle(model, tmp_path / "bundle")
+    loaded = load_bundle(tmp_path / "bundle")
+    assert loaded.config.pos_max_freq_r == 2.0
+    _, cond = small_data
+    cond, seeds = cond.subset(slice(0, 2)), np.array([3, 4], dtype=np.int64)
+    kwargs = {"num_steps": 2, "sampler": "euler"}
+    torch.testing.assert_close(
+        loaded.generate(cond, seeds=seeds, **kwargs), model.generate(cond, seeds=seeds, **kwargs)
+    )
 
 
 def test_sampling_defaults_and_residual_stream_change_through_named_methods() -> None:

@@ -69,6 +69,7 @@ def test_card_from_typed_lineage(adapted_bundle_dir: Path) -> None:
     info = inspect_bundle(adapted_bundle_dir)
     assert info.kind == "distilled" and isinstance(info.lineage, Lineage)
     assert info.summary()["pos_max_freq"] == 8.0  # today's default
+    assert info.summary()["pos_max_freq_r"] == 8.0  # the radius follows it unless set apart
     assert info.lineage_tags() == {
         "parent_uri": "models:/caloforge-base/1",
         "parent_version": "1",  # from the registry URI
@@ -100,6 +101,7 @@ def test_card_from_the_stored_v2_bundle_reads_its_migrated_ranges() -> None:
     info = inspect_bundle(ASSETS / "bundle_v2_debug")
     assert info.schema_version == 2 and info.kind == "adapted"
     assert info.summary()["pos_max_freq"] == 32.0  # what bundles before schema 4 were trained with
+    assert info.summary()["pos_max_freq_r"] == 32.0
     assert info.extra == {"run_dir": "/runs/bundle-v2-debug", "steps": "10"}
     assert info.lineage_tags() == {
         "parent_uri": "models:/caloforge-base/1",
