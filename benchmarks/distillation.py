@@ -4,7 +4,9 @@ Protocol (docs/distillation.md explains the numbers):
 
 1. **Teacher**: the ``configs/train/debug.yaml`` model (flow matching, ``debug`` backbone; ``--backbone S`` on
    a GPU) trained with ``caloforge.training.run.train`` on the simulated ``par04-siw`` and ``pbwo4`` showers
-   (e- and pi+), one spare detector slot; cached in the work directory. A **fixed held-out set** of both
+   (e- and pi+), one spare detector slot; cached in the work directory. ``--teacher-recipe fidelity`` takes
+   the model, objective and loop of ``configs/train/fidelity-cpu.yaml`` instead (a teacher that improves
+   with NFE; docs/distillation.md). A **fixed held-out set** of both
    detectors (another simulation seed) is what every row is evaluated on.
 2. **Routes** (``--routes``, a comma-separated subset of ``ROUTES``; each yields rows = a bundle + a sampler
    + a step count):
@@ -44,6 +46,8 @@ are cached in the work directory (``--work-dir``, default
 
     .venv/bin/python benchmarks/distillation.py --quick          # the smoke run (tests): about a minute
     nice .venv/bin/python benchmarks/distillation.py             # the CPU study (debug backbone, ~24 min)
+    .venv/bin/python benchmarks/distillation.py --teacher-recipe fidelity --base-steps 6000 \
+        --base-showers 8000 --n-eval 1000 --cd-steps 1000 --threads 2 --no-adapted   # ~45 min, 2 idle cores
     .venv/bin/python benchmarks/distillation.py --device cuda --backbone S   # on a GPU
 """
 
