@@ -93,6 +93,20 @@ def test_routes_are_checked(bench) -> None:
     assert bench.parse_args(["--routes", "heun, cd"]).route_list == ("heun", "cd")
 
 
+def test_the_teacher_recipe_sets_model_and_loop_and_keys_the_teacher(bench) -> None:
+    """``--teacher-recipe fidelity``: the fidelity recipe's 3x2x3 patch and logit-normal t; the data stay the
+    study's; the recipe keys the teacher cache."""
+    debug = bench.make_plan(bench.parse_args([]))
+    fidelity = bench.make_plan(bench.parse_args(["--teacher-recipe", "fidelity"]))
+    assert (debug.teacher_recipe, fidelity.teacher_recipe) == ("debug", "fidelity")
+    assert bench.model_config(debug)["patch_size"] == [5, 4, 3]
+    assert bench.model_config(fidelity)["patch_size"] == [3, 2, 3]
+    assert bench.recipe(fidelity)[1]["objective"]["flow_matching"]["time_sampling"] == "logit_normal"
+    assert fidelity.teacher_key() != debug.teacher_key()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--teacher-recipe", "huge"])
+
+
 @pytest.mark.slow
 def test_the_study_runs_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
     out = tmp_path / "distillation.json"
