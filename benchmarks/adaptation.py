@@ -833,7 +833,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--pos-max-freq-r",
         type=float,
         help="model.pos_max_freq_r of the base and the scratch runs: the radius features' limit alone "
-        "(default: the backbone's, which is pos_max_freq)",
+        "(default: the backbone's, 3 since bundle schema 5; before, the radius followed pos_max_freq)",
     )
     p.add_argument(
         "--train-seed",

@@ -54,6 +54,9 @@ LORA_TARGETS: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", 
 
 TIME_FREQ_DIM = 256  # DiT's frequency embedding size for the noise label
 DEFAULT_POS_MAX_FREQ = 8.0  # BackboneConfig.pos_max_freq of every flavour (bundles before schema 4: 32)
+# BackboneConfig.pos_max_freq_r of every flavour: the Nyquist frequency of 3 radius tokens (9 radial bins,
+# p_r 3); bundles before schema 5 have the radius follow pos_max_freq
+DEFAULT_POS_MAX_FREQ_R = 3.0
 N_COORDS = 4  # u_z, sin α, cos α, u_r
 
 
@@ -73,8 +76,10 @@ class BackboneConfig:
     # bundle schema 4) aliased there (docs/model.md, "Position features").
     pos_max_freq: float = DEFAULT_POS_MAX_FREQ
     # Highest frequency of the u_r features alone (None: pos_max_freq). The radius has fewer tokens than the
-    # depth (3 on the 9-bin meshes with p_r = 3), so its Nyquist frequency is lower (docs/model.md).
-    pos_max_freq_r: float | None = None
+    # depth (3 on the 9-bin meshes with p_r = 3), so its Nyquist frequency is lower: 3 measured to adapt
+    # better to another radial binning and no worse on the grid (docs/adaptation.md); before bundle schema 5
+    # the radius followed pos_max_freq.
+    pos_max_freq_r: float | None = DEFAULT_POS_MAX_FREQ_R
     energy_freqs: int = 16  # Fourier frequencies of ln(E / 1 GeV)
 
     def __post_init__(self) -> None:

@@ -1,10 +1,10 @@
 """Model bundles: a directory with ``config.json`` + ``model.safetensors``; no pickles, no training code.
 
-``config.json`` (schema_version 4)::
+``config.json`` (schema_version 5)::
 
     {
       "format": "caloforge.shower_model",
-      "schema_version": 4,
+      "schema_version": 5,
       "caloforge_version": "0.1.0", "torch_version": "...",
       "model_config": {...ShowerModelConfig as plain data...},
       "vocab": {"detectors": [...], "n_detector_slots": K},
@@ -25,7 +25,9 @@ The lineage is ``caloforge.platform.lineage.Lineage`` (typed, validated). Older 
   ``adaptation_method``, ``target_detector`` and the trained ranges ``energy_mev_min``/``max``,
   ``theta_rad_min``/``max``, ``particles``); ``_migrate_lineage`` turns them into the typed fields
   (``parent`` → ``parent_uri``, ``adaptation_method`` → ``strategy``, the ranges → ``trained``; ``kind``
-  defaults to ``adapted`` when there is a parent, else ``base``) and keeps the rest of ``extra``.
+  defaults to ``adapted`` when there is a parent, else ``base``) and keeps the rest of ``extra``;
+- versions 1–3 were trained with position features up to 32 half periods, versions 1–4 with the radius
+  features at the depth's limit (``migrate_model_config`` writes both in).
 
 ``model.safetensors`` holds ``ShowerModel.state_dict()``: the network weights and the transform buffers
 (so users always get MeV). ``model_config.parametrisation`` also fixes which network tensors there are: a
@@ -58,6 +60,7 @@ from safetensors.torch import load_file, save_file
 
 import caloforge
 from caloforge.config import from_dict, to_dict
+from caloforge.platform.backbone import DEFAULT_POS_MAX_FREQ
 from caloforge.platform.conditioning import ConditionVocab
 from caloforge.platform.geometry import Mesh
 from caloforge.platform.hashing import sha256_file
@@ -65,7 +68,7 @@ from caloforge.platform.lineage import LEGACY_FIELD_KEYS, LEGACY_RANGE_KEYS, Lin
 from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig
 
 BUNDLE_FORMAT = "caloforge.shower_model"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 LEGACY_POS_MAX_FREQ = 32.0  # BackboneConfig.pos_max_freq of bundles before schema 4
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -167,7 +170,9 @@ def migrate_model_config(model_config: dict[str, Any], schema_version: int) -> d
       options in the model config: ``edm.p_mean``/``edm.p_std`` and the ``flow_matching`` block move out
       (they describe how the weights were trained, not what they compute);
     - v1–v3 bundles were trained with position features up to 32 half periods (the backbones' default
-      then; 8 since v4): ``pos_max_freq = 32`` unless the bundle names one.
+      then; 8 since v4): ``pos_max_freq = 32`` unless the bundle names one;
+    - v1–v4 bundles' radius features follow ``pos_max_freq`` (the field ``pos_max_freq_r`` came with v4's
+      last release and its default, 3, with v5): the radius limit is set to the depth's.
     """
     out = dict(model_config)
     if schema_version < 4 and out.get("pos_max_freq") is None:
@@ -176,6 +181,13 @@ def migrate_model_config(model_config: dict[str, Any], schema_version: int) -> d
             out["backbone"] = {"pos_max_freq": LEGACY_POS_MAX_FREQ, **backbone}
         else:
             out["pos_max_freq"] = LEGACY_POS_MAX_FREQ
+    if schema_version < 5 and out.get("pos_max_freq_r") is None:
+        backbone = out.get("backbone")
+        if isinstance(backbone, dict):
+            out["backbone"] = {"pos_max_freq_r": None, **backbone}  # None: as the backbone's pos_max_freq
+        else:  # a flavour name: its depth limit at v4 unless the bundle named one
+            depth = out.get("pos_max_freq")
+            out["pos_max_freq_r"] = DEFAULT_POS_MAX_FREQ if depth is None else depth
     if schema_version < 2 and "layer_energy" not in out:
         out["layer_energy"] = {"enabled": False}
     if "objective" in out and "parametrisation" not in out:

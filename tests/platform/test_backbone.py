@@ -12,6 +12,7 @@ from toy_models import SMALL_MESH, make_model, scramble_zero_init
 from caloforge.platform.backbone import (
     BACKBONE_FLAVORS,
     DEFAULT_POS_MAX_FREQ,
+    DEFAULT_POS_MAX_FREQ_R,
     TIME_FREQ_DIM,
     BackboneConfig,
     ShowerDiT,
@@ -126,12 +127,13 @@ def test_radius_features_take_their_own_limit() -> None:
     # the u_r features of 3 half periods: the top frequency is 3π (one column checks it by hand)
     u_r = coords[:, 3]
     torch.testing.assert_close(radius3[:, 5 * n - 1], torch.sin(3.0 * math.pi * u_r))
-    cfg = replace(DEBUG, pos_max_freq_r=3.0)
-    assert cfg.radius_max_freq == 3.0 and DEBUG.radius_max_freq == DEBUG.pos_max_freq
+    cfg = replace(DEBUG, pos_max_freq_r=2.0)
+    assert DEBUG.radius_max_freq == DEFAULT_POS_MAX_FREQ_R == 3.0  # the default since bundle schema 5
+    assert replace(DEBUG, pos_max_freq_r=None).radius_max_freq == DEBUG.pos_max_freq  # None: as the depth
     net = ShowerDiT(cfg, n_detector_slots=2, seed=0)
     torch.testing.assert_close(
         net.position_embedding(coords)[:, : 6 * net.n_pos_freq],
-        position_features(coords, net.n_pos_freq, cfg.pos_max_freq, 3.0),
+        position_features(coords, net.n_pos_freq, cfg.pos_max_freq, 2.0),
     )
     for bad in (0.5, float("inf"), False, "3"):
         with pytest.raises(ValueError, match=r"BackboneConfig\.pos_max_freq_r must be a finite number >= 1"):

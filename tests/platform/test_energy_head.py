@@ -422,6 +422,7 @@ def test_a_v1_bundle_loads_without_the_head(tmp_path: Path) -> None:
         sampler="euler",
         layer_energy=LayerEnergyConfig(enabled=False),
         pos_max_freq=32.0,  # what bundles before schema 4 were trained with
+        pos_max_freq_r=32.0,  # and before schema 5 the radius followed it
     )
     model = scramble_zero_init(
         ShowerModel.build(cfg, ConditionVocab.create(DETECTORS, 2), v1_stats, SMALL_MESH)

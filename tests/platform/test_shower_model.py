@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from toy_models import DETECTORS, SMALL_MESH, make_model, toy_showers
 from caloforge.config import ConfigError, from_dict, to_dict
 from caloforge.datasets.stats import compute_stats
 from caloforge.platform.backbone import BackboneConfig
-from caloforge.platform.checkpoint import load_bundle, save_bundle
+from caloforge.platform.checkpoint import load_bundle, migrate_model_config, save_bundle
 from caloforge.platform.conditioning import Conditions, ConditionVocab
 from caloforge.platform.denoisers import EDMPrecondConfig
 from caloforge.platform.energy import LayerEnergyConfig
@@ -192,9 +193,9 @@ def test_build_warns_when_position_features_alias_on_the_depth_tokens(
 
 
 def test_radius_position_limit_is_a_model_setting_that_round_trips(small_data, tmp_path: Path) -> None:
-    """``pos_max_freq_r`` sets the radius features' limit alone; unset, the radius follows ``pos_max_freq``
-    (every bundle written before the field existed); saved and loaded, the model samples the same."""
-    assert ShowerModelConfig(backbone="debug").backbone_config().radius_max_freq == 8.0
+    """``pos_max_freq_r`` sets the radius features' limit alone (unset: the backbone's, 3 since bundle schema
+    5); saved and loaded, the model samples the same."""
+    assert ShowerModelConfig(backbone="debug").backbone_config().radius_max_freq == 3.0  # since schema 5
     cfg = ShowerModelConfig(backbone="debug", pos_max_freq=6, pos_max_freq_r=3).backbone_config()
     assert (cfg.pos_max_freq, cfg.radius_max_freq) == (6.0, 3.0)
     with pytest.raises(ValueError, match="pos_max_freq_r must be a finite number >= 1"):
@@ -209,6 +210,30 @@ def test_radius_position_limit_is_a_model_setting_that_round_trips(small_data, t
     torch.testing.assert_close(
         loaded.generate(cond, seeds=seeds, **kwargs), model.generate(cond, seeds=seeds, **kwargs)
     )
+
+
+def test_bundles_before_schema_5_keep_the_radius_at_the_depth_limit(small_data, tmp_path: Path) -> None:
+    """A schema-4 bundle has no radius limit of its own: its radius features ran to ``pos_max_freq``, and it
+    loads that way (a flavour-named backbone gets the value, a backbone written out gets None = as the
+    depth's), sampling what it sampled when it was written."""
+    model = make_model(pos_max_freq_r=8.0)  # the radius as schema 4 trained it (8, the depth's default)
+    path = model.save(tmp_path / "v4")
+    data = json.loads((path / "config.json").read_text())
+    data["schema_version"] = 4
+    del data["model_config"]["pos_max_freq_r"]
+    (path / "config.json").write_text(json.dumps(data))
+    loaded = load_bundle(path)
+    assert loaded.config.pos_max_freq_r == 8.0 and loaded.config.backbone_config().radius_max_freq == 8.0
+    _, cond = small_data
+    cond, seeds = cond.subset(slice(0, 2)), np.array([5, 6], dtype=np.int64)
+    kwargs = {"num_steps": 2, "sampler": "euler"}
+    expected = model.generate(cond, seeds=seeds, **kwargs)
+    torch.testing.assert_close(loaded.generate(cond, seeds=seeds, **kwargs), expected)
+    named = migrate_model_config({"backbone": "debug", "pos_max_freq": 32.0}, 4)
+    assert named["pos_max_freq_r"] == 32.0
+    written_out = migrate_model_config({"backbone": {"depth": 2, "pos_max_freq": 8.0}}, 4)
+    assert written_out["backbone"]["pos_max_freq_r"] is None
+    assert migrate_model_config({"backbone": "debug"}, 5) == {"backbone": "debug"}  # today's: unchanged
 
 
 def test_sampling_defaults_and_residual_stream_change_through_named_methods() -> None:

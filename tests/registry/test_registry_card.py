@@ -69,7 +69,7 @@ def test_card_from_typed_lineage(adapted_bundle_dir: Path) -> None:
     info = inspect_bundle(adapted_bundle_dir)
     assert info.kind == "distilled" and isinstance(info.lineage, Lineage)
     assert info.summary()["pos_max_freq"] == 8.0  # today's default
-    assert info.summary()["pos_max_freq_r"] == 8.0  # the radius follows it unless set apart
+    assert info.summary()["pos_max_freq_r"] == 3.0  # the radius's own default (schema 5)
     assert info.lineage_tags() == {
         "parent_uri": "models:/caloforge-base/1",
         "parent_version": "1",  # from the registry URI

@@ -241,6 +241,7 @@ def test_model_without_head_exports_the_voxel_only_graph(tmp_path: Path) -> None
     model_config = json.loads((v1 / "config.json").read_text())["model_config"]
     del model_config["layer_energy"]
     model_config["pos_max_freq"] = model.config.backbone_config().pos_max_freq  # else read as schema 1's 32
+    model_config["pos_max_freq_r"] = model.config.backbone_config().radius_max_freq  # else as the depth's
     rewrite_config(v1, schema_version=1, model_config=model_config)
     exp_v1 = export_onnx(v1, tmp_path / "v1.onnx", exporter="legacy", variant="plain")
     assert exp_v1.parity.passed and not exp_v1.layer_energy
