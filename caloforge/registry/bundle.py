@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from caloforge.platform.backbone import DEFAULT_POS_MAX_FREQ
+from caloforge.platform.backbone import DEFAULT_POS_MAX_FREQ, DEFAULT_POS_MAX_FREQ_R
 from caloforge.platform.hashing import sha256_file
 from caloforge.registry.card import ValidRanges, ranges_from_lineage
 
@@ -97,7 +97,7 @@ class BundleInfo:
     pos_max_freq: float = (
         DEFAULT_POS_MAX_FREQ  # the position features' highest frequency (32 before schema 4)
     )
-    pos_max_freq_r: float = DEFAULT_POS_MAX_FREQ  # the radius features' (pos_max_freq unless set apart)
+    pos_max_freq_r: float = DEFAULT_POS_MAX_FREQ_R  # the radius features' (before schema 5: pos_max_freq)
 
     @property
     def extra(self) -> dict[str, str]:
