@@ -111,10 +111,10 @@ class ShowerModelConfig:
     None: the frame is the mesh itself, with ``position_extent`` (1, 1), as for every model trained from
     scratch. Both are set by ``platform.transfer.rebuild_for_mesh`` when a model moves to a detector of
     another physical size, so that its tokens sit where the same depth and radius sat in training.
-    ``pos_max_freq``: the highest frequency of the depth and radius position features, in half periods
-    over the frame (None: the backbone's, ``BackboneConfig.pos_max_freq``; bundles before schema 4 load
-    with 32, what they were trained with). ``pos_max_freq_r``: the same for the radius features alone
-    (None: the backbone's ``pos_max_freq_r``, which defaults to the depth's).
+    ``pos_max_freq``: the highest frequency of the depth position features, in half periods over the frame
+    (None: the backbone's, ``BackboneConfig.pos_max_freq``; bundles before schema 4 load with 32, what they
+    were trained with). ``pos_max_freq_r``: the same for the radius features (None: the backbone's
+    ``pos_max_freq_r``, 3 since schema 5; bundles before it load with their depth limit).
     """
 
     backbone: str | BackboneConfig = "S"
