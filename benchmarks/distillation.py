@@ -146,10 +146,9 @@ class Plan:
             for k in ("layer_energy_steps", "teacher_num_steps")
             if getattr(self, k) is not None
         }
-        if self.teacher_recipe != "debug":  # the debug recipe's keys predate the option
-            extra["teacher_recipe"] = self.teacher_recipe
         return self.key(
             "backbone",
+            "teacher_recipe",
             "base_showers",
             "base_steps",
             "batch_size",
