@@ -133,6 +133,8 @@ class Plan:
     teacher_num_steps: int | None = None
     # the teacher's training recipe (model, objective, loop): a key of TEACHER_RECIPES
     teacher_recipe: str = "debug"
+    # ``--cd-set`` overrides of the consistency student's config (after the study's budget is applied)
+    cd_overrides: tuple[str, ...] = ()
 
     def key(self, *fields: str, **extra: Any) -> str:
         data = {f: getattr(self, f) for f in fields} | extra
@@ -159,7 +161,8 @@ class Plan:
         )
 
     def cd_key(self) -> str:
-        return self.key("cd_steps", "cd_batch_size", "cd_lr", teacher=self.teacher_key())
+        extra = {"cd_overrides": list(self.cd_overrides)} if self.cd_overrides else {}
+        return self.key("cd_steps", "cd_batch_size", "cd_lr", teacher=self.teacher_key(), **extra)
 
     def shortcut_key(self) -> str:
         return self.key("cd_steps", "cd_batch_size", "cd_lr", method="shortcut", teacher=self.teacher_key())
@@ -250,6 +253,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.threads is not None:
         changes["threads"] = args.threads
     changes["teacher_recipe"] = args.teacher_recipe
+    changes["cd_overrides"] = tuple(args.cd_overrides)
     plan = dataclasses.replace(plan, **changes)
     if plan.n_eval < 20 or plan.n_eval_adapted < 20 or min(plan.nfe) < 1 or plan.cd_steps < 1:
         raise ValueError("n_eval and n_eval_adapted must be >= 20, NFE >= 1, cd_steps >= 1")
@@ -398,7 +402,7 @@ def distill_config(
 ):
     """``configs/distill/<method>.yaml`` at the study's budget; registration off; the pipeline's own
     evaluation reduced to its minimum (every row is evaluated on the fixed held-out set)."""
-    from caloforge.config import from_dict
+    from caloforge.config import apply_overrides, from_dict
     from caloforge.distill.config import DistillConfig
 
     path = REPO / "configs" / "distill" / f"{method}.yaml"
@@ -415,6 +419,7 @@ def distill_config(
         data["loop"]["optim"]["lr"] = plan.cd_lr
         if method == "cd":
             data["cd"].update(num_steps=1, student_init=student_init)
+            data = apply_overrides(data, plan.cd_overrides)
         else:
             data["shortcut"].update(num_steps=1)
     else:
@@ -1000,6 +1005,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--base-showers", type=int, help="teacher training showers per detector")
     p.add_argument("--n-eval", type=int, help="held-out showers (as many generated per row)")
     p.add_argument("--cd-steps", type=int, help="consistency distillation steps of the base student")
+    p.add_argument(
+        "--cd-set",
+        action="append",
+        default=[],
+        dest="cd_overrides",
+        metavar="KEY=VALUE",
+        help="override of the consistency student's config (configs/distill/cd.yaml keys, e.g. "
+        "objective.consistency_distillation.distance=pseudo_huber); part of its cache key",
+    )
     p.add_argument("--bns-iterations", type=int, help="Adam iterations per bespoke solver")
     p.add_argument("--adapted-cd-steps", type=int, help="distillation steps of the adapted runs")
     p.add_argument("--threads", type=int, help="torch threads (0: torch's default); ONNX timing is 1 thread")

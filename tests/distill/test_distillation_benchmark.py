@@ -107,6 +107,24 @@ def test_the_teacher_recipe_sets_model_and_loop_and_keys_the_teacher(bench) -> N
         bench.parse_args(["--teacher-recipe", "huge"])
 
 
+def test_cd_overrides_reach_the_student_config_and_key_only_the_student(bench) -> None:
+    """``--cd-set``: applied to the consistency student's config after the study's budget, part of the cd
+    cache key (and of the adapted runs', which start from it), not of the teacher's; without it the key is
+    the one it was before the option existed."""
+    plain = bench.make_plan(bench.parse_args([]))
+    distance = "objective.consistency_distillation.distance=pseudo_huber"
+    huber = bench.make_plan(bench.parse_args(["--cd-set", distance, "--cd-set", "cd.target_decay=0"]))
+    assert plain.cd_overrides == () and plain.cd_key() == plain.key(
+        "cd_steps", "cd_batch_size", "cd_lr", teacher=plain.teacher_key()
+    )
+    assert huber.teacher_key() == plain.teacher_key() and huber.cd_key() != plain.cd_key()
+    assert huber.shortcut_key() == plain.shortcut_key()
+    config = bench.distill_config(huber, "cd", "cd-test")
+    assert config.objective.consistency_distillation.distance == "pseudo_huber"
+    assert config.cd.target_decay == 0.0 and config.loop.steps == huber.cd_steps
+    assert bench.distill_config(plain, "cd", "cd-test").objective.consistency_distillation.distance == "l2"
+
+
 @pytest.mark.slow
 def test_the_study_runs_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
     out = tmp_path / "distillation.json"

@@ -94,6 +94,67 @@ def test_consistency_distillation_loss_by_hand() -> None:
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_pseudo_huber_distance_by_hand() -> None:
+    """The same case with iCT's pseudo-Huber distance: √(m + c²) − c of the hand-computed means m."""
+    x1 = torch.tensor([1.0, -1.0, 0.5, 2.0]).view(2, 1, 1, 2)
+    z = torch.tensor([0.5, 0.0, -1.0, 1.0]).view(2, 1, 1, 2)
+    kwargs = dict(
+        student=lambda x, t, c: 2 * x + t[:, None, None, None],
+        target=lambda x, t, c: x - t[:, None, None, None],
+        teacher_velocity=lambda x, t, c: 0.5 * x,
+        noisy=lambda x, noise, t: x + t[:, None, None, None] * noise,
+        levels_N=torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64),
+        x1_BZPR=x1,
+        n_B=torch.tensor([0, 1]),
+        noise_BZPR=z,
+        cond=None,
+    )
+    m = torch.tensor([(5.75**2 + 1.625**2) / 2, (0.75**2 + 15.0**2) / 2])
+    for c in (0.00054, 3.0):
+        loss = consistency_distillation_loss(**kwargs, distance="pseudo_huber", huber_c=c)
+        torch.testing.assert_close(loss, torch.sqrt(m + c * c) - c, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="distance must be one of"):
+        consistency_distillation_loss(**kwargs, distance="l1")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"distance": "l1"}, "distance must be one of"),
+        ({"huber_c": 0.0}, "huber_c must be a number > 0"),
+        ({"huber_c": True}, "huber_c must be a number > 0"),
+        ({"num_scales": 1}, "num_scales must be >= 2"),
+    ],
+)
+def test_consistency_config_names_the_bad_value(overrides: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ConsistencyDistillationConfig(**overrides)
+
+
+@pytest.mark.parametrize("distance", ["l2", "pseudo_huber"])
+def test_objective_passes_its_distance_on(distance: str) -> None:
+    teacher = make_model("flow_matching")
+    student = student_of(teacher, "consistency_fm")
+    target = student_of(teacher, "consistency_fm")
+    x1, ct = batch(student)
+    config = ConsistencyDistillationConfig(num_scales=8, distance=distance, huber_c=0.01)
+    objective = make_objective(
+        ObjectiveConfig(name="consistency_distillation", consistency_distillation=config), "consistency_fm"
+    )
+    ctx = LossContext(target=target, teacher=teacher)
+    loss = objective(student, x1, ct, torch.Generator().manual_seed(3), ctx)
+    gen = torch.Generator().manual_seed(3)
+    n = torch.randint(0, 7, (x1.shape[0],), generator=gen)
+    z = torch.randn(x1.shape, generator=gen)
+    levels = student.denoiser.cd_levels(8)
+    args = (student, target, teacher.velocity, student.denoiser.noisy, levels, x1, n, z, ct)
+    expected = consistency_distillation_loss(*args, distance=distance, huber_c=0.01)
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-6, atol=1e-7)
+    if distance == "pseudo_huber":
+        mse = consistency_distillation_loss(*args)
+        torch.testing.assert_close(loss.detach(), (mse + 1e-4).sqrt().detach() - 0.01, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     ("param", "teacher_param"), [("consistency", "edm"), ("consistency_fm", "flow_matching")]
 )

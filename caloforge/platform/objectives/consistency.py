@@ -8,7 +8,13 @@ teachers. Per sample:
 
     n ~ U{1, …, N − 1};  z ~ N(0, I);  x_{n+1} = noisy(x_1, z, t_{n+1})        (EDM: x_1 + σ z)
     x̂_n = one teacher solver step t_{n+1} → t_n from x_{n+1}                   (Heun, 2 teacher calls)
-    loss = ‖f_θ(x_{n+1}, t_{n+1}) − f_θ⁻(x̂_n, t_n)‖²   (mean over voxels)
+    loss = d(f_θ(x_{n+1}, t_{n+1}), f_θ⁻(x̂_n, t_n))
+
+with the distance d (``distance``) either ``l2``: the mean squared difference over the voxels, or
+``pseudo_huber`` (Song & Dhariwal 2023, "Improved techniques for training consistency models"):
+√(m + c²) − c with m that mean squared difference and c = ``huber_c`` (iCT's c = 0.00054·√d for the
+sum over d dimensions is 0.00054 on the mean) — quadratic for small errors, linear for large ones, so a few
+voxels far off (a teacher step through a sharp part of the flow) weigh less than under l2.
 
 f_θ is the student (the module being trained; a consistency parametrisation whose boundary condition
 f(x, t_1) = x makes the n = 1 target the teacher's step itself), f_θ⁻ the target network (an EMA of θ
@@ -39,17 +45,20 @@ from caloforge.platform.objectives.common import (
 )
 
 TEACHER_SOLVERS = ("heun", "euler")
+DISTANCES = ("l2", "pseudo_huber")
 FnXT = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class ConsistencyDistillationConfig:
     """Options of consistency distillation: ``num_scales`` N (noise levels; 32 in CaloDiT-2), the teacher's
-    one-step ``teacher_solver`` (``heun``, or ``euler``), the distance (``l2`` only)."""
+    one-step ``teacher_solver`` (``heun``, or ``euler``), the ``distance`` (``l2`` as CaloDiT-2, or
+    ``pseudo_huber`` with constant ``huber_c`` on the per-voxel mean; see the module docstring)."""
 
     num_scales: int = 32
     teacher_solver: Literal["heun", "euler"] = "heun"
-    distance: Literal["l2"] = "l2"
+    distance: Literal["l2", "pseudo_huber"] = "l2"
+    huber_c: float = 0.00054
 
     def __post_init__(self) -> None:
         if isinstance(self.num_scales, bool) or self.num_scales < 2:
@@ -61,9 +70,14 @@ class ConsistencyDistillationConfig:
                 f"objective.consistency_distillation.teacher_solver must be one of {TEACHER_SOLVERS}, got "
                 f"{self.teacher_solver!r}"
             )
-        if self.distance != "l2":
+        if self.distance not in DISTANCES:
             raise ValueError(
-                f"objective.consistency_distillation.distance must be 'l2', got {self.distance!r}"
+                f"objective.consistency_distillation.distance must be one of {DISTANCES}, got "
+                f"{self.distance!r}"
+            )
+        if isinstance(self.huber_c, bool) or not (isinstance(self.huber_c, int | float) and self.huber_c > 0):
+            raise ValueError(
+                f"objective.consistency_distillation.huber_c must be a number > 0, got {self.huber_c!r}"
             )
 
 
@@ -96,9 +110,12 @@ def consistency_distillation_loss(
     noise_BZPR: torch.Tensor,
     cond: Any,
     teacher_solver: str = "heun",
+    distance: str = "l2",
+    huber_c: float = 0.00054,
 ) -> torch.Tensor:
-    """Per-sample loss (B,) ‖f_θ(x_{n+1}, t_{n+1}) − f_θ⁻(x̂_n, t_n)‖² (mean over non-batch dims) for
-    0-based level indices ``n_B`` ∈ [0, N − 2] of ``levels_N`` (boundary first; see the module docstring)."""
+    """Per-sample loss (B,) d(f_θ(x_{n+1}, t_{n+1}), f_θ⁻(x̂_n, t_n)) for 0-based level indices
+    ``n_B`` ∈ [0, N − 2] of ``levels_N`` (boundary first): ``l2`` the mean squared difference over the
+    non-batch dims m, ``pseudo_huber`` √(m + c²) − c (see the module docstring)."""
     levels = levels_N.to(device=x1_BZPR.device, dtype=torch.float32)
     t_hi_B, t_lo_B = levels[n_B + 1], levels[n_B]
     x_hi = noisy(x1_BZPR, noise_BZPR, t_hi_B)
@@ -106,7 +123,12 @@ def consistency_distillation_loss(
         x_lo = teacher_step(teacher_velocity, x_hi, t_hi_B, t_lo_B, cond, teacher_solver)
         wanted = target(x_lo, t_lo_B, cond).float()
     out = student(x_hi, t_hi_B, cond).float()
-    return (out - wanted).pow(2).flatten(1).mean(dim=1)
+    mse_B = (out - wanted).pow(2).flatten(1).mean(dim=1)
+    if distance == "l2":
+        return mse_B
+    if distance == "pseudo_huber":
+        return torch.sqrt(mse_B + huber_c**2) - huber_c
+    raise ValueError(f"consistency_distillation_loss: distance must be one of {DISTANCES}, got {distance!r}")
 
 
 class ConsistencyDistillation(Objective):
@@ -148,6 +170,8 @@ class ConsistencyDistillation(Objective):
             noise_BZPR=noise.to(device=x1_BZPR.device, dtype=x1_BZPR.dtype),
             cond=cond,
             teacher_solver=self.config.teacher_solver,
+            distance=self.config.distance,
+            huber_c=float(self.config.huber_c),
         )
 
 
