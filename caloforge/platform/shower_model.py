@@ -316,19 +316,30 @@ class ShowerModel(nn.Module):
                 MAX_PATCH_VOXELS_PER_WIDTH,
             )
         model = cls(config, vocab, mesh_shape, stats=stats, lineage=lineage)
-        depth_tokens = bb.check_mesh(model.mesh_shape)[0]
-        if bb.pos_max_freq > depth_tokens:
+        depth_tokens, _, radius_tokens = bb.check_mesh(model.mesh_shape)
+        # the radius follows the depth's limit when the backbone says so (bundles before schema 5)
+        radius_named = config.pos_max_freq_r is not None or (
+            bb.pos_max_freq_r is None and config.pos_max_freq is not None
+        )
+        for axis, key, freq, tokens, named in (
+            ("depth", "pos_max_freq", bb.pos_max_freq, depth_tokens, config.pos_max_freq is not None),
+            ("radius", "pos_max_freq_r", bb.radius_max_freq, radius_tokens, radius_named),
+        ):
+            if freq <= tokens:
+                continue
             # the default on a short mesh warns; a value the config names is the user's choice (logged)
             logger.log(
-                logging.WARNING if config.pos_max_freq is None else logging.INFO,
-                "pos_max_freq %g is above the Nyquist frequency of the %d depth tokens (%d half periods): "
-                "the position features alias between token positions, so the model will not carry over "
-                "to a mesh whose tokens sit between them; set model.pos_max_freq <= %d "
-                "(docs/model.md, 'Position features')",
-                bb.pos_max_freq,
-                depth_tokens,
-                depth_tokens,
-                depth_tokens,
+                logging.INFO if named else logging.WARNING,
+                "%s %g is above the Nyquist frequency of the %d %s tokens (%d half periods): the position "
+                "features alias between token positions, so the model will not carry over to a mesh whose "
+                "tokens sit between them; set model.%s <= %d (docs/model.md, 'Position features')",
+                key,
+                freq,
+                tokens,
+                axis,
+                tokens,
+                key,
+                tokens,
             )
         return model
 

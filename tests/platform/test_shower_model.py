@@ -174,22 +174,43 @@ def test_build_checks_stats_against_the_mesh() -> None:
 def test_build_warns_when_position_features_alias_on_the_depth_tokens(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """SMALL_MESH has 12 layers: 4 depth tokens of 3, so the default 8 half periods alias; 4 do not."""
+    """SMALL_MESH has 12 layers: 4 depth tokens of 3, so the default 8 half periods alias; 4 do not. Its 6
+    radial bins make 2 radius tokens, below the radius default of 3."""
     with caplog.at_level(logging.WARNING, logger="caloforge.platform"):
         model = make_model()
     assert model.config.backbone_config().pos_max_freq == 8.0
     assert "above the Nyquist frequency of the 4 depth tokens" in caplog.text
     assert "model.pos_max_freq <= 4" in caplog.text
+    assert "above the Nyquist frequency of the 2 radius tokens" in caplog.text
+    assert "model.pos_max_freq_r <= 2" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="caloforge.platform"):
-        model = make_model(pos_max_freq=4)
+        model = make_model(pos_max_freq=4, pos_max_freq_r=2)
     assert "Nyquist" not in caplog.text and model.config.backbone_config().pos_max_freq == 4.0
     with caplog.at_level(logging.INFO, logger="caloforge.platform"):
-        make_model(pos_max_freq=32)  # named in the config: the user's choice, logged, not warned
-    assert [r.levelno for r in caplog.records if "Nyquist" in r.getMessage()] == [logging.INFO]
+        make_model(pos_max_freq=32, pos_max_freq_r=32)  # named in the config: the user's choice, logged
+    named = [r for r in caplog.records if "Nyquist" in r.getMessage()]
+    assert [r.levelno for r in named] == [logging.INFO, logging.INFO]
+    assert "radius tokens" in named[1].getMessage()
     for bad in (0.5, float("nan"), True, "8"):
         with pytest.raises(ValueError, match="pos_max_freq must be a finite number >= 1"):
             ShowerModelConfig(backbone="debug", pos_max_freq=bad)  # type: ignore[arg-type]
+
+
+def test_radius_aliasing_follows_a_backbone_whose_radius_follows_the_depth(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A backbone with ``pos_max_freq_r: null`` (bundles before schema 5) takes the depth's limit for the
+    radius: named depth limit, named radius limit (logged, not warned)."""
+    showers, cond = toy_showers(8, SMALL_MESH, seed=1)
+    stats = compute_stats(showers, cond.energy_mev, cond.theta_rad)
+    backbone = BackboneConfig(depth=1, width=32, heads=2, mlp_width=64, pos_max_freq_r=None)
+    cfg = ShowerModelConfig(backbone=backbone, pos_max_freq=4)
+    with caplog.at_level(logging.INFO, logger="caloforge.platform"):
+        ShowerModel.build(cfg, ConditionVocab.create(DETECTORS), stats, SMALL_MESH)
+    radius = [r for r in caplog.records if "radius tokens" in r.getMessage()]
+    assert [r.levelno for r in radius] == [logging.INFO]
+    assert "pos_max_freq_r 4 is above the Nyquist frequency of the 2 radius tokens" in radius[0].getMessage()
 
 
 def test_radius_position_limit_is_a_model_setting_that_round_trips(small_data, tmp_path: Path) -> None:
