@@ -13,8 +13,9 @@ teachers. Per sample:
 with the distance d (``distance``) either ``l2``: the mean squared difference over the voxels, or
 ``pseudo_huber`` (Song & Dhariwal 2023, "Improved techniques for training consistency models"):
 √(m + c²) − c with m that mean squared difference and c = ``huber_c`` (iCT's c = 0.00054·√d for the
-sum over d dimensions is 0.00054 on the mean) — quadratic for small errors, linear for large ones, so a few
-voxels far off (a teacher step through a sharp part of the flow) weigh less than under l2.
+sum over d dimensions is 0.00054 on the mean) — quadratic in a shower's error when it is small, linear when
+it is large, so the showers far off (a teacher step through a sharp part of the flow) weigh less than
+under l2 (the distance is per shower: m is already the mean over its voxels).
 
 f_θ is the student (the module being trained; a consistency parametrisation whose boundary condition
 f(x, t_1) = x makes the n = 1 target the teacher's step itself), f_θ⁻ the target network (an EMA of θ
