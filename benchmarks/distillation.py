@@ -1072,11 +1072,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for name in args.route_list:
         for c in ROUTES[name](ctx):
+            # not ``threads``: the quality does not depend on the torch threads and the ONNX timing is one
+            # thread whatever they are, so a row measured once serves runs with any --threads
             key = plan.key(
                 "n_eval",
                 "batch",
                 "gpu_batches",
-                "threads",
                 c=dataclasses.asdict(c),
                 t=plan.teacher_key(),
                 timing=TIMING,
