@@ -161,6 +161,16 @@ def read_bundle_config(directory: str | Path) -> dict[str, Any]:
     return data
 
 
+def _set_absent_pos_limit(out: dict[str, Any], key: str, in_backbone: Any, as_override: Any) -> None:
+    """Write the position limit ``key`` an older bundle was trained with: into its explicit backbone dict
+    (``in_backbone``, unless the dict names one) or, for a flavour name, as the model's override."""
+    backbone = out.get("backbone")
+    if isinstance(backbone, dict):
+        out["backbone"] = {key: in_backbone, **backbone}
+    else:
+        out[key] = as_override
+
+
 def migrate_model_config(model_config: dict[str, Any], schema_version: int) -> dict[str, Any]:
     """A ``model_config`` of an older bundle in today's terms (a copy; today's is returned unchanged).
 
@@ -176,18 +186,11 @@ def migrate_model_config(model_config: dict[str, Any], schema_version: int) -> d
     """
     out = dict(model_config)
     if schema_version < 4 and out.get("pos_max_freq") is None:
-        backbone = out.get("backbone")
-        if isinstance(backbone, dict):
-            out["backbone"] = {"pos_max_freq": LEGACY_POS_MAX_FREQ, **backbone}
-        else:
-            out["pos_max_freq"] = LEGACY_POS_MAX_FREQ
+        _set_absent_pos_limit(out, "pos_max_freq", LEGACY_POS_MAX_FREQ, LEGACY_POS_MAX_FREQ)
     if schema_version < 5 and out.get("pos_max_freq_r") is None:
-        backbone = out.get("backbone")
-        if isinstance(backbone, dict):
-            out["backbone"] = {"pos_max_freq_r": None, **backbone}  # None: as the backbone's pos_max_freq
-        else:  # a flavour name: its depth limit at v4 unless the bundle named one
-            depth = out.get("pos_max_freq")
-            out["pos_max_freq_r"] = DEFAULT_POS_MAX_FREQ if depth is None else depth
+        depth = out.get("pos_max_freq")  # a flavour's radius followed its depth limit at v4
+        # in an explicit backbone, None: as that backbone's pos_max_freq
+        _set_absent_pos_limit(out, "pos_max_freq_r", None, DEFAULT_POS_MAX_FREQ if depth is None else depth)
     if schema_version < 2 and "layer_energy" not in out:
         out["layer_energy"] = {"enabled": False}
     if "objective" in out and "parametrisation" not in out:
