@@ -117,6 +117,10 @@ def consistency_distillation_loss(
     """Per-sample loss (B,) d(f_θ(x_{n+1}, t_{n+1}), f_θ⁻(x̂_n, t_n)) for 0-based level indices
     ``n_B`` ∈ [0, N − 2] of ``levels_N`` (boundary first): ``l2`` the mean squared difference over the
     non-batch dims m, ``pseudo_huber`` √(m + c²) − c (see the module docstring)."""
+    if distance not in DISTANCES:
+        raise ValueError(
+            f"consistency_distillation_loss: distance must be one of {DISTANCES}, got {distance!r}"
+        )
     levels = levels_N.to(device=x1_BZPR.device, dtype=torch.float32)
     t_hi_B, t_lo_B = levels[n_B + 1], levels[n_B]
     x_hi = noisy(x1_BZPR, noise_BZPR, t_hi_B)
@@ -125,11 +129,9 @@ def consistency_distillation_loss(
         wanted = target(x_lo, t_lo_B, cond).float()
     out = student(x_hi, t_hi_B, cond).float()
     mse_B = (out - wanted).pow(2).flatten(1).mean(dim=1)
-    if distance == "l2":
-        return mse_B
     if distance == "pseudo_huber":
         return torch.sqrt(mse_B + huber_c**2) - huber_c
-    raise ValueError(f"consistency_distillation_loss: distance must be one of {DISTANCES}, got {distance!r}")
+    return mse_B
 
 
 class ConsistencyDistillation(Objective):
