@@ -1,10 +1,10 @@
 """Model bundles: a directory with ``config.json`` + ``model.safetensors``; no pickles, no training code.
 
-``config.json`` (schema_version 5)::
+``config.json`` (schema_version 6)::
 
     {
       "format": "caloforge.shower_model",
-      "schema_version": 5,
+      "schema_version": 6,
       "caloforge_version": "0.1.0", "torch_version": "...",
       "model_config": {...ShowerModelConfig as plain data...},
       "vocab": {"detectors": [...], "n_detector_slots": K},
@@ -27,7 +27,9 @@ The lineage is ``caloforge.platform.lineage.Lineage`` (typed, validated). Older 
   (``parent`` → ``parent_uri``, ``adaptation_method`` → ``strategy``, the ranges → ``trained``; ``kind``
   defaults to ``adapted`` when there is a parent, else ``base``) and keeps the rest of ``extra``;
 - versions 1–3 were trained with position features up to 32 half periods, versions 1–4 with the radius
-  features at the depth's limit (``migrate_model_config`` writes both in).
+  features at the depth's limit (``migrate_model_config`` writes both in);
+- versions 1–5 let the layer-energy head empty a layer the voxel model hit (``layer_energy.empty_layers =
+  either``; ``voxel_model`` since version 6), so their showers stay what they were.
 
 ``model.safetensors`` holds ``ShowerModel.state_dict()``: the network weights and the transform buffers
 (so users always get MeV). ``model_config.parametrisation`` also fixes which network tensors there are: a
@@ -68,7 +70,7 @@ from caloforge.platform.lineage import LEGACY_FIELD_KEYS, LEGACY_RANGE_KEYS, Lin
 from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig
 
 BUNDLE_FORMAT = "caloforge.shower_model"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 LEGACY_POS_MAX_FREQ = 32.0  # BackboneConfig.pos_max_freq of bundles before schema 4
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -182,7 +184,9 @@ def migrate_model_config(model_config: dict[str, Any], schema_version: int) -> d
     - v1–v3 bundles were trained with position features up to 32 half periods (the backbones' default
       then; 8 since v4): ``pos_max_freq = 32`` unless the bundle names one;
     - v1–v4 bundles' radius features follow ``pos_max_freq`` (the field ``pos_max_freq_r`` came with v4's
-      last release and its default, 3, with v5): the radius limit is set to the depth's.
+      last release and its default, 3, with v5): the radius limit is set to the depth's;
+    - v1–v5 bundles generate with the head's energy applied to every hit layer, also where it empties the
+      layer: ``layer_energy.empty_layers = either`` unless the bundle names it (``voxel_model`` since v6).
     """
     out = dict(model_config)
     if schema_version < 4 and out.get("pos_max_freq") is None:
@@ -193,6 +197,11 @@ def migrate_model_config(model_config: dict[str, Any], schema_version: int) -> d
         _set_absent_pos_limit(out, "pos_max_freq_r", None, DEFAULT_POS_MAX_FREQ if depth is None else depth)
     if schema_version < 2 and "layer_energy" not in out:
         out["layer_energy"] = {"enabled": False}
+    if schema_version < 6:
+        layer_energy = out.get("layer_energy")
+        layer_energy = dict(layer_energy) if isinstance(layer_energy, dict) else {}
+        layer_energy.setdefault("empty_layers", "either")
+        out["layer_energy"] = layer_energy
     if "objective" in out and "parametrisation" not in out:
         out["parametrisation"] = out.pop("objective")
     out.pop("flow_matching", None)

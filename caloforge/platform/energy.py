@@ -24,7 +24,8 @@ stages.
 - **Generation**: the head's ODE (sampler and step count of ``LayerEnergyConfig``) from per-shower noise
   gives E_z; ``rescale_layers`` scales each generated layer of the voxel model to its E_z, spreads the energy
   of layers the voxel model left empty over the others (so Σ_z E_z is kept), and re-applies the readout
-  threshold.
+  threshold. The voxel model decides which layers are hit (``LayerEnergyConfig.empty_layers``): a hit layer
+  whose E_z is too small to keep a voxel above the threshold keeps its own energy.
 
 Shape legend: B batch, Z layers, P angular bins, R radial bins, D backbone width, W head width.
 """
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,7 @@ from caloforge.platform.samplers import SAMPLERS
 STATS_MEAN_KEY = "layer_energy_over_einc_mean"
 STATS_STD_KEY = "layer_energy_over_einc_std"
 MIN_REL_STD = 1e-3  # floor of s_z relative to the largest s_z (layers that are (almost) never hit)
+EMPTY_LAYER_MODES = ("voxel_model", "either")  # which stage may leave a layer empty (``rescale_layers``)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ class LayerEnergyConfig:
     num_steps: int = 8  # head ODE steps at generation (8 and 64 midpoint steps agree to 0.1% in E_tot)
     loss_weight: float = 1.0  # weight of the head's loss beside the voxel loss
     draws: int = 16  # noise/time draws per shower per training step (the head is cheap)
+    # Which stage may leave a layer empty at generation (``rescale_layers``): ``voxel_model`` (a layer the
+    # voxel model hit keeps hits) or ``either`` (the head's energy may empty it too; bundles before schema 6).
+    empty_layers: Literal["voxel_model", "either"] = "voxel_model"
 
     def __post_init__(self) -> None:
         for name in ("width", "depth", "num_steps", "draws"):
@@ -71,6 +76,10 @@ class LayerEnergyConfig:
             raise ValueError(f"layer_energy.sampler: unknown {self.sampler!r} (known: {sorted(SAMPLERS)})")
         if not (isinstance(self.loss_weight, int | float) and self.loss_weight >= 0):
             raise ValueError(f"layer_energy.loss_weight must be >= 0, got {self.loss_weight!r}")
+        if self.empty_layers not in EMPTY_LAYER_MODES:
+            raise ValueError(
+                f"layer_energy.empty_layers must be one of {EMPTY_LAYER_MODES}, got {self.empty_layers!r}"
+            )
 
     def resolved_width(self, backbone_width: int) -> int:
         """The head's width for a backbone of ``backbone_width`` (``debug`` 64 → 128; ``S``/``B`` → 256)."""
@@ -221,18 +230,42 @@ def energy_flow_loss(
 
 
 def rescale_layers(
-    showers_mev_BZPR: torch.Tensor, layer_mev_BZ: torch.Tensor, threshold_mev: torch.Tensor | float
+    showers_mev_BZPR: torch.Tensor,
+    layer_mev_BZ: torch.Tensor,
+    threshold_mev: torch.Tensor | float,
+    empty_layers: str = "voxel_model",
 ) -> torch.Tensor:
     """Scale each layer of ``showers_mev_BZPR`` to ``layer_mev_BZ``; keep Σ_z E_z; re-apply the threshold.
 
-    A layer the voxel model left empty cannot take its energy; that energy is spread over the shower's other
-    layers in proportion (so the total stays Σ_z E_z); when every hit layer has a target of 0, the voxel
-    shower as a whole is scaled to Σ_z E_z. A shower with no voxel at all stays empty. No value-dependent
-    Python control flow (exports to ONNX)."""
+    ``empty_layers`` says which stage may leave a layer empty (``EMPTY_LAYER_MODES``):
+
+    - ``voxel_model``: a layer the voxel model hit keeps hits. Where its target is too small for the layer's
+      hottest voxel to stay at or above the threshold (a target of 0 included: the head's flow leaves
+      rarely-hit layers slightly negative, and those are set to 0), the layer keeps the voxel model's own
+      energy (before the total is scaled, below). The head's independent draws would otherwise empty layers
+      on top of the voxel model's own empty layers (docs/model.md, "Which stage leaves a layer empty").
+    - ``either`` (bundles before schema 6): every hit layer is scaled to its target, so a target of 0, or
+      one too small for any of its voxels, empties it.
+
+    The shower's total is then scaled to Σ_z E_z of ``layer_mev_BZ`` (the head's total, which it models
+    well; an undertrained voxel model's own energies can be far off): the energy of a layer the voxel model
+    left empty is spread over the others in proportion, and the energy a kept layer brings is taken from
+    them in proportion — which can push a kept layer's voxels below the threshold when kept layers carry a
+    large part of the shower. When every hit layer has a target of 0 (``either`` only), the voxel shower as
+    a whole is scaled to Σ_z E_z. A shower with no voxel at all stays empty. No value-dependent Python
+    control flow (exports to ONNX)."""
+    if empty_layers not in EMPTY_LAYER_MODES:
+        raise ValueError(f"empty_layers must be one of {EMPTY_LAYER_MODES}, got {empty_layers!r}")
     raw = showers_mev_BZPR.float()
     target = layer_mev_BZ.float()
+    threshold = torch.as_tensor(threshold_mev, dtype=raw.dtype, device=raw.device)
     have = raw.sum(dim=(2, 3))
-    layer_scale = torch.where(have > 0, target / have.clamp_min(1e-30), torch.zeros_like(have))
+    per_layer = target
+    if empty_layers == "voxel_model":
+        # The scaled layer's hottest voxel is peak · target / have: below the threshold nothing survives.
+        keeps_hits = target * raw.amax(dim=(2, 3)) >= threshold * have
+        per_layer = torch.where((have > 0) & ~keeps_hits, have, target)
+    layer_scale = torch.where(have > 0, per_layer / have.clamp_min(1e-30), torch.zeros_like(have))
     x = raw * layer_scale[:, :, None, None]
     # Every hit layer got a target of 0 while empty layers got energy: scale the voxel shower as a whole.
     lost_all = (x.sum(dim=(1, 2, 3)) <= 0)[:, None, None, None]
@@ -242,7 +275,6 @@ def rescale_layers(
         total_have > 0, target.sum(dim=1) / total_have.clamp_min(1e-30), torch.zeros_like(total_have)
     )
     x = x * total_scale[:, None, None, None]
-    threshold = torch.as_tensor(threshold_mev, dtype=x.dtype, device=x.device)
     return torch.where(x < threshold, torch.zeros_like(x), x)
 
 
@@ -254,6 +286,7 @@ def check_energy_grid(num_steps: int) -> torch.Tensor:
 
 
 __all__ = [
+    "EMPTY_LAYER_MODES",
     "STATS_MEAN_KEY",
     "STATS_STD_KEY",
     "LayerEnergyConfig",

@@ -542,7 +542,9 @@ class ShowerModel(nn.Module):
                 f"to_mev layer_mev_BZ: expected ({x_BZPR.shape[0]}, {self.mesh.n_z}), "
                 f"got {tuple(layer_mev_BZ.shape)}"
             )
-        return rescale_layers(showers, layer_mev_BZ, self.transform.threshold_mev)
+        return rescale_layers(
+            showers, layer_mev_BZ, self.transform.threshold_mev, self.config.layer_energy.empty_layers
+        )
 
     def layer_energies_mev(self, showers_mev_BZPR: torch.Tensor) -> torch.Tensor:
         """(B, Z) layer sums of MeV showers after the readout threshold (what the head learns)."""

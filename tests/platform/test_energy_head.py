@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -179,6 +180,42 @@ def test_rescale_layers_reapplies_the_threshold() -> None:
     torch.testing.assert_close(thresholded, out, rtol=0, atol=0)
 
 
+def test_rescale_layers_keeps_a_hit_layer_whose_target_would_empty_it() -> None:
+    shower = torch.zeros(1, 3, 2, 2)
+    shower[0, 0] = torch.tensor([[1.0, 3.0], [0.0, 0.0]])  # layer 0: 4 MeV, hottest voxel 3 MeV
+    shower[0, 1] = torch.tensor([[2.0, 2.0], [2.0, 2.0]])  # layer 1: 8 MeV, hottest voxel 2 MeV
+    shower[0, 2] = torch.tensor([[5.0, 0.0], [0.0, 5.0]])  # layer 2: 10 MeV
+    # layer 0: target 0 (the head's flow left it negative); layer 1: 1 MeV, i.e. 0.25 MeV per voxel, below
+    # the 0.5 MeV threshold; layer 2: 20 MeV. Σ = 21 MeV.
+    targets = torch.tensor([[0.0, 1.0, 20.0]])
+    legacy = rescale_layers(shower, targets, 0.5, "either")
+    assert not legacy[0, 0].any() and not legacy[0, 1].any()  # the head's energies empty layers 0 and 1
+    # layer 2 keeps its 20 MeV; layer 1's 1 MeV (4 × 0.25) went to the threshold
+    torch.testing.assert_close(legacy.sum(), torch.tensor(20.0), rtol=1e-6, atol=0)
+    out = rescale_layers(shower, targets, 0.5, "voxel_model")
+    # Layers 0 and 1 keep the voxel model's own energies (4 and 8 MeV), layer 2 takes its 20 MeV, and the
+    # shower is scaled to the head's total: 21 / 32 of each.
+    expected = torch.cat([shower[:, :2], shower[:, 2:] * 2.0], dim=1) * (21.0 / 32.0)
+    torch.testing.assert_close(out, torch.where(expected < 0.5, 0.0, expected), rtol=1e-6, atol=1e-6)
+    assert out[0, 0].any() and out[0, 1].any()
+    torch.testing.assert_close(out.sum(), torch.tensor(21.0), rtol=1e-6, atol=0)  # nothing fell below 0.5 MeV
+    # An empty layer's energy is spread over the others: Σ = 21 MeV on the 12 MeV of layers 0 and 1.
+    hole = shower.clone()
+    hole[0, 2] = 0.0
+    spread = rescale_layers(hole, targets, 0.5, "voxel_model")
+    torch.testing.assert_close(spread, hole * 21.0 / 12.0, rtol=1e-6, atol=1e-6)
+    # A target just large enough for the hottest voxel to reach the threshold is applied as it is.
+    exact = rescale_layers(shower, torch.tensor([[4.0 * 0.5 / 3.0, 8.0, 10.0]]), 0.5, "voxel_model")
+    torch.testing.assert_close(exact.sum(dim=(2, 3)), torch.tensor([[0.5, 8.0, 10.0]]), rtol=1e-5, atol=1e-6)
+
+
+def test_rescale_layers_refuses_an_unknown_mode() -> None:
+    with pytest.raises(ValueError, match="empty_layers must be one of"):
+        rescale_layers(torch.ones(1, 2, 2, 2), torch.ones(1, 2), 0.0, "head")
+    with pytest.raises(ValueError, match=r"layer_energy\.empty_layers must be one of"):
+        LayerEnergyConfig(empty_layers="head")  # type: ignore[arg-type]
+
+
 # ---- energy_flow_loss and gradients -------------------------------------------------------------------
 
 
@@ -335,20 +372,27 @@ def test_generate_with_the_head_depends_only_on_the_seed() -> None:
     assert not np.allclose(model.generate(cond, seeds=seeds + 1), full)
 
 
-def test_generated_total_is_the_heads_total_up_to_the_threshold() -> None:
-    model = make_model("edm", num_steps=3, sampler="euler", layer_energy=SMALL_HEAD)
+def _generate_in_stages(empty_layers: str, seeds: np.ndarray):
+    """A model's showers and the stages they are made of: voxel model alone, head's layer energies."""
+    head = dataclasses.replace(SMALL_HEAD, empty_layers=empty_layers)
+    model = make_model("edm", num_steps=3, sampler="euler", layer_energy=head)
     _, toy = toy_showers(8, SMALL_MESH, seed=6)
     # Incident energies down to 5 MeV, so that some rescaled voxels fall below the 15 keV threshold.
     cond = Conditions.make(np.geomspace(5.0, 1e4, 8), toy.theta_rad, toy.phi_rad, toy.pdg, toy.detector)
-    seeds = np.arange(8, dtype=np.int64) + 40
     out = model.generate(cond, seeds=seeds)
-    threshold = model.config.threshold_mev
     with torch.inference_mode():
         ct = model.encode_conditions(cond)
         x = model.sample(model.initial_noise(seeds), ct)
         layers = model.sample_layer_energies(model.initial_layer_noise(seeds), ct)
         unscaled = model.to_mev(x)
-        before_cut = rescale_layers(unscaled, layers, 0.0)
+    return model, out, unscaled, layers
+
+
+def test_generated_total_is_the_heads_total_up_to_the_threshold() -> None:
+    seeds = np.arange(8, dtype=np.int64) + 40
+    model, out, unscaled, layers = _generate_in_stages("either", seeds)
+    threshold = model.config.threshold_mev
+    before_cut = rescale_layers(unscaled, layers, 0.0, "either")
     np.testing.assert_array_equal(out, torch.where(before_cut < threshold, 0.0, before_cut).numpy())
     target = layers.sum(dim=1).double().numpy()
     total = out.astype(np.float64).sum(axis=(1, 2, 3))
@@ -366,6 +410,28 @@ def test_generated_total_is_the_heads_total_up_to_the_threshold() -> None:
     assert (deficit <= n_cut * threshold + 1e-5 * target).all()
     assert (deficit[n_cut > 0] > 0).all()
     np.testing.assert_allclose(total[n_cut == 0], target[n_cut == 0], rtol=1e-5, atol=0)
+
+
+def test_generated_showers_keep_every_layer_the_voxel_model_hit() -> None:
+    seeds = np.arange(8, dtype=np.int64) + 40
+    model, out, unscaled, layers = _generate_in_stages("voxel_model", seeds)
+    threshold = model.config.threshold_mev
+    np.testing.assert_array_equal(out, rescale_layers(unscaled, layers, threshold, "voxel_model").numpy())
+    hit = unscaled.sum(dim=(2, 3)).numpy() > 0
+    assert hit.all(), "every layer of the voxel model's showers has hits"
+    # The head's energies alone empty layers the voxel model hit; letting the voxel model decide keeps more
+    # of them (this toy's voxel model is untrained, so the kept layers carry much of the energy and the
+    # scaling to the head's total still pushes some below the threshold: docstring of rescale_layers).
+    _, legacy, _, _ = _generate_in_stages("either", seeds)
+    n_empty, n_empty_legacy = (out.sum(axis=(2, 3)) == 0).sum(), (legacy.sum(axis=(2, 3)) == 0).sum()
+    assert n_empty_legacy >= 3 and n_empty < n_empty_legacy
+    # The totals are the head's, up to the voxels the scaling pushed below the threshold (each < threshold).
+    target = layers.sum(dim=1).double().numpy()
+    total = out.astype(np.float64).sum(axis=(1, 2, 3))
+    n_lost = (unscaled > 0).sum(dim=(1, 2, 3)).numpy() - (out > 0).sum(axis=(1, 2, 3))
+    assert (total <= target * (1 + 1e-5)).all()
+    assert (target - total <= n_lost * threshold + 1e-5 * target).all()
+    np.testing.assert_allclose(total[target > 1e3], target[target > 1e3], rtol=1e-4)
 
 
 def test_unfitted_head_transform_is_refused() -> None:

@@ -254,7 +254,35 @@ def test_bundles_before_schema_5_keep_the_radius_at_the_depth_limit(small_data, 
     assert named["pos_max_freq_r"] == 32.0
     written_out = migrate_model_config({"backbone": {"depth": 2, "pos_max_freq": 8.0}}, 4)
     assert written_out["backbone"]["pos_max_freq_r"] is None
-    assert migrate_model_config({"backbone": "debug"}, 5) == {"backbone": "debug"}  # today's: unchanged
+    assert migrate_model_config({"backbone": "debug"}, 6) == {"backbone": "debug"}  # today's: unchanged
+
+
+def test_bundles_before_schema_6_let_the_head_empty_layers(small_data, tmp_path: Path) -> None:
+    """Before schema 6 the layer-energy head's energy was applied to every hit layer, also where it empties
+    the layer: such a bundle loads with ``empty_layers = either`` and samples what it sampled."""
+    legacy = make_model(layer_energy=LayerEnergyConfig(empty_layers="either"))
+    path = legacy.save(tmp_path / "v5")
+    data = json.loads((path / "config.json").read_text())
+    data["schema_version"] = 5
+    del data["model_config"]["layer_energy"]["empty_layers"]
+    (path / "config.json").write_text(json.dumps(data))
+    loaded = load_bundle(path)
+    assert loaded.config.layer_energy.empty_layers == "either"
+    _, cond = small_data
+    cond, seeds = cond.subset(slice(0, 2)), np.array([5, 6], dtype=np.int64)
+    kwargs = {"num_steps": 2, "sampler": "euler"}
+    torch.testing.assert_close(
+        loaded.generate(cond, seeds=seeds, **kwargs), legacy.generate(cond, seeds=seeds, **kwargs)
+    )
+    assert make_model().config.layer_energy.empty_layers == "voxel_model"  # today's default
+    assert migrate_model_config({"layer_energy": {"enabled": False}}, 1)["layer_energy"] == {
+        "enabled": False,
+        "empty_layers": "either",
+    }
+    assert migrate_model_config({}, 5)["layer_energy"] == {"empty_layers": "either"}
+    assert migrate_model_config({"layer_energy": {"empty_layers": "voxel_model"}}, 6) == {
+        "layer_energy": {"empty_layers": "voxel_model"}
+    }
 
 
 def test_sampling_defaults_and_residual_stream_change_through_named_methods() -> None:
