@@ -247,13 +247,13 @@ def rescale_layers(
     - ``either`` (bundles before schema 6): every hit layer is scaled to its target, so a target of 0, or
       one too small for any of its voxels, empties it.
 
-    The shower's total is then scaled to Σ_z E_z of ``layer_mev_BZ`` (the head's total, which it models
-    well; an undertrained voxel model's own energies can be far off): the energy of a layer the voxel model
-    left empty is spread over the others in proportion, and the energy a kept layer brings is taken from
-    them in proportion — which can push a kept layer's voxels below the threshold when kept layers carry a
-    large part of the shower. When every hit layer has a target of 0 (``either`` only), the voxel shower as
-    a whole is scaled to Σ_z E_z. A shower with no voxel at all stays empty. No value-dependent Python
-    control flow (exports to ONNX)."""
+    The whole shower is then scaled so that its total is Σ_z E_z of ``layer_mev_BZ`` (the head's total,
+    which it models well; an undertrained voxel model's own energies can be far off): the energy of a layer
+    the voxel model left empty raises every hit layer in proportion, the energy kept layers bring lowers
+    every layer in proportion — which can push a kept layer's voxels below the threshold when kept layers
+    carry a large part of the shower. When every hit layer has a target of 0 (``either`` only), the voxel
+    shower as a whole is scaled to Σ_z E_z. A shower with no voxel at all stays empty. No value-dependent
+    Python control flow (exports to ONNX)."""
     if empty_layers not in EMPTY_LAYER_MODES:
         raise ValueError(f"empty_layers must be one of {EMPTY_LAYER_MODES}, got {empty_layers!r}")
     raw = showers_mev_BZPR.float()
