@@ -197,11 +197,9 @@ def migrate_model_config(model_config: dict[str, Any], schema_version: int) -> d
         _set_absent_pos_limit(out, "pos_max_freq_r", None, DEFAULT_POS_MAX_FREQ if depth is None else depth)
     if schema_version < 2 and "layer_energy" not in out:
         out["layer_energy"] = {"enabled": False}
-    if schema_version < 6:
-        layer_energy = out.get("layer_energy")
-        layer_energy = dict(layer_energy) if isinstance(layer_energy, dict) else {}
-        layer_energy.setdefault("empty_layers", "either")
-        out["layer_energy"] = layer_energy
+    layer_energy = out.get("layer_energy", {})
+    if schema_version < 6 and isinstance(layer_energy, dict):  # anything else: from_dict names the error
+        out["layer_energy"] = {"empty_layers": "either", **layer_energy}
     if "objective" in out and "parametrisation" not in out:
         out["parametrisation"] = out.pop("objective")
     out.pop("flow_matching", None)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,8 @@ from caloforge.platform.samplers import SAMPLERS
 STATS_MEAN_KEY = "layer_energy_over_einc_mean"
 STATS_STD_KEY = "layer_energy_over_einc_std"
 MIN_REL_STD = 1e-3  # floor of s_z relative to the largest s_z (layers that are (almost) never hit)
-EMPTY_LAYER_MODES = ("voxel_model", "either")  # which stage may leave a layer empty (``rescale_layers``)
+EmptyLayerMode = Literal["voxel_model", "either"]  # which stage may leave a layer empty (``rescale_layers``)
+EMPTY_LAYER_MODES: tuple[str, ...] = get_args(EmptyLayerMode)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class LayerEnergyConfig:
     draws: int = 16  # noise/time draws per shower per training step (the head is cheap)
     # Which stage may leave a layer empty at generation (``rescale_layers``): ``voxel_model`` (a layer the
     # voxel model hit keeps hits) or ``either`` (the head's energy may empty it too; bundles before schema 6).
-    empty_layers: Literal["voxel_model", "either"] = "voxel_model"
+    empty_layers: EmptyLayerMode = "voxel_model"
 
     def __post_init__(self) -> None:
         for name in ("width", "depth", "num_steps", "draws"):
@@ -233,7 +234,7 @@ def rescale_layers(
     showers_mev_BZPR: torch.Tensor,
     layer_mev_BZ: torch.Tensor,
     threshold_mev: torch.Tensor | float,
-    empty_layers: str = "voxel_model",
+    empty_layers: EmptyLayerMode = "voxel_model",
 ) -> torch.Tensor:
     """Scale each layer of ``showers_mev_BZPR`` to ``layer_mev_BZ``; keep Σ_z E_z; re-apply the threshold.
 
@@ -289,6 +290,7 @@ __all__ = [
     "EMPTY_LAYER_MODES",
     "STATS_MEAN_KEY",
     "STATS_STD_KEY",
+    "EmptyLayerMode",
     "LayerEnergyConfig",
     "LayerEnergyFlow",
     "LayerEnergyTransform",
