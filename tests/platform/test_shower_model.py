@@ -280,6 +280,7 @@ def test_bundles_before_schema_6_let_the_head_empty_layers(small_data, tmp_path:
         "empty_layers": "either",
     }
     assert migrate_model_config({}, 5)["layer_energy"] == {"empty_layers": "either"}
+    assert migrate_model_config({"layer_energy": "on"}, 5)["layer_energy"] == "on"  # from_dict refuses it
     assert migrate_model_config({"layer_energy": {"empty_layers": "voxel_model"}}, 6) == {
         "layer_energy": {"empty_layers": "voxel_model"}
     }
