@@ -522,6 +522,9 @@ def _fit_bns(
         for start in range(0, total, opts.batch_size):
             stop = min(start + opts.batch_size, total)
             cond = model.encode_conditions(train.conditions.subset(rows[start:stop]))
+            if model.reads_layer_energies:  # as at generation: the head's layer energies first
+                layers = model.sample_layer_energies(model.initial_layer_noise(seeds[start:stop]), cond)
+                cond = model.with_layers(cond, layers)
             x0 = model.denoiser.prior(model.initial_noise(seeds[start:stop]))
             ref = model.sample(
                 model.initial_noise(seeds[start:stop]), cond, opts.reference_sampler, opts.reference_steps

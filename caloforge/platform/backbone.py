@@ -58,6 +58,7 @@ DEFAULT_POS_MAX_FREQ = 8.0  # BackboneConfig.pos_max_freq of every flavour (bund
 # p_r 3); bundles before schema 5 have the radius follow pos_max_freq
 DEFAULT_POS_MAX_FREQ_R = 3.0
 N_COORDS = 4  # u_z, sin α, cos α, u_r
+LAYER_PROFILE_FEATURES = 3  # LayerCondition.profile_BF: energy ratio, mean depth, depth spread
 
 
 @dataclass(frozen=True)
@@ -365,12 +366,20 @@ class ShowerDiT(nn.Module):
     models: 1000·d), embedded by ``step_embedder`` (a ``TimestepEmbedder`` with a zero output layer) and
     added to the conditioning vector; without it ``step_label_B`` must be None. ``coords_TC`` are the patch
     coordinates of ``patch_coordinates(mesh, patch)``; when None they are derived from the input shape with
-    uniform radial bins. Weights are initialised from ``seed`` through a private ``torch.Generator`` (the
-    global RNG is not touched).
+    uniform radial bins. With ``layer_condition`` the network also reads the layer energies (``cond.layers``,
+    a ``LayerCondition``): each token gets a linear map of its ``p_z`` layers' standardised energies added to
+    its embedding (``layer_token_embed``), the conditioning vector a linear map of the shower's profile
+    numbers (``layer_profile_embed``); both start at zero. Weights are initialised from ``seed`` through a
+    private ``torch.Generator`` (the global RNG is not touched).
     """
 
     def __init__(
-        self, config: BackboneConfig, n_detector_slots: int, seed: int = 0, step_condition: bool = False
+        self,
+        config: BackboneConfig,
+        n_detector_slots: int,
+        seed: int = 0,
+        step_condition: bool = False,
+        layer_condition: bool = False,
     ) -> None:
         super().__init__()
         if n_detector_slots < 1:
@@ -395,6 +404,8 @@ class ShowerDiT(nn.Module):
             self.final_layer = FinalLayer(d, config.patch_volume)
             # Registered last: networks without it keep their state-dict keys and initialisation draws.
             self.step_embedder = TimestepEmbedder(d) if step_condition else None
+            self.layer_token_embed = nn.Linear(config.patch_size[0], d) if layer_condition else None
+            self.layer_profile_embed = nn.Linear(LAYER_PROFILE_FEATURES, d) if layer_condition else None
         self.to_empty(device="cpu")
         self.reset_parameters(seed)
 
@@ -403,11 +414,12 @@ class ShowerDiT(nn.Module):
         """DiT initialisation (xavier-uniform linears, N(0, 0.02) embeddings and timestep MLP, zero adaLN
         modulation and output layer), drawn from ``torch.Generator().manual_seed(seed)``. The optional step
         embedder is drawn after everything else (N(0, 0.02) first layer, zero output layer), so the other
-        weights do not depend on whether it exists."""
+        weights do not depend on whether it exists; the optional layer-energy maps start at zero (no draw)."""
         gen = torch.Generator().manual_seed(int(seed))
         step = self.step_embedder
+        layer_maps = [m for m in (self.layer_token_embed, self.layer_profile_embed) if m is not None]
         for _name, child in self.named_children():
-            if child is not step:
+            if child is not step and not any(child is m for m in layer_maps):
                 xavier_init_linears(child, gen)
         for emb in (self.particle_embed, self.detector_embed):
             nn.init.normal_(emb.weight, std=0.02, generator=gen)
@@ -427,11 +439,42 @@ class ShowerDiT(nn.Module):
             nn.init.zeros_(step.fc1.bias)
             nn.init.zeros_(step.fc2.weight)
             nn.init.zeros_(step.fc2.bias)
+        for lin in layer_maps:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
 
     @property
     def step_condition(self) -> bool:
         """Whether the network takes a step-size label (``forward``'s ``step_label_B``)."""
         return self.step_embedder is not None
+
+    @property
+    def layer_condition(self) -> bool:
+        """Whether the network reads the layer energies (``cond.layers``)."""
+        return self.layer_token_embed is not None
+
+    def _layer_inputs(
+        self, cond: ConditionTensors, n_tokens: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, D) token and (B, D) conditioning-vector contributions of ``cond.layers``."""
+        assert self.layer_token_embed is not None and self.layer_profile_embed is not None
+        layers = cond.layers
+        if layers is None:
+            raise ValueError(
+                "this network is conditioned on the layer energies but cond.layers is None: attach them "
+                "with ShowerModel.with_layers(cond, layer_mev_BZ) (the data's E_z in training, the head's "
+                "at generation)"
+            )
+        b, n_z = layers.u_BZ.shape
+        p_z = self.config.patch_size[0]
+        if n_z % p_z or n_tokens % (n_z // p_z):
+            raise ValueError(
+                f"cond.layers has {n_z} layers, which do not tile {n_tokens} tokens in depth patches of {p_z}"
+            )
+        per_depth_BZD = self.layer_token_embed(layers.u_BZ.reshape(b, n_z // p_z, p_z).to(dtype))
+        # token order (z, φ, r), z slowest: every token of a depth patch gets that patch's vector
+        tokens_BTD = per_depth_BZD.repeat_interleave(n_tokens // (n_z // p_z), dim=1)
+        return tokens_BTD, self.layer_profile_embed(layers.profile_BF.to(dtype))
 
     # ---- shape plumbing -------------------------------------------------------------------------------
 
@@ -499,6 +542,10 @@ class ShowerDiT(nn.Module):
             )
         pos_TD = self.position_embedding(coords_TC.float().to(x_BZPR.device))
         h_BTD = self.patch_embed(tokens_BTV) + pos_TD.to(dtype)[None]
+        layer_vector_BD = None
+        if self.layer_token_embed is not None:
+            layer_tokens_BTD, layer_vector_BD = self._layer_inputs(cond, h_BTD.shape[1], dtype)
+            h_BTD = h_BTD + layer_tokens_BTD
         device_type = h_BTD.device.type
         if self.autocast_stream and torch.is_autocast_enabled(device_type):
             # The residual stream in bf16: the memory-bound work around the matmuls (norm + modulation,
@@ -506,6 +553,8 @@ class ShowerDiT(nn.Module):
             # the weights stay fp32; only the running sum x + gate·f(x) is rounded to bf16 each block.
             h_BTD = h_BTD.to(torch.get_autocast_dtype(device_type))
         c_BD = self.condition_embedding(noise_label_B, cond)
+        if layer_vector_BD is not None:
+            c_BD = c_BD + layer_vector_BD
         if self.step_embedder is not None:
             if step_label_B is None:
                 raise ValueError("this ShowerDiT is step-conditioned: forward needs step_label_B")

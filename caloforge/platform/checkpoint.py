@@ -1,10 +1,10 @@
 """Model bundles: a directory with ``config.json`` + ``model.safetensors``; no pickles, no training code.
 
-``config.json`` (schema_version 6)::
+``config.json`` (schema_version 7)::
 
     {
       "format": "caloforge.shower_model",
-      "schema_version": 6,
+      "schema_version": 7,
       "caloforge_version": "0.1.0", "torch_version": "...",
       "model_config": {...ShowerModelConfig as plain data...},
       "vocab": {"detectors": [...], "n_detector_slots": K},
@@ -29,13 +29,17 @@ The lineage is ``caloforge.platform.lineage.Lineage`` (typed, validated). Older 
 - versions 1–3 were trained with position features up to 32 half periods, versions 1–4 with the radius
   features at the depth's limit (``migrate_model_config`` writes both in);
 - versions 1–5 let the layer-energy head empty a layer the voxel model hit (``layer_energy.empty_layers =
-  either``; ``voxel_model`` since version 6), so their showers stay what they were.
+  either``; ``voxel_model`` since version 6), so their showers stay what they were;
+- versions 1–6 have no voxel model conditioned on the layer energies (``layer_energy.condition_voxels``,
+  false when absent: nothing to migrate; the version tells older code that such a bundle is not for it).
 
 ``model.safetensors`` holds ``ShowerModel.state_dict()``: the network weights and the transform buffers
 (so users always get MeV). ``model_config.parametrisation`` also fixes which network tensors there are: a
 step-conditioned parametrisation (``shortcut``, ``denoisers.DENOISERS[...].step_conditioned``) adds the
 step embedding ``denoiser.net.step_embedder.*``; every other parametrisation has exactly the tensors it
-always had, so older bundles load unchanged and no schema bump was needed. The patch coordinates are
+always had, so older bundles load unchanged and no schema bump was needed. Likewise
+``layer_energy.condition_voxels`` adds ``denoiser.net.layer_token_embed.*`` and
+``denoiser.net.layer_profile_embed.*``. The patch coordinates are
 derived from the mesh and not stored.
 
 Saving is atomic (write to a temporary sibling directory, then rename); an existing bundle is replaced only
@@ -70,7 +74,7 @@ from caloforge.platform.lineage import LEGACY_FIELD_KEYS, LEGACY_RANGE_KEYS, Lin
 from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig
 
 BUNDLE_FORMAT = "caloforge.shower_model"
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 LEGACY_POS_MAX_FREQ = 32.0  # BackboneConfig.pos_max_freq of bundles before schema 4
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -122,23 +122,48 @@ class Conditions:
 
 
 @dataclass(frozen=True)
+class LayerCondition:
+    """The layer energies as a voxel network conditioned on them reads them (CaloFlow's order: the
+    layer-energy head samples E_z first, the voxel model follows). Built by ``ShowerModel.with_layers``:
+
+    - ``u_BZ``: each layer's E_z / E_inc standardised per layer (the head's own space), clamped to
+      [-5, 20] (a layer whose data spread is tiny cannot blow the token features up);
+    - ``profile_BF``: (B, 3) whole-shower numbers: ΣE_z / E_inc − 1, 4·(mean depth − 0.3) and 4·(depth
+      spread), depth being the layer index over (Z − 1), energy-weighted.
+    """
+
+    u_BZ: torch.Tensor
+    profile_BF: torch.Tensor
+
+    def to(self, device: torch.device | str) -> LayerCondition:
+        return LayerCondition(self.u_BZ.to(device), self.profile_BF.to(device))
+
+    def index(self, idx: torch.Tensor | slice) -> LayerCondition:
+        return LayerCondition(self.u_BZ[idx], self.profile_BF[idx])
+
+
+@dataclass(frozen=True)
 class ConditionTensors:
-    """Network-side conditions, one row per shower (all on one device)."""
+    """Network-side conditions, one row per shower (all on one device). ``layers`` is set only for a
+    model whose voxel network reads the layer energies (``ShowerModel.with_layers``)."""
 
     energy_mev: torch.Tensor  # (B,) float32
     theta_rad: torch.Tensor  # (B,) float32
     phi_rad: torch.Tensor  # (B,) float32
     particle_idx: torch.Tensor  # (B,) int64 in [0, N_PARTICLE_TYPES)
     detector_idx: torch.Tensor  # (B,) int64 in [0, vocab.n_detector_slots)
+    layers: LayerCondition | None = None
 
     def __len__(self) -> int:
         return self.energy_mev.shape[0]
 
     def to(self, device: torch.device | str) -> ConditionTensors:
-        return ConditionTensors(*(getattr(self, f).to(device) for f in self.fields()))
+        layers = None if self.layers is None else self.layers.to(device)
+        return ConditionTensors(*(getattr(self, f).to(device) for f in self.fields()), layers=layers)
 
     def index(self, idx: torch.Tensor | slice) -> ConditionTensors:
-        return ConditionTensors(*(getattr(self, f)[idx] for f in self.fields()))
+        layers = None if self.layers is None else self.layers.index(idx)
+        return ConditionTensors(*(getattr(self, f)[idx] for f in self.fields()), layers=layers)
 
     @staticmethod
     def fields() -> tuple[str, ...]:

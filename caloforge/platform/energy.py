@@ -41,12 +41,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from caloforge.platform.backbone import TIME_FREQ_DIM, timestep_features, xavier_init_linears
+from caloforge.platform.conditioning import LayerCondition
 from caloforge.platform.denoisers import NOISE_LABEL_SCALE
 from caloforge.platform.samplers import SAMPLERS
 
 STATS_MEAN_KEY = "layer_energy_over_einc_mean"
 STATS_STD_KEY = "layer_energy_over_einc_std"
 MIN_REL_STD = 1e-3  # floor of s_z relative to the largest s_z (layers that are (almost) never hit)
+LAYER_U_MIN, LAYER_U_MAX = -5.0, 20.0  # clamp of the standardised u_z a conditioned voxel model reads
 EmptyLayerMode = Literal["voxel_model", "either"]  # which stage may leave a layer empty (``rescale_layers``)
 EMPTY_LAYER_MODES: tuple[str, ...] = get_args(EmptyLayerMode)
 
@@ -65,6 +67,10 @@ class LayerEnergyConfig:
     # Which stage may leave a layer empty at generation (``rescale_layers``): ``voxel_model`` (a layer the
     # voxel model hit keeps hits) or ``either`` (the head's energy may empty it too; bundles before schema 6).
     empty_layers: EmptyLayerMode = "voxel_model"
+    # The voxel model reads the layer energies (CaloFlow's order: the head samples E_z first; training feeds
+    # the data's own E_z): ``ShowerDiT`` with ``layer_condition`` (docs/model.md, "Layer energies"). Off in
+    # bundles before schema 7 and by default; on in the fidelity recipes, where it was measured.
+    condition_voxels: bool = False
 
     def __post_init__(self) -> None:
         for name in ("width", "depth", "num_steps", "draws"):
@@ -77,6 +83,15 @@ class LayerEnergyConfig:
             raise ValueError(f"layer_energy.sampler: unknown {self.sampler!r} (known: {sorted(SAMPLERS)})")
         if not (isinstance(self.loss_weight, int | float) and self.loss_weight >= 0):
             raise ValueError(f"layer_energy.loss_weight must be >= 0, got {self.loss_weight!r}")
+        if not isinstance(self.condition_voxels, bool):
+            raise ValueError(
+                f"layer_energy.condition_voxels must be true or false, got {self.condition_voxels!r}"
+            )
+        if self.condition_voxels and not self.enabled:
+            raise ValueError(
+                "layer_energy.condition_voxels needs the head (layer_energy.enabled: true): the voxel model "
+                "would have no layer energies to read at generation"
+            )
         if self.empty_layers not in EMPTY_LAYER_MODES:
             raise ValueError(
                 f"layer_energy.empty_layers must be one of {EMPTY_LAYER_MODES}, got {self.empty_layers!r}"
@@ -158,6 +173,22 @@ class LayerEnergyTransform(nn.Module):
         have = positive.sum(dim=1)
         scale = torch.where(have > 0, total / have.clamp_min(1e-30), torch.zeros_like(have))
         return positive * scale[:, None] * energy_mev_B.float()[:, None]
+
+    def condition(self, layer_mev_BZ: torch.Tensor, energy_mev_B: torch.Tensor) -> LayerCondition:
+        """What a voxel network conditioned on the layer energies reads (``LayerCondition``) for layer
+        energies in MeV (negative entries count as 0): the standardised u_z clamped to
+        [``LAYER_U_MIN``, ``LAYER_U_MAX``] and (ΣE_z/E_inc − 1, 4·(mean depth − 0.3), 4·depth spread)."""
+        self._check(layer_mev_BZ, energy_mev_B, "LayerEnergyTransform.condition")
+        layer_BZ = layer_mev_BZ.float().clamp_min(0.0)
+        u_BZ = self.forward(layer_BZ, energy_mev_B).clamp(LAYER_U_MIN, LAYER_U_MAX)
+        total_B = layer_BZ.sum(dim=1)
+        weight_BZ = layer_BZ / total_B.clamp_min(1e-30)[:, None]
+        depth_Z = torch.arange(self.n_z, dtype=torch.float32, device=layer_BZ.device) / max(self.n_z - 1, 1)
+        mean_B = (weight_BZ * depth_Z).sum(dim=1)
+        spread_B = (weight_BZ * (depth_Z - mean_B[:, None]) ** 2).sum(dim=1).clamp_min(0.0).sqrt()
+        ratio_B = total_B / energy_mev_B.float() - 1.0
+        profile_BF = torch.stack([ratio_B, 4.0 * (mean_B - 0.3), 4.0 * spread_B], dim=1)
+        return LayerCondition(u_BZ, profile_BF)
 
 
 class _EnergyBlock(nn.Module):

@@ -13,7 +13,9 @@ per-shower seeds as EDM's ``StackedRandomGenerator``):
    ``velocity`` over ``denoiser.time_grid(num_steps)`` (see ``denoisers.py`` for the time convention);
 3. ``to_mev(x, layers)``: the inverse transform (threshold, clamp ≥ 0) and, for a model with the
    layer-energy head (``energy.py``, on by default), the scaling of each layer to the head's sample
-   ``layers = sample_layer_energies(initial_layer_noise(seeds), cond)``.
+   ``layers = sample_layer_energies(initial_layer_noise(seeds), cond)``. The head runs first: a model
+   whose voxel network reads the layer energies (``layer_energy.condition_voxels``) samples with
+   ``cond = with_layers(cond, layers)``.
 
 ``generate(conditions, ...)`` chains them in batches and returns float32 numpy (N, n_z, n_phi, n_r) in MeV.
 ``forward(x_t_BZPR, t_B, cond)`` is the training-time network call used by the objectives (so DDP/DeepSpeed
@@ -266,6 +268,7 @@ class ShowerModel(nn.Module):
             vocab.n_detector_slots,
             seed=config.init_seed,
             step_condition=DENOISERS[config.parametrisation].step_conditioned,
+            layer_condition=config.layer_energy.enabled and config.layer_energy.condition_voxels,
         )
         net.autocast_stream = config.residual_stream == "autocast"
         self.denoiser = make_denoiser(config, net)
@@ -448,6 +451,27 @@ class ShowerModel(nn.Module):
     @property
     def default_num_steps(self) -> int:
         return self.config.num_steps
+
+    @property
+    def reads_layer_energies(self) -> bool:
+        """Whether the voxel network is conditioned on the layer energies (``layer_energy.condition_voxels``):
+        then every call of the network needs ``cond.layers`` (``with_layers``)."""
+        return self.network.layer_condition
+
+    def with_layers(self, cond: ConditionTensors, layer_mev_BZ: torch.Tensor) -> ConditionTensors:
+        """``cond`` with the layer energies ``layer_mev_BZ`` (B, Z) in MeV attached as the voxel network
+        reads them (the data's own E_z in training, the head's at generation); ``cond`` unchanged for a
+        model that does not read them."""
+        if not self.reads_layer_energies:
+            return cond
+        _, transform = self._require_energy_head()
+        layers = torch.as_tensor(layer_mev_BZ, dtype=torch.float32, device=cond.energy_mev.device)
+        if layers.ndim != 2 or tuple(layers.shape) != (len(cond), self.mesh.n_z):
+            raise ValueError(
+                f"with_layers layer_mev_BZ: expected ({len(cond)}, {self.mesh.n_z}), "
+                f"got {tuple(layers.shape)}"
+            )
+        return dataclasses.replace(cond, layers=transform.condition(layers, cond.energy_mev))  # fp32 ops
 
     @property
     def has_energy_head(self) -> bool:
@@ -674,10 +698,11 @@ class ShowerModel(nn.Module):
                     noise, layer_noise = seeded_noise(
                         seeds[start:stop], self.mesh_shape, self.has_energy_head
                     )
-                    x = self.sample(noise.to(self.device), cond, sampler, num_steps)
                     layers = None
-                    if layer_noise is not None:
+                    if layer_noise is not None:  # the head first: a voxel model may read its E_z
                         layers = self.sample_layer_energies(layer_noise.to(self.device), cond)
+                        cond = self.with_layers(cond, layers)
+                    x = self.sample(noise.to(self.device), cond, sampler, num_steps)
                     out[start:stop] = self.to_mev(x, layers).float().cpu().numpy()
         finally:
             self.train(was_training)

@@ -122,11 +122,14 @@ class SamplerGraph(nn.Module):
             )
         named = dict(zip(self.input_names, inputs, strict=True))
         cond = ConditionTensors(*(named[name] for name in CONDITION_INPUT_NAMES))
+        layer_mev_BZ = None
+        if self.layer_energy:  # the head first: a voxel model may read its E_z (ShowerModel.generate's order)
+            layer_mev_BZ = self._layer_energies(named["layer_noise"], cond)
+            cond = self.model.with_layers(cond, layer_mev_BZ)
         x_BZPR = self.model.denoiser.prior(named["noise"])
         x_BZPR = self.sampler(
             self.model.velocity, x_BZPR, self.grid, cond, final_singular=self.final_singular
         )
-        layer_mev_BZ = self._layer_energies(named["layer_noise"], cond) if self.layer_energy else None
         return self.model.to_mev(x_BZPR, layer_mev_BZ)
 
     def _layer_energies(self, noise_BZ: torch.Tensor, cond: ConditionTensors) -> torch.Tensor:

@@ -8,7 +8,10 @@ the bundle, so training and generation can never disagree on it) and conditions 
 gradient sync sees the forward) with the loop's :class:`LossContext`; the transform and vocabulary are
 read from the ``ShowerModel`` inside it. A model with the layer-energy head adds
 ``layer_energy.loss_weight`` × the head's loss (``ShowerModel.energy_loss``, drawn from the same generator
-after the objective's draws) to each shower's loss.
+after the objective's draws) to each shower's loss. A model whose voxel network reads the layer energies
+(``layer_energy.condition_voxels``) gets the batch's own layer energies attached to its conditions
+(``ShowerModel.with_layers``), so every objective — consistency and shortcut distillation included — trains
+p(showers | E_z).
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ def shower_loss_fn(model: ShowerModel, objective: Objective | ObjectiveConfig | 
         with torch.autocast(device_type=device.type, enabled=False):
             x1_BZPR = shower_model.to_model_space(showers_mev_BZPR)
         cond = shower_model.encode_conditions(batch.conditions())
+        if shower_model.reads_layer_energies:  # the voxel model learns p(x | E_z) on the data's own E_z
+            cond = shower_model.with_layers(cond, shower_model.layer_energies_mev(showers_mev_BZPR))
         loss_B = chosen(module, x1_BZPR, cond, generator, ctx)
         if shower_model.has_energy_head:
             # The head runs on the unwrapped model, outside the wrapper's forward: DDP's gradient hooks

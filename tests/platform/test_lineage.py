@@ -54,7 +54,7 @@ def _copy_with_lineage(tmp_path: Path, name: str, lineage: dict, schema_version:
 
 def test_the_stored_v2_bundle_is_still_schema_2() -> None:
     data = read_bundle_config(V2)
-    assert data["schema_version"] == 2 and SCHEMA_VERSION == 6
+    assert data["schema_version"] == 2 and SCHEMA_VERSION == 7
     assert data["lineage"]["parent"] == "models:/caloforge-base/1"
     assert data["lineage"]["extra"]["particles"] == "e-,gamma,pi+"
 
@@ -80,11 +80,13 @@ def test_migrated_bundle_round_trips_as_today_s_schema(tmp_path: Path) -> None:
     assert model.config.pos_max_freq == 32.0  # what it was trained with (the default before schema 4)
     assert model.config.pos_max_freq_r == 32.0  # the radius followed the depth before schema 5
     assert model.config.layer_energy.empty_layers == "either"  # the head may empty layers before schema 6
-    path = save_bundle(model, tmp_path / "v6")
+    assert model.config.layer_energy.condition_voxels is False  # no layer-conditioned voxel model before 7
+    path = save_bundle(model, tmp_path / "v7")
     data = read_bundle_config(path)
-    assert data["schema_version"] == 6 and data["model_config"]["pos_max_freq"] == 32.0
+    assert data["schema_version"] == 7 and data["model_config"]["pos_max_freq"] == 32.0
     assert data["model_config"]["pos_max_freq_r"] == 32.0
     assert data["model_config"]["layer_energy"]["empty_layers"] == "either"
+    assert data["model_config"]["layer_energy"]["condition_voxels"] is False
     assert data["lineage"] == to_dict(V2_LINEAGE)
     assert data["lineage"]["trained"]["energy_mev"] == [1135.3288378048267, 91511.2544479989]
     assert "parent" not in data["lineage"] and "energy_mev_min" not in data["lineage"]["extra"]
