@@ -99,3 +99,20 @@ def fm_teacher_bundle(shards: Path, tmp_path_factory: pytest.TempPathFactory) ->
                 p.normal_(0.0, 0.02, generator=gen)
     root = tmp_path_factory.mktemp("distill-fm-teacher")
     return model.save(root / "bundle", lineage=Lineage(kind="base", objective="flow_matching"))
+
+
+@pytest.fixture(scope="session")
+def conditioned_teacher_bundle(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A flow-matching teacher whose voxel model reads the layer energies (``condition_voxels``; untrained,
+    zero-initialised tensors — the layer maps included — filled with small seeded noise)."""
+    config = dataclasses.replace(
+        FM_TEACHER, layer_energy=dataclasses.replace(FM_TEACHER.layer_energy, condition_voxels=True)
+    )
+    model = model_for_manifest(config, Manifest.load(shards), spare_detector_slots=1)
+    gen = torch.Generator().manual_seed(13)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.02, generator=gen)
+    root = tmp_path_factory.mktemp("distill-conditioned-teacher")
+    return model.save(root / "bundle", lineage=Lineage(kind="base", objective="flow_matching"))

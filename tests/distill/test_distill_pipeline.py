@@ -173,3 +173,25 @@ def test_bespoke_onnx_graph_passes_the_parity_check(teacher_bundle, tmp_path) ->
     )
     assert (info.sampler, info.num_steps, info.nfe) == ("bespoke", 2, 2)
     assert info.parity.passed, info.parity.summary()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["cd", "bns"])
+def test_a_teacher_that_reads_the_layer_energies_distils(
+    conditioned_teacher_bundle, shards, tmp_path, method
+):
+    from caloforge.distill.config import DistillRegisterConfig
+
+    config = tiny_config(method=method, register=DistillRegisterConfig(enabled=False))
+    result = run_distillation(
+        config, DistillRequest(str(conditioned_teacher_bundle), shards), tmp_path / "run"
+    )
+    student = ShowerModel.load(result.model_dir)
+    assert student.reads_layer_energies and student.lineage.strategy == method
+    cond = teacher_conditions(shards, 4)
+    showers = student.generate(cond, seed=2)
+    assert showers.shape[0] == 4 and np.isfinite(showers).all() and (showers > 0).any()
+    if method == "cd":  # the student's own weights moved, its layer maps with them
+        teacher = ShowerModel.load(conditioned_teacher_bundle)
+        name = "denoiser.net.layer_token_embed.weight"
+        assert not torch.equal(student.state_dict()[name], teacher.state_dict()[name])
