@@ -186,3 +186,24 @@ def test_the_onnx_graph_runs_the_head_before_the_voxel_model(tmp_path: Path) -> 
     got = OnnxShowerGenerator(exp.path, DETECTORS, SMALL_MESH).generate(cond, seeds=seeds)
     np.testing.assert_allclose(got, model.generate(cond, seeds=seeds), rtol=1e-3, atol=0.02)
     assert isinstance(LayerCondition(torch.zeros(1, 2), torch.zeros(1, 3)).index(slice(0, 1)), LayerCondition)
+
+
+def test_another_mesh_keeps_the_layer_maps() -> None:
+    from caloforge.datasets.stats import compute_stats
+    from caloforge.platform.transfer import rebuild_for_mesh
+
+    model = _conditioned()
+    new_shape = (6, 8, 6)  # half the depth: the maps read p_z layers per token, whatever Z is
+    showers, cond = toy_showers(32, new_shape, seed=12)
+    stats = compute_stats(showers, cond.energy_mev, cond.theta_rad)
+    new, report = rebuild_for_mesh(model, new_shape, stats)
+    maps = {
+        f"denoiser.net.{m}.{p}"
+        for m in ("layer_token_embed", "layer_profile_embed")
+        for p in ("weight", "bias")
+    }
+    assert maps <= set(report.copied) and new.reads_layer_energies
+    for name in maps:
+        torch.testing.assert_close(new.state_dict()[name], model.state_dict()[name], rtol=0, atol=0)
+    out = new.generate(cond.subset(slice(0, 3)), seed=1)
+    assert out.shape == (3, *new_shape) and np.isfinite(out).all()
