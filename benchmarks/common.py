@@ -51,11 +51,17 @@ def write_results(record: dict, name: str, device: str, out: Path | None = None)
 
 
 def resolved_architecture(model: dict) -> dict:
-    """The backbone a model section of a config resolves to (flavour defaults included), as plain data for
-    cache keys: a changed flavour default (such as ``pos_max_freq``) then changes the key."""
+    """The network a model section of a config resolves to (flavour defaults included), as plain data for
+    cache keys: a changed flavour default (such as ``pos_max_freq``) then changes the key, and so does a
+    voxel network that reads the layer energies (``layer_energy.condition_voxels``; absent when off, so the
+    keys of the networks before it stay what they were)."""
     import dataclasses
 
     from caloforge.config import from_dict
     from caloforge.platform.shower_model import ShowerModelConfig
 
-    return dataclasses.asdict(from_dict(ShowerModelConfig, model, "model").backbone_config())
+    config = from_dict(ShowerModelConfig, model, "model")
+    arch = dataclasses.asdict(config.backbone_config())
+    if config.layer_energy.enabled and config.layer_energy.condition_voxels:
+        arch["layer_condition"] = True
+    return arch

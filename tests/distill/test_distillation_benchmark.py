@@ -107,6 +107,21 @@ def test_the_teacher_recipe_sets_model_and_loop_and_keys_the_teacher(bench) -> N
         bench.parse_args(["--teacher-recipe", "huge"])
 
 
+def test_a_voxel_model_that_reads_the_layer_energies_keys_another_teacher(bench) -> None:
+    """The fidelity recipe conditions the voxel model on the layer energies: a teacher cached before that
+    (same backbone) must not be reused; the debug recipe's key stays what it was."""
+    from common import resolved_architecture
+
+    fidelity = bench.make_plan(bench.parse_args(["--teacher-recipe", "fidelity"]))
+    model = bench.model_config(fidelity)
+    assert model["layer_energy"]["condition_voxels"] is True
+    off = {**model, "layer_energy": {**model["layer_energy"], "condition_voxels": False}}
+    assert resolved_architecture(model) == {**resolved_architecture(off), "layer_condition": True}
+    assert "layer_condition" not in resolved_architecture(
+        bench.model_config(bench.make_plan(bench.parse_args([])))
+    )
+
+
 def test_cd_overrides_reach_the_student_config_and_key_only_the_student(bench) -> None:
     """``--cd-set``: applied to the consistency student's config after the study's budget, part of the cd
     cache key (and of the adapted runs', which start from it), not of the teacher's; without it the key is
