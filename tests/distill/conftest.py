@@ -53,14 +53,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def teacher_bundle(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An EDM teacher (untrained; zero-initialised tensors filled with small seeded noise, as training
     would)."""
-    model = model_for_manifest(TEACHER, Manifest.load(shards), spare_detector_slots=1)
-    gen = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.02, generator=gen)
-    root = tmp_path_factory.mktemp("distill-teacher")
-    return model.save(root / "bundle", lineage=Lineage(kind="base", objective="edm"))
+    return _untrained_teacher(TEACHER, shards, tmp_path_factory.mktemp("distill-teacher"), 11, "edm")
 
 
 @pytest.fixture(scope="session")
@@ -91,14 +84,9 @@ FM_TEACHER = dataclasses.replace(TEACHER, parametrisation="flow_matching", sampl
 @pytest.fixture(scope="session")
 def fm_teacher_bundle(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A flow-matching teacher (untrained, zero-initialised tensors filled with small seeded noise)."""
-    model = model_for_manifest(FM_TEACHER, Manifest.load(shards), spare_detector_slots=1)
-    gen = torch.Generator().manual_seed(12)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.02, generator=gen)
-    root = tmp_path_factory.mktemp("distill-fm-teacher")
-    return model.save(root / "bundle", lineage=Lineage(kind="base", objective="flow_matching"))
+    return _untrained_teacher(
+        FM_TEACHER, shards, tmp_path_factory.mktemp("distill-fm-teacher"), 12, "flow_matching"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -108,11 +96,20 @@ def conditioned_teacher_bundle(shards: Path, tmp_path_factory: pytest.TempPathFa
     config = dataclasses.replace(
         FM_TEACHER, layer_energy=dataclasses.replace(FM_TEACHER.layer_energy, condition_voxels=True)
     )
+    return _untrained_teacher(
+        config, shards, tmp_path_factory.mktemp("distill-conditioned-teacher"), 13, "flow_matching"
+    )
+
+
+def _untrained_teacher(
+    config: ShowerModelConfig, shards: Path, root: Path, seed: int, objective: str
+) -> Path:
+    """A base bundle of ``config`` on the shards whose zero-initialised tensors are filled with small seeded
+    noise (as training would), so that every path through the network is exercised."""
     model = model_for_manifest(config, Manifest.load(shards), spare_detector_slots=1)
-    gen = torch.Generator().manual_seed(13)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if not p.any():
                 p.normal_(0.0, 0.02, generator=gen)
-    root = tmp_path_factory.mktemp("distill-conditioned-teacher")
-    return model.save(root / "bundle", lineage=Lineage(kind="base", objective="flow_matching"))
+    return model.save(root / "bundle", lineage=Lineage(kind="base", objective=objective))
