@@ -69,7 +69,7 @@ class LayerEnergyConfig:
     empty_layers: EmptyLayerMode = "voxel_model"
     # The voxel model reads the layer energies (CaloFlow's order: the head samples E_z first; training feeds
     # the data's own E_z): ``ShowerDiT`` with ``layer_condition`` (docs/model.md, "Layer energies"). Off in
-    # bundles before schema 7 and by default; on in the fidelity recipes, where it was measured.
+    # bundles before schema 7 and by default; on in configs/train/fidelity-cpu.yaml, where it was measured.
     condition_voxels: bool = False
 
     def __post_init__(self) -> None:
