@@ -80,8 +80,7 @@ def time_training(model: ShowerModel, objective: str, batch: int, iters: int, pr
     showers_t = torch.as_tensor(showers, device=device)
     x1 = model.to_model_space(showers_t)
     ct = model.encode_conditions(cond, device)
-    if model.reads_layer_energies:  # as shower_loss_fn does: the data's own layer energies
-        ct = model.with_layers(ct, model.layer_energies_mev(showers_t))
+    ct = model.with_layers(ct, model.layer_energies_mev(showers_t))  # as shower_loss_fn (if it reads them)
     gen = torch.Generator(device=device).manual_seed(0)
     weight = model.config.layer_energy.loss_weight
     model.train()

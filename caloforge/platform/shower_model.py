@@ -586,9 +586,18 @@ class ShowerModel(nn.Module):
         self, showers_mev_BZPR: torch.Tensor, cond: ConditionTensors, generator: torch.Generator
     ) -> torch.Tensor:
         """Per-shower flow-matching loss (B,) of the layer-energy head on MeV showers (weight not applied)."""
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            layer_mev_BZ = self.layer_energies_mev(showers_mev_BZPR)
+        return self.layer_energy_loss(layer_mev_BZ, cond, generator)
+
+    def layer_energy_loss(
+        self, layer_mev_BZ: torch.Tensor, cond: ConditionTensors, generator: torch.Generator
+    ) -> torch.Tensor:
+        """``energy_loss`` on the showers' layer energies (``layer_energies_mev``), when the caller has them
+        already (``shower_loss_fn`` also conditions the voxel model on them)."""
         head, transform = self._require_energy_head()
         with torch.autocast(device_type=self.device.type, enabled=False):
-            y1_BZ = transform(self.layer_energies_mev(showers_mev_BZPR), cond.energy_mev)
+            y1_BZ = transform(layer_mev_BZ, cond.energy_mev)
         context_BD = self.network.condition_context(cond)
         return energy_flow_loss(head, y1_BZ, context_BD, generator, self.config.layer_energy.draws)
 

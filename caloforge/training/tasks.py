@@ -65,18 +65,22 @@ def shower_loss_fn(model: ShowerModel, objective: Objective | ObjectiveConfig | 
         if device.type == "cuda":
             showers_mev_BZPR = showers_mev_BZPR.pin_memory().to(device, non_blocking=True)
         # Preprocessing in fp32 even inside the loop's bf16 autocast (log/standardise of MeV voxels).
+        # The layer sums feed both the head's loss and (condition_voxels) the voxel model: computed once.
         with torch.autocast(device_type=device.type, enabled=False):
             x1_BZPR = shower_model.to_model_space(showers_mev_BZPR)
+            layer_mev_BZ = (
+                shower_model.layer_energies_mev(showers_mev_BZPR) if shower_model.has_energy_head else None
+            )
         cond = shower_model.encode_conditions(batch.conditions())
-        if shower_model.reads_layer_energies:  # the voxel model learns p(x | E_z) on the data's own E_z
-            cond = shower_model.with_layers(cond, shower_model.layer_energies_mev(showers_mev_BZPR))
+        if layer_mev_BZ is not None:  # a voxel model that reads them learns p(x | E_z) on the data's own E_z
+            cond = shower_model.with_layers(cond, layer_mev_BZ)
         loss_B = chosen(module, x1_BZPR, cond, generator, ctx)
-        if shower_model.has_energy_head:
+        if layer_mev_BZ is not None:
             # The head runs on the unwrapped model, outside the wrapper's forward: DDP's gradient hooks
             # still fire for its parameters (default find_unused_parameters=False; the pretraining config
             # refuses the other mode with the head), and DeepSpeed reduces every gradient.
             weight = shower_model.config.layer_energy.loss_weight
-            loss_B = loss_B + weight * shower_model.energy_loss(showers_mev_BZPR, cond, generator)
+            loss_B = loss_B + weight * shower_model.layer_energy_loss(layer_mev_BZ, cond, generator)
         return loss_B
 
     loss_fn.objective = chosen  # type: ignore[attr-defined]  # what trained the weights (lineage)
