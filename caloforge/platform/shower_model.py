@@ -466,7 +466,12 @@ class ShowerModel(nn.Module):
             return cond
         _, transform = self._require_energy_head()
         layers = torch.as_tensor(layer_mev_BZ, dtype=torch.float32, device=cond.energy_mev.device)
-        if layers.ndim != 2 or tuple(layers.shape) != (len(cond), self.mesh.n_z):
+        # compare sizes, not len(cond): a Python int would fix the batch size in an exported graph
+        if (
+            layers.ndim != 2
+            or layers.shape[1] != self.mesh.n_z
+            or layers.shape[0] != cond.energy_mev.shape[0]
+        ):
             raise ValueError(
                 f"with_layers layer_mev_BZ: expected ({len(cond)}, {self.mesh.n_z}), "
                 f"got {tuple(layers.shape)}"

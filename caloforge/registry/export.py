@@ -215,6 +215,16 @@ def _annotate(path: Path, input_names: Sequence[str], metadata: Mapping[str, Any
         raise ValueError(
             f"{path}: unexpected graph inputs {names} / outputs {[o.name for o in proto.graph.output]}"
         )
+    fixed = {
+        i.name: i.type.tensor_type.shape.dim[0].dim_value
+        for i in proto.graph.input
+        if i.type.tensor_type.shape.dim and not i.type.tensor_type.shape.dim[0].dim_param
+    }
+    if fixed:
+        raise ValueError(
+            f"{path}: the exporter fixed the batch size of inputs {fixed} (a Python int taken from a tensor "
+            "shape in the model's forward specialises it); the published graph must take any batch"
+        )
     del proto.metadata_props[:]
     for key, value in metadata.items():
         entry = proto.metadata_props.add()

@@ -293,6 +293,41 @@ def test_export_failing_parity_is_not_published(bundle_dir: Path, tmp_path: Path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_graph_with_a_fixed_batch_size_is_not_published(
+    bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a shape check that turns a tensor size into a Python int does to the dynamo export: the batch
+    axis is frozen at the example's size. The export names the inputs and publishes nothing."""
+
+    def frozen_batch_export(graph, path: Path, opset: int, exporter: str) -> None:
+        z, p, r = graph.model.mesh_shape
+        example = {
+            "noise": torch.zeros(2, z, p, r),
+            "layer_noise": torch.zeros(2, z),
+            "energy_mev": torch.full((2,), 1e4),
+            "theta_rad": torch.full((2,), 0.5),
+            "phi_rad": torch.zeros(2),
+            "particle_idx": torch.zeros(2, dtype=torch.int64),
+            "detector_idx": torch.zeros(2, dtype=torch.int64),
+        }
+        args = tuple(example[name] for name in graph.input_names)
+        with torch.no_grad():  # no dynamic axes: every input keeps batch 2
+            torch.onnx.export(
+                graph,
+                args,
+                str(path),
+                input_names=list(graph.input_names),
+                output_names=["shower_mev"],
+                opset_version=opset,
+                dynamo=False,
+            )
+
+    monkeypatch.setattr(export_module, "_export_graph", frozen_batch_export)
+    with pytest.raises(ValueError, match=r"fixed the batch size of inputs \{'noise': 2"):
+        export_onnx(bundle_dir, tmp_path / "m.onnx", exporter="legacy")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_argument_errors(bundle_dir: Path, tmp_path: Path, onnx_dir: Path) -> None:
     with pytest.raises(ValueError, match="dynamo exporter needs opset >= 18"):
         export_onnx(bundle_dir, tmp_path / "m.onnx", opset=17)
