@@ -67,6 +67,19 @@ def _add_export_options(p: argparse.ArgumentParser) -> None:
         "--atol-mev", type=float, default=1e-5, help="parity tolerance, absolute MeV (default 1e-5)"
     )
     p.add_argument(
+        "--max-mismatch-fraction",
+        type=float,
+        default=1e-3,
+        help="parity: fraction of voxels allowed beyond the tolerance (float32 rounding compounded over a "
+        "many-step solve; default 1e-3)",
+    )
+    p.add_argument(
+        "--outlier-limit",
+        type=float,
+        default=10.0,
+        help="parity: no voxel beyond this many times its tolerance (default 10)",
+    )
+    p.add_argument(
         "--variant",
         choices=list(VARIANTS),
         default="optimized",
@@ -317,6 +330,8 @@ def _export_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "exporter": args.exporter,
         "rtol": args.rtol,
         "atol_mev": args.atol_mev,
+        "max_mismatch_fraction": args.max_mismatch_fraction,
+        "outlier_limit": args.outlier_limit,
         "overwrite": args.overwrite,
     }
 
@@ -332,7 +347,7 @@ def _report_export(out: Path) -> None:
             f"wrote {out / exp['file']} ({exp.get('variant', 'plain')}: {exp.get('precision', 'fp32')}; "
             f"{exp['sampler']}×{exp['num_steps']}, opset {exp['opset']}); parity vs PyTorch "
             f"({exp.get('parity_of', 'published graph')}): max abs {p['max_abs_err_mev']:.3g} MeV, "
-            f"max rel {p['max_rel_err']:.3g}"
+            f"max rel {p['max_rel_err']:.3g}, {p['n_mismatch']} of {p['n_voxels']} voxels beyond tolerance"
         )
         gate = exp.get("fidelity_gate")
         if gate:

@@ -68,6 +68,8 @@ from caloforge.registry.onnx_runtime import OnnxShowerGenerator, onnx_feeds, ort
 from caloforge.registry.optimize import DEFAULT_VARIANT, VARIANTS, VariantInfo, build_variant, check_variant
 from caloforge.registry.parity import (
     DEFAULT_ATOL_MEV,
+    DEFAULT_MAX_MISMATCH_FRACTION,
+    DEFAULT_OUTLIER_LIMIT,
     DEFAULT_RTOL,
     ParityReport,
     check_parity,
@@ -284,6 +286,8 @@ def export_onnx(
     ranges: ValidRanges | None = None,
     rtol: float = DEFAULT_RTOL,
     atol_mev: float = DEFAULT_ATOL_MEV,
+    max_mismatch_fraction: float = DEFAULT_MAX_MISMATCH_FRACTION,
+    outlier_limit: float = DEFAULT_OUTLIER_LIMIT,
     parity_batch_sizes: Sequence[int] = (1, 5),
     parity_seed: int = 0,
     overwrite: bool = False,
@@ -293,11 +297,13 @@ def export_onnx(
 ) -> OnnxExport:
     """Export the unrolled sampler of ``model`` (a ShowerModel or bundle directory) to ``out_path``.
 
-    The fp32 graph is published only if onnxruntime matches PyTorch within ``atol_mev`` + ``rtol``·|x| (else
-    ValueError and no file). ``ranges`` bounds the random parity, gate and calibration conditions (default:
-    the bundle's trained ranges). ``variant`` (``caloforge.registry.optimize.VARIANTS``) is what is written:
-    every variant but ``plain`` must also pass the fidelity gate ``gate`` (default ``FidelityGateConfig()``)
-    against the fp32 graph; ``optimized`` also the parity check. ``calibration_showers``: ``int8-static``.
+    The fp32 graph is published only if onnxruntime matches PyTorch within ``atol_mev`` + ``rtol``·|x| (at
+    most ``max_mismatch_fraction`` of the voxels beyond it, none beyond ``outlier_limit`` times it; else
+    ValueError and no file: ``caloforge.registry.parity``). ``ranges`` bounds the random parity, gate and
+    calibration conditions (default: the bundle's trained ranges). ``variant``
+    (``caloforge.registry.optimize.VARIANTS``) is what is written: every variant but ``plain`` must also
+    pass the fidelity gate ``gate`` (default ``FidelityGateConfig()``) against the fp32 graph;
+    ``optimized`` also the parity check. ``calibration_showers``: ``int8-static``.
     """
     check_variant(variant)
     if exporter not in EXPORTERS:
@@ -366,6 +372,8 @@ def export_onnx(
             ranges=ranges,
             rtol=rtol,
             atol_mev=atol_mev,
+            max_mismatch_fraction=max_mismatch_fraction,
+            outlier_limit=outlier_limit,
         )
         if not parity.passed:
             raise ValueError(
@@ -393,6 +401,8 @@ def export_onnx(
                     ranges=ranges,
                     rtol=rtol,
                     atol_mev=atol_mev,
+                    max_mismatch_fraction=max_mismatch_fraction,
+                    outlier_limit=outlier_limit,
                 )
                 if not parity.passed:
                     raise ValueError(
@@ -505,6 +515,8 @@ def export_bundle(
     exporter: str = "dynamo",
     rtol: float = DEFAULT_RTOL,
     atol_mev: float = DEFAULT_ATOL_MEV,
+    max_mismatch_fraction: float = DEFAULT_MAX_MISMATCH_FRACTION,
+    outlier_limit: float = DEFAULT_OUTLIER_LIMIT,
     overwrite: bool = False,
     registered: Mapping[str, Any] | None = None,
     variant: str = DEFAULT_VARIANT,
@@ -549,6 +561,8 @@ def export_bundle(
                 ranges=info.ranges,
                 rtol=rtol,
                 atol_mev=atol_mev,
+                max_mismatch_fraction=max_mismatch_fraction,
+                outlier_limit=outlier_limit,
                 overwrite=overwrite,
                 variant=variant,
                 gate=gate,

@@ -5,6 +5,15 @@ random in-range conditions (``random_conditions``) and per-shower seeds, at each
 and compares the showers in MeV within ``atol_mev`` + ``rtol``·|x| (defaults ``DEFAULT_ATOL_MEV``,
 ``DEFAULT_RTOL``), telling readout-threshold flips apart from mismatches. The ``ParityReport`` it returns
 is stored in the model card; ``caloforge.registry.export`` publishes nothing that fails it.
+
+Why a few voxels may exceed the tolerance: onnxruntime's and torch's float32 kernels round differently
+(~1e-6 relative per call), and an N-step solve compounds that once per network evaluation. Measured on a
+32–64-evaluation graph of a 6,000-step model (19,000 voxels): median relative error 1e-6, 99.99th
+percentile 6e-4–1e-3, and 1–3 voxels at 1.3e-3–3.2e-3 — all small deposits (0.04–0.09 MeV, i.e. tens to
+hundreds of eV off) where the log transform turns a rounding step into the largest relative error. A wrong
+export (a misplaced input, a wrong constant, a dropped term) moves most voxels, and by far more. So the
+check passes when at most ``max_mismatch_fraction`` of the voxels (default 0.1 %) exceed the tolerance and
+none exceeds ``outlier_limit`` (default 10) times it; non-finite output always fails.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -27,6 +36,16 @@ from caloforge.registry.onnx_runtime import OnnxShowerGenerator
 PARITY_PURPOSE = Purpose.ONNX_PARITY  # seeds of the parity check's random conditions and noise
 DEFAULT_RTOL = 1e-3
 DEFAULT_ATOL_MEV = 1e-5  # 10 eV, far below the 15 keV readout threshold
+DEFAULT_MAX_MISMATCH_FRACTION = 1e-3  # of the voxels compared, beyond the tolerance but within the limit
+DEFAULT_OUTLIER_LIMIT = 10.0  # no voxel beyond this many times its tolerance
+
+
+class VoxelComparison(NamedTuple):
+    n_mismatch: int
+    n_threshold_flips: int
+    max_abs_err_mev: float
+    max_rel_err: float
+    max_tolerance_ratio: float  # inf where a voxel is not finite
 
 
 @dataclass(frozen=True)
@@ -39,9 +58,44 @@ class ParityReport:
     max_rel_err: float
     n_mismatch: int
     n_threshold_flips: int
+    max_tolerance_ratio: float  # the worst voxel's |onnx − torch| / (atol + rtol·|torch|), flips aside
     rtol: float
     atol_mev: float
+    max_mismatch_fraction: float
+    outlier_limit: float
     passed: bool
+
+    @classmethod
+    def judge(
+        cls,
+        batch_sizes: tuple[int, ...],
+        n_voxels: int,
+        comparisons: Sequence[VoxelComparison],
+        *,
+        rtol: float,
+        atol_mev: float,
+        max_mismatch_fraction: float,
+        outlier_limit: float,
+    ) -> ParityReport:
+        """The verdict over all compared batches: at most ``max_mismatch_fraction`` of ``n_voxels``
+        mismatched, none (flips aside) beyond ``outlier_limit`` times its tolerance; a non-finite voxel has
+        an infinite ratio, so it always fails."""
+        n_bad = sum(c.n_mismatch for c in comparisons)
+        worst = max((c.max_tolerance_ratio for c in comparisons), default=0.0)
+        return cls(
+            batch_sizes=batch_sizes,
+            n_voxels=n_voxels,
+            max_abs_err_mev=max((c.max_abs_err_mev for c in comparisons), default=0.0),
+            max_rel_err=max((c.max_rel_err for c in comparisons), default=0.0),
+            n_mismatch=n_bad,
+            n_threshold_flips=sum(c.n_threshold_flips for c in comparisons),
+            max_tolerance_ratio=worst,
+            rtol=float(rtol),
+            atol_mev=float(atol_mev),
+            max_mismatch_fraction=float(max_mismatch_fraction),
+            outlier_limit=float(outlier_limit),
+            passed=n_bad <= int(max_mismatch_fraction * n_voxels) and worst <= outlier_limit,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -50,8 +104,9 @@ class ParityReport:
         return (
             f"max abs err {self.max_abs_err_mev:.3g} MeV, max rel err {self.max_rel_err:.3g} over "
             f"{self.n_voxels} voxels (batches {list(self.batch_sizes)}; tolerance atol {self.atol_mev:g} MeV "
-            f"+ rtol {self.rtol:g}; "
-            f"{self.n_mismatch} mismatches, {self.n_threshold_flips} threshold flips)"
+            f"+ rtol {self.rtol:g}; {self.n_mismatch} mismatches (allowed "
+            f"{int(self.max_mismatch_fraction * self.n_voxels)}, each within {self.outlier_limit:g}× the "
+            f"tolerance; worst {self.max_tolerance_ratio:.3g}×), {self.n_threshold_flips} threshold flips)"
         )
 
 
@@ -75,19 +130,29 @@ def random_conditions(
 
 def compare_showers(
     ref: np.ndarray, out: np.ndarray, rtol: float, atol_mev: float, threshold: float
-) -> tuple[int, int, float, float]:
-    """(mismatches, threshold flips, max |err| MeV, max relative err) of ONNX showers ``out`` against the
-    PyTorch ``ref``. A voxel that is not finite on either side is a mismatch (NaN compares false to any
-    tolerance, so it must not pass silently); a flip is a mismatch where one side is 0 and the other within
-    0.1 % of the readout threshold."""
+) -> VoxelComparison:
+    """ONNX showers ``out`` against the PyTorch ``ref``, voxel by voxel. A voxel that is not finite on
+    either side is a mismatch (NaN compares false to any tolerance, so it must not pass silently) at an
+    infinite tolerance ratio; a flip is a mismatch where one side is 0 and the other within 0.1 % of the
+    readout threshold, counted apart and left out of the ratio."""
     ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
     err = np.abs(out64 - ref64)
-    bad = ~(err <= atol_mev + rtol * np.abs(ref64))  # NaN/inf on either side: bad
+    tol = atol_mev + rtol * np.abs(ref64)
+    bad = ~(err <= tol)  # NaN/inf on either side: bad
     flips = bad & ((out64 == 0) | (ref64 == 0)) & (np.maximum(out64, ref64) <= threshold * 1.001)
     finite_err = np.where(np.isfinite(err), err, 0.0)
     big = np.isfinite(ref64) & (np.abs(ref64) > atol_mev)
     max_rel = float((finite_err[big] / np.abs(ref64[big])).max()) if big.any() else 0.0
-    return int((bad & ~flips).sum()), int(flips.sum()), float(finite_err.max(initial=0.0)), max_rel
+    counted = ~flips
+    if not (np.isfinite(err[counted]).all() and np.isfinite(tol[counted]).all()):
+        ratio = math.inf
+    elif tol[counted].min(initial=1.0) > 0:
+        ratio = float((err[counted] / tol[counted]).max(initial=0.0))
+    else:  # zero tolerance: any difference is infinitely far off
+        ratio = math.inf if (err[counted] > 0).any() else 0.0
+    return VoxelComparison(
+        int((bad & ~flips).sum()), int(flips.sum()), float(finite_err.max(initial=0.0)), max_rel, ratio
+    )
 
 
 def check_parity(
@@ -101,6 +166,8 @@ def check_parity(
     ranges: ValidRanges | None = None,
     rtol: float = DEFAULT_RTOL,
     atol_mev: float = DEFAULT_ATOL_MEV,
+    max_mismatch_fraction: float = DEFAULT_MAX_MISMATCH_FRACTION,
+    outlier_limit: float = DEFAULT_OUTLIER_LIMIT,
     threads: int = 1,
 ) -> ParityReport:
     """Run onnxruntime and ``model.generate`` on the same random conditions and seeds; compare in MeV.
@@ -110,10 +177,16 @@ def check_parity(
 
     A voxel mismatches when |onnx − torch| > atol + rtol·|torch|, except *threshold flips*: one side is 0
     and the other within 0.1 % of the readout threshold (the cut turned a value sitting on it either way).
-    Non-finite ONNX output always fails.
+    The check passes when at most ``max_mismatch_fraction`` of the voxels mismatch and none is more than
+    ``outlier_limit`` times its tolerance off (the module docstring says why). Non-finite output always
+    fails.
     """
     if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
         raise ValueError(f"batch_sizes must be positive, got {list(batch_sizes)}")
+    if not 0 <= max_mismatch_fraction < 1:
+        raise ValueError(f"max_mismatch_fraction must be in [0, 1), got {max_mismatch_fraction}")
+    if not outlier_limit >= 1:
+        raise ValueError(f"outlier_limit must be >= 1 (times the tolerance), got {outlier_limit}")
     detectors = list(model.vocab.detectors)
     generator = OnnxShowerGenerator(onnx_path, detectors, model.mesh_shape, threads=threads)
     if generator.layer_energy != model.has_energy_head:
@@ -122,8 +195,7 @@ def check_parity(
             f"(layer-energy head: {model.has_energy_head})"
         )
     threshold = float(model.transform.threshold_mev)
-    max_abs, max_rel, n_vox, n_bad, n_flip = 0.0, 0.0, 0, 0, 0
-    finite = True
+    comparisons, n_vox = [], 0
     for i, b in enumerate(int(b) for b in batch_sizes):
         cond = random_conditions(detectors, b, seed + i, ranges)
         seeds = derive_seeds(seed + i, b, purpose=PARITY_PURPOSE)
@@ -131,30 +203,27 @@ def check_parity(
         out = generator.generate(cond, seeds=seeds)
         if out.shape != ref.shape:
             raise ValueError(f"{onnx_path}: output shape {out.shape} != PyTorch {ref.shape} at batch {b}")
-        finite &= bool(np.isfinite(out).all()) and bool(np.isfinite(ref).all())
-        bad_b, flip_b, abs_b, rel_b = compare_showers(ref, out, rtol, atol_mev, threshold)
-        n_flip += flip_b
-        n_bad += bad_b
+        comparisons.append(compare_showers(ref, out, rtol, atol_mev, threshold))
         n_vox += ref.size
-        max_abs, max_rel = max(max_abs, abs_b), max(max_rel, rel_b)
-    return ParityReport(
-        batch_sizes=tuple(int(b) for b in batch_sizes),
-        n_voxels=n_vox,
-        max_abs_err_mev=max_abs,
-        max_rel_err=max_rel,
-        n_mismatch=n_bad,
-        n_threshold_flips=n_flip,
-        rtol=float(rtol),
-        atol_mev=float(atol_mev),
-        passed=finite and n_bad == 0,
+    return ParityReport.judge(
+        tuple(int(b) for b in batch_sizes),
+        n_vox,
+        comparisons,
+        rtol=rtol,
+        atol_mev=atol_mev,
+        max_mismatch_fraction=max_mismatch_fraction,
+        outlier_limit=outlier_limit,
     )
 
 
 __all__ = [
     "DEFAULT_ATOL_MEV",
+    "DEFAULT_MAX_MISMATCH_FRACTION",
+    "DEFAULT_OUTLIER_LIMIT",
     "DEFAULT_RTOL",
     "PARITY_PURPOSE",
     "ParityReport",
+    "VoxelComparison",
     "check_parity",
     "compare_showers",
     "random_conditions",

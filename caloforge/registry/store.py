@@ -190,6 +190,8 @@ class RegistryStore:
         exporter: str = "dynamo",
         rtol: float | None = None,
         atol_mev: float | None = None,
+        max_mismatch_fraction: float | None = None,
+        outlier_limit: float | None = None,
         overwrite: bool = False,
         variant: str | None = None,
         gate: FidelityGateConfig | None = None,
@@ -198,7 +200,7 @@ class RegistryStore:
         """Download a registered version and export it (``onnx`` or ``torch``) with its model card into
         ``out_dir``; returns the card path. Nothing is written when the download or export fails (a graph
         that fails the parity check or the fidelity gate included). None leaves ``export_bundle``'s default
-        (``DEFAULT_OPSET``, ``DEFAULT_RTOL``, ``DEFAULT_ATOL_MEV``, the bundle's sampler and step count,
+        (``DEFAULT_OPSET``, the parity check's ``DEFAULT_*`` tolerances, the bundle's sampler and step count,
         variant ``optimized``, ``FidelityGateConfig()``); ``gate`` is a ``FidelityGateConfig``."""
         return download.pull(
             self.client,
@@ -212,6 +214,8 @@ class RegistryStore:
             exporter=exporter,
             rtol=rtol,
             atol_mev=atol_mev,
+            max_mismatch_fraction=max_mismatch_fraction,
+            outlier_limit=outlier_limit,
             overwrite=overwrite,
             variant=variant,
             gate=gate,

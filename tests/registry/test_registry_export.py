@@ -4,6 +4,7 @@ onnxruntime; torch bundle export; model cards; the names of the ONNX contract.""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from caloforge.registry.onnx_graph import (
     seeded_noise,
 )
 from caloforge.registry.onnx_runtime import OnnxShowerGenerator, onnx_feeds, ort_session
+from caloforge.registry.parity import ParityReport
 
 CONDITION_INPUTS = [
     ("energy_mev", "float32", ["B"]),
@@ -413,7 +415,44 @@ def test_parity_comparison_counts_non_finite_voxels_on_either_side_as_mismatches
 
     ref = np.array([[1.0, 2.0, 0.0, np.nan]])
     out = np.array([[1.0, 2.0000001, 0.0151, 7.0]])
-    bad, flips, max_abs, _ = compare_showers(ref, out, rtol=1e-3, atol_mev=1e-4, threshold=0.01515)
-    assert (bad, flips) == (1, 1) and max_abs == pytest.approx(0.0151)  # the NaN reference voxel is bad
-    bad, _, _, _ = compare_showers(out, ref, rtol=1e-3, atol_mev=1e-4, threshold=0.01515)
-    assert bad == 1  # and so is a NaN ONNX voxel
+    c = compare_showers(ref, out, rtol=1e-3, atol_mev=1e-4, threshold=0.01515)
+    assert (c.n_mismatch, c.n_threshold_flips) == (1, 1)  # the NaN reference voxel is bad
+    assert c.max_abs_err_mev == pytest.approx(0.0151) and c.max_tolerance_ratio == math.inf
+    c = compare_showers(out, ref, rtol=1e-3, atol_mev=1e-4, threshold=0.01515)
+    assert c.n_mismatch == 1 and c.max_tolerance_ratio == math.inf  # and so is a NaN ONNX voxel
+    verdict = ParityReport.judge(
+        (1,), 4000, [c], rtol=1e-3, atol_mev=1e-4, max_mismatch_fraction=1e-3, outlier_limit=10.0
+    )
+    assert not verdict.passed  # one NaN voxel in 4000 is within the fraction, never within the limit
+
+
+def test_parity_tolerates_a_rounding_tail_but_not_a_wrong_voxel_or_a_broad_shift() -> None:
+    """What an N-step solve's compounded float32 rounding looks like (most voxels ~1e-6 relative, a few
+    small deposits a few times the tolerance) passes; one voxel far off, or many voxels a little off, fail."""
+    from caloforge.registry.parity import compare_showers
+
+    rng = np.random.default_rng(0)
+    ref = np.exp(rng.normal(0.0, 2.0, (3, 6480)))  # 19,440 voxels, 0.002 MeV to a few hundred MeV
+    rounding = ref * (1 + rng.normal(0.0, 1e-6, ref.shape))
+
+    def judge(out: np.ndarray) -> ParityReport:
+        c = compare_showers(ref, out, rtol=1e-3, atol_mev=1e-5, threshold=0.015)
+        return ParityReport.judge(
+            (1, 2), ref.size, [c], rtol=1e-3, atol_mev=1e-5, max_mismatch_fraction=1e-3, outlier_limit=10
+        )
+
+    assert judge(rounding).passed and judge(rounding).n_mismatch == 0
+    tail = rounding.copy()
+    tail[0, :3] = ref[0, :3] * (1 + np.array([1.3e-3, 3.2e-3, -2.4e-3]))  # the measured tail (midpoint 16)
+    report = judge(tail)
+    assert report.passed and report.n_mismatch == 3 and 2.0 < report.max_tolerance_ratio < 3.3
+    assert "3 mismatches (allowed 19" in report.summary()
+    one_off = tail.copy()
+    k = int(np.argmax(ref[1]))
+    one_off[1, k] = ref[1, k] * 1.02  # one voxel 2 % off: 20× its tolerance
+    assert not judge(one_off).passed and judge(one_off).n_mismatch == 4
+    broad = rounding.copy()
+    broad[2, :40] *= 1.002  # 40 voxels 0.2 % off: each within the limit, too many of them
+    report = judge(broad)
+    assert not report.passed and report.n_mismatch == 40 and report.max_tolerance_ratio < 2.1
+    assert judge(rounding * 1.002).n_mismatch > 19_000  # a global scale error: every voxel
