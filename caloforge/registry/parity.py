@@ -143,13 +143,11 @@ def compare_showers(
     finite_err = np.where(np.isfinite(err), err, 0.0)
     big = np.isfinite(ref64) & (np.abs(ref64) > atol_mev)
     max_rel = float((finite_err[big] / np.abs(ref64[big])).max()) if big.any() else 0.0
-    counted = ~flips
-    if not (np.isfinite(err[counted]).all() and np.isfinite(tol[counted]).all()):
-        ratio = math.inf
-    elif tol[counted].min(initial=1.0) > 0:
-        ratio = float((err[counted] / tol[counted]).max(initial=0.0))
-    else:  # zero tolerance: any difference is infinitely far off
-        ratio = math.inf if (err[counted] > 0).any() else 0.0
+    e, t = err[~flips], tol[~flips]
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero tolerance: 0 if equal, else infinitely off
+        per_voxel = np.where(t > 0, e / np.where(t > 0, t, 1.0), np.where(e == 0, 0.0, math.inf))
+    per_voxel = np.where(np.isfinite(e) & np.isfinite(t), per_voxel, math.inf)  # NaN/inf: infinitely off
+    ratio = float(per_voxel.max(initial=0.0))
     return VoxelComparison(
         int((bad & ~flips).sum()), int(flips.sum()), float(finite_err.max(initial=0.0)), max_rel, ratio
     )

@@ -456,3 +456,9 @@ def test_parity_tolerates_a_rounding_tail_but_not_a_wrong_voxel_or_a_broad_shift
     report = judge(broad)
     assert not report.passed and report.n_mismatch == 40 and report.max_tolerance_ratio < 2.1
     assert judge(rounding * 1.002).n_mismatch > 19_000  # a global scale error: every voxel
+    # no absolute tolerance: empty voxels (tolerance 0, error 0) leave the others' ratios alone
+    with_empty = np.concatenate([ref, np.zeros((3, 10))], axis=1)
+    c = compare_showers(with_empty, with_empty * (1 + 1e-6), rtol=1e-3, atol_mev=0.0, threshold=0.015)
+    assert c.n_mismatch == 0 and c.max_tolerance_ratio < 0.01
+    c = compare_showers(ref, ref * (1 + 1e-6), rtol=0.0, atol_mev=0.0, threshold=0.015)
+    assert c.max_tolerance_ratio == math.inf  # no tolerance at all: any difference is infinitely off
