@@ -333,6 +333,10 @@ def test_a_graph_with_a_fixed_batch_size_is_not_published(
 def test_export_argument_errors(bundle_dir: Path, tmp_path: Path, onnx_dir: Path) -> None:
     with pytest.raises(ValueError, match="dynamo exporter needs opset >= 18"):
         export_onnx(bundle_dir, tmp_path / "m.onnx", opset=17)
+    with pytest.raises(ValueError, match="max_mismatch_fraction must be in"):
+        export_onnx(bundle_dir, tmp_path / "m.onnx", exporter="legacy", max_mismatch_fraction=1.0)
+    with pytest.raises(ValueError, match="outlier_limit >= 1"):
+        export_onnx(bundle_dir, tmp_path / "m.onnx", exporter="legacy", outlier_limit=0.5)
     with pytest.raises(ValueError, match=r"must end in \.onnx"):
         export_onnx(bundle_dir, tmp_path / "m.bin", exporter="legacy")
     with pytest.raises(ValueError, match="unknown sampler"):
