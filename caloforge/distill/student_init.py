@@ -209,9 +209,8 @@ def probe_consistency_loss(
         showers = torch.as_tensor(np.asarray(showers_mev[start:stop], dtype=np.float32))
         x1 = student.to_model_space(showers)
         cond = student.encode_conditions(conditions.subset(slice(start, stop)))
-        cond = student.with_layers(
-            cond, student.layer_energies_mev(showers)
-        )  # as in training (if it reads them)
+        # as in training: the data's own layer energies (unchanged for a student that does not read them)
+        cond = student.with_layers(cond, student.layer_energies_mev(showers))
         n_B = torch.randint(0, num_scales - 1, (stop - start,), generator=gen)
         noise = torch.randn(x1.shape, generator=gen)
         loss_B = consistency_distillation_loss(

@@ -72,6 +72,7 @@ from caloforge.registry.parity import (
     DEFAULT_OUTLIER_LIMIT,
     DEFAULT_RTOL,
     ParityReport,
+    check_allowance,
     check_parity,
     random_conditions,
 )
@@ -314,11 +315,7 @@ def export_onnx(
         raise ValueError(f"opset {opset}: use opset 17 or 18")
     if not (rtol >= 0 and atol_mev >= 0):
         raise ValueError(f"tolerances must be >= 0, got rtol={rtol}, atol_mev={atol_mev}")
-    if not (0 <= max_mismatch_fraction < 1 and outlier_limit >= 1):
-        raise ValueError(
-            f"max_mismatch_fraction must be in [0, 1) and outlier_limit >= 1, got {max_mismatch_fraction}, "
-            f"{outlier_limit}"
-        )
+    check_allowance(max_mismatch_fraction, outlier_limit)
     if isinstance(model, str | Path):
         model, info = load_checked(model)
         ranges = ranges if ranges is not None else info.ranges

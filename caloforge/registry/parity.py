@@ -128,6 +128,14 @@ def random_conditions(
     )
 
 
+def check_allowance(max_mismatch_fraction: float, outlier_limit: float) -> None:
+    """ValueError unless 0 <= ``max_mismatch_fraction`` < 1 and ``outlier_limit`` >= 1."""
+    if not 0 <= max_mismatch_fraction < 1:
+        raise ValueError(f"max_mismatch_fraction must be in [0, 1), got {max_mismatch_fraction}")
+    if not outlier_limit >= 1:
+        raise ValueError(f"outlier_limit must be >= 1 (times the tolerance), got {outlier_limit}")
+
+
 def compare_showers(
     ref: np.ndarray, out: np.ndarray, rtol: float, atol_mev: float, threshold: float
 ) -> VoxelComparison:
@@ -181,10 +189,7 @@ def check_parity(
     """
     if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
         raise ValueError(f"batch_sizes must be positive, got {list(batch_sizes)}")
-    if not 0 <= max_mismatch_fraction < 1:
-        raise ValueError(f"max_mismatch_fraction must be in [0, 1), got {max_mismatch_fraction}")
-    if not outlier_limit >= 1:
-        raise ValueError(f"outlier_limit must be >= 1 (times the tolerance), got {outlier_limit}")
+    check_allowance(max_mismatch_fraction, outlier_limit)
     detectors = list(model.vocab.detectors)
     generator = OnnxShowerGenerator(onnx_path, detectors, model.mesh_shape, threads=threads)
     if generator.layer_energy != model.has_energy_head:
@@ -222,6 +227,7 @@ __all__ = [
     "PARITY_PURPOSE",
     "ParityReport",
     "VoxelComparison",
+    "check_allowance",
     "check_parity",
     "compare_showers",
     "random_conditions",

@@ -335,7 +335,7 @@ def test_export_argument_errors(bundle_dir: Path, tmp_path: Path, onnx_dir: Path
         export_onnx(bundle_dir, tmp_path / "m.onnx", opset=17)
     with pytest.raises(ValueError, match="max_mismatch_fraction must be in"):
         export_onnx(bundle_dir, tmp_path / "m.onnx", exporter="legacy", max_mismatch_fraction=1.0)
-    with pytest.raises(ValueError, match="outlier_limit >= 1"):
+    with pytest.raises(ValueError, match="outlier_limit must be >= 1"):
         export_onnx(bundle_dir, tmp_path / "m.onnx", exporter="legacy", outlier_limit=0.5)
     with pytest.raises(ValueError, match=r"must end in \.onnx"):
         export_onnx(bundle_dir, tmp_path / "m.bin", exporter="legacy")
