@@ -16,8 +16,13 @@ Protocol (issue #12, "The data-efficiency study"; docs/adaptation.md explains th
      ``configs/adapt/<kind>.yaml``) through ``caloforge.adapt.pipeline.run_adaptation`` (registration off)
      at S steps and at each fraction of ``--adapt-budgets`` (default S/4 and S);
    - the same architecture trained from scratch on the same shards (``caloforge.training.run.train``, the
-     ``configs/train/debug.yaml`` recipe) at S steps and at each multiple of ``--scratch-multipliers``
-     (default 1×, 4×, 16× S; ``--scratch-multipliers-largest`` adds budgets at the largest size only).
+     base's recipe) at S steps and at each multiple of ``--scratch-multipliers`` (default 1×, 4×, 16× S;
+     ``--scratch-multipliers-largest`` adds budgets at the largest size only).
+
+   The recipe (``--recipe``) of the base and scratch runs is ``configs/train/debug.yaml``'s model, objective
+   and optimiser by default; ``--recipe fidelity`` takes ``configs/train/fidelity-cpu.yaml``'s (logit-normal
+   t, the voxel model reading the layer energies; the position features stay the backbone's, made for
+   moving between meshes), and the adaptations then train with its objective too.
 4. Every model is evaluated with ``caloforge.evaluation.evaluate_model`` on the same held-out showers with
    the same seeds: FPD and KPD (beside the data-vs-data floor), classifier AUCs on high-level features and
    voxels, the energy response; the wall time and the training FLOPs of each run.
@@ -67,7 +72,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from common import RESULTS, git_commit, resolved_architecture, write_results
+from common import (
+    RESULTS,
+    TRAIN_RECIPES,
+    git_commit,
+    resolved_architecture,
+    train_recipe,
+    write_results,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,6 +139,9 @@ class Plan:
     # the training seed of every run (model initialisation, data order, noise draws); the data (pool, subsets,
     # held-out set) stay those of ``seed``, so two training seeds measure the run-to-run spread
     train_seed: int = 0
+    # the training recipe (common.TRAIN_RECIPES) of the base and scratch runs: model, objective, optimiser and
+    # schedule (the data and the budgets are the study's); the adaptations train with its objective
+    recipe: str = "debug"
 
     def key(self, *fields: str, **extra: Any) -> str:
         data = {f: getattr(self, f) for f in fields} | extra
@@ -136,6 +151,7 @@ class Plan:
         """What the base depends on: the plan's settings, the model section of the recipe and the resolved
         backbone (a changed flavour default, such as ``pos_max_freq``, trains a new base)."""
         model = model_config(self)
+        extra = {"recipe": self.recipe} if self.recipe != "debug" else {}  # the keys from before it stay
         return self.key(
             "backbone",
             "patch_size",
@@ -148,6 +164,7 @@ class Plan:
             "train_seed",
             model=model,
             architecture=resolved_architecture(model),
+            **extra,
         )
 
     def runs_key(self) -> str:
@@ -261,6 +278,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         changes["pos_max_freq_r"] = args.pos_max_freq_r
     if args.train_seed is not None:
         changes["train_seed"] = args.train_seed
+    changes["recipe"] = args.recipe
     plan = dataclasses.replace(plan, **changes)
     bad = sorted(set(plan.strategies) - set(STRATEGIES))
     if bad:
@@ -309,9 +327,13 @@ def check_patch(plan: Plan) -> None:
 
 # -- configs ----------------------------------------------------------------------------------------------
 def model_config(plan: Plan) -> dict[str, Any]:
-    """The ``configs/train/debug.yaml`` model (flow matching) with the plan's backbone and patch."""
-    model = dict(yaml.safe_load((REPO / "configs" / "train" / "debug.yaml").read_text())["model"])
+    """The recipe's model (``configs/train/debug.yaml``'s by default) with the plan's backbone and patch."""
+    model = dict(train_recipe(plan.recipe)[1]["model"])
     model.update(backbone=plan.backbone, patch_size=list(plan.patch_size))
+    # The fidelity recipe pins position features for its one mesh (32 half periods); a base that is moved to
+    # other meshes takes the backbone's defaults (docs/model.md, "Position features"), as the debug recipe's
+    model.pop("pos_max_freq", None)
+    model.pop("pos_max_freq_r", None)
     if plan.pos_max_freq is not None:
         model["pos_max_freq"] = plan.pos_max_freq
     if plan.pos_max_freq_r is not None:
@@ -355,6 +377,12 @@ def eval_config(plan: Plan) -> Any:
         },
         "benchmarks/adaptation.py eval",
     )
+
+
+def recipe_training(plan: Plan) -> tuple[Path, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The recipe's path, objective, optimiser and schedule (the base and scratch runs train with them)."""
+    path, data = train_recipe(plan.recipe)
+    return path, data["objective"], data["loop"]["optim"], data["loop"]["schedule"]
 
 
 def loop_config(plan: Plan, steps: int, optim: dict[str, Any], schedule: dict[str, Any]) -> dict[str, Any]:
@@ -403,22 +431,24 @@ def adapt_config(plan: Plan, kind: str, steps: int, name: str) -> Any:
     )
     if plan.mesh_layers:
         data["strategy"]["mesh_layers"] = True
+    if plan.recipe != "debug":  # the recipe's objective options (e.g. logit-normal t), as base and scratch
+        data["objective"] = recipe_training(plan)[1]
     return from_dict(AdaptConfig, data, str(path))
 
 
 def scratch_config(plan: Plan, shards: Path, steps: int, name: str) -> Any:
-    """``configs/train/debug.yaml``'s recipe on the target's shards, with the study's budget."""
+    """The recipe (``configs/train/debug.yaml`` by default) on the target's shards at the study's budget."""
     from caloforge.config import from_dict
     from caloforge.training.run import TrainConfig
 
-    path = REPO / "configs" / "train" / "debug.yaml"
-    data = yaml.safe_load(path.read_text())
-    recipe = data["loop"]
+    path, objective, optim, schedule = recipe_training(plan)
+    data = yaml.safe_load((REPO / "configs" / "train" / "debug.yaml").read_text())
     data.update(
         name=name,
         data={"shards": str(shards), "stream": {"shuffle_buffer": 500}, "spare_detector_slots": 0},
         model=model_config(plan),
-        loop=loop_config(plan, steps, recipe["optim"], recipe["schedule"]),
+        objective=objective,
+        loop=loop_config(plan, steps, optim, schedule),
         eval={"every": 0},
         device=plan.device,
         keep_checkpoints=1,
@@ -555,13 +585,14 @@ def pretrain_base(plan: Plan, work: Path) -> dict[str, Any]:
     from caloforge.training.run import TrainConfig, train
 
     run_dir = work / f"base-{plan.base_key()}"
-    path = REPO / "configs" / "train" / "debug.yaml"
-    data = yaml.safe_load(path.read_text())
-    recipe = data["loop"]
+    # the study's data (configs/train/debug.yaml's data section), the recipe's model, objective and loop
+    path, objective, optim, schedule = recipe_training(plan)
+    data = yaml.safe_load((REPO / "configs" / "train" / "debug.yaml").read_text())
     data.update(
         name="adaptation-bench-base",
         model=model_config(plan),
-        loop=loop_config(plan, plan.base_steps, recipe["optim"], recipe["schedule"]),
+        objective=objective,
+        loop=loop_config(plan, plan.base_steps, optim, schedule),
         eval={"every": 0},
         device=plan.device,
         keep_checkpoints=1,
@@ -834,6 +865,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         help="model.pos_max_freq_r of the base and the scratch runs: the radius features' limit alone "
         "(default: the backbone's, 3 since bundle schema 5; before, the radius followed pos_max_freq)",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=sorted(TRAIN_RECIPES),
+        default="debug",
+        help="training recipe of the base and scratch runs (model, objective, optimiser; the adaptations "
+        "train with its objective): debug (configs/train/debug.yaml) or fidelity "
+        "(configs/train/fidelity-cpu.yaml, 3.3x the cost of a step)",
     )
     p.add_argument(
         "--train-seed",

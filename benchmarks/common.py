@@ -13,6 +13,11 @@ from caloforge.platform.conditioning import PARTICLES, Conditions
 
 MESH = (45, 16, 9)
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+# The training recipes the studies build their models from (model, objective, loop). ``debug``: the coarse
+# 5 x 4 x 3 patch, fast, its quality saturates early; ``fidelity``: the CPU fidelity recipe (3 x 2 x 3 patch,
+# logit-normal t, the voxel model reading the layer energies; docs/model.md), 3.3x the cost of a step.
+TRAIN_RECIPES = {"debug": "configs/train/debug.yaml", "fidelity": "configs/train/fidelity-cpu.yaml"}
 DETECTORS = ("bench_a", "bench_b")
 
 
@@ -28,6 +33,16 @@ def synthetic(n: int, seed: int) -> tuple[np.ndarray, Conditions]:
         rng.choice(DETECTORS, n),
     )
     return showers.astype(np.float32), cond
+
+
+def train_recipe(name: str) -> tuple[Path, dict]:
+    """A training recipe of ``TRAIN_RECIPES``: its path and its YAML."""
+    import yaml
+
+    if name not in TRAIN_RECIPES:
+        raise ValueError(f"unknown recipe {name!r} (known: {sorted(TRAIN_RECIPES)})")
+    path = REPO / TRAIN_RECIPES[name]
+    return path, yaml.safe_load(path.read_text())
 
 
 def git_commit() -> str | None:

@@ -69,15 +69,20 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from common import RESULTS, git_commit, resolved_architecture, write_results
+from common import (
+    RESULTS,
+    TRAIN_RECIPES,
+    git_commit,
+    resolved_architecture,
+    train_recipe,
+    write_results,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
 BASE_DETECTORS = ("par04-siw", "pbwo4")
-# --teacher-recipe: the training config whose model, objective and loop the teacher takes (the data is the
-# study's). ``debug``: the coarse 5 x 4 x 3 patch, fast, its quality saturates at 2-4 NFE; ``fidelity``: the
-# CPU fidelity recipe (3 x 2 x 3 patch, logit-normal t; docs/model.md), 3.3x the cost of a step
-TEACHER_RECIPES = {"debug": "configs/train/debug.yaml", "fidelity": "configs/train/fidelity-cpu.yaml"}
+# --teacher-recipe: the training recipe (common.TRAIN_RECIPES) whose model, objective and loop the teacher
+# takes (the data is the study's)
 ADAPT_TARGET = "lar-pb"
 PARTICLES = ("e-", "pi+")
 TEACHER_SAMPLERS = ("euler", "midpoint", "heun")
@@ -131,10 +136,12 @@ class Plan:
     # (every row's export traces them), the teacher's default steps (the pipelines' teacher evaluations)
     layer_energy_steps: int | None = None
     teacher_num_steps: int | None = None
-    # the teacher's training recipe (model, objective, loop): a key of TEACHER_RECIPES
+    # the teacher's training recipe (model, objective, loop): a key of TRAIN_RECIPES
     teacher_recipe: str = "debug"
     # ``--cd-set`` overrides of the consistency student's config (after the study's budget is applied)
     cd_overrides: tuple[str, ...] = ()
+    # ``--shortcut-set`` overrides of the shortcut student's config (after the study's budget is applied)
+    shortcut_overrides: tuple[str, ...] = ()
 
     def key(self, *fields: str, **extra: Any) -> str:
         data = {f: getattr(self, f) for f in fields} | extra
@@ -165,7 +172,10 @@ class Plan:
         return self.key("cd_steps", "cd_batch_size", "cd_lr", teacher=self.teacher_key(), **extra)
 
     def shortcut_key(self) -> str:
-        return self.key("cd_steps", "cd_batch_size", "cd_lr", method="shortcut", teacher=self.teacher_key())
+        extra = {"shortcut_overrides": list(self.shortcut_overrides)} if self.shortcut_overrides else {}
+        return self.key(
+            "cd_steps", "cd_batch_size", "cd_lr", method="shortcut", teacher=self.teacher_key(), **extra
+        )
 
     def bns_key(self) -> str:
         return self.key(
@@ -254,6 +264,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         changes["threads"] = args.threads
     changes["teacher_recipe"] = args.teacher_recipe
     changes["cd_overrides"] = tuple(args.cd_overrides)
+    changes["shortcut_overrides"] = tuple(args.shortcut_overrides)
     plan = dataclasses.replace(plan, **changes)
     if plan.n_eval < 20 or plan.n_eval_adapted < 20 or min(plan.nfe) < 1 or plan.cd_steps < 1:
         raise ValueError("n_eval and n_eval_adapted must be >= 20, NFE >= 1, cd_steps >= 1")
@@ -328,8 +339,7 @@ def simulate(detectors: tuple[str, ...], n: int, seed: int, plan: Plan, out: Pat
 
 def recipe(plan: Plan) -> tuple[Path, dict[str, Any]]:
     """The teacher recipe's training config: its path and its YAML."""
-    path = REPO / TEACHER_RECIPES[plan.teacher_recipe]
-    return path, yaml.safe_load(path.read_text())
+    return train_recipe(plan.teacher_recipe)
 
 
 def model_config(plan: Plan) -> dict[str, Any]:
@@ -343,7 +353,7 @@ def model_config(plan: Plan) -> dict[str, Any]:
 
 
 def train_teacher(plan: Plan, work: Path) -> dict[str, Any]:
-    """The teacher: the recipe's model, objective and loop (``TEACHER_RECIPES``) trained on the base
+    """The teacher: the recipe's model, objective and loop (``TRAIN_RECIPES``) trained on the base
     detectors (``configs/train/debug.yaml``'s data section) at the study's budget (cached)."""
     from caloforge.config import from_dict
     from caloforge.training.run import TrainConfig, train
@@ -422,6 +432,7 @@ def distill_config(
             data = apply_overrides(data, plan.cd_overrides)
         else:
             data["shortcut"].update(num_steps=1)
+            data = apply_overrides(data, plan.shortcut_overrides)
     else:
         data["bns"].update(
             steps=list(plan.bns_steps),
@@ -997,7 +1008,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-adapted", action="store_true", help="skip the adapted-model distillation study")
     p.add_argument(
         "--teacher-recipe",
-        choices=sorted(TEACHER_RECIPES),
+        choices=sorted(TRAIN_RECIPES),
         default="debug",
         help="the training config whose model, objective and loop the teacher takes",
     )
@@ -1013,6 +1024,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override of the consistency student's config (configs/distill/cd.yaml keys, e.g. "
         "objective.consistency_distillation.distance=pseudo_huber); part of its cache key",
+    )
+    p.add_argument(
+        "--shortcut-set",
+        action="append",
+        default=[],
+        dest="shortcut_overrides",
+        metavar="KEY=VALUE",
+        help="override of the shortcut student's config (configs/distill/shortcut.yaml keys, e.g. "
+        "loop.steps=3000 or objective.shortcut.bootstrap_fraction=0.5); part of its cache key",
     )
     p.add_argument("--bns-iterations", type=int, help="Adam iterations per bespoke solver")
     p.add_argument("--adapted-cd-steps", type=int, help="distillation steps of the adapted runs")
