@@ -112,6 +112,37 @@ def test_the_cpu_study_uses_the_small_patch_and_patch_is_part_of_the_base_key(be
     assert seed1.key("n_heldout", "energy_gev", "seed") == plan.key("n_heldout", "energy_gev", "seed")
 
 
+def test_the_fidelity_recipe_trains_base_scratch_and_adaptations_alike(bench, tmp_path: Path) -> None:
+    """``--recipe fidelity``: base and scratch runs take the fidelity recipe's model (the voxel model reading
+    the layer energies) and objective (logit-normal t), with the backbone's position features (made for
+    moving between meshes) and the study's data and patch; the adaptations train with the same objective;
+    the recipe keys the base; the debug recipe's keys stay what they were."""
+    from common import train_recipe
+
+    debug = bench.make_plan(bench.parse_args([]))
+    fidelity = bench.make_plan(bench.parse_args(["--recipe", "fidelity"]))
+    model = bench.model_config(fidelity)
+    assert model["layer_energy"]["condition_voxels"] is True and model["patch_size"] == [3, 2, 3]
+    assert "pos_max_freq" not in model and "pos_max_freq_r" not in model
+    assert train_recipe("fidelity")[1]["model"]["pos_max_freq"] == 32  # the recipe's own, not taken
+    assert "layer_energy" not in bench.model_config(debug)
+    assert fidelity.base_key() != debug.base_key() and fidelity.runs_key() != debug.runs_key()
+    assert debug.base_key() == debug.key(
+        "backbone", "patch_size", "base_detectors", "base_showers", "base_steps", "batch_size",
+        "energy_gev", "seed", "train_seed", model=bench.model_config(debug),
+        architecture=bench.resolved_architecture(bench.model_config(debug)),
+    )  # fmt: skip
+    scratch = bench.scratch_config(fidelity, tmp_path, 10, "scratch-test")
+    assert scratch.objective.flow_matching.time_sampling == "logit_normal"
+    assert scratch.model.layer_energy.condition_voxels and scratch.loop.steps == 10
+    assert bench.scratch_config(debug, tmp_path, 10, "x").objective.flow_matching.time_sampling == "uniform"
+    adapt = bench.adapt_config(fidelity, "lora", 10, "lora-test")
+    assert adapt.objective.flow_matching.time_sampling == "logit_normal"
+    assert bench.adapt_config(debug, "lora", 10, "x").objective.flow_matching.time_sampling == "uniform"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--recipe", "huge"])
+
+
 def test_user_defined_targets_are_written_from_lar_pb(bench, tmp_path: Path) -> None:
     from caloforge.platform.geometry import load_detector
     from caloforge.platform.transfer import place_mesh

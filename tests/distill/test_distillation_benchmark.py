@@ -140,6 +140,26 @@ def test_cd_overrides_reach_the_student_config_and_key_only_the_student(bench) -
     assert bench.distill_config(plain, "cd", "cd-test").objective.consistency_distillation.distance == "l2"
 
 
+def test_shortcut_overrides_reach_the_student_config_and_key_only_that_student(bench) -> None:
+    """``--shortcut-set``: applied to the shortcut student's config after the study's budget (a longer run
+    included), part of its cache key only; without it the key is the one it was before the option."""
+    plain = bench.make_plan(bench.parse_args([]))
+    long = bench.make_plan(
+        bench.parse_args(
+            ["--shortcut-set", "loop.steps=4000", "--shortcut-set", "shortcut.target_decay=0.99"]
+        )
+    )
+    assert plain.shortcut_overrides == () and plain.shortcut_key() == plain.key(
+        "cd_steps", "cd_batch_size", "cd_lr", method="shortcut", teacher=plain.teacher_key()
+    )
+    assert long.shortcut_key() != plain.shortcut_key()
+    assert (long.teacher_key(), long.cd_key()) == (plain.teacher_key(), plain.cd_key())
+    config = bench.distill_config(long, "shortcut", "shortcut-test")
+    assert config.loop.steps == 4000 and config.shortcut.target_decay == 0.99
+    plain_config = bench.distill_config(plain, "shortcut", "shortcut-test")
+    assert plain_config.loop.steps == plain.cd_steps and plain_config.shortcut.target_decay is None
+
+
 @pytest.mark.slow
 def test_the_study_runs_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
     out = tmp_path / "distillation.json"
