@@ -141,6 +141,47 @@ def test_student_starts_as_its_teacher() -> None:
         assert torch.isfinite(student.sample(noise, cond, "heun", 2)).all()
 
 
+def test_anchor_rows_regress_the_teachers_own_solve_of_the_whole_path() -> None:
+    """``anchor_fraction``: those rows learn d = 1 from t = 0 with the teacher's ``anchor_sampler`` ×
+    ``anchor_steps`` solve of the same noise as target; the other rows and the draws are unchanged."""
+    teacher = tiny_model("flow_matching")
+    student = make_shortcut_student(teacher)
+    gen = torch.Generator().manual_seed(5)
+    student.network.step_embedder.fc2.weight.data.normal_(0.0, 0.5, generator=gen)
+    x1, cond, b = torch.randn(8, *MESH, generator=torch.Generator().manual_seed(1)), conditions(8), 8
+    ctx = LossContext(teacher=teacher)
+    config = ShortcutConfig(
+        velocity_target="teacher", bootstrap_fraction=0.25, anchor_fraction=0.25, anchor_steps=3
+    )
+    with torch.no_grad():
+        loss = ShortcutDistillation(config)(student, x1, cond, torch.Generator().manual_seed(4), ctx)
+        plain = ShortcutDistillation(dataclasses.replace(config, anchor_fraction=0.0))
+        before = plain(student, x1, cond, torch.Generator().manual_seed(4), ctx)
+        # by hand: the first draw is x_0; rows 2-3 (after the 2 bootstrap rows) are the anchors
+        x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(4))
+        rows = torch.tensor([2, 3])
+        sub = cond.index(torch.isin(torch.arange(b), rows))
+        x = x0[rows]
+        for i in range(3):  # the teacher's midpoint rule on t = 0, 1/3, 2/3, 1
+            t0, h = i / 3, 1 / 3
+            k1 = teacher.velocity(x, torch.full((2,), t0), sub)
+            x = x + h * teacher.velocity(x + 0.5 * h * k1, torch.full((2,), t0 + 0.5 * h), sub)
+        out = student(x0[rows], torch.zeros(2), sub, torch.ones(2))
+        expected = (out - (x - x0[rows])).pow(2).flatten(1).mean(dim=1)
+    torch.testing.assert_close(loss[rows], expected, rtol=1e-5, atol=1e-7)
+    keep = torch.tensor([0, 1, 4, 5, 6, 7])
+    torch.testing.assert_close(loss[keep], before[keep])  # bootstrap and flow rows as without anchors
+    assert not torch.allclose(loss[rows], before[rows])
+    with pytest.raises(ValueError, match="anchor_fraction > 0 needs velocity_target: teacher"):
+        ShortcutConfig(anchor_fraction=0.1)
+    with pytest.raises(ValueError, match="bootstrap_fraction \\+ anchor_fraction must be <= 1"):
+        ShortcutConfig(velocity_target="teacher", bootstrap_fraction=0.8, anchor_fraction=0.3)
+    with pytest.raises(ValueError, match="anchor_steps must be an int >= 1"):
+        ShortcutConfig(velocity_target="teacher", anchor_fraction=0.1, anchor_steps=0)
+    with pytest.raises(ValueError, match="anchor_sampler must be one of"):
+        ShortcutConfig(velocity_target="teacher", anchor_fraction=0.1, anchor_sampler="shortcut")
+
+
 def test_refusals_name_the_parametrisation() -> None:
     with pytest.raises(
         ValueError, match="objective 'shortcut' cannot train a model with parametrisation='flow_matching'"

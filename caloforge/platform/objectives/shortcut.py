@@ -13,6 +13,12 @@ Per batch of B clean showers x_1 (in model space), noise x_0 ~ N(0, I), x_t = (1
   the target is two half steps of the target network θ⁻ (without gradients):
   u₁ = u_θ⁻(x_t, t, q), x' = x_t + (d/2) u₁, u₂ = u_θ⁻(x', t + d/2, q), target (u₁ + u₂) / 2 with
   q = d/2, except at the finest level (k = K) where q = 0 (the instantaneous velocity);
+- **anchor rows** (the next ⌊a B⌉ after them, a = ``anchor_fraction``, default 0; distillation only): d = 1,
+  t = 0, x_t = x_0, and the target is the teacher's own solve of the whole path from that noise,
+  (x̂_1 − x_0) with x̂_1 = the teacher's ``anchor_sampler`` × ``anchor_steps`` solution (``anchor_targets``,
+  no gradients): the one-step map regresses the teacher's ODE map directly (knowledge distillation, Luhman
+  & Luhman 2021) instead of only through the chain of self-consistency levels. Costs the teacher's NFE per
+  anchor row; the draws do not change (measured in docs/distillation.md);
 - loss = ‖u_θ(x_t, t, d) − sg(target)‖² (mean over voxels, per sample).
 
 θ⁻ is the loop's target network (``LossContext.target``, an EMA of θ) when the job sets a target decay, else
@@ -41,6 +47,7 @@ from caloforge.platform.objectives.common import (
     check_objective_inputs,
     unwrap_shower_model,
 )
+from caloforge.platform.samplers import BESPOKE, SAMPLERS
 
 VELOCITY_TARGETS = ("data", "teacher")
 StepFn = Callable[[torch.Tensor, torch.Tensor, Any, torch.Tensor], torch.Tensor]
@@ -51,16 +58,44 @@ class ShortcutConfig:
     """Options of the shortcut objective: ``bootstrap_fraction`` of the batch trains d > 0 by
     self-consistency (the paper: 1/4); ``max_level`` K: step sizes 1, ½, …, 2^−K (the paper: 7, i.e. 1/128);
     ``velocity_target``: the d = 0 target, ``data`` (x_1 − x_0, the paper) or ``teacher`` (distillation;
-    needs ``LossContext.teacher``)."""
+    needs ``LossContext.teacher``); ``anchor_fraction`` of the batch learns d = 1 from the teacher's
+    ``anchor_sampler`` × ``anchor_steps`` solve (needs ``velocity_target: teacher``; 0: none)."""
 
     bootstrap_fraction: float = 0.25
     max_level: int = 7
     velocity_target: Literal["data", "teacher"] = "data"
+    anchor_fraction: float = 0.0
+    anchor_sampler: str = "midpoint"
+    anchor_steps: int = 8
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.bootstrap_fraction <= 1.0:
+        for name in ("bootstrap_fraction", "anchor_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"objective.shortcut.{name} must be in [0, 1], got {value}")
+        if self.bootstrap_fraction + self.anchor_fraction > 1.0:
             raise ValueError(
-                f"objective.shortcut.bootstrap_fraction must be in [0, 1], got {self.bootstrap_fraction}"
+                "objective.shortcut: bootstrap_fraction + anchor_fraction must be <= 1, got "
+                f"{self.bootstrap_fraction} + {self.anchor_fraction}"
+            )
+        if self.anchor_fraction > 0 and self.velocity_target != "teacher":
+            raise ValueError(
+                "objective.shortcut.anchor_fraction > 0 needs velocity_target: teacher (the anchor is the "
+                f"teacher's own solve), got {self.velocity_target!r}"
+            )
+        anchor_samplers = (*SAMPLERS, BESPOKE)  # the teacher's ODE solvers, or its own learned one
+        if self.anchor_sampler not in anchor_samplers:
+            raise ValueError(
+                f"objective.shortcut.anchor_sampler must be one of {list(anchor_samplers)}, got "
+                f"{self.anchor_sampler!r}"
+            )
+        if (
+            isinstance(self.anchor_steps, bool)
+            or not isinstance(self.anchor_steps, int)
+            or self.anchor_steps < 1
+        ):
+            raise ValueError(
+                f"objective.shortcut.anchor_steps must be an int >= 1, got {self.anchor_steps!r}"
             )
         if (
             isinstance(self.max_level, bool)
@@ -88,6 +123,18 @@ def shortcut_targets(
         x_mid = x_BZPR + half[:, None, None, None].to(x_BZPR.dtype) * u1
         u2 = target(x_mid, t_B + half, cond, q_B).to(x_BZPR.dtype)
     return 0.5 * (u1 + u2)
+
+
+def anchor_targets(
+    teacher: Any, x0_BZPR: torch.Tensor, cond: Any, sampler: str, num_steps: int
+) -> torch.Tensor:
+    """The one-step target of an anchor row: the teacher's own ``sampler`` × ``num_steps`` solve of the
+    whole path from the noise x_0 (t = 0 → 1) as an average velocity, (x̂_1 − x_0) / 1; no gradients;
+    float32."""
+    solve, grid = teacher.solver(sampler, num_steps)
+    with torch.no_grad():
+        x1 = solve(teacher.velocity, x0_BZPR, grid, cond)
+    return (x1 - x0_BZPR).float()
 
 
 class ShortcutDistillation(Objective):
@@ -124,13 +171,17 @@ class ShortcutDistillation(Objective):
         u_B = torch.rand(b, generator=generator, device=generator.device).to(dev)
         k_B = torch.randint(0, opts.max_level + 1, (b,), generator=generator, device=generator.device).to(dev)
         n_boot = round(opts.bootstrap_fraction * b)
-        boot = torch.arange(b, device=dev) < n_boot
+        n_anchor = min(round(opts.anchor_fraction * b), b - n_boot)
+        rows = torch.arange(b, device=dev)
+        boot = rows < n_boot
+        anchor = (rows >= n_boot) & (rows < n_boot + n_anchor)
         d_B = torch.where(boot, torch.exp2(-k_B.float()), torch.zeros_like(u_B))
+        d_B = torch.where(anchor, torch.ones_like(d_B), d_B)  # t = 0 below: the whole path in one step
         t_B = u_B * (1.0 - d_B)
         t_b = t_B[:, None, None, None].to(dtype)
         x_t = (1.0 - t_b) * x0 + t_b * x1_BZPR
         wanted = torch.empty(x1_BZPR.shape, device=dev, dtype=torch.float32)
-        flow = ~boot
+        flow = ~(boot | anchor)
         if bool(flow.any()):
             if teacher is not None:
                 with torch.no_grad():
@@ -141,6 +192,11 @@ class ShortcutDistillation(Objective):
             q_B = torch.where(k_B[boot] < opts.max_level, 0.5 * d_B[boot], torch.zeros_like(d_B[boot]))
             wanted[boot] = shortcut_targets(
                 target.velocity, x_t[boot], t_B[boot], d_B[boot], q_B, cond.index(boot)
+            )
+        if n_anchor:
+            assert teacher is not None  # ShortcutConfig: anchors need velocity_target teacher
+            wanted[anchor] = anchor_targets(
+                teacher, x_t[anchor], cond.index(anchor), opts.anchor_sampler, opts.anchor_steps
             )
         out = module(x_t, t_B, cond, d_B).float()
         return (out - wanted).pow(2).flatten(1).mean(dim=1)
