@@ -777,7 +777,18 @@ def response_of(metrics: dict[str, float]) -> float | None:
     return metrics.get("response/scale")
 
 
+# The plots: one per quality of the headline and the data / compute axis. The classifier AUCs have their floor
+# at 0.5 (indistinguishable), FPD and KPD at their data-vs-data value.
+PLOT_QUALITIES = {
+    "fpd": ("FPD", "log"),
+    "kpd": ("KPD", "symlog"),
+    "auc_high": ("classifier AUC, high-level features", "linear"),
+    "auc_low": ("classifier AUC, voxels", "linear"),
+}
+
+
 def plot(rows: list[dict], targets: tuple[str, ...], out: Path) -> list[Path]:
+    """``adaptation_<quality>_vs_<data|compute>.png`` for every quality of ``PLOT_QUALITIES``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -785,42 +796,50 @@ def plot(rows: list[dict], targets: tuple[str, ...], out: Path) -> list[Path]:
 
     paths = []
     colours = {"full": "C0", "lora": "C1", "bias": "C2", "embedding": "C3", "scratch": "k"}
-    for xkey, xlabel, name in (
-        ("n_train", "training showers of the target", "data"),
-        ("train_flops", "training FLOPs", "compute"),
-    ):
-        fig, axes = plt.subplots(1, len(targets), figsize=(6 * len(targets), 4.5), squeeze=False)
-        for ax, target in zip(axes[0], targets, strict=True):
-            sel = [
-                r for r in rows if r["target"] == target and math.isfinite(r["metrics"].get("fpd", math.nan))
-            ]
-            groups: dict[tuple[str, int], list[dict]] = {}
-            for r in sel:
-                groups.setdefault((r["method"], r["steps"]), []).append(r)
-            for (method, steps), rs in sorted(groups.items()):
-                rs = sorted(rs, key=lambda r: r[xkey])
-                kind = method.split("+")[0]  # bias+mesh: bias's colour, dash-dotted
-                style = "--" if method == "scratch" else ("-." if "+" in method else "-")
-                ax.plot(
-                    [r[xkey] for r in rs],
-                    [r["metrics"]["fpd"] for r in rs],
-                    style,
-                    marker="o",
-                    color=colours[kind],
-                    alpha=0.4 + 0.6 * steps / max(r["steps"] for r in sel),
-                    label=f"{method} {steps} steps",
-                )
-            floors = [r["metrics"].get("floor/fpd", math.nan) for r in sel]
-            floors = [f for f in floors if math.isfinite(f)]
-            if floors:
-                ax.axhline(sum(floors) / len(floors), color="grey", lw=1, ls=":", label="data-vs-data floor")
-            ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="FPD (lower is better)", title=target)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"adaptation_fpd_vs_{name}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+    for metric, (ylabel, yscale) in PLOT_QUALITIES.items():
+        for xkey, xlabel, name in (
+            ("n_train", "training showers of the target", "data"),
+            ("train_flops", "training FLOPs", "compute"),
+        ):
+            fig, axes = plt.subplots(1, len(targets), figsize=(6 * len(targets), 4.5), squeeze=False)
+            for ax, target in zip(axes[0], targets, strict=True):
+                sel = [
+                    r
+                    for r in rows
+                    if r["target"] == target and math.isfinite(r["metrics"].get(metric, math.nan))
+                ]
+                groups: dict[tuple[str, int], list[dict]] = {}
+                for r in sel:
+                    groups.setdefault((r["method"], r["steps"]), []).append(r)
+                for (method, steps), rs in sorted(groups.items()):
+                    rs = sorted(rs, key=lambda r: r[xkey])
+                    kind = method.split("+")[0]  # bias+mesh: bias's colour, dash-dotted
+                    style = "--" if method == "scratch" else ("-." if "+" in method else "-")
+                    ax.plot(
+                        [r[xkey] for r in rs],
+                        [r["metrics"][metric] for r in rs],
+                        style,
+                        marker="o",
+                        color=colours[kind],
+                        alpha=0.4 + 0.6 * steps / max(r["steps"] for r in sel),
+                        label=f"{method} {steps} steps",
+                    )
+                if metric.startswith("auc"):
+                    ax.axhline(0.5, color="grey", lw=1, ls=":", label="indistinguishable (0.5)")
+                else:
+                    floors = [r["metrics"].get(f"floor/{metric}", math.nan) for r in sel]
+                    floors = [f for f in floors if math.isfinite(f)]
+                    if floors:
+                        floor = sum(floors) / len(floors)
+                        ax.axhline(floor, color="grey", lw=1, ls=":", label="data-vs-data floor")
+                ax.set(xscale="log", xlabel=xlabel, ylabel=f"{ylabel} (lower is better)", title=target)
+                ax.set_yscale(yscale, **({"linthresh": 1.0} if yscale == "symlog" else {}))
+                ax.legend(fontsize=7)
+            fig.tight_layout()
+            path = out / f"adaptation_{metric}_vs_{name}.png"
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            paths.append(path)
     return paths
 
 
