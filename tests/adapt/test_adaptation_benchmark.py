@@ -214,5 +214,10 @@ def test_the_study_runs_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
         assert len(floors) == 1
     assert set(record["headline"]) == {"lar-pb", "lar-pb-coarse"}
     assert record["base"]["detectors"] == ["par04-siw", "pbwo4"] and record["base"]["train_flops"] > 0
-    assert all(Path(p).is_file() for p in record["plots"]) and len(record["plots"]) == 2
+    assert all(Path(p).is_file() for p in record["plots"])
+    # one plot per headline quality against data and against compute
+    qualities, axes = ("fpd", "kpd", "auc_high", "auc_low"), ("data", "compute")
+    assert sorted(Path(p).name for p in record["plots"]) == sorted(
+        f"adaptation_{q}_vs_{x}.png" for q in qualities for x in axes
+    )
     assert (tmp_path / "work" / "detectors" / "lar-pb-coarse.yaml").is_file()
