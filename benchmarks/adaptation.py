@@ -431,8 +431,7 @@ def adapt_config(plan: Plan, kind: str, steps: int, name: str) -> Any:
     )
     if plan.mesh_layers:
         data["strategy"]["mesh_layers"] = True
-    if plan.recipe != "debug":  # the recipe's objective options (e.g. logit-normal t), as base and scratch
-        data["objective"] = recipe_training(plan)[1]
+    data["objective"] = recipe_training(plan)[1]  # the objective base and scratch train with
     return from_dict(AdaptConfig, data, str(path))
 
 
