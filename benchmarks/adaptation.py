@@ -142,6 +142,10 @@ class Plan:
     # the training recipe (common.TRAIN_RECIPES) of the base and scratch runs: model, objective, optimiser and
     # schedule (the data and the budgets are the study's); the adaptations train with its objective
     recipe: str = "debug"
+    # which stage may empty a layer at generation (``layer_energy.empty_layers``) in every run's evaluation;
+    # None: each bundle's own. Not part of the cache keys: a run's training is reused, its evaluation with
+    # this mode is kept beside it (``evaluated``)
+    empty_layers: str | None = None
 
     def key(self, *fields: str, **extra: Any) -> str:
         data = {f: getattr(self, f) for f in fields} | extra
@@ -279,6 +283,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.train_seed is not None:
         changes["train_seed"] = args.train_seed
     changes["recipe"] = args.recipe
+    changes["empty_layers"] = args.empty_layers
     plan = dataclasses.replace(plan, **changes)
     bad = sorted(set(plan.strategies) - set(STRATEGIES))
     if bad:
@@ -547,10 +552,13 @@ def forward_flops_per_shower(model_dir: Path) -> int:
 
 
 def evaluate(model_dir: Path, heldout: Any, spec: Any, plan: Plan) -> dict[str, float]:
-    from caloforge.evaluation.api import evaluate_model
+    from caloforge.evaluation.api import evaluate_model, load_model
 
+    model = load_model(model_dir, plan.device)
+    if plan.empty_layers is not None:
+        model.set_sampling_defaults(empty_layers=plan.empty_layers)  # type: ignore[arg-type]
     report = evaluate_model(
-        model_dir,
+        model,
         heldout,
         len(heldout),
         eval_config(plan),
@@ -563,6 +571,13 @@ def evaluate(model_dir: Path, heldout: Any, spec: Any, plan: Plan) -> dict[str, 
     return out
 
 
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
 def cached(run_dir: Path, fn: Any) -> dict[str, Any]:
     """``fn()``'s record, kept in ``run_dir/bench.json`` (a rerun reuses it)."""
     path = run_dir / "bench.json"
@@ -571,12 +586,24 @@ def cached(run_dir: Path, fn: Any) -> dict[str, Any]:
         record["cached"] = True
         return record
     record = fn()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    _write_json(path, record)
     record["cached"] = False
     return record
+
+
+def evaluated(run_dir: Path, record: dict[str, Any], heldout: Any, spec: Any, plan: Plan) -> dict[str, Any]:
+    """``record`` with the metrics of the plan's evaluation: as recorded, or — with ``plan.empty_layers``
+    — the bundle's in ``run_dir/model`` evaluated with that mode (kept in
+    ``run_dir/bench-empty_layers-<mode>.json``)."""
+    if plan.empty_layers is None:
+        return record
+    path = run_dir / f"bench-empty_layers-{plan.empty_layers}.json"
+    if path.is_file():
+        metrics = json.loads(path.read_text())["metrics"]
+    else:
+        metrics = evaluate(run_dir / "model", heldout, spec, plan)
+        _write_json(path, {"empty_layers": plan.empty_layers, "metrics": metrics})
+    return {**record, "metrics": metrics, "empty_layers": plan.empty_layers}
 
 
 def pretrain_base(plan: Plan, work: Path) -> dict[str, Any]:
@@ -667,7 +694,7 @@ def adapt_run(
             "metrics": evaluate(result.model_dir, heldout, spec, plan),
         }
 
-    return {"target": target, "n_train": n, **cached(run_dir, run)}
+    return {"target": target, "n_train": n, **evaluated(run_dir, cached(run_dir, run), heldout, spec, plan)}
 
 
 def scratch_run(
@@ -699,7 +726,7 @@ def scratch_run(
             "metrics": evaluate(result.model_dir, heldout, spec, plan),
         }
 
-    return {"target": target, "n_train": n, **cached(run_dir, run)}
+    return {"target": target, "n_train": n, **evaluated(run_dir, cached(run_dir, run), heldout, spec, plan)}
 
 
 # -- analysis ---------------------------------------------------------------------------------------------
@@ -844,6 +871,8 @@ def plot(rows: list[dict], targets: tuple[str, ...], out: Path) -> list[Path]:
 
 # -- main -------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from caloforge.platform.energy import EMPTY_LAYER_MODES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="a tiny end-to-end run (tests, make bench)")
@@ -891,6 +920,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="training recipe of the base and scratch runs (model, objective, optimiser; the adaptations "
         "train with its objective): debug (configs/train/debug.yaml) or fidelity "
         "(configs/train/fidelity-cpu.yaml, 3.3x the cost of a step)",
+    )
+    p.add_argument(
+        "--empty-layers",
+        choices=EMPTY_LAYER_MODES,
+        help="which stage may empty a layer when every run generates its evaluation sample "
+        "(layer_energy.empty_layers; default: each bundle's own); reuses the cached training",
     )
     p.add_argument(
         "--train-seed",

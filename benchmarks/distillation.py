@@ -142,6 +142,9 @@ class Plan:
     cd_overrides: tuple[str, ...] = ()
     # ``--shortcut-set`` overrides of the shortcut student's config (after the study's budget is applied)
     shortcut_overrides: tuple[str, ...] = ()
+    # which stage may empty a layer when a row generates its evaluation sample and its graph
+    # (``layer_energy.empty_layers``); None: each bundle's own. Part of the rows' keys only when set
+    empty_layers: str | None = None
 
     def key(self, *fields: str, **extra: Any) -> str:
         data = {f: getattr(self, f) for f in fields} | extra
@@ -265,6 +268,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     changes["teacher_recipe"] = args.teacher_recipe
     changes["cd_overrides"] = tuple(args.cd_overrides)
     changes["shortcut_overrides"] = tuple(args.shortcut_overrides)
+    changes["empty_layers"] = args.empty_layers
     plan = dataclasses.replace(plan, **changes)
     if plan.n_eval < 20 or plan.n_eval_adapted < 20 or min(plan.nfe) < 1 or plan.cd_steps < 1:
         raise ValueError("n_eval and n_eval_adapted must be >= 20, NFE >= 1, cd_steps >= 1")
@@ -613,6 +617,8 @@ def measure(c: Candidate, plan: Plan, heldout: Any, work: Path) -> dict[str, Any
     from caloforge.registry.onnx_runtime import onnx_feeds, ort_session
 
     model = ShowerModel.load(c.bundle)
+    if plan.empty_layers is not None:
+        model.set_sampling_defaults(empty_layers=plan.empty_layers)  # type: ignore[arg-type]
     t0 = time.perf_counter()
     report = evaluate_model(
         model, heldout, None, eval_config(len(heldout)), sampler=c.sampler, num_steps=c.num_steps
@@ -650,6 +656,8 @@ def measure(c: Candidate, plan: Plan, heldout: Any, work: Path) -> dict[str, Any
     path.unlink()
     if torch.cuda.is_available():
         gpu = ShowerModel.load(c.bundle, device="cuda").eval()
+        if plan.empty_layers is not None:
+            gpu.set_sampling_defaults(empty_layers=plan.empty_layers)  # type: ignore[arg-type]
         graph = SamplerGraph(gpu, num_steps=c.num_steps, sampler=c.sampler).eval()
         for batch in plan.gpu_batches:
             idx = np.arange(batch) % len(heldout)
@@ -1000,6 +1008,8 @@ def plot(rows: list[dict], front: list[str], path: Path) -> Path:
 
 # -- main -------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from caloforge.platform.energy import EMPTY_LAYER_MODES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a tiny end-to-end run (tests)")
     p.add_argument("--device", default="cpu", help="training/evaluation device: cpu | cuda | cuda:N")
@@ -1033,6 +1043,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override of the shortcut student's config (configs/distill/shortcut.yaml keys, e.g. "
         "loop.steps=3000 or objective.shortcut.bootstrap_fraction=0.5); part of its cache key",
+    )
+    p.add_argument(
+        "--empty-layers",
+        choices=EMPTY_LAYER_MODES,
+        help="which stage may empty a layer when a row generates its evaluation sample and its graph "
+        "(layer_energy.empty_layers; default: each bundle's own); the trained students are reused",
     )
     p.add_argument("--bns-iterations", type=int, help="Adam iterations per bespoke solver")
     p.add_argument("--adapted-cd-steps", type=int, help="distillation steps of the adapted runs")
@@ -1101,6 +1117,7 @@ def main(argv: list[str] | None = None) -> int:
                 c=dataclasses.asdict(c),
                 t=plan.teacher_key(),
                 timing=TIMING,
+                **({"empty_layers": plan.empty_layers} if plan.empty_layers is not None else {}),
             )
             row = cached(
                 work / "rows" / f"{c.label.replace(' ', '-')}-{key}.json",

@@ -1,10 +1,10 @@
 """Model bundles: a directory with ``config.json`` + ``model.safetensors``; no pickles, no training code.
 
-``config.json`` (schema_version 7)::
+``config.json`` (schema_version 8)::
 
     {
       "format": "caloforge.shower_model",
-      "schema_version": 7,
+      "schema_version": 8,
       "caloforge_version": "0.1.0", "torch_version": "...",
       "model_config": {...ShowerModelConfig as plain data...},
       "vocab": {"detectors": [...], "n_detector_slots": K},
@@ -30,6 +30,9 @@ The lineage is ``caloforge.platform.lineage.Lineage`` (typed, validated). Older 
   features at the depth's limit (``migrate_model_config`` writes both in);
 - versions 1–5 let the layer-energy head empty a layer the voxel model hit (``layer_energy.empty_layers =
   either``; ``voxel_model`` since version 6), so their showers stay what they were;
+- versions 6–7 leave a layer empty wherever the voxel model does (``empty_layers = voxel_model``;
+  ``hadron_tracks`` since version 8: a charged hadron's layer the voxel model left empty takes the head's
+  energy in one voxel), so their showers stay what they were;
 - versions 1–6 have no voxel model conditioned on the layer energies (``layer_energy.condition_voxels``,
   false when absent: nothing to migrate; the version tells older code that such a bundle is not for it).
 
@@ -74,7 +77,7 @@ from caloforge.platform.lineage import LEGACY_FIELD_KEYS, LEGACY_RANGE_KEYS, Lin
 from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig
 
 BUNDLE_FORMAT = "caloforge.shower_model"
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 LEGACY_POS_MAX_FREQ = 32.0  # BackboneConfig.pos_max_freq of bundles before schema 4
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -190,7 +193,8 @@ def migrate_model_config(model_config: dict[str, Any], schema_version: int) -> d
     - v1–v4 bundles' radius features follow ``pos_max_freq`` (the field ``pos_max_freq_r`` came with v4's
       last release and its default, 3, with v5): the radius limit is set to the depth's;
     - v1–v5 bundles generate with the head's energy applied to every hit layer, also where it empties the
-      layer: ``layer_energy.empty_layers = either`` unless the bundle names it (``voxel_model`` since v6).
+      layer: ``layer_energy.empty_layers = either`` unless the bundle names it (``voxel_model`` since v6);
+      v6–v7 bundles with ``voxel_model`` unless they name it (``hadron_tracks`` since v8).
     """
     out = dict(model_config)
     if schema_version < 4 and out.get("pos_max_freq") is None:
@@ -204,6 +208,8 @@ def migrate_model_config(model_config: dict[str, Any], schema_version: int) -> d
     layer_energy = out.get("layer_energy", {})
     if schema_version < 6 and isinstance(layer_energy, dict):  # anything else: from_dict names the error
         out["layer_energy"] = {"empty_layers": "either", **layer_energy}
+    elif schema_version < 8 and isinstance(layer_energy, dict):
+        out["layer_energy"] = {"empty_layers": "voxel_model", **layer_energy}
     if "objective" in out and "parametrisation" not in out:
         out["parametrisation"] = out.pop("objective")
     out.pop("flow_matching", None)

@@ -38,6 +38,8 @@ EM_PDGS = frozenset({11, -11, 22})
 CHARGED_PDGS = frozenset({11, -11, 211, -211, 321, -321, 2212, -2212})
 BARYON_PDGS = frozenset({2212, -2212, 2112, -2112})
 ANTIBARYON_PDGS = frozenset({-2212, -2112})
+# Charged hadrons: a minimum-ionising track through the layers before their first interaction
+CHARGED_HADRON_PDGS = CHARGED_PDGS - EM_PDGS
 
 
 def pdg_of(particle: str | int) -> int:
@@ -60,6 +62,13 @@ def particle_name(pdg: int) -> str:
 
 def is_em(pdg: int) -> bool:
     return int(pdg) in EM_PDGS
+
+
+def charged_hadron_mask(particle_idx: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: whether each particle index (``PARTICLES`` order; the last index is "unknown", False)
+    is a charged hadron (``CHARGED_HADRON_PDGS``). A table lookup (exports to ONNX)."""
+    table = [pdg in CHARGED_HADRON_PDGS for pdg in PARTICLES.values()] + [False]
+    return torch.tensor(table, dtype=torch.bool, device=particle_idx.device)[particle_idx]
 
 
 @dataclass(frozen=True)

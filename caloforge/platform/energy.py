@@ -49,7 +49,8 @@ STATS_MEAN_KEY = "layer_energy_over_einc_mean"
 STATS_STD_KEY = "layer_energy_over_einc_std"
 MIN_REL_STD = 1e-3  # floor of s_z relative to the largest s_z (layers that are (almost) never hit)
 LAYER_U_MIN, LAYER_U_MAX = -5.0, 20.0  # clamp of the standardised u_z a conditioned voxel model reads
-EmptyLayerMode = Literal["voxel_model", "either"]  # which stage may leave a layer empty (``rescale_layers``)
+# which stage may leave a layer empty at generation (``rescale_layers``)
+EmptyLayerMode = Literal["voxel_model", "either", "hadron_tracks"]
 EMPTY_LAYER_MODES: tuple[str, ...] = get_args(EmptyLayerMode)
 
 
@@ -64,9 +65,11 @@ class LayerEnergyConfig:
     num_steps: int = 8  # head ODE steps at generation (8 and 64 midpoint steps agree to 0.1% in E_tot)
     loss_weight: float = 1.0  # weight of the head's loss beside the voxel loss
     draws: int = 16  # noise/time draws per shower per training step (the head is cheap)
-    # Which stage may leave a layer empty at generation (``rescale_layers``): ``voxel_model`` (a layer the
-    # voxel model hit keeps hits) or ``either`` (the head's energy may empty it too; bundles before schema 6).
-    empty_layers: EmptyLayerMode = "voxel_model"
+    # Which stage may leave a layer empty at generation (``rescale_layers``): ``hadron_tracks`` (as
+    # ``voxel_model``, and a charged hadron's layer the voxel model left empty takes the head's E_z in one
+    # voxel: its track; since schema 8), ``voxel_model`` (a layer the voxel model hit keeps hits; schemas
+    # 6-7) or ``either`` (the head's energy may empty a hit layer too; bundles before schema 6).
+    empty_layers: EmptyLayerMode = "hadron_tracks"
     # The voxel model reads the layer energies (CaloFlow's order: the head samples E_z first; training feeds
     # the data's own E_z): ``ShowerDiT`` with ``layer_condition`` (docs/model.md, "Layer energies"). Off in
     # bundles before schema 7 and by default; on in configs/train/fidelity-cpu.yaml, where it was measured.
@@ -266,11 +269,22 @@ def rescale_layers(
     layer_mev_BZ: torch.Tensor,
     threshold_mev: torch.Tensor | float,
     empty_layers: EmptyLayerMode = "voxel_model",
+    voxel_score_BZPR: torch.Tensor | None = None,
+    track_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scale each layer of ``showers_mev_BZPR`` to ``layer_mev_BZ``; keep Σ_z E_z; re-apply the threshold.
 
     ``empty_layers`` says which stage may leave a layer empty (``EMPTY_LAYER_MODES``):
 
+    - ``hadron_tracks``: as ``voxel_model``, and in the showers of ``track_B`` (B,) bool (required: the
+      charged hadrons, ``conditioning.charged_hadron_mask``) a layer the voxel model left without a voxel
+      at or above the threshold gets its target, when that is at or above the threshold, in the voxel
+      model's hottest voxel of the layer: the largest ``voxel_score_BZPR`` (required; the voxel model's
+      ln(E + ε) before the threshold, ``ShowerTransform.log_energy``; split evenly between tied voxels).
+      A charged hadron crosses the layers before its first interaction as a minimum-ionising track, one
+      hit voxel per layer, which the voxel model, averaging over where that voxel is, leaves empty; an
+      electromagnetic shower's empty layers are the voxel model's to decide (docs/model.md, "Which stage
+      leaves a layer empty").
     - ``voxel_model``: a layer the voxel model hit keeps hits. Where its target is too small for the layer's
       hottest voxel to stay at or above the threshold (a target of 0 included: the head's flow leaves
       rarely-hit layers slightly negative, and those are set to 0), the layer keeps the voxel model's own
@@ -291,14 +305,25 @@ def rescale_layers(
     raw = showers_mev_BZPR.float()
     target = layer_mev_BZ.float()
     threshold = torch.as_tensor(threshold_mev, dtype=raw.dtype, device=raw.device)
+    if empty_layers == "hadron_tracks" and (voxel_score_BZPR is None or track_B is None):
+        raise ValueError(
+            "rescale_layers(empty_layers='hadron_tracks') needs voxel_score_BZPR (the voxel model's scores) "
+            "and track_B (which showers are charged hadrons)"
+        )
     have = raw.sum(dim=(2, 3))
     per_layer = target
-    if empty_layers == "voxel_model":
+    if empty_layers in ("voxel_model", "hadron_tracks"):
         # The scaled layer's hottest voxel is peak · target / have: below the threshold nothing survives.
         keeps_hits = target * raw.amax(dim=(2, 3)) >= threshold * have
         per_layer = torch.where((have > 0) & ~keeps_hits, have, target)
     layer_scale = torch.where(have > 0, per_layer / have.clamp_min(1e-30), torch.zeros_like(have))
     x = raw * layer_scale[:, :, None, None]
+    if voxel_score_BZPR is not None and track_B is not None and empty_layers == "hadron_tracks":
+        score = voxel_score_BZPR.float()
+        hottest = (score == score.amax(dim=(2, 3), keepdim=True)).to(raw.dtype)
+        hottest = hottest / hottest.sum(dim=(2, 3), keepdim=True)
+        fill = (track_B.bool()[:, None] & (have <= 0) & (target >= threshold))[:, :, None, None]
+        x = torch.where(fill, hottest * target[:, :, None, None], x)
     # Every hit layer got a target of 0 while empty layers got energy: scale the voxel shower as a whole.
     lost_all = (x.sum(dim=(1, 2, 3)) <= 0)[:, None, None, None]
     x = torch.where(lost_all, raw, x)

@@ -47,9 +47,15 @@ from caloforge.platform.backbone import (
     backbone_config,
     patch_coordinates,
 )
-from caloforge.platform.conditioning import Conditions, ConditionTensors, ConditionVocab
+from caloforge.platform.conditioning import (
+    Conditions,
+    ConditionTensors,
+    ConditionVocab,
+    charged_hadron_mask,
+)
 from caloforge.platform.denoisers import DENOISERS, Denoiser, EDMPrecondConfig
 from caloforge.platform.energy import (
+    EmptyLayerMode,
     LayerEnergyConfig,
     LayerEnergyFlow,
     LayerEnergyTransform,
@@ -384,14 +390,26 @@ class ShowerModel(nn.Module):
     def config(self) -> ShowerModelConfig:
         return self._config
 
-    def set_sampling_defaults(self, sampler: str | None = None, num_steps: int | None = None) -> None:
-        """Change the default sampler and/or step count (what ``generate`` and the export use); the
-        weights' meaning does not change."""
+    def set_sampling_defaults(
+        self,
+        sampler: str | None = None,
+        num_steps: int | None = None,
+        empty_layers: EmptyLayerMode | None = None,
+    ) -> None:
+        """Change the default sampler, step count and/or which stage may empty a layer
+        (``layer_energy.empty_layers``): what ``generate`` and the export use; the weights' meaning does
+        not change."""
         changes: dict[str, Any] = {}
         if sampler is not None:
             changes["sampler"] = sampler
         if num_steps is not None:
             changes["num_steps"] = num_steps
+        if empty_layers is not None:
+            if not self.has_energy_head:
+                raise ValueError("empty_layers: this model has no layer-energy head (layer_energy.enabled)")
+            changes["layer_energy"] = dataclasses.replace(
+                self._config.layer_energy, empty_layers=empty_layers
+            )
         self._config = dataclasses.replace(self._config, **changes)  # validated by __post_init__
 
     def set_bespoke_solvers(self, solvers: tuple[BespokeSolver, ...] | list[BespokeSolver]) -> None:
@@ -558,9 +576,15 @@ class ShowerModel(nn.Module):
         self._check_x(x, "to_model_space showers_mev_BZPR")
         return self.transform(x)
 
-    def to_mev(self, x_BZPR: torch.Tensor, layer_mev_BZ: torch.Tensor | None = None) -> torch.Tensor:
+    def to_mev(
+        self,
+        x_BZPR: torch.Tensor,
+        layer_mev_BZ: torch.Tensor | None = None,
+        cond: ConditionTensors | None = None,
+    ) -> torch.Tensor:
         """Model space → MeV (threshold applied, ≥ 0). With ``layer_mev_BZ`` (the layer-energy head's
-        sample), each layer is scaled to those energies (``energy.rescale_layers``)."""
+        sample), each layer is scaled to those energies (``energy.rescale_layers``; ``cond``, the showers'
+        conditions, is needed there when ``layer_energy.empty_layers`` is ``hadron_tracks``)."""
         self._check_fitted()
         self._check_x(x_BZPR, "to_mev x_BZPR")
         showers = self.transform.inverse(x_BZPR)
@@ -571,9 +595,16 @@ class ShowerModel(nn.Module):
                 f"to_mev layer_mev_BZ: expected ({x_BZPR.shape[0]}, {self.mesh.n_z}), "
                 f"got {tuple(layer_mev_BZ.shape)}"
             )
-        return rescale_layers(
-            showers, layer_mev_BZ, self.transform.threshold_mev, self.config.layer_energy.empty_layers
-        )
+        mode = self.config.layer_energy.empty_layers
+        score = track = None
+        if mode == "hadron_tracks":
+            if cond is None:
+                raise ValueError(
+                    "to_mev: layer_energy.empty_layers = hadron_tracks needs cond (which showers are charged "
+                    "hadrons)"
+                )
+            score, track = self.transform.log_energy(x_BZPR), charged_hadron_mask(cond.particle_idx)
+        return rescale_layers(showers, layer_mev_BZ, self.transform.threshold_mev, mode, score, track)
 
     def layer_energies_mev(self, showers_mev_BZPR: torch.Tensor) -> torch.Tensor:
         """(B, Z) layer sums of MeV showers after the readout threshold (what the head learns)."""
@@ -717,7 +748,7 @@ class ShowerModel(nn.Module):
                         layers = self.sample_layer_energies(layer_noise.to(self.device), cond)
                         cond = self.with_layers(cond, layers)
                     x = self.sample(noise.to(self.device), cond, sampler, num_steps)
-                    out[start:stop] = self.to_mev(x, layers).float().cpu().numpy()
+                    out[start:stop] = self.to_mev(x, layers, cond).float().cpu().numpy()
         finally:
             self.train(was_training)
         return out

@@ -123,6 +123,13 @@ class _LogTransform(nn.Module):
         x = torch.where(x < self.threshold_mev.float(), torch.zeros_like(x), x)
         return (torch.log(x + self.log_eps.float()) - mean.float()) / std.float()
 
+    def log_energy(self, x_BZPR: torch.Tensor) -> torch.Tensor:
+        """Model space → ln(E + ε) per voxel, unclamped and before the threshold: how the model ranks
+        the voxels of a layer, also where none of them reaches the threshold (``energy.rescale_layers``)."""
+        self._check(x_BZPR, f"{type(self).__name__}.log_energy")
+        mean, std = self._mean_std()
+        return x_BZPR.float() * std.float() + mean.float()
+
     def inverse(self, x_BZPR: torch.Tensor) -> torch.Tensor:
         """Model space → MeV: exp(min(x̂σ + μ, log_max_z)) − ε; below threshold → 0; clamp ≥ 0."""
         self._check(x_BZPR, f"{type(self).__name__}.inverse")

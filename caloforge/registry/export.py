@@ -108,6 +108,7 @@ class OnnxExport:
     layer_sampler: str | None = None
     layer_num_steps: int | None = None
     layer_nfe: int = 0
+    layer_empty_layers: str | None = None  # which stage may empty a layer (``layer_energy.empty_layers``)
     variant: VariantInfo | None = None  # None: an OnnxExport made before variants (plain)
     fidelity: FidelityReport | None = None  # None for the plain graph (parity only)
     parity_of: str = "published graph"
@@ -116,7 +117,12 @@ class OnnxExport:
         """The layer-energy stage frozen into the graph (None: no head, no ``layer_noise`` input)."""
         if not self.layer_energy:
             return None
-        return {"sampler": self.layer_sampler, "num_steps": self.layer_num_steps, "nfe": self.layer_nfe}
+        return {
+            "sampler": self.layer_sampler,
+            "num_steps": self.layer_num_steps,
+            "nfe": self.layer_nfe,
+            "empty_layers": self.layer_empty_layers,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -355,6 +361,7 @@ def export_onnx(
                         "sampler": graph.layer_sampler_name,
                         "num_steps": graph.layer_num_steps,
                         "nfe": graph.layer_nfe,
+                        "empty_layers": graph.layer_empty_layers,
                     }
                     if graph.layer_energy
                     else None
@@ -453,6 +460,7 @@ def export_onnx(
         layer_sampler=graph.layer_sampler_name,
         layer_num_steps=graph.layer_num_steps,
         layer_nfe=graph.layer_nfe,
+        layer_empty_layers=graph.layer_empty_layers,
         variant=vinfo,
         fidelity=fidelity,
         parity_of=parity_of,

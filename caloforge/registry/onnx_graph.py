@@ -96,6 +96,7 @@ class SamplerGraph(nn.Module):
         self.input_names = onnx_input_names(self.layer_energy)
         le = model.config.layer_energy
         self.layer_sampler_name = le.sampler if self.layer_energy else None
+        self.layer_empty_layers = le.empty_layers if self.layer_energy else None
         self.layer_num_steps = int(le.num_steps) if self.layer_energy else None
         self.layer_sampler = get_sampler(le.sampler) if self.layer_energy else None
         # The head's grid, as ShowerModel.sample_layer_energies builds it, also a Python list.
@@ -130,7 +131,7 @@ class SamplerGraph(nn.Module):
         x_BZPR = self.sampler(
             self.model.velocity, x_BZPR, self.grid, cond, final_singular=self.final_singular
         )
-        return self.model.to_mev(x_BZPR, layer_mev_BZ)
+        return self.model.to_mev(x_BZPR, layer_mev_BZ, cond)
 
     def _layer_energies(self, noise_BZ: torch.Tensor, cond: ConditionTensors) -> torch.Tensor:
         """``ShowerModel.sample_layer_energies`` over the fixed Python grid (unrolled at export)."""

@@ -18,7 +18,7 @@ from caloforge.config import ConfigError, from_dict, to_dict
 from caloforge.datasets.batch import ShowerBatch
 from caloforge.datasets.stats import compute_stats
 from caloforge.environment import free_port
-from caloforge.platform.conditioning import Conditions, ConditionVocab
+from caloforge.platform.conditioning import PARTICLES, Conditions, ConditionVocab, charged_hadron_mask
 from caloforge.platform.energy import (
     LayerEnergyConfig,
     LayerEnergyFlow,
@@ -28,7 +28,7 @@ from caloforge.platform.energy import (
 )
 from caloforge.platform.objectives import LossContext
 from caloforge.platform.samplers import SAMPLERS
-from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig
+from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig, seeded_noise
 from caloforge.platform.transforms import MAX_LOG
 from caloforge.training.tasks import shower_loss_fn
 
@@ -207,6 +207,85 @@ def test_rescale_layers_keeps_a_hit_layer_whose_target_would_empty_it() -> None:
     # A target just large enough for the hottest voxel to reach the threshold is applied as it is.
     exact = rescale_layers(shower, torch.tensor([[4.0 * 0.5 / 3.0, 8.0, 10.0]]), 0.5, "voxel_model")
     torch.testing.assert_close(exact.sum(dim=(2, 3)), torch.tensor([[0.5, 8.0, 10.0]]), rtol=1e-5, atol=1e-6)
+
+
+def test_rescale_layers_hadron_tracks_fills_a_charged_hadron_s_layer_the_voxel_model_left_empty() -> None:
+    # The voxel model's ln(E + ε) scores: layer 1 has no voxel above the threshold (a layer crossed by a
+    # pion's track, which the sampler smeared out), its hottest score at (1, 0); layer 2 too, with two tied
+    # hottest voxels. Shower 0 is a charged hadron, shower 1 (the same voxels) is not.
+    score = torch.full((2, 4, 2, 2), -13.8)
+    score[:, 1] = torch.tensor([[-5.0, -6.0], [-3.0, -9.0]])
+    score[:, 2] = torch.tensor([[-4.0, -4.0], [-7.0, -8.0]])
+    shower = torch.zeros(2, 4, 2, 2)  # in MeV after the threshold: only layers 0 and 3 hit
+    shower[:, 0] = torch.tensor([[2.0, 6.0], [0.0, 0.0]])  # 8 MeV
+    shower[:, 3] = torch.tensor([[1.0, 1.0], [1.0, 1.0]])  # 4 MeV
+    targets = torch.tensor([[16.0, 3.0, 2.0, 0.25]]).repeat(
+        2, 1
+    )  # layer 3's 0.25 MeV: too little for a voxel
+    track = torch.tensor([True, False])
+    out = rescale_layers(shower, targets, 0.5, "hadron_tracks", score, track)
+    expected = torch.zeros(4, 2, 2)
+    expected[0] = torch.tensor([[4.0, 12.0], [0.0, 0.0]])  # scaled to its target
+    expected[1, 1, 0] = 3.0  # the head's 3 MeV in the hottest voxel
+    expected[2, 0] = torch.tensor([1.0, 1.0])  # 2 MeV split between the tied voxels
+    expected[3] = torch.tensor([[1.0, 1.0], [1.0, 1.0]])  # a hit layer keeps its own 4 MeV (voxel_model)
+    expected = expected * targets[0].sum() / expected.sum()  # the whole shower carries the head's total
+    torch.testing.assert_close(out[0], expected, rtol=1e-6, atol=1e-6)
+    # The other shower is generated as with voxel_model: layers 1 and 2 stay empty, their energy is spread.
+    before = rescale_layers(shower, targets, 0.5, "voxel_model")
+    torch.testing.assert_close(out[1], before[1], rtol=0, atol=0)
+    assert not before[0, 1].any() and not before[0, 2].any()
+    torch.testing.assert_close(before[0].sum(), out[0].sum(), rtol=1e-6, atol=0)
+    # A layer that both stages leave empty (target below the threshold) stays empty.
+    low = rescale_layers(
+        shower, torch.tensor([[16.0, 0.4, 0.0, 4.0]]).repeat(2, 1), 0.5, "hadron_tracks", score, track
+    )
+    assert not low[0, 1].any() and not low[0, 2].any()
+    with pytest.raises(ValueError, match="needs voxel_score_BZPR"):
+        rescale_layers(shower, targets, 0.5, "hadron_tracks", score)
+
+
+def test_charged_hadrons_are_the_track_particles() -> None:
+    names = list(PARTICLES)
+    idx = torch.tensor(
+        [names.index(n) for n in ("pi+", "pi-", "e-", "gamma", "p", "n", "K0L", "K-")] + [len(names)]
+    )
+    assert charged_hadron_mask(idx).tolist() == [True, True, False, False, True, False, False, True, False]
+
+
+def test_a_model_s_empty_layer_mode_can_be_changed_and_generates_accordingly() -> None:
+    model = make_model(layer_energy=SMALL_HEAD)
+    assert model.config.layer_energy.empty_layers == "hadron_tracks"  # the default since schema 8
+    model.set_sampling_defaults(empty_layers="voxel_model")
+    assert model.config.layer_energy.empty_layers == "voxel_model"
+    with pytest.raises(ValueError, match="empty_layers must be one of"):
+        model.set_sampling_defaults(empty_layers="head")  # type: ignore[arg-type]
+    assert model.config.layer_energy.empty_layers == "voxel_model"  # unchanged by the refused call
+    cond = Conditions(
+        np.array([5e3, 5e4]),
+        np.array([1.2, 1.6]),
+        np.array([0.0, 0.3]),
+        np.array([11, 211]),
+        np.array([DETECTORS[0], DETECTORS[0]]),
+    )
+    seeds = np.array([3, 4])
+    with torch.inference_mode():
+        noise, layer_noise = seeded_noise(seeds, model.mesh_shape, layer_energy=True)
+        enc = model.encode_conditions(cond)
+        layers = model.sample_layer_energies(layer_noise, enc)
+        x = model.sample(noise, model.with_layers(enc, layers), num_steps=2)
+        raw = model.transform.inverse(x)
+        score = model.transform.log_energy(x)
+    track = torch.tensor([False, True])  # e- and pi+
+    for mode in ("voxel_model", "hadron_tracks"):
+        model.set_sampling_defaults(empty_layers=mode)
+        extra = (score, track) if mode == "hadron_tracks" else ()
+        expected = rescale_layers(raw, layers, model.transform.threshold_mev, mode, *extra)
+        np.testing.assert_allclose(
+            model.generate(cond, num_steps=2, seeds=seeds), expected.numpy(), rtol=1e-5, atol=1e-6
+        )
+    with pytest.raises(ValueError, match="needs cond"):
+        model.to_mev(x, layers)
 
 
 def test_rescale_layers_refuses_an_unknown_mode() -> None:

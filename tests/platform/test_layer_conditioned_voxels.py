@@ -164,7 +164,7 @@ def test_generation_samples_the_head_first_and_the_voxels_from_its_energies(tmp_
         ct = model.encode_conditions(cond)
         layers = model.sample_layer_energies(model.initial_layer_noise(seeds), ct)
         x = model.sample(model.initial_noise(seeds), model.with_layers(ct, layers))
-        staged = model.to_mev(x, layers).numpy()
+        staged = model.to_mev(x, layers, ct).numpy()
     np.testing.assert_array_equal(out, staged)
     np.testing.assert_allclose(model.generate(cond, seeds=seeds, batch_size=2), out, rtol=1e-3, atol=0.02)
     # a bundle keeps the maps and the setting

@@ -68,7 +68,7 @@ def test_generate_is_noise_then_sampler_then_to_mev(small_data) -> None:
         ct = model.encode_conditions(cond)
         x = model.sample(noise, ct, "euler", 3)
         layers = model.sample_layer_energies(layer_noise, ct)
-        manual = model.to_mev(x, layers).numpy()
+        manual = model.to_mev(x, layers, ct).numpy()
         unscaled = model.to_mev(x).numpy()
     np.testing.assert_array_equal(showers, manual)
     assert layers.shape == (3, SMALL_MESH[0]) and (layers >= 0).all()
@@ -254,7 +254,7 @@ def test_bundles_before_schema_5_keep_the_radius_at_the_depth_limit(small_data, 
     assert named["pos_max_freq_r"] == 32.0
     written_out = migrate_model_config({"backbone": {"depth": 2, "pos_max_freq": 8.0}}, 4)
     assert written_out["backbone"]["pos_max_freq_r"] is None
-    assert migrate_model_config({"backbone": "debug"}, 6) == {"backbone": "debug"}  # today's: unchanged
+    assert migrate_model_config({"backbone": "debug"}, 8) == {"backbone": "debug"}  # today's: unchanged
 
 
 def test_bundles_before_schema_6_let_the_head_empty_layers(small_data, tmp_path: Path) -> None:
@@ -274,7 +274,7 @@ def test_bundles_before_schema_6_let_the_head_empty_layers(small_data, tmp_path:
     torch.testing.assert_close(
         loaded.generate(cond, seeds=seeds, **kwargs), legacy.generate(cond, seeds=seeds, **kwargs)
     )
-    assert make_model().config.layer_energy.empty_layers == "voxel_model"  # today's default
+    assert make_model().config.layer_energy.empty_layers == "hadron_tracks"  # today's default (schema 8)
     assert migrate_model_config({"layer_energy": {"enabled": False}}, 1)["layer_energy"] == {
         "enabled": False,
         "empty_layers": "either",
@@ -284,6 +284,12 @@ def test_bundles_before_schema_6_let_the_head_empty_layers(small_data, tmp_path:
     assert migrate_model_config({"layer_energy": {"empty_layers": "voxel_model"}}, 6) == {
         "layer_energy": {"empty_layers": "voxel_model"}
     }
+    # schemas 6-7 generated with voxel_model; a bundle that names its mode keeps it
+    assert migrate_model_config({}, 7)["layer_energy"] == {"empty_layers": "voxel_model"}
+    assert migrate_model_config({"layer_energy": {"empty_layers": "either"}}, 7)["layer_energy"] == {
+        "empty_layers": "either"
+    }
+    assert migrate_model_config({"layer_energy": {"enabled": True}}, 8) == {"layer_energy": {"enabled": True}}
 
 
 def test_sampling_defaults_and_residual_stream_change_through_named_methods() -> None:

@@ -140,7 +140,8 @@ def test_onnx_graph_io_metadata_and_card(onnx_dir: Path) -> None:
     assert json.loads(meta["detector_index"]) == {"lar-pb": 0, "pbwo4": 1}
     assert json.loads(meta["particle_index"])["211"] == 3
     assert (meta["sampler"], meta["num_steps"]) == ("heun", "2")
-    head = {"sampler": "midpoint", "num_steps": 3, "nfe": 6}  # the tiny model's LayerEnergyConfig
+    # the tiny model's LayerEnergyConfig; charged hadrons' tracks filled (the default since bundle schema 8)
+    head = {"sampler": "midpoint", "num_steps": 3, "nfe": 6, "empty_layers": "hadron_tracks"}
     assert json.loads(meta["layer_energy"]) == head
     assert "layer_noise[i] = torch.randn((Z,), generator=g" in meta["seed_convention"]
     card = ModelCard.load(onnx_dir / CARD_FILE)
