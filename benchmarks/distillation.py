@@ -605,6 +605,22 @@ def timed(fn: Callable[[], object], min_time_s: float, max_reps: int) -> tuple[f
     return ordered[0], ordered[len(ordered) // 2], len(times)
 
 
+def row_key(plan: Plan, c: Candidate) -> str:
+    """A row's cache key. Not ``threads``: the quality does not depend on the torch threads and the ONNX
+    timing is one thread whatever they are, so a row measured once serves runs with any --threads;
+    ``empty_layers`` only when set (the rows measured before it keep their keys)."""
+    extra = {"empty_layers": plan.empty_layers} if plan.empty_layers is not None else {}
+    return plan.key(
+        "n_eval",
+        "batch",
+        "gpu_batches",
+        c=dataclasses.asdict(c),
+        t=plan.teacher_key(),
+        timing=TIMING,
+        **extra,
+    )
+
+
 def measure(c: Candidate, plan: Plan, heldout: Any, work: Path) -> dict[str, Any]:
     """Quality on the held-out set and ms per shower (ONNX on one CPU thread; CUDA when present)."""
     import numpy as np
@@ -1108,19 +1124,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for name in args.route_list:
         for c in ROUTES[name](ctx):
-            # not ``threads``: the quality does not depend on the torch threads and the ONNX timing is one
-            # thread whatever they are, so a row measured once serves runs with any --threads
-            key = plan.key(
-                "n_eval",
-                "batch",
-                "gpu_batches",
-                c=dataclasses.asdict(c),
-                t=plan.teacher_key(),
-                timing=TIMING,
-                **({"empty_layers": plan.empty_layers} if plan.empty_layers is not None else {}),
-            )
             row = cached(
-                work / "rows" / f"{c.label.replace(' ', '-')}-{key}.json",
+                work / "rows" / f"{c.label.replace(' ', '-')}-{row_key(plan, c)}.json",
                 lambda c=c: measure(c, plan, heldout, work),
             )
             rows.append(row)

@@ -89,6 +89,35 @@ def test_plan_rejects_unknown_strategies_and_bad_budgets(bench) -> None:
     assert not bench.adapt_config(plain, "embedding", 8, "x").strategy.mesh_layers
 
 
+def test_an_empty_layer_mode_re_evaluates_cached_runs_without_retraining(
+    bench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = bench.make_plan(bench.parse_args(["--recipe", "fidelity"]))
+    plan = bench.make_plan(bench.parse_args(["--recipe", "fidelity", "--empty-layers", "hadron_tracks"]))
+    assert plan.empty_layers == "hadron_tracks" and plain.empty_layers is None
+    # the training caches are shared: only the evaluation differs
+    assert plan.base_key() == plain.base_key() and plan.runs_key() == plain.runs_key()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--empty-layers", "tracks"])
+    calls: list[tuple[Path, str | None]] = []
+
+    def fake_evaluate(model_dir: Path, heldout: object, spec: object, p: object) -> dict[str, float]:
+        calls.append((model_dir, p.empty_layers))  # type: ignore[attr-defined]
+        return {"fpd": 2.0}
+
+    monkeypatch.setattr(bench, "evaluate", fake_evaluate)
+    record = {"kind": "adapt", "steps": 10, "metrics": {"fpd": 9.0}}
+    run_dir = tmp_path / "run"
+    assert bench.evaluated(run_dir, record, None, None, plain) is record  # the bundle's own mode: as recorded
+    out = bench.evaluated(run_dir, record, None, None, plan)
+    assert out["metrics"] == {"fpd": 2.0} and out["empty_layers"] == "hadron_tracks" and out["steps"] == 10
+    assert calls == [(run_dir / "model", "hadron_tracks")] and record["metrics"] == {"fpd": 9.0}
+    kept = json.loads((run_dir / "bench-empty_layers-hadron_tracks.json").read_text())
+    assert kept == {"empty_layers": "hadron_tracks", "metrics": {"fpd": 2.0}}
+    assert bench.evaluated(run_dir, record, None, None, plan)["metrics"] == {"fpd": 2.0}
+    assert len(calls) == 1  # the second time from the file
+
+
 def test_the_cpu_study_uses_the_small_patch_and_patch_is_part_of_the_base_key(bench) -> None:
     plan = bench.make_plan(bench.parse_args([]))
     assert plan.patch_size == (3, 2, 3) and plan.base_steps == 2400

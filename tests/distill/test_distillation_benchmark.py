@@ -93,6 +93,23 @@ def test_routes_are_checked(bench) -> None:
     assert bench.parse_args(["--routes", "heun, cd"]).route_list == ("heun", "cd")
 
 
+def test_an_empty_layer_mode_keys_the_rows_but_not_the_teacher_or_students(bench) -> None:
+    plain = bench.make_plan(bench.parse_args(["--teacher-recipe", "fidelity"]))
+    plan = bench.make_plan(
+        bench.parse_args(["--teacher-recipe", "fidelity", "--empty-layers", "hadron_tracks"])
+    )
+    assert plan.empty_layers == "hadron_tracks" and plain.empty_layers is None
+    assert plan.teacher_key() == plain.teacher_key()  # the teacher and its students are reused
+    row = bench.Candidate("shortcut 1", "shortcut", "student", "b", "euler", 1, 1)
+    assert bench.row_key(plan, row) != bench.row_key(plain, row)
+    voxel = bench.make_plan(
+        bench.parse_args(["--teacher-recipe", "fidelity", "--empty-layers", "voxel_model"])
+    )
+    assert bench.row_key(voxel, row) not in (bench.row_key(plan, row), bench.row_key(plain, row))
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--empty-layers", "all"])
+
+
 def test_the_teacher_recipe_sets_model_and_loop_and_keys_the_teacher(bench) -> None:
     """``--teacher-recipe fidelity``: the fidelity recipe's 3x2x3 patch and logit-normal t; the data stay the
     study's; the recipe keys the teacher cache."""
