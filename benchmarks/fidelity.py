@@ -28,6 +28,10 @@ choose ``--steps`` from the step rate the curve rows report, ``train_s`` / step)
 
     .venv/bin/python benchmarks/fidelity.py --quick                       # smoke run, < 1 minute
     .venv/bin/python benchmarks/fidelity.py --points 6                    # the CPU budget (see docs)
+
+``--model BUNDLE`` evaluates an existing bundle (a previous run's ``run/model``) on the same held-out set
+instead of training (no curve); ``--empty-layers`` sets which stage may empty a layer when the final
+evaluation generates (``layer_energy.empty_layers``; default: the bundle's own).
 """
 
 from __future__ import annotations
@@ -116,6 +120,8 @@ TABLE_KEYS = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from caloforge.platform.energy import EMPTY_LAYER_MODES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--config", type=Path, default=ROOT / "configs/train/fidelity-cpu.yaml", help="training config"
@@ -143,6 +149,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=None)
     p.add_argument("--results", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     p.add_argument("--quick", action="store_true", help="a tiny budget: proves the benchmark runs end to end")
+    p.add_argument(
+        "--model", type=Path, default=None, help="evaluate this bundle instead of training one (no curve)"
+    )
+    p.add_argument(
+        "--empty-layers",
+        choices=EMPTY_LAYER_MODES,
+        help="layer_energy.empty_layers of the final evaluation's generation (default: the model's own)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.n_train, args.n_eval, args.curve_n, args.points = 6, 160, 200, 100, 2
@@ -262,41 +276,54 @@ def main(argv: list[str] | None = None) -> int:
     per_det = max(1, args.curve_n // n_det)  # the curve's reference: the first showers of every detector
     curve_ref = ShowerSet.concat([p.subset(np.arange(min(per_det, len(p)))) for p in parts])
 
-    cfg = train_config(args, "fidelity")
-    batch = cfg.loop.batch_size
-    curve: list[dict] = []
-    eval_time = [0.0]
-    t_train = time.perf_counter()
-
-    def along_the_run(model) -> dict[str, float]:
-        t = time.perf_counter()
-        row = {"train_s": t - t_train - eval_time[0]}  # training wall time so far (incl. data preparation)
-        sample, ref_sub = generate_sample(model, curve_ref, None, curve_cfg.seed, device=args.device)
-        rep = evaluate(sample, ref_sub, curve_cfg)
-        row.update({k: rep.metrics[k] for k in CURVE_KEYS if k in rep.metrics})
-        curve.append(row)
-        eval_time[0] += time.perf_counter() - t
-        return {}
-
-    if (out / "run").exists():  # a fresh measurement: the curve needs the whole run
-        shutil.rmtree(out / "run")
-    hook = PeriodicEval(cfg.loop.checkpoint_every, along_the_run, prefix="fidelity")
-    result = train(cfg, out / "run", extra_evals=[hook])
-    for row, (step, _) in zip(curve, hook.history, strict=True):
-        row["step"] = step
-    train_s = time.perf_counter() - t_train - eval_time[0]
-
     from caloforge.platform.shower_model import ShowerModel
 
-    model = ShowerModel.load(result.model_dir, device=args.device)
-    fps = flops_per_shower(model)
-    for row in curve:
-        row["train_flops"] = row["step"] * batch * fps
-    losses = [
-        {"step": r["step"], "loss": r["loss"], "train_flops": r["step"] * batch * fps}
-        for r in read_metrics(out / "run" / "metrics.jsonl")
-        if "loss" in r and "step" in r
-    ]
+    cfg = None
+    steps: int | None = None
+    batch: int | None = None
+    curve: list[dict] = []
+    losses: list[dict] = []
+    train_s = 0.0
+    eval_time = [0.0]
+    if args.model is None:
+        cfg = train_config(args, "fidelity")
+        batch = cfg.loop.batch_size
+        t_train = time.perf_counter()
+
+        def along_the_run(model) -> dict[str, float]:
+            t = time.perf_counter()
+            row = {
+                "train_s": t - t_train - eval_time[0]
+            }  # training wall time so far (incl. data preparation)
+            sample, ref_sub = generate_sample(model, curve_ref, None, curve_cfg.seed, device=args.device)
+            rep = evaluate(sample, ref_sub, curve_cfg)
+            row.update({k: rep.metrics[k] for k in CURVE_KEYS if k in rep.metrics})
+            curve.append(row)
+            eval_time[0] += time.perf_counter() - t
+            return {}
+
+        if (out / "run").exists():  # a fresh measurement: the curve needs the whole run
+            shutil.rmtree(out / "run")
+        hook = PeriodicEval(cfg.loop.checkpoint_every, along_the_run, prefix="fidelity")
+        result = train(cfg, out / "run", extra_evals=[hook])
+        for row, (step, _) in zip(curve, hook.history, strict=True):
+            row["step"] = step
+        train_s = time.perf_counter() - t_train - eval_time[0]
+        model = ShowerModel.load(result.model_dir, device=args.device)
+        fps = flops_per_shower(model)
+        for row in curve:
+            row["train_flops"] = row["step"] * batch * fps
+        losses = [
+            {"step": r["step"], "loss": r["loss"], "train_flops": r["step"] * batch * fps}
+            for r in read_metrics(out / "run" / "metrics.jsonl")
+            if "loss" in r and "step" in r
+        ]
+        steps = result.steps
+    else:
+        model = ShowerModel.load(args.model, device=args.device)
+        fps = flops_per_shower(model)
+    if args.empty_layers is not None:
+        model.set_sampling_defaults(empty_layers=args.empty_layers)
 
     t_eval = time.perf_counter()
     sample, ref_matched = generate_sample(model, reference, None, eval_cfg.seed, device=args.device)
@@ -306,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         calochallenge.write(out / "sample_cc.h5", sample, showers_dtype="float64")
         calochallenge.write(out / "reference_cc.h5", ref_matched, showers_dtype="float64")
     eval_s = time.perf_counter() - t_eval
-    _plot_curve(curve, losses, out / "curve.png")
+    if curve or losses:  # a trained run (not --model)
+        _plot_curve(curve, losses, out / "curve.png")
     layers = layer_table(report.info["layer_profiles"])
     _plot_layers(layers, out / "layers.png")
 
@@ -319,13 +347,15 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "torch_threads": torch.get_num_threads(),
         "quick": args.quick,
-        "train_config": to_dict(cfg),
+        "train_config": to_dict(cfg) if cfg is not None else None,
+        "model": str(args.model) if args.model is not None else None,  # --model: evaluated, not trained
+        "empty_layers": model.config.layer_energy.empty_layers if model.has_energy_head else None,
         "eval_config": str(args.eval_config),
         "data": dataclasses.asdict(setting),
-        "steps": result.steps,
+        "steps": steps,
         "batch_size": batch,
         "train_flops_per_shower": fps,
-        "train_flops": result.steps * batch * fps,
+        "train_flops": steps * batch * fps if steps is not None and batch is not None else None,
         "simulate_reference_s": simulate_s,
         "train_s": train_s,
         "curve_eval_s": eval_time[0],
@@ -340,11 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         "loss_curve": losses,
         "out_dir": str(out),
     }
-    print(
-        f"\nfidelity: {setting.describe()}, {result.steps} steps × {batch}, "
-        f"{record['train_flops']:.3g} training FLOPs, {train_s:.0f} s training, "
-        f"{len(ref_matched)} held-out showers"
+    trained = (
+        f"{steps} steps × {batch}, {record['train_flops']:.3g} training FLOPs, {train_s:.0f} s training"
+        if args.model is None
+        else f"the bundle {args.model}"
     )
+    print(f"\nfidelity: {setting.describe()}, {trained}, {len(ref_matched)} held-out showers")
     print(f"{'metric':28} {'model':>12} {'floor':>12}")
     for k in TABLE_KEYS:
         if k in m:

@@ -72,3 +72,14 @@ def test_fidelity_benchmark_quick_on_the_detector_mix(tmp_path: Path) -> None:
     assert record["goals"] == []  # judged on dataset 2 only
     assert not (out / "sample_cc.h5").exists() and (out / "layers.png").is_file()
     assert np.isfinite(record["metrics"]["auc_high"]) and len(record["curve"]) == 2
+    assert record["model"] is None and record["empty_layers"] == "hadron_tracks"  # a new bundle's default
+    # --model: the trained bundle evaluated again on the same held-out set, without training, another mode
+    again, results2 = tmp_path / "again", tmp_path / "again.json"
+    argv2 = ["--quick", "--data", "mix", "--threads", "2", "--model", str(out / "run" / "model")]
+    argv2 += ["--empty-layers", "voxel_model", "--out-dir", str(again), "--results", str(results2)]
+    assert fidelity.main(argv2) == 0
+    rerun = json.loads(results2.read_text())
+    assert rerun["model"] == str(out / "run" / "model") and rerun["empty_layers"] == "voxel_model"
+    assert rerun["steps"] is None and rerun["curve"] == [] and rerun["train_config"] is None
+    assert not (again / "run").exists() and not (again / "curve.png").exists()
+    assert rerun["n_eval"] == record["n_eval"] and np.isfinite(rerun["metrics"]["auc_high"])
