@@ -554,11 +554,8 @@ def forward_flops_per_shower(model_dir: Path) -> int:
 def evaluate(model_dir: Path, heldout: Any, spec: Any, plan: Plan) -> dict[str, float]:
     from caloforge.evaluation.api import evaluate_model, load_model
 
-    model = load_model(model_dir, plan.device)
-    if plan.empty_layers is not None:
-        model.set_sampling_defaults(empty_layers=plan.empty_layers)  # type: ignore[arg-type]
     report = evaluate_model(
-        model,
+        load_model(model_dir, plan.device, plan.empty_layers),  # type: ignore[arg-type]
         heldout,
         len(heldout),
         eval_config(plan),

@@ -626,15 +626,13 @@ def measure(c: Candidate, plan: Plan, heldout: Any, work: Path) -> dict[str, Any
     import numpy as np
     import torch
 
-    from caloforge.evaluation.api import evaluate_model
-    from caloforge.platform.shower_model import ShowerModel, derive_seeds
+    from caloforge.evaluation.api import evaluate_model, load_model
+    from caloforge.platform.shower_model import derive_seeds
     from caloforge.registry.export import export_onnx
     from caloforge.registry.onnx_graph import SamplerGraph, seeded_noise
     from caloforge.registry.onnx_runtime import onnx_feeds, ort_session
 
-    model = ShowerModel.load(c.bundle)
-    if plan.empty_layers is not None:
-        model.set_sampling_defaults(empty_layers=plan.empty_layers)  # type: ignore[arg-type]
+    model = load_model(c.bundle, "cpu", plan.empty_layers)  # type: ignore[arg-type]
     t0 = time.perf_counter()
     report = evaluate_model(
         model, heldout, None, eval_config(len(heldout)), sampler=c.sampler, num_steps=c.num_steps
@@ -671,9 +669,7 @@ def measure(c: Candidate, plan: Plan, heldout: Any, work: Path) -> dict[str, Any
     mb = path.stat().st_size / 2**20
     path.unlink()
     if torch.cuda.is_available():
-        gpu = ShowerModel.load(c.bundle, device="cuda").eval()
-        if plan.empty_layers is not None:
-            gpu.set_sampling_defaults(empty_layers=plan.empty_layers)  # type: ignore[arg-type]
+        gpu = load_model(c.bundle, "cuda", plan.empty_layers).eval()  # type: ignore[arg-type]
         graph = SamplerGraph(gpu, num_steps=c.num_steps, sampler=c.sampler).eval()
         for batch in plan.gpu_batches:
             idx = np.arange(batch) % len(heldout)

@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     from caloforge.datasets.schema import ShowerSet
     from caloforge.datasets.simulator import simulate_dataset
     from caloforge.evaluation import EvalConfig, evaluate
-    from caloforge.evaluation.api import generate_sample
+    from caloforge.evaluation.api import generate_sample, load_model
     from caloforge.platform.geometry import load_detector
     from caloforge.training.hooks import PeriodicEval, read_metrics
     from caloforge.training.run import train
@@ -276,8 +276,6 @@ def main(argv: list[str] | None = None) -> int:
     per_det = max(1, args.curve_n // n_det)  # the curve's reference: the first showers of every detector
     curve_ref = ShowerSet.concat([p.subset(np.arange(min(per_det, len(p)))) for p in parts])
 
-    from caloforge.platform.shower_model import ShowerModel
-
     cfg = None
     steps: int | None = None
     batch: int | None = None
@@ -285,16 +283,16 @@ def main(argv: list[str] | None = None) -> int:
     losses: list[dict] = []
     train_s = 0.0
     eval_time = [0.0]
-    if args.model is None:
+    bundle = args.model
+    if bundle is None:
         cfg = train_config(args, "fidelity")
         batch = cfg.loop.batch_size
         t_train = time.perf_counter()
 
         def along_the_run(model) -> dict[str, float]:
             t = time.perf_counter()
-            row = {
-                "train_s": t - t_train - eval_time[0]
-            }  # training wall time so far (incl. data preparation)
+            # training wall time so far (incl. data preparation)
+            row = {"train_s": t - t_train - eval_time[0]}
             sample, ref_sub = generate_sample(model, curve_ref, None, curve_cfg.seed, device=args.device)
             rep = evaluate(sample, ref_sub, curve_cfg)
             row.update({k: rep.metrics[k] for k in CURVE_KEYS if k in rep.metrics})
@@ -309,8 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         for row, (step, _) in zip(curve, hook.history, strict=True):
             row["step"] = step
         train_s = time.perf_counter() - t_train - eval_time[0]
-        model = ShowerModel.load(result.model_dir, device=args.device)
-        fps = flops_per_shower(model)
+        steps, bundle = result.steps, result.model_dir
+    model = load_model(bundle, args.device, args.empty_layers)
+    fps = flops_per_shower(model)
+    if steps is not None and batch is not None:  # a trained run: its curve and losses against FLOPs
         for row in curve:
             row["train_flops"] = row["step"] * batch * fps
         losses = [
@@ -318,12 +318,6 @@ def main(argv: list[str] | None = None) -> int:
             for r in read_metrics(out / "run" / "metrics.jsonl")
             if "loss" in r and "step" in r
         ]
-        steps = result.steps
-    else:
-        model = ShowerModel.load(args.model, device=args.device)
-        fps = flops_per_shower(model)
-    if args.empty_layers is not None:
-        model.set_sampling_defaults(empty_layers=args.empty_layers)
 
     t_eval = time.perf_counter()
     sample, ref_matched = generate_sample(model, reference, None, eval_cfg.seed, device=args.device)

@@ -67,6 +67,7 @@ from caloforge.platform.seeding import derive_seed, derive_seeds, rng
 from caloforge.platform.transforms import CALOCHALLENGE_THRESHOLD_MEV
 
 if TYPE_CHECKING:
+    from caloforge.platform.energy import EmptyLayerMode
     from caloforge.platform.shower_model import ShowerModel
 
 log = logging.getLogger("caloforge.evaluation")
@@ -777,14 +778,20 @@ def evaluate_model(
     return report
 
 
-def load_model(bundle: str | Path, device: str | None = None) -> ShowerModel:
-    """A model bundle directory loaded on ``device`` (default cpu)."""
+def load_model(
+    bundle: str | Path, device: str | None = None, empty_layers: EmptyLayerMode | None = None
+) -> ShowerModel:
+    """A model bundle directory loaded on ``device`` (default cpu); ``empty_layers``: generate with that
+    ``layer_energy.empty_layers`` instead of the bundle's own (``ShowerModel.set_sampling_defaults``)."""
     from caloforge.platform.shower_model import ShowerModel
 
     path = Path(bundle)
     if not path.is_dir():
         raise ValueError(f"model bundle {path}: not a directory")
-    return ShowerModel.load(path, device=device or "cpu")
+    model = ShowerModel.load(path, device=device or "cpu")
+    if empty_layers is not None:
+        model.set_sampling_defaults(empty_layers=empty_layers)
+    return model
 
 
 def generate_sample(

@@ -40,6 +40,8 @@ BARYON_PDGS = frozenset({2212, -2212, 2112, -2112})
 ANTIBARYON_PDGS = frozenset({-2212, -2112})
 # Charged hadrons: a minimum-ionising track through the layers before their first interaction
 CHARGED_HADRON_PDGS = CHARGED_PDGS - EM_PDGS
+# per particle index (``PARTICLES`` order, then "unknown")
+_CHARGED_HADRON_TABLE = (*(pdg in CHARGED_HADRON_PDGS for pdg in PARTICLES.values()), False)
 
 
 def pdg_of(particle: str | int) -> int:
@@ -67,8 +69,7 @@ def is_em(pdg: int) -> bool:
 def charged_hadron_mask(particle_idx: torch.Tensor) -> torch.Tensor:
     """(B,) bool: whether each particle index (``PARTICLES`` order; the last index is "unknown", False)
     is a charged hadron (``CHARGED_HADRON_PDGS``). A table lookup (exports to ONNX)."""
-    table = [pdg in CHARGED_HADRON_PDGS for pdg in PARTICLES.values()] + [False]
-    return torch.tensor(table, dtype=torch.bool, device=particle_idx.device)[particle_idx]
+    return torch.tensor(_CHARGED_HADRON_TABLE, dtype=torch.bool, device=particle_idx.device)[particle_idx]
 
 
 @dataclass(frozen=True)

@@ -318,7 +318,8 @@ def rescale_layers(
         per_layer = torch.where((have > 0) & ~keeps_hits, have, target)
     layer_scale = torch.where(have > 0, per_layer / have.clamp_min(1e-30), torch.zeros_like(have))
     x = raw * layer_scale[:, :, None, None]
-    if voxel_score_BZPR is not None and track_B is not None and empty_layers == "hadron_tracks":
+    if empty_layers == "hadron_tracks":
+        assert voxel_score_BZPR is not None and track_B is not None  # checked above
         score = voxel_score_BZPR.float()
         hottest = (score == score.amax(dim=(2, 3), keepdim=True)).to(raw.dtype)
         hottest = hottest / hottest.sum(dim=(2, 3), keepdim=True)
