@@ -708,7 +708,8 @@ def _evaluate_groups(
         group_meshes = {d: ctx.meshes[d] for d in np.unique(r_side.cond.detector).tolist()}
         binning = _fit_binning(r_side, group_meshes, ctx)
         fpd_ok = min(len(ri), len(gi)) >= gcfg.fpd_min_showers
-        with_floor = cfg.floor and half_a is not None
+        floor_metrics = tuple(m for m in gcfg.metrics if m in cfg.floor_metrics)
+        with_floor = cfg.floor and half_a is not None and bool(floor_metrics)
         if with_floor:
             a_idx, b_idx = ri[pos_a[ri]], ri[~pos_a[ri]]
             with_floor = min(len(a_idx), len(b_idx)) >= max(gcfg.min_showers // 2, 4)
@@ -719,7 +720,7 @@ def _evaluate_groups(
             fl = _compare(
                 ref.subset(a_idx),
                 ref.subset(b_idx),
-                gcfg.metrics,
+                floor_metrics,
                 binning,
                 ctx,
                 f"floor/group/{key}",

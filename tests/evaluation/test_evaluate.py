@@ -246,6 +246,25 @@ def test_small_groups_are_reported_but_skipped(sim_a, sim_b, ci_config) -> None:
     assert not any(k.startswith("floor/") for k in rep.metrics)
 
 
+def test_a_groups_floor_computes_only_the_floor_metrics(sim_a, sim_b, ci_config) -> None:
+    cfg = replace(
+        ci_config,
+        metrics=("sep_power", "response"),
+        floor_metrics=("sep_power",),
+        groups=replace(ci_config.groups, energy_bins=0, min_showers=100, metrics=("sep_power", "response")),
+        plots=replace(ci_config.plots, enabled=False),
+    )
+    m = evaluate(sim_a.subset(slice(0, 600)), sim_b.subset(slice(0, 600)), cfg).metrics
+    assert "group/par04-siw/response/scale" in m and "group/par04-siw/sep_power/mean" in m
+    assert "floor/group/par04-siw/sep_power/mean" in m
+    assert not any(k.startswith("floor/") and "/response/" in k for k in m)
+    # no metric of the group's list in floor_metrics: no group floor at all
+    none = replace(cfg, floor_metrics=("fpd",), metrics=("sep_power",))
+    m = evaluate(sim_a.subset(slice(0, 600)), sim_b.subset(slice(0, 600)), none).metrics
+    assert "group/par04-siw/sep_power/mean" in m
+    assert not any(k.startswith("floor/group/") for k in m)
+
+
 # ------------------------------------------------------------------------------------ inputs and config
 def test_matched_conditions_are_checked(sim_a: ShowerSet, cheap_config: EvalConfig) -> None:
     sim_a = sim_a.subset(slice(0, 500))
