@@ -377,7 +377,14 @@ def eval_config(plan: Plan) -> Any:
                 "num_batches": 4 if n >= 200 else 2,
             },
             "kpd": {"batch_size": max(10, min(500, n // 4)), "num_batches": 6 if n >= 200 else 2},
-            "groups": {"enabled": False},
+            # the high-level classifier per particle: which of e⁻ and π⁺ gives the model away
+            "groups": {
+                "by_detector": False,
+                "by_particle": True,
+                "energy_bins": 0,
+                "metrics": ["cls_high"],
+                "min_showers": max(10, n // 10),
+            },
             "plots": {"enabled": False},
         },
         "benchmarks/adaptation.py eval",
@@ -779,7 +786,8 @@ def fmt(x: float | None, spec: str = ".3g") -> str:
 def print_table(rows: list[dict]) -> None:
     header = (
         f"{'target':14} {'N':>6} {'run':16} {'steps':>6} {'train%':>7} {'PFLOP':>8} {'wall s':>7} "
-        f"{'FPD':>8} {'floor':>8} {'KPD':>9} {'floor':>9} {'AUC hi':>6} {'AUC vox':>7} {'resp':>6}"
+        f"{'FPD':>8} {'floor':>8} {'KPD':>9} {'floor':>9} {'AUC hi':>6} {'AUC vox':>7} {'resp':>6}  "
+        "AUC hi per particle"
     )
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
@@ -791,8 +799,19 @@ def print_table(rows: list[dict]) -> None:
             f"{r['train_flops'] / 1e15:>8.4f} {r['wall_s']:>7.1f} {fmt(m.get('fpd')):>8} "
             f"{fmt(m.get('floor/fpd')):>8} {fmt(m.get('kpd')):>9} {fmt(m.get('floor/kpd')):>9} "
             f"{fmt(m.get('auc_high'), '.3f'):>6} {fmt(m.get('auc_low'), '.3f'):>7} "
-            f"{fmt(response_of(m), '.3f'):>6}"
+            f"{fmt(response_of(m), '.3f'):>6}  "
+            + " ".join(f"{p} {v:.3f}" for p, v in particle_aucs(m).items())
         )
+
+
+def particle_aucs(metrics: dict[str, float]) -> dict[str, float]:
+    """The high-level AUC of each particle's showers alone (``group/<particle>/auc_high``)."""
+    out = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "group" and parts[2] == "auc_high":
+            out[parts[1]] = value
+    return dict(sorted(out.items()))
 
 
 def response_of(metrics: dict[str, float]) -> float | None:

@@ -228,6 +228,9 @@ def test_the_study_runs_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
         m = r["metrics"]
         for key in ("fpd", "floor/fpd", "kpd", "floor/kpd", "auc_high", "auc_low", "response/scale"):
             assert key in m, key
+        # the high-level AUC of each particle alone, without a classifier floor (floor_metrics: fpd, kpd)
+        assert all(0.0 <= m[f"group/{p}/auc_high"] <= 1.0 for p in ("e-", "piplus"))
+        assert not any(k.startswith("floor/group/") for k in m)
         assert r["train_flops"] == 3 * r["forward_flops_per_shower"] * r["steps"] * 8
         assert r["wall_s"] > 0 and r["n_train"] == 40
     by = {(r["target"], r["method"], r["steps"]): r for r in rows}
