@@ -146,6 +146,8 @@ class Plan:
     # None: each bundle's own. Not part of the cache keys: a run's training is reused, its evaluation with
     # this mode is kept beside it (``evaluated``)
     empty_layers: str | None = None
+    # the layer-energy head's space (``layer_energy.space``) of the base and scratch runs; None: the recipe's
+    layer_energy_space: str | None = None
 
     def key(self, *fields: str, **extra: Any) -> str:
         data = {f: getattr(self, f) for f in fields} | extra
@@ -284,6 +286,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         changes["train_seed"] = args.train_seed
     changes["recipe"] = args.recipe
     changes["empty_layers"] = args.empty_layers
+    changes["layer_energy_space"] = args.layer_energy_space
     plan = dataclasses.replace(plan, **changes)
     bad = sorted(set(plan.strategies) - set(STRATEGIES))
     if bad:
@@ -345,6 +348,8 @@ def model_config(plan: Plan) -> dict[str, Any]:
         model["pos_max_freq_r"] = plan.pos_max_freq_r
     if plan.train_seed:
         model["init_seed"] = plan.train_seed
+    if plan.layer_energy_space is not None:
+        model["layer_energy"] = {**model.get("layer_energy", {}), "space": plan.layer_energy_space}
     return model
 
 
@@ -887,7 +892,7 @@ def plot(rows: list[dict], targets: tuple[str, ...], out: Path) -> list[Path]:
 
 # -- main -------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from caloforge.platform.energy import EMPTY_LAYER_MODES
+    from caloforge.platform.energy import EMPTY_LAYER_MODES, LAYER_ENERGY_SPACES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
@@ -942,6 +947,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=EMPTY_LAYER_MODES,
         help="which stage may empty a layer when every run generates its evaluation sample "
         "(layer_energy.empty_layers; default: each bundle's own); reuses the cached training",
+    )
+    p.add_argument(
+        "--layer-energy-space",
+        choices=LAYER_ENERGY_SPACES,
+        help="the layer-energy head's space of the base and scratch runs (layer_energy.space; default: the "
+        "recipe's, linear); log_below trains a new base",
     )
     p.add_argument(
         "--train-seed",

@@ -52,6 +52,13 @@ LAYER_U_MIN, LAYER_U_MAX = -5.0, 20.0  # clamp of the standardised u_z a conditi
 # which stage may leave a layer empty at generation (``rescale_layers``)
 EmptyLayerMode = Literal["voxel_model", "either", "hadron_tracks"]
 EMPTY_LAYER_MODES: tuple[str, ...] = get_args(EmptyLayerMode)
+# the head's space (``LayerEnergyConfig.space``): u_z itself, or u_z with the part below κ in log scale
+LayerEnergySpace = Literal["linear", "log_below"]
+LAYER_ENERGY_SPACES: tuple[str, ...] = get_args(LayerEnergySpace)
+LOG_BELOW_KAPPA = 0.01  # u_z below this fraction of E_inc is modelled in log scale (``log_below``)
+LOG_BELOW_DELTA = 1e-6  # g(0) = κ(1 + ln(δ/κ)): where an empty layer sits
+LOG_BELOW_MIN_STD = 0.01  # floor of the per-layer scale in ``log_below`` (the log part spans ≈ 0.08)
+LOG_BELOW_CONDITION_MIN = -10.0  # clamp of what a conditioned voxel model reads (linear: LAYER_U_MIN)
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,10 @@ class LayerEnergyConfig:
     # the data's own E_z): ``ShowerDiT`` with ``layer_condition`` (docs/model.md, "Layer energies"). Off in
     # bundles before schema 7 and by default; on in configs/train/fidelity-cpu.yaml, where it was measured.
     condition_voxels: bool = False
+    # The head's space (``LayerEnergyTransform``): ``linear`` u_z = E_z / E_inc (the default), or
+    # ``log_below``: u_z above κ = 1 % of E_inc as is, below in log scale, so that a minimum-ionising track of
+    # a few MeV stays resolved at 100 GeV (docs/adaptation.md, "What still gives the π⁺ showers away").
+    space: LayerEnergySpace = "linear"
 
     def __post_init__(self) -> None:
         for name in ("width", "depth", "num_steps", "draws"):
@@ -99,6 +110,8 @@ class LayerEnergyConfig:
             raise ValueError(
                 f"layer_energy.empty_layers must be one of {EMPTY_LAYER_MODES}, got {self.empty_layers!r}"
             )
+        if self.space not in LAYER_ENERGY_SPACES:
+            raise ValueError(f"layer_energy.space must be one of {LAYER_ENERGY_SPACES}, got {self.space!r}")
 
     def resolved_width(self, backbone_width: int) -> int:
         """The head's width for a backbone of ``backbone_width`` (``debug`` 64 → 128; ``S``/``B`` → 256)."""
@@ -106,16 +119,33 @@ class LayerEnergyConfig:
 
 
 class LayerEnergyTransform(nn.Module):
-    """E_z (MeV) ↔ y_z = (E_z / E_inc − m_z) / s_z. Buffers ship in the bundle."""
+    """E_z (MeV) ↔ y_z = (g(u_z) − m_z) / s_z with u_z = E_z / E_inc. Buffers ship in the bundle.
+
+    ``space`` (``LayerEnergyConfig.space``): ``linear`` g(u) = u; ``log_below`` g(u) = u for u ≥ κ and
+    κ (1 + ln((u + δ) / κ)) below (continuous with its slope at κ; κ = ``LOG_BELOW_KAPPA``, δ =
+    ``LOG_BELOW_DELTA``), with s_z floored at ``LOG_BELOW_MIN_STD``. In linear space a layer's resolution is a
+    fixed fraction of its spread over all showers, so a 5 MeV track at 100 GeV (u = 5·10⁻⁵) is lost in the
+    noise of layers that carry GeV in other showers; the log part keeps it, and the large layers, which make
+    the energy resolution, stay linear (docs/adaptation.md, "What still gives the π⁺ showers away")."""
 
     mean_Z: torch.Tensor
     std_Z: torch.Tensor
     fitted: torch.Tensor
 
-    def __init__(self, n_z: int, mean_Z: list[float] | None = None, std_Z: list[float] | None = None) -> None:
+    def __init__(
+        self,
+        n_z: int,
+        mean_Z: list[float] | None = None,
+        std_Z: list[float] | None = None,
+        space: LayerEnergySpace = "linear",
+    ) -> None:
         super().__init__()
         if n_z < 1:
             raise ValueError(f"n_z must be >= 1, got {n_z}")
+        if space not in LAYER_ENERGY_SPACES:
+            raise ValueError(
+                f"LayerEnergyTransform: space must be one of {LAYER_ENERGY_SPACES}, got {space!r}"
+            )
         fitted = mean_Z is not None and std_Z is not None
         mean = torch.zeros(n_z) if mean_Z is None else torch.tensor(mean_Z, dtype=torch.float32)
         std = torch.ones(n_z) if std_Z is None else torch.tensor(std_Z, dtype=torch.float32)
@@ -126,12 +156,15 @@ class LayerEnergyTransform(nn.Module):
         if fitted:
             std = std.clamp_min(max(float(std.max()) * MIN_REL_STD, 1e-12))
         self.n_z = n_z
+        self.space = space
         self.register_buffer("mean_Z", mean)
         self.register_buffer("std_Z", std)
         self.register_buffer("fitted", torch.tensor(bool(fitted)))
 
     @classmethod
-    def from_stats(cls, stats: Mapping[str, Any], n_z: int) -> LayerEnergyTransform:
+    def from_stats(
+        cls, stats: Mapping[str, Any], n_z: int, space: LayerEnergySpace = "linear"
+    ) -> LayerEnergyTransform:
         missing = [k for k in (STATS_MEAN_KEY, STATS_STD_KEY) if k not in stats]
         if missing:
             raise ValueError(
@@ -145,7 +178,7 @@ class LayerEnergyTransform(nn.Module):
                 got = len(value) if isinstance(value, list | tuple) else type(value).__name__
                 raise ValueError(f"stats[{key!r}] must be a list of n_z={n_z} numbers, got {got}")
             vectors.append([float(v) for v in value])
-        return cls(n_z, vectors[0], vectors[1])
+        return cls(n_z, vectors[0], vectors[1], space)
 
     def _check(self, layer_BZ: torch.Tensor, energy_mev_B: torch.Tensor, what: str) -> None:
         if layer_BZ.ndim != 2 or layer_BZ.shape[1] != self.n_z:
@@ -155,11 +188,18 @@ class LayerEnergyTransform(nn.Module):
                 f"{what}: energy_mev_B must be ({layer_BZ.shape[0]},), got {tuple(energy_mev_B.shape)}"
             )
 
+    def _scale(self) -> torch.Tensor:
+        return self.std_Z.clamp_min(LOG_BELOW_MIN_STD) if self.space == "log_below" else self.std_Z
+
     def forward(self, layer_mev_BZ: torch.Tensor, energy_mev_B: torch.Tensor) -> torch.Tensor:
         """Layer energies (MeV) → model space."""
         self._check(layer_mev_BZ, energy_mev_B, "LayerEnergyTransform.forward")
         u = layer_mev_BZ.float() / energy_mev_B.float()[:, None]
-        return (u - self.mean_Z) / self.std_Z
+        if self.space == "log_below":
+            u = u.clamp_min(0.0)
+            kappa = LOG_BELOW_KAPPA
+            u = torch.where(u >= kappa, u, kappa * (1.0 + torch.log((u + LOG_BELOW_DELTA) / kappa)))
+        return (u - self.mean_Z) / self._scale()
 
     def inverse(self, y_BZ: torch.Tensor, energy_mev_B: torch.Tensor) -> torch.Tensor:
         """Model space → layer energies in MeV (≥ 0), keeping the unclamped total.
@@ -170,6 +210,11 @@ class LayerEnergyTransform(nn.Module):
         +15–20% of E_tot for hadrons, whose late layers are often empty — while the unclamped sum is the
         unbiased one (linear space)."""
         self._check(y_BZ, energy_mev_B, "LayerEnergyTransform.inverse")
+        if self.space == "log_below":  # g < κ is a valid small layer, not an overshoot: no total to keep
+            g = y_BZ.float() * self._scale() + self.mean_Z
+            kappa = LOG_BELOW_KAPPA
+            small = kappa * torch.exp((g / kappa - 1.0).clamp_max(0.0)) - LOG_BELOW_DELTA
+            return torch.where(g >= kappa, g, small).clamp_min(0.0) * energy_mev_B.float()[:, None]
         u = y_BZ.float() * self.std_Z + self.mean_Z
         positive = u.clamp_min(0.0)
         total = u.sum(dim=1).clamp_min(0.0)
@@ -179,11 +224,13 @@ class LayerEnergyTransform(nn.Module):
 
     def condition(self, layer_mev_BZ: torch.Tensor, energy_mev_B: torch.Tensor) -> LayerCondition:
         """What a voxel network conditioned on the layer energies reads (``LayerCondition``) for layer
-        energies in MeV (negative entries count as 0): the standardised u_z clamped to
-        [``LAYER_U_MIN``, ``LAYER_U_MAX``] and (ΣE_z/E_inc − 1, 4·(mean depth − 0.3), 4·depth spread)."""
+        energies in MeV (negative entries count as 0): the head's y_z clamped to [``LAYER_U_MIN``,
+        ``LAYER_U_MAX``] (``log_below``: [``LOG_BELOW_CONDITION_MIN``, ``LAYER_U_MAX``], so that an empty
+        layer and a track stay apart) and (ΣE_z/E_inc − 1, 4·(mean depth − 0.3), 4·depth spread)."""
         self._check(layer_mev_BZ, energy_mev_B, "LayerEnergyTransform.condition")
         layer_BZ = layer_mev_BZ.float().clamp_min(0.0)
-        u_BZ = self.forward(layer_BZ, energy_mev_B).clamp(LAYER_U_MIN, LAYER_U_MAX)
+        low = LOG_BELOW_CONDITION_MIN if self.space == "log_below" else LAYER_U_MIN
+        u_BZ = self.forward(layer_BZ, energy_mev_B).clamp(low, LAYER_U_MAX)
         total_B = layer_BZ.sum(dim=1)
         weight_BZ = layer_BZ / total_B.clamp_min(1e-30)[:, None]
         depth_Z = torch.arange(self.n_z, dtype=torch.float32, device=layer_BZ.device) / max(self.n_z - 1, 1)

@@ -290,9 +290,9 @@ class ShowerModel(nn.Module):
                 mesh.n_z, bb.width, le.resolved_width(bb.width), le.depth, seed=config.init_seed + 1
             )
             self.energy_transform = (
-                LayerEnergyTransform(mesh.n_z)
+                LayerEnergyTransform(mesh.n_z, space=le.space)
                 if stats is None
-                else LayerEnergyTransform.from_stats(stats, mesh.n_z)
+                else LayerEnergyTransform.from_stats(stats, mesh.n_z, le.space)
             )
         # Derived from the mesh, not stored: one network state dict fits meshes of any (divisible) size.
         coords_TC = patch_coordinates(mesh, bb.patch_size, config.position_extent)

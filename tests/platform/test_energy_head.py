@@ -98,6 +98,49 @@ def test_transform_round_trip_and_formula() -> None:
         LayerEnergyTransform(2, [0.0, float("nan")], [1.0, 1.0])
 
 
+def test_log_below_space_keeps_a_track_resolved_and_the_large_layers_linear() -> None:
+    from caloforge.platform.energy import LOG_BELOW_DELTA, LOG_BELOW_KAPPA
+
+    mean, std = [0.001, 0.05, 0.02], [0.002, 0.03, 0.02]
+    log_below = LayerEnergyTransform(3, mean, std, space="log_below")
+    linear = LayerEnergyTransform(3, mean, std)
+    energy = torch.tensor([1e5, 1e5, 2e3])
+    # a 5 MeV track at 100 GeV, an empty layer, a large layer; the same at 2 GeV
+    layers = torch.tensor([[5.0, 0.0, 3e4], [5.4, 2e4, 0.0], [5.0, 300.0, 20.0]])
+    y = log_below(layers, energy)
+    # g(u) by hand: u below κ in log scale, above as is; the scale floored at 0.01
+    u = layers.double() / energy.double()[:, None]
+    kappa = LOG_BELOW_KAPPA
+    g = torch.where(u >= kappa, u, kappa * (1 + torch.log((u + LOG_BELOW_DELTA) / kappa)))
+    s = torch.tensor(std, dtype=torch.float64).clamp_min(0.01)
+    torch.testing.assert_close(
+        y.double(), (g - torch.tensor(mean, dtype=torch.float64)) / s, rtol=1e-5, atol=1e-5
+    )
+    # every layer comes back, the empty one to 0 (no total is redistributed in this space)
+    torch.testing.assert_close(log_below.inverse(y, energy), layers, rtol=1e-4, atol=1e-3)
+    # the track: 8 % more energy moves y by ln(1.08) κ / s = 0.077 standard units, in linear space by 0.002
+    more = layers.clone()
+    more[0, 0] *= 1.08
+    assert (log_below(more, energy) - y)[0, 0] > 0.07
+    assert (linear(more, energy) - linear(layers, energy))[0, 0] < 0.003
+    # continuous at κ, and the large layer is linear: equal steps in E_z, equal steps in y
+    at = torch.tensor([[0.0, kappa * 1e5 * (1 - 1e-6), 0.0], [0.0, kappa * 1e5 * (1 + 1e-6), 0.0]])
+    y_at = log_below(at, energy[:2])
+    assert abs(float(y_at[0, 1] - y_at[1, 1])) < 1e-4
+    big = torch.tensor([[0.0, 2e4, 0.0], [0.0, 3e4, 0.0], [0.0, 4e4, 0.0]])
+    d = torch.diff(log_below(big, torch.full((3,), 1e5))[:, 1])
+    torch.testing.assert_close(d[0], d[1])
+    # a conditioned voxel model reads the empty layer and the track apart (clamp at -10, not -5)
+    empty = torch.zeros(1, 3)
+    gap = log_below.condition(layers[:1], energy[:1]).u_BZ - log_below.condition(empty, energy[:1]).u_BZ
+    gap_linear = linear.condition(layers[:1], energy[:1]).u_BZ - linear.condition(empty, energy[:1]).u_BZ
+    assert float(gap[0, 0]) > 1.0 and float(gap_linear[0, 0]) < 0.05
+    with pytest.raises(ValueError, match=r"space must be one of \('linear', 'log_below'\), got 'log'"):
+        LayerEnergyTransform(3, mean, std, space="log")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"layer_energy\.space must be one of"):
+        LayerEnergyConfig(space="log")  # type: ignore[arg-type]
+
+
 def test_inverse_drops_negative_layers_and_keeps_the_unclamped_total() -> None:
     transform = LayerEnergyTransform(3, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0])  # y = u = E_z / E_inc
     energy = torch.tensor([1000.0, 1000.0, 2000.0, 500.0])

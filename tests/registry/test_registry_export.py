@@ -265,6 +265,21 @@ def test_model_without_head_exports_the_voxel_only_graph(tmp_path: Path) -> None
     np.testing.assert_allclose(out_v1, expected, rtol=1e-3, atol=1e-5)
 
 
+def test_a_head_in_log_below_space_exports_with_parity(tmp_path: Path) -> None:
+    """``layer_energy.space = log_below``: the head's inverse (exp below κ) is in the graph, same outputs."""
+    model = tiny_model(layer_energy=LayerEnergyConfig(width=16, depth=1, num_steps=3, space="log_below"))
+    assert model.energy_transform is not None and model.energy_transform.space == "log_below"
+    exp = export_onnx(model, tmp_path / "log_below.onnx", exporter="legacy", variant="plain")
+    assert exp.parity.passed and exp.layer_energy
+    seeds = derive_seeds(5, len(COND))
+    expected = model.generate(COND, seeds=seeds)
+    out = OnnxShowerGenerator(exp.path, DETECTORS, MESH).generate(COND, seeds=seeds)
+    np.testing.assert_allclose(out, expected, rtol=1e-3, atol=1e-5)
+    model.save(tmp_path / "bundle")
+    loaded = ShowerModel.load(tmp_path / "bundle")
+    assert loaded.config.layer_energy.space == "log_below" and loaded.energy_transform.space == "log_below"
+
+
 def test_one_step_student_export(adapted_bundle_dir: Path, tmp_path: Path) -> None:
     model = ShowerModel.load(adapted_bundle_dir)
     assert (SamplerGraph(model).nfe, SamplerGraph(model).layer_nfe) == (1, 6)
