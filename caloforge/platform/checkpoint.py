@@ -1,10 +1,10 @@
 """Model bundles: a directory with ``config.json`` + ``model.safetensors``; no pickles, no training code.
 
-``config.json`` (schema_version 8)::
+``config.json`` (schema_version 9)::
 
     {
       "format": "caloforge.shower_model",
-      "schema_version": 8,
+      "schema_version": 9,
       "caloforge_version": "0.1.0", "torch_version": "...",
       "model_config": {...ShowerModelConfig as plain data...},
       "vocab": {"detectors": [...], "n_detector_slots": K},
@@ -33,6 +33,9 @@ The lineage is ``caloforge.platform.lineage.Lineage`` (typed, validated). Older 
 - versions 6–7 leave a layer empty wherever the voxel model does (``empty_layers = voxel_model``;
   ``hadron_tracks`` since version 8: a charged hadron's layer the voxel model left empty takes the head's
   energy in one voxel), so their showers stay what they were;
+- version 8 puts that track in the voxel model's hottest voxel anywhere in the layer (``empty_layers =
+  hadron_tracks``; ``axis_tracks`` since version 9: in the hottest voxel of the innermost radial bin, on
+  the axis the mesh is centred on), so their showers stay what they were;
 - versions 1–6 have no voxel model conditioned on the layer energies (``layer_energy.condition_voxels``,
   false when absent: nothing to migrate; the version tells older code that such a bundle is not for it).
 
@@ -77,7 +80,7 @@ from caloforge.platform.lineage import LEGACY_FIELD_KEYS, LEGACY_RANGE_KEYS, Lin
 from caloforge.platform.shower_model import ShowerModel, ShowerModelConfig
 
 BUNDLE_FORMAT = "caloforge.shower_model"
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 LEGACY_POS_MAX_FREQ = 32.0  # BackboneConfig.pos_max_freq of bundles before schema 4
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -194,7 +197,8 @@ def migrate_model_config(model_config: dict[str, Any], schema_version: int) -> d
       last release and its default, 3, with v5): the radius limit is set to the depth's;
     - v1–v5 bundles generate with the head's energy applied to every hit layer, also where it empties the
       layer: ``layer_energy.empty_layers = either`` unless the bundle names it (``voxel_model`` since v6);
-      v6–v7 bundles with ``voxel_model`` unless they name it (``hadron_tracks`` since v8).
+      v6–v7 bundles with ``voxel_model`` unless they name it (``hadron_tracks`` since v8), v8 bundles with
+      ``hadron_tracks`` (``axis_tracks`` since v9).
     """
     out = dict(model_config)
     if schema_version < 4 and out.get("pos_max_freq") is None:
@@ -210,6 +214,8 @@ def migrate_model_config(model_config: dict[str, Any], schema_version: int) -> d
         out["layer_energy"] = {"empty_layers": "either", **layer_energy}
     elif schema_version < 8 and isinstance(layer_energy, dict):
         out["layer_energy"] = {"empty_layers": "voxel_model", **layer_energy}
+    elif schema_version < 9 and isinstance(layer_energy, dict):
+        out["layer_energy"] = {"empty_layers": "hadron_tracks", **layer_energy}
     if "objective" in out and "parametrisation" not in out:
         out["parametrisation"] = out.pop("objective")
     out.pop("flow_matching", None)

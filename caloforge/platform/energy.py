@@ -50,8 +50,9 @@ STATS_STD_KEY = "layer_energy_over_einc_std"
 MIN_REL_STD = 1e-3  # floor of s_z relative to the largest s_z (layers that are (almost) never hit)
 LAYER_U_MIN, LAYER_U_MAX = -5.0, 20.0  # clamp of the standardised u_z a conditioned voxel model reads
 # which stage may leave a layer empty at generation (``rescale_layers``)
-EmptyLayerMode = Literal["voxel_model", "either", "hadron_tracks"]
+EmptyLayerMode = Literal["voxel_model", "either", "hadron_tracks", "axis_tracks"]
 EMPTY_LAYER_MODES: tuple[str, ...] = get_args(EmptyLayerMode)
+TRACK_MODES: tuple[str, ...] = ("hadron_tracks", "axis_tracks")  # modes that fill charged hadrons' tracks
 # the head's space (``LayerEnergyConfig.space``): u_z itself, or u_z with the part below κ in log scale
 LayerEnergySpace = Literal["linear", "log_below"]
 LAYER_ENERGY_SPACES: tuple[str, ...] = get_args(LayerEnergySpace)
@@ -72,11 +73,12 @@ class LayerEnergyConfig:
     num_steps: int = 8  # head ODE steps at generation (8 and 64 midpoint steps agree to 0.1% in E_tot)
     loss_weight: float = 1.0  # weight of the head's loss beside the voxel loss
     draws: int = 16  # noise/time draws per shower per training step (the head is cheap)
-    # Which stage may leave a layer empty at generation (``rescale_layers``): ``hadron_tracks`` (as
+    # Which stage may leave a layer empty at generation (``rescale_layers``): ``axis_tracks`` (as
     # ``voxel_model``, and a charged hadron's layer the voxel model left empty takes the head's E_z in one
-    # voxel: its track; since schema 8), ``voxel_model`` (a layer the voxel model hit keeps hits; schemas
-    # 6-7) or ``either`` (the head's energy may empty a hit layer too; bundles before schema 6).
-    empty_layers: EmptyLayerMode = "hadron_tracks"
+    # voxel of the innermost radial bin, on the axis: its track; since schema 9), ``hadron_tracks`` (the
+    # same in the hottest voxel anywhere in the layer; schema 8), ``voxel_model`` (a layer the voxel model
+    # hit keeps hits; schemas 6-7) or ``either`` (the head's energy may empty a hit layer too; before 6).
+    empty_layers: EmptyLayerMode = "axis_tracks"
     # The voxel model reads the layer energies (CaloFlow's order: the head samples E_z first; training feeds
     # the data's own E_z): ``ShowerDiT`` with ``layer_condition`` (docs/model.md, "Layer energies"). Off in
     # bundles before schema 7 and by default; on in configs/train/fidelity-cpu.yaml, where it was measured.
@@ -332,6 +334,11 @@ def rescale_layers(
       hit voxel per layer, which the voxel model, averaging over where that voxel is, leaves empty; an
       electromagnetic shower's empty layers are the voxel model's to decide (docs/model.md, "Which stage
       leaves a layer empty").
+    - ``axis_tracks``: as ``hadron_tracks``, with the fill in the hottest voxel of the innermost radial bin
+      (the largest score among its angular bins): the mesh is centred on the incident direction, so the
+      track runs along the axis. Where the voxel model left the layer empty its scores all sit near ln ε
+      and the hottest voxel of the whole layer is as likely in any radial bin (docs/model.md, "Charged
+      hadrons' tracks").
     - ``voxel_model``: a layer the voxel model hit keeps hits. Where its target is too small for the layer's
       hottest voxel to stay at or above the threshold (a target of 0 included: the head's flow leaves
       rarely-hit layers slightly negative, and those are set to 0), the layer keeps the voxel model's own
@@ -352,23 +359,29 @@ def rescale_layers(
     raw = showers_mev_BZPR.float()
     target = layer_mev_BZ.float()
     threshold = torch.as_tensor(threshold_mev, dtype=raw.dtype, device=raw.device)
-    if empty_layers == "hadron_tracks" and (voxel_score_BZPR is None or track_B is None):
+    if empty_layers in TRACK_MODES and (voxel_score_BZPR is None or track_B is None):
         raise ValueError(
-            "rescale_layers(empty_layers='hadron_tracks') needs voxel_score_BZPR (the voxel model's scores) "
-            "and track_B (which showers are charged hadrons)"
+            f"rescale_layers(empty_layers={empty_layers!r}) needs voxel_score_BZPR (the voxel model's "
+            "scores) and track_B (which showers are charged hadrons)"
         )
     have = raw.sum(dim=(2, 3))
     per_layer = target
-    if empty_layers in ("voxel_model", "hadron_tracks"):
+    if empty_layers != "either":
         # The scaled layer's hottest voxel is peak · target / have: below the threshold nothing survives.
         keeps_hits = target * raw.amax(dim=(2, 3)) >= threshold * have
         per_layer = torch.where((have > 0) & ~keeps_hits, have, target)
     layer_scale = torch.where(have > 0, per_layer / have.clamp_min(1e-30), torch.zeros_like(have))
     x = raw * layer_scale[:, :, None, None]
-    if empty_layers == "hadron_tracks":
+    if empty_layers in TRACK_MODES:
         assert voxel_score_BZPR is not None and track_B is not None  # checked above
         score = voxel_score_BZPR.float()
-        hottest = (score == score.amax(dim=(2, 3), keepdim=True)).to(raw.dtype)
+        if empty_layers == "axis_tracks":
+            # only the innermost radial bin competes: the mesh is centred on the incident direction
+            inner = score[..., :1]
+            hottest = (inner == inner.amax(dim=(2, 3), keepdim=True)).to(raw.dtype)
+            hottest = torch.cat([hottest, torch.zeros_like(score[..., 1:], dtype=raw.dtype)], dim=3)
+        else:
+            hottest = (score == score.amax(dim=(2, 3), keepdim=True)).to(raw.dtype)
         hottest = hottest / hottest.sum(dim=(2, 3), keepdim=True)
         fill = (track_B.bool()[:, None] & (have <= 0) & (target >= threshold))[:, :, None, None]
         x = torch.where(fill, hottest * target[:, :, None, None], x)

@@ -55,6 +55,7 @@ from caloforge.platform.conditioning import (
 )
 from caloforge.platform.denoisers import DENOISERS, Denoiser, EDMPrecondConfig
 from caloforge.platform.energy import (
+    TRACK_MODES,
     EmptyLayerMode,
     LayerEnergyConfig,
     LayerEnergyFlow,
@@ -597,10 +598,10 @@ class ShowerModel(nn.Module):
             )
         mode = self.config.layer_energy.empty_layers
         score = track = None
-        if mode == "hadron_tracks":
+        if mode in TRACK_MODES:
             if cond is None:
                 raise ValueError(
-                    "to_mev: layer_energy.empty_layers = hadron_tracks needs cond (which showers are charged "
+                    f"to_mev: layer_energy.empty_layers = {mode} needs cond (which showers are charged "
                     "hadrons)"
                 )
             score, track = self.transform.log_energy(x_BZPR), charged_hadron_mask(cond.particle_idx)

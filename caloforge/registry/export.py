@@ -109,6 +109,8 @@ class OnnxExport:
     layer_num_steps: int | None = None
     layer_nfe: int = 0
     layer_empty_layers: str | None = None  # which stage may empty a layer (``layer_energy.empty_layers``)
+    layer_space: str | None = None  # the head's space (``layer_energy.space``)
+    layer_condition_voxels: bool | None = None  # voxel model reads E_z (``layer_energy.condition_voxels``)
     variant: VariantInfo | None = None  # None: an OnnxExport made before variants (plain)
     fidelity: FidelityReport | None = None  # None for the plain graph (parity only)
     parity_of: str = "published graph"
@@ -122,6 +124,8 @@ class OnnxExport:
             "num_steps": self.layer_num_steps,
             "nfe": self.layer_nfe,
             "empty_layers": self.layer_empty_layers,
+            "space": self.layer_space,
+            "condition_voxels": self.layer_condition_voxels,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -362,6 +366,8 @@ def export_onnx(
                         "num_steps": graph.layer_num_steps,
                         "nfe": graph.layer_nfe,
                         "empty_layers": graph.layer_empty_layers,
+                        "space": graph.layer_space,
+                        "condition_voxels": graph.layer_condition_voxels,
                     }
                     if graph.layer_energy
                     else None
@@ -461,6 +467,8 @@ def export_onnx(
         layer_num_steps=graph.layer_num_steps,
         layer_nfe=graph.layer_nfe,
         layer_empty_layers=graph.layer_empty_layers,
+        layer_space=graph.layer_space,
+        layer_condition_voxels=graph.layer_condition_voxels,
         variant=vinfo,
         fidelity=fidelity,
         parity_of=parity_of,

@@ -97,6 +97,8 @@ class SamplerGraph(nn.Module):
         le = model.config.layer_energy
         self.layer_sampler_name = le.sampler if self.layer_energy else None
         self.layer_empty_layers = le.empty_layers if self.layer_energy else None
+        self.layer_space = le.space if self.layer_energy else None
+        self.layer_condition_voxels = bool(le.condition_voxels) if self.layer_energy else None
         self.layer_num_steps = int(le.num_steps) if self.layer_energy else None
         self.layer_sampler = get_sampler(le.sampler) if self.layer_energy else None
         # The head's grid, as ShowerModel.sample_layer_energies builds it, also a Python list.

@@ -72,7 +72,7 @@ def test_fidelity_benchmark_quick_on_the_detector_mix(tmp_path: Path) -> None:
     assert record["goals"] == []  # judged on dataset 2 only
     assert not (out / "sample_cc.h5").exists() and (out / "layers.png").is_file()
     assert np.isfinite(record["metrics"]["auc_high"]) and len(record["curve"]) == 2
-    assert record["model"] is None and record["empty_layers"] == "hadron_tracks"  # a new bundle's default
+    assert record["model"] is None and record["empty_layers"] == "axis_tracks"  # a new bundle's default
     # --model: the trained bundle evaluated again on the same held-out set, without training, another mode
     again, results2 = tmp_path / "again", tmp_path / "again.json"
     argv2 = ["--quick", "--data", "mix", "--threads", "2", "--model", str(out / "run" / "model")]

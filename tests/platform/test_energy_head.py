@@ -288,6 +288,46 @@ def test_rescale_layers_hadron_tracks_fills_a_charged_hadron_s_layer_the_voxel_m
         rescale_layers(shower, targets, 0.5, "hadron_tracks", score)
 
 
+def test_rescale_layers_axis_tracks_puts_the_track_in_the_innermost_radial_bin() -> None:
+    # One charged hadron, mesh (Z=3, P=4, R=3). Layer 1 was left empty by the voxel model; its scores sit
+    # near ln ε everywhere (a smeared track), the largest of them in the outer radial bin (phi 3, r 2),
+    # the largest of the innermost radial bin at phi 2. hadron_tracks fills (3, 2); axis_tracks (2, 0).
+    score = torch.full((1, 3, 4, 3), -13.8)
+    score[0, 1, 3, 2] = -13.2
+    score[0, 1, 2, 0] = -13.5
+    score[0, 1, 0, 1] = -13.4
+    shower = torch.zeros(1, 3, 4, 3)
+    shower[0, 0, 0, 0] = 5.0
+    shower[0, 2] = 1.0  # 12 MeV spread over the layer
+    targets = torch.tensor([[5.0, 4.0, 12.0]])
+    track = torch.tensor([True])
+    anywhere = rescale_layers(shower, targets, 0.5, "hadron_tracks", score, track)
+    on_axis = rescale_layers(shower, targets, 0.5, "axis_tracks", score, track)
+    assert anywhere[0, 1].nonzero().tolist() == [[3, 2]] and on_axis[0, 1].nonzero().tolist() == [[2, 0]]
+    torch.testing.assert_close(on_axis[0, 1, 2, 0], torch.tensor(4.0))
+    # the other layers are the same in both modes; the shower keeps the head's total
+    torch.testing.assert_close(on_axis[0, [0, 2]], anywhere[0, [0, 2]], rtol=0, atol=0)
+    torch.testing.assert_close(on_axis.sum(), targets.sum())
+    # ties within the innermost bin split the energy evenly between them, nothing outside it
+    tied = score.clone()
+    tied[0, 1, :, 0] = -13.7
+    split = rescale_layers(shower, targets, 0.5, "axis_tracks", tied, track)
+    torch.testing.assert_close(split[0, 1, :, 0], torch.full((4,), 1.0))
+    assert not split[0, 1, :, 1:].any()
+    # a layer the voxel model hit is the voxel model's, also off the axis; a shower that is not a charged
+    # hadron keeps its empty layer
+    hit = shower.clone()
+    hit[0, 1, 1, 2] = 2.0
+    torch.testing.assert_close(
+        rescale_layers(hit, targets, 0.5, "axis_tracks", score, track),
+        rescale_layers(hit, targets, 0.5, "voxel_model"),
+    )
+    neutral = rescale_layers(shower, targets, 0.5, "axis_tracks", score, torch.tensor([False]))
+    assert not neutral[0, 1].any()
+    with pytest.raises(ValueError, match=r"axis_tracks.*needs voxel_score_BZPR"):
+        rescale_layers(shower, targets, 0.5, "axis_tracks", score)
+
+
 def test_charged_hadrons_are_the_track_particles() -> None:
     names = list(PARTICLES)
     idx = torch.tensor(
@@ -298,7 +338,7 @@ def test_charged_hadrons_are_the_track_particles() -> None:
 
 def test_a_model_s_empty_layer_mode_can_be_changed_and_generates_accordingly() -> None:
     model = make_model(layer_energy=SMALL_HEAD)
-    assert model.config.layer_energy.empty_layers == "hadron_tracks"  # the default since schema 8
+    assert model.config.layer_energy.empty_layers == "axis_tracks"  # the default since schema 9
     model.set_sampling_defaults(empty_layers="voxel_model")
     assert model.config.layer_energy.empty_layers == "voxel_model"
     with pytest.raises(ValueError, match="empty_layers must be one of"):
@@ -320,9 +360,9 @@ def test_a_model_s_empty_layer_mode_can_be_changed_and_generates_accordingly() -
         raw = model.transform.inverse(x)
         score = model.transform.log_energy(x)
     track = torch.tensor([False, True])  # e- and pi+
-    for mode in ("voxel_model", "hadron_tracks"):
+    for mode in ("voxel_model", "hadron_tracks", "axis_tracks"):
         model.set_sampling_defaults(empty_layers=mode)
-        extra = (score, track) if mode == "hadron_tracks" else ()
+        extra = (score, track) if mode != "voxel_model" else ()
         expected = rescale_layers(raw, layers, model.transform.threshold_mev, mode, *extra)
         np.testing.assert_allclose(
             model.generate(cond, num_steps=2, seeds=seeds), expected.numpy(), rtol=1e-5, atol=1e-6

@@ -54,7 +54,7 @@ def _copy_with_lineage(tmp_path: Path, name: str, lineage: dict, schema_version:
 
 def test_the_stored_v2_bundle_is_still_schema_2() -> None:
     data = read_bundle_config(V2)
-    assert data["schema_version"] == 2 and SCHEMA_VERSION == 8
+    assert data["schema_version"] == 2 and SCHEMA_VERSION == 9
     assert data["lineage"]["parent"] == "models:/caloforge-base/1"
     assert data["lineage"]["extra"]["particles"] == "e-,gamma,pi+"
 
@@ -81,6 +81,18 @@ def test_a_v7_bundle_that_does_not_name_its_empty_layer_mode_keeps_voxel_model(t
     assert load_bundle(v7).config.layer_energy.empty_layers == "voxel_model"  # what schemas 6-7 generated
 
 
+def test_a_v8_bundle_that_does_not_name_its_empty_layer_mode_keeps_hadron_tracks(tmp_path: Path) -> None:
+    raw = json.loads((V2 / "config.json").read_text())
+    v8 = _copy_with_lineage(tmp_path, "v8", raw["lineage"], schema_version=8)
+    cfg = json.loads((v8 / "config.json").read_text())
+    cfg["model_config"]["layer_energy"] = {
+        k: v for k, v in cfg["model_config"].get("layer_energy", {}).items() if k != "empty_layers"
+    }
+    cfg["lineage"] = to_dict(V2_LINEAGE)
+    (v8 / "config.json").write_text(json.dumps(cfg))
+    assert load_bundle(v8).config.layer_energy.empty_layers == "hadron_tracks"  # what schema 8 generated
+
+
 def test_v1_lineage_migrates_the_same_way(tmp_path: Path) -> None:
     raw = json.loads((V2 / "config.json").read_text())["lineage"]
     v1 = _copy_with_lineage(tmp_path, "v1", raw, schema_version=1)
@@ -93,9 +105,9 @@ def test_migrated_bundle_round_trips_as_today_s_schema(tmp_path: Path) -> None:
     assert model.config.pos_max_freq_r == 32.0  # the radius followed the depth before schema 5
     assert model.config.layer_energy.empty_layers == "either"  # the head may empty layers before schema 6
     assert model.config.layer_energy.condition_voxels is False  # no layer-conditioned voxel model before 7
-    path = save_bundle(model, tmp_path / "v8")
+    path = save_bundle(model, tmp_path / "v9")
     data = read_bundle_config(path)
-    assert data["schema_version"] == 8 and data["model_config"]["pos_max_freq"] == 32.0
+    assert data["schema_version"] == SCHEMA_VERSION and data["model_config"]["pos_max_freq"] == 32.0
     assert data["model_config"]["pos_max_freq_r"] == 32.0
     assert data["model_config"]["layer_energy"]["empty_layers"] == "either"
     assert data["model_config"]["layer_energy"]["condition_voxels"] is False

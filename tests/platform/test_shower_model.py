@@ -254,7 +254,7 @@ def test_bundles_before_schema_5_keep_the_radius_at_the_depth_limit(small_data, 
     assert named["pos_max_freq_r"] == 32.0
     written_out = migrate_model_config({"backbone": {"depth": 2, "pos_max_freq": 8.0}}, 4)
     assert written_out["backbone"]["pos_max_freq_r"] is None
-    assert migrate_model_config({"backbone": "debug"}, 8) == {"backbone": "debug"}  # today's: unchanged
+    assert migrate_model_config({"backbone": "debug"}, 9) == {"backbone": "debug"}  # today's: unchanged
 
 
 def test_bundles_before_schema_6_let_the_head_empty_layers(small_data, tmp_path: Path) -> None:
@@ -274,7 +274,7 @@ def test_bundles_before_schema_6_let_the_head_empty_layers(small_data, tmp_path:
     torch.testing.assert_close(
         loaded.generate(cond, seeds=seeds, **kwargs), legacy.generate(cond, seeds=seeds, **kwargs)
     )
-    assert make_model().config.layer_energy.empty_layers == "hadron_tracks"  # today's default (schema 8)
+    assert make_model().config.layer_energy.empty_layers == "axis_tracks"  # today's default (schema 9)
     assert migrate_model_config({"layer_energy": {"enabled": False}}, 1)["layer_energy"] == {
         "enabled": False,
         "empty_layers": "either",
@@ -289,7 +289,11 @@ def test_bundles_before_schema_6_let_the_head_empty_layers(small_data, tmp_path:
     assert migrate_model_config({"layer_energy": {"empty_layers": "either"}}, 7)["layer_energy"] == {
         "empty_layers": "either"
     }
-    assert migrate_model_config({"layer_energy": {"enabled": True}}, 8) == {"layer_energy": {"enabled": True}}
+    # schema 8 filled a hadron's track in the hottest voxel anywhere in the layer
+    assert migrate_model_config({"layer_energy": {"enabled": True}}, 8) == {
+        "layer_energy": {"empty_layers": "hadron_tracks", "enabled": True}
+    }
+    assert migrate_model_config({"layer_energy": {"enabled": True}}, 9) == {"layer_energy": {"enabled": True}}
 
 
 def test_sampling_defaults_and_residual_stream_change_through_named_methods() -> None:

@@ -140,8 +140,15 @@ def test_onnx_graph_io_metadata_and_card(onnx_dir: Path) -> None:
     assert json.loads(meta["detector_index"]) == {"lar-pb": 0, "pbwo4": 1}
     assert json.loads(meta["particle_index"])["211"] == 3
     assert (meta["sampler"], meta["num_steps"]) == ("heun", "2")
-    # the tiny model's LayerEnergyConfig; charged hadrons' tracks filled (the default since bundle schema 8)
-    head = {"sampler": "midpoint", "num_steps": 3, "nfe": 6, "empty_layers": "hadron_tracks"}
+    # the tiny model's LayerEnergyConfig; charged hadrons' tracks filled on the axis (default since schema 9)
+    head = {
+        "sampler": "midpoint",
+        "num_steps": 3,
+        "nfe": 6,
+        "empty_layers": "axis_tracks",
+        "space": "linear",
+        "condition_voxels": False,
+    }
     assert json.loads(meta["layer_energy"]) == head
     assert "layer_noise[i] = torch.randn((Z,), generator=g" in meta["seed_convention"]
     card = ModelCard.load(onnx_dir / CARD_FILE)
@@ -271,6 +278,10 @@ def test_a_head_in_log_below_space_exports_with_parity(tmp_path: Path) -> None:
     assert model.energy_transform is not None and model.energy_transform.space == "log_below"
     exp = export_onnx(model, tmp_path / "log_below.onnx", exporter="legacy", variant="plain")
     assert exp.parity.passed and exp.layer_energy
+    # the card and the graph's metadata say which space the head's draws are in
+    assert exp.to_dict()["layer_energy"]["space"] == "log_below"
+    meta = {p.key: p.value for p in onnx.load(str(exp.path)).metadata_props}
+    assert json.loads(meta["layer_energy"])["space"] == "log_below"
     seeds = derive_seeds(5, len(COND))
     expected = model.generate(COND, seeds=seeds)
     out = OnnxShowerGenerator(exp.path, DETECTORS, MESH).generate(COND, seeds=seeds)
