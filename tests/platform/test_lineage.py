@@ -69,28 +69,22 @@ def test_stored_v2_bundle_loads_with_typed_lineage_and_identical_showers() -> No
     np.testing.assert_allclose(out, expected["showers"], rtol=1e-4, atol=1e-5)
 
 
-def test_a_v7_bundle_that_does_not_name_its_empty_layer_mode_keeps_voxel_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("schema", "generated"),
+    [(7, "voxel_model"), (8, "hadron_tracks")],  # what schemas 6-7 and 8 generated
+)
+def test_a_bundle_that_does_not_name_its_empty_layer_mode_keeps_its_schema_s(
+    tmp_path: Path, schema: int, generated: str
+) -> None:
     raw = json.loads((V2 / "config.json").read_text())
-    v7 = _copy_with_lineage(tmp_path, "v7", raw["lineage"], schema_version=7)
-    cfg = json.loads((v7 / "config.json").read_text())
+    path = _copy_with_lineage(tmp_path, f"v{schema}", raw["lineage"], schema_version=schema)
+    cfg = json.loads((path / "config.json").read_text())
     cfg["model_config"]["layer_energy"] = {
         k: v for k, v in cfg["model_config"].get("layer_energy", {}).items() if k != "empty_layers"
     }
     cfg["lineage"] = to_dict(V2_LINEAGE)
-    (v7 / "config.json").write_text(json.dumps(cfg))
-    assert load_bundle(v7).config.layer_energy.empty_layers == "voxel_model"  # what schemas 6-7 generated
-
-
-def test_a_v8_bundle_that_does_not_name_its_empty_layer_mode_keeps_hadron_tracks(tmp_path: Path) -> None:
-    raw = json.loads((V2 / "config.json").read_text())
-    v8 = _copy_with_lineage(tmp_path, "v8", raw["lineage"], schema_version=8)
-    cfg = json.loads((v8 / "config.json").read_text())
-    cfg["model_config"]["layer_energy"] = {
-        k: v for k, v in cfg["model_config"].get("layer_energy", {}).items() if k != "empty_layers"
-    }
-    cfg["lineage"] = to_dict(V2_LINEAGE)
-    (v8 / "config.json").write_text(json.dumps(cfg))
-    assert load_bundle(v8).config.layer_energy.empty_layers == "hadron_tracks"  # what schema 8 generated
+    (path / "config.json").write_text(json.dumps(cfg))
+    assert load_bundle(path).config.layer_energy.empty_layers == generated
 
 
 def test_v1_lineage_migrates_the_same_way(tmp_path: Path) -> None:
