@@ -375,14 +375,10 @@ def rescale_layers(
     if empty_layers in TRACK_MODES:
         assert voxel_score_BZPR is not None and track_B is not None  # checked above
         score = voxel_score_BZPR.float()
-        if empty_layers == "axis_tracks":
-            # only the innermost radial bin competes: the mesh is centred on the incident direction
-            inner = score[..., :1]
-            hottest = (inner == inner.amax(dim=(2, 3), keepdim=True)).to(raw.dtype)
-            hottest = torch.cat([hottest, torch.zeros_like(score[..., 1:], dtype=raw.dtype)], dim=3)
-        else:
-            hottest = (score == score.amax(dim=(2, 3), keepdim=True)).to(raw.dtype)
-        hottest = hottest / hottest.sum(dim=(2, 3), keepdim=True)
+        # axis_tracks: only the innermost radial bin competes (the mesh is centred on the incident direction)
+        cand = score[..., :1] if empty_layers == "axis_tracks" else score
+        hottest = (cand == cand.amax(dim=(2, 3), keepdim=True)).to(raw.dtype)
+        hottest = F.pad(hottest / hottest.sum(dim=(2, 3), keepdim=True), (0, score.shape[3] - cand.shape[3]))
         fill = (track_B.bool()[:, None] & (have <= 0) & (target >= threshold))[:, :, None, None]
         x = torch.where(fill, hottest * target[:, :, None, None], x)
     # Every hit layer got a target of 0 while empty layers got energy: scale the voxel shower as a whole.

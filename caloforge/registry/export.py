@@ -109,24 +109,15 @@ class OnnxExport:
     layer_num_steps: int | None = None
     layer_nfe: int = 0
     layer_empty_layers: str | None = None  # which stage may empty a layer (``layer_energy.empty_layers``)
-    layer_space: str | None = None  # the head's space (``layer_energy.space``)
-    layer_condition_voxels: bool | None = None  # voxel model reads E_z (``layer_energy.condition_voxels``)
+    # the card's ``layer_energy`` (``SamplerGraph.layer_energy_info``; None: no head)
+    layer_info: dict[str, Any] | None = None
     variant: VariantInfo | None = None  # None: an OnnxExport made before variants (plain)
     fidelity: FidelityReport | None = None  # None for the plain graph (parity only)
     parity_of: str = "published graph"
 
     def layer_energy_info(self) -> dict[str, Any] | None:
         """The layer-energy stage frozen into the graph (None: no head, no ``layer_noise`` input)."""
-        if not self.layer_energy:
-            return None
-        return {
-            "sampler": self.layer_sampler,
-            "num_steps": self.layer_num_steps,
-            "nfe": self.layer_nfe,
-            "empty_layers": self.layer_empty_layers,
-            "space": self.layer_space,
-            "condition_voxels": self.layer_condition_voxels,
-        }
+        return dict(self.layer_info) if self.layer_info is not None else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -360,18 +351,7 @@ def export_onnx(
                 "particle_index": particle_index_table(),
                 "sampler": graph.sampler_name,
                 "num_steps": str(graph.num_steps),
-                "layer_energy": (
-                    {
-                        "sampler": graph.layer_sampler_name,
-                        "num_steps": graph.layer_num_steps,
-                        "nfe": graph.layer_nfe,
-                        "empty_layers": graph.layer_empty_layers,
-                        "space": graph.layer_space,
-                        "condition_voxels": graph.layer_condition_voxels,
-                    }
-                    if graph.layer_energy
-                    else None
-                ),
+                "layer_energy": graph.layer_energy_info(),
                 "seed_convention": seed_convention(graph.layer_energy),
                 "units": "energy_mev MeV; theta_rad, phi_rad rad; shower_mev MeV",
             },
@@ -467,8 +447,7 @@ def export_onnx(
         layer_num_steps=graph.layer_num_steps,
         layer_nfe=graph.layer_nfe,
         layer_empty_layers=graph.layer_empty_layers,
-        layer_space=graph.layer_space,
-        layer_condition_voxels=graph.layer_condition_voxels,
+        layer_info=graph.layer_energy_info(),
         variant=vinfo,
         fidelity=fidelity,
         parity_of=parity_of,

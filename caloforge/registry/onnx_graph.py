@@ -118,6 +118,20 @@ class SamplerGraph(nn.Module):
             return 0
         return self.layer_sampler.nfe(self.layer_num_steps)
 
+    def layer_energy_info(self) -> dict[str, Any] | None:
+        """The layer-energy stage frozen into the graph, as the card and ``metadata_props`` record it (None:
+        no head, no ``layer_noise`` input)."""
+        if not self.layer_energy:
+            return None
+        return {
+            "sampler": self.layer_sampler_name,
+            "num_steps": self.layer_num_steps,
+            "nfe": self.layer_nfe,
+            "empty_layers": self.layer_empty_layers,
+            "space": self.layer_space,
+            "condition_voxels": self.layer_condition_voxels,
+        }
+
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         if len(inputs) != len(self.input_names):
             raise ValueError(
