@@ -246,14 +246,20 @@ def main(argv: list[str] | None = None) -> int:
             plots=dataclasses.replace(eval_cfg.plots, enabled=False),
             classifier=dataclasses.replace(eval_cfg.classifier, n_seeds=1),
         )
+    curve_base = load_config(EvalConfig, args.curve_config)
     curve_cfg = dataclasses.replace(
-        load_config(EvalConfig, args.curve_config),
+        curve_base,
         metrics=("sep_power", "response", "fpd", "kpd", "cls_low", "cls_high"),
         floor=False,
-        groups=dataclasses.replace(load_config(EvalConfig, args.curve_config).groups, enabled=False),
-        plots=dataclasses.replace(load_config(EvalConfig, args.curve_config).plots, enabled=False),
-        classifier=dataclasses.replace(load_config(EvalConfig, args.curve_config).classifier, n_seeds=1),
+        groups=dataclasses.replace(curve_base.groups, enabled=False),
+        plots=dataclasses.replace(curve_base.plots, enabled=False),
+        classifier=dataclasses.replace(curve_base.classifier, n_seeds=1),
     )
+    if args.device.startswith("cuda"):  # the classifiers train where the model does (minutes → seconds)
+        eval_cfg, curve_cfg = (
+            dataclasses.replace(c, classifier=dataclasses.replace(c.classifier, device=args.device))
+            for c in (eval_cfg, curve_cfg)
+        )
 
     setting = DATA_SETTINGS[args.data]
     t0 = time.perf_counter()
