@@ -64,6 +64,31 @@ def test_headline_ratios_follow_their_definitions(bench) -> None:
     assert bench.headline(rows[:4], 0.0, plan)["status"] == "not reached"
 
 
+def test_headline_within_errors_counts_runs_level_with_the_best_scratch_model(bench) -> None:
+    plan = bench.make_plan(bench.parse_args(["--sizes", "100,500,2500", "--steps", "40"]))
+
+    def row(kind: str, n: int, steps: int, fpd: float, err: float) -> dict:
+        return _row(kind, "full" if kind == "adapt" else "scratch", n, steps, fpd) | {
+            "metrics": {"fpd": fpd, "fpd_err": err}
+        }
+
+    rows = [
+        row("scratch", 2500, 160, 468.0, 89.0),
+        row("adapt", 100, 10, 611.0, 87.0),  # 143 above, combined error hypot(87, 89) = 124.5: not level
+        row("adapt", 500, 10, 489.0, 71.0),  # 21 above, within hypot(71, 89) = 113.9: level
+        row("adapt", 2500, 10, 478.0, 68.0),
+    ]
+    assert bench.headline(rows, 0.0, plan)["status"] == "not reached"  # strictly, no run is as good
+    head = bench.headline(rows, 0.0, plan, within_errors=True)
+    assert head["status"] == "reached" and head["n_matching_runs"] == 2
+    assert head["data_needed"] == pytest.approx(2500 / 500) and not head["data_needed_lower_bound"]
+    assert head["compute_needed"] == pytest.approx(160 / 10)
+    # a metric whose rows carry no error matches strictly, as without the option
+    bare = [_row("scratch", "scratch", 2500, 160, 1.0), _row("adapt", "full", 100, 10, 1.01)]
+    assert bench.headline(bare, 0.0, plan, within_errors=True)["status"] == "not reached"
+    assert bench.combined_error(rows[1], rows[0], "fpd") == pytest.approx(124.5, abs=0.1)
+
+
 def test_plan_rejects_unknown_strategies_and_bad_budgets(bench) -> None:
     with pytest.raises(ValueError, match="unknown"):
         bench.make_plan(bench.parse_args(["--strategies", "full,prefix"]))
@@ -245,6 +270,10 @@ def test_the_study_runs_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
         floors = {r["metrics"]["floor/fpd"] for r in rows if r["target"] == target}
         assert len(floors) == 1
     assert set(record["headline"]) == {"lar-pb", "lar-pb-coarse"}
+    within = record["headline_within_errors"]
+    assert set(within) == {"lar-pb", "lar-pb-coarse"}
+    assert all(set(by) == {"fpd", "kpd", "auc_high", "auc_low"} for by in within.values())
+    assert "within errors" in proc.stdout
     assert record["base"]["detectors"] == ["par04-siw", "pbwo4"] and record["base"]["train_flops"] > 0
     assert all(Path(p).is_file() for p in record["plots"])
     # one plot per headline quality against data and against compute
