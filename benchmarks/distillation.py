@@ -142,6 +142,9 @@ class Plan:
     cd_overrides: tuple[str, ...] = ()
     # ``--shortcut-set`` overrides of the shortcut student's config (after the study's budget is applied)
     shortcut_overrides: tuple[str, ...] = ()
+    # ``--teacher-set`` overrides of the teacher's training config (``model.*``, ``objective.*``,
+    # ``loop.*`` keys, after the recipe and the study's budget are applied); part of every key
+    teacher_overrides: tuple[str, ...] = ()
     # which stage may empty a layer when a row generates its evaluation sample and its graph
     # (``layer_energy.empty_layers``); None: each bundle's own. Part of the rows' keys only when set
     empty_layers: str | None = None
@@ -153,11 +156,13 @@ class Plan:
     def teacher_key(self) -> str:
         """The plan's settings and the resolved architecture (a changed flavour default, such as
         ``pos_max_freq``, trains a new teacher)."""
-        extra = {
+        extra: dict[str, Any] = {
             k: getattr(self, k)
             for k in ("layer_energy_steps", "teacher_num_steps")
             if getattr(self, k) is not None
         }
+        if self.teacher_overrides:
+            extra["teacher_overrides"] = list(self.teacher_overrides)
         return self.key(
             "backbone",
             "teacher_recipe",
@@ -268,8 +273,15 @@ def make_plan(args: argparse.Namespace) -> Plan:
     changes["teacher_recipe"] = args.teacher_recipe
     changes["cd_overrides"] = tuple(args.cd_overrides)
     changes["shortcut_overrides"] = tuple(args.shortcut_overrides)
+    changes["teacher_overrides"] = tuple(args.teacher_overrides)
     changes["empty_layers"] = args.empty_layers
     plan = dataclasses.replace(plan, **changes)
+    for text in plan.teacher_overrides:
+        section = text.split("=", 1)[0].split(".", 1)[0]
+        if "=" not in text or section not in TEACHER_SECTIONS:
+            raise ValueError(
+                f"--teacher-set {text!r}: expected KEY=VALUE with KEY under one of {list(TEACHER_SECTIONS)}"
+            )
     if plan.n_eval < 20 or plan.n_eval_adapted < 20 or min(plan.nfe) < 1 or plan.cd_steps < 1:
         raise ValueError("n_eval and n_eval_adapted must be >= 20, NFE >= 1, cd_steps >= 1")
     if not 0 <= plan.adapted_short_steps <= plan.adapted_cd_steps:
@@ -347,19 +359,31 @@ def recipe(plan: Plan) -> tuple[Path, dict[str, Any]]:
 
 
 def model_config(plan: Plan) -> dict[str, Any]:
+    """The teacher's model section: the recipe's, at the study's backbone, with ``--teacher-set model.*``."""
+    from caloforge.config import apply_overrides
+
     model = dict(recipe(plan)[1]["model"])
     model["backbone"] = plan.backbone
     if plan.teacher_num_steps is not None:
         model["num_steps"] = plan.teacher_num_steps
     if plan.layer_energy_steps is not None:
         model["layer_energy"] = {**model.get("layer_energy", {}), "num_steps": plan.layer_energy_steps}
-    return model
+    return apply_overrides({"model": model}, teacher_overrides(plan, "model"))["model"]
+
+
+TEACHER_SECTIONS = ("model", "objective", "loop")  # what ``--teacher-set`` may change
+
+
+def teacher_overrides(plan: Plan, section: str) -> list[str]:
+    """The ``--teacher-set`` overrides of one section of the training config (``model``, ``objective``,
+    ``loop``), keys kept from the top (``model.layer_energy.space=log_below``)."""
+    return [o for o in plan.teacher_overrides if o.split("=", 1)[0].split(".", 1)[0] == section]
 
 
 def train_teacher(plan: Plan, work: Path) -> dict[str, Any]:
     """The teacher: the recipe's model, objective and loop (``TRAIN_RECIPES``) trained on the base
     detectors (``configs/train/debug.yaml``'s data section) at the study's budget (cached)."""
-    from caloforge.config import from_dict
+    from caloforge.config import apply_overrides, from_dict
     from caloforge.training.run import TrainConfig, train
 
     run_dir = work / f"teacher-{plan.teacher_key()}"
@@ -392,6 +416,7 @@ def train_teacher(plan: Plan, work: Path) -> dict[str, Any]:
         shards={"showers_per_shard": 500, "seed": 7},
     )
     data["data"]["spare_detector_slots"] = 1  # the adapted detector's slot
+    data = apply_overrides(data, teacher_overrides(plan, "objective") + teacher_overrides(plan, "loop"))
     config = from_dict(TrainConfig, data, f"{path} with {recipe_path.name}'s model, objective and loop")
 
     def run() -> dict[str, Any]:
@@ -1055,6 +1080,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override of the shortcut student's config (configs/distill/shortcut.yaml keys, e.g. "
         "loop.steps=3000 or objective.shortcut.bootstrap_fraction=0.5); part of its cache key",
+    )
+    p.add_argument(
+        "--teacher-set",
+        action="append",
+        default=[],
+        dest="teacher_overrides",
+        metavar="KEY=VALUE",
+        help="override of the teacher's training config (model.*, objective.* or loop.* keys, e.g. "
+        "model.layer_energy.space=log_below); part of every cache key (a new teacher, its students, rows)",
     )
     p.add_argument(
         "--empty-layers",

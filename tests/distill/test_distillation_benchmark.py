@@ -177,6 +177,45 @@ def test_shortcut_overrides_reach_the_student_config_and_key_only_that_student(b
     assert plain_config.loop.steps == plain.cd_steps and plain_config.shortcut.target_decay is None
 
 
+def test_teacher_overrides_reach_the_teacher_and_key_every_piece(bench) -> None:
+    """``--teacher-set``: ``model.*`` keys change the teacher's model section (and so its resolved
+    architecture), ``objective.*``/``loop.*`` keys its training config; every cache key follows the teacher
+    (a new teacher has new students and rows); without it the teacher's key is the one it was before the
+    option; a key outside those sections is refused."""
+    from common import resolved_architecture
+
+    plain = bench.make_plan(bench.parse_args(["--teacher-recipe", "fidelity"]))
+    space = "model.layer_energy.space=log_below"
+    changed = bench.make_plan(
+        bench.parse_args(
+            ["--teacher-recipe", "fidelity", "--teacher-set", space, "--teacher-set", "loop.optim.lr=1e-3"]
+        )
+    )
+    assert plain.teacher_overrides == () and changed.teacher_overrides == (space, "loop.optim.lr=1e-3")
+    assert bench.model_config(changed)["layer_energy"]["space"] == "log_below"
+    assert bench.model_config(plain)["layer_energy"].get("space", "linear") == "linear"
+    assert bench.teacher_overrides(changed, "loop") == ["loop.optim.lr=1e-3"]
+    assert bench.teacher_overrides(changed, "objective") == []
+    assert changed.teacher_key() != plain.teacher_key()
+    assert changed.cd_key() != plain.cd_key() and changed.shortcut_key() != plain.shortcut_key()
+    assert changed.bns_key() != plain.bns_key()
+    before = plain.key(  # the teacher key as it was before the option
+        "backbone",
+        "teacher_recipe",
+        "base_showers",
+        "base_steps",
+        "batch_size",
+        "energy_gev",
+        "seed",
+        architecture=resolved_architecture(bench.model_config(plain)),
+    )
+    assert plain.teacher_key() == before
+    with pytest.raises(ValueError, match=r"data\.simulate\.seed=3"):
+        bench.make_plan(bench.parse_args(["--teacher-set", "data.simulate.seed=3"]))
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        bench.make_plan(bench.parse_args(["--teacher-set", "model.layer_energy.space"]))
+
+
 @pytest.mark.slow
 def test_the_study_runs_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
     out = tmp_path / "distillation.json"
