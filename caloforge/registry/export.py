@@ -104,16 +104,35 @@ class OnnxExport:
     detectors: tuple[str, ...]
     parity: ParityReport
     export_seconds: float
-    layer_energy: bool = False
-    layer_sampler: str | None = None
-    layer_num_steps: int | None = None
-    layer_nfe: int = 0
-    layer_empty_layers: str | None = None  # which stage may empty a layer (``layer_energy.empty_layers``)
-    # the card's ``layer_energy`` (``SamplerGraph.layer_energy_info``; None: no head)
+    # the layer-energy stage frozen into the graph, as the card records it (``SamplerGraph.
+    # layer_energy_info``: sampler, num_steps, nfe, empty_layers, space, condition_voxels); None: no head
     layer_info: dict[str, Any] | None = None
     variant: VariantInfo | None = None  # None: an OnnxExport made before variants (plain)
     fidelity: FidelityReport | None = None  # None for the plain graph (parity only)
     parity_of: str = "published graph"
+
+    @property
+    def layer_energy(self) -> bool:
+        """Whether the graph samples the layer energies itself (and so takes a ``layer_noise`` input)."""
+        return self.layer_info is not None
+
+    @property
+    def layer_sampler(self) -> str | None:
+        return self.layer_info["sampler"] if self.layer_info is not None else None
+
+    @property
+    def layer_num_steps(self) -> int | None:
+        return self.layer_info["num_steps"] if self.layer_info is not None else None
+
+    @property
+    def layer_nfe(self) -> int:
+        """Layer-energy head evaluations per shower (0 without the head)."""
+        return self.layer_info["nfe"] if self.layer_info is not None else 0
+
+    @property
+    def layer_empty_layers(self) -> str | None:
+        """Which stage may empty a layer (``layer_energy.empty_layers``; None without the head)."""
+        return self.layer_info["empty_layers"] if self.layer_info is not None else None
 
     def layer_energy_info(self) -> dict[str, Any] | None:
         """The layer-energy stage frozen into the graph (None: no head, no ``layer_noise`` input)."""
@@ -442,11 +461,6 @@ def export_onnx(
         detectors=tuple(model.vocab.detectors),
         parity=parity,
         export_seconds=export_s,
-        layer_energy=graph.layer_energy,
-        layer_sampler=graph.layer_sampler_name,
-        layer_num_steps=graph.layer_num_steps,
-        layer_nfe=graph.layer_nfe,
-        layer_empty_layers=graph.layer_empty_layers,
         layer_info=graph.layer_energy_info(),
         variant=vinfo,
         fidelity=fidelity,
