@@ -91,6 +91,18 @@ QUALITY = "auc_high"  # the Pareto front's and the goal's quality (lower is bett
 METRICS = ("auc_high", "auc_low", "fpd", "floor/fpd", "kpd", "floor/kpd")
 
 
+# the plan's fields every teacher key holds (optional ones join only when set: ``Plan.teacher_key``)
+TEACHER_KEY_FIELDS = (
+    "backbone",
+    "teacher_recipe",
+    "base_showers",
+    "base_steps",
+    "batch_size",
+    "energy_gev",
+    "seed",
+)
+
+
 @dataclass(frozen=True)
 class Plan:
     """Everything that decides the study's numbers (hashed into the cache keys)."""
@@ -163,17 +175,7 @@ class Plan:
         }
         if self.teacher_overrides:
             extra["teacher_overrides"] = list(self.teacher_overrides)
-        return self.key(
-            "backbone",
-            "teacher_recipe",
-            "base_showers",
-            "base_steps",
-            "batch_size",
-            "energy_gev",
-            "seed",
-            **extra,
-            architecture=resolved_architecture(model_config(self)),
-        )
+        return self.key(*TEACHER_KEY_FIELDS, **extra, architecture=resolved_architecture(model_config(self)))
 
     def cd_key(self) -> str:
         extra = {"cd_overrides": list(self.cd_overrides)} if self.cd_overrides else {}

@@ -199,15 +199,8 @@ def test_teacher_overrides_reach_the_teacher_and_key_every_piece(bench) -> None:
     assert changed.teacher_key() != plain.teacher_key()
     assert changed.cd_key() != plain.cd_key() and changed.shortcut_key() != plain.shortcut_key()
     assert changed.bns_key() != plain.bns_key()
-    before = plain.key(  # the teacher key as it was before the option
-        "backbone",
-        "teacher_recipe",
-        "base_showers",
-        "base_steps",
-        "batch_size",
-        "energy_gev",
-        "seed",
-        architecture=resolved_architecture(bench.model_config(plain)),
+    before = plain.key(  # the teacher key as it was before the option: no extra field
+        *bench.TEACHER_KEY_FIELDS, architecture=resolved_architecture(bench.model_config(plain))
     )
     assert plain.teacher_key() == before
     with pytest.raises(ValueError, match=r"data\.simulate\.seed=3"):
