@@ -139,6 +139,9 @@ class Plan:
     energy_gev: tuple[float, float] = (2.0, 100.0)
     seed: int = 0
     mesh_layers: bool = False  # bias / embedding also train the layers that read the mesh
+    lora_energy_head: bool = (
+        False  # lora also trains the layer-energy head in full (strategy.lora.energy_head)
+    )
     pos_max_freq: float | None = None  # model.pos_max_freq of the base and scratch runs (None: backbone)
     pos_max_freq_r: float | None = None  # model.pos_max_freq_r (the radius features alone; None: backbone)
     # the training seed of every run (model initialisation, data order, noise draws); the data (pool, subsets,
@@ -283,6 +286,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
             changes[name] = value
     if args.mesh_layers:
         changes["mesh_layers"] = True
+    if args.lora_energy_head:
+        changes["lora_energy_head"] = True
     if args.pos_max_freq is not None:
         changes["pos_max_freq"] = args.pos_max_freq
     if args.pos_max_freq_r is not None:
@@ -303,6 +308,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise ValueError(f"{HELD_OUT} is the held-out detector: it must not be a pretraining detector")
     if min(plan.sizes) < 10 or plan.steps < 1 or plan.n_heldout < 20:
         raise ValueError("sizes must be >= 10 showers, steps >= 1, n_heldout >= 20")
+    if plan.lora_energy_head and set(plan.strategies) != {"lora"}:
+        raise ValueError(
+            f"--lora-energy-head applies to the strategy lora, got {list(plan.strategies)}: "
+            "pass --strategies lora"
+        )
     if plan.mesh_layers and not set(plan.strategies) <= {"bias", "embedding"}:
         raise ValueError(
             f"--mesh-layers applies to the strategies bias and embedding, got {list(plan.strategies)}: "
@@ -453,6 +463,8 @@ def adapt_config(plan: Plan, kind: str, steps: int, name: str) -> Any:
     )
     if plan.mesh_layers:
         data["strategy"]["mesh_layers"] = True
+    if plan.lora_energy_head:
+        data["strategy"].setdefault("lora", {})["energy_head"] = True
     data["objective"] = recipe_training(plan)[1]  # the objective base and scratch train with
     return from_dict(AdaptConfig, data, str(path))
 
@@ -682,7 +694,8 @@ def adapt_run(
 ) -> dict[str, Any]:
     from caloforge.adapt.pipeline import AdaptRequest, run_adaptation
 
-    label = f"{kind}+mesh" if plan.mesh_layers else kind  # the method's name in the rows and run directory
+    # the method's name in the rows and run directory
+    label = f"{kind}+mesh" if plan.mesh_layers else f"{kind}+head" if plan.lora_energy_head else kind
     run_dir = work / f"runs-{plan.runs_key()}" / target / f"n{n}" / f"{label}-{steps}"
 
     def run() -> dict[str, Any]:
@@ -954,6 +967,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="bias and embedding also train the layers that read the mesh (strategy.mesh_layers; rows "
         "named bias+mesh, embedding+mesh); needs --strategies bias,embedding or a subset",
+    )
+    p.add_argument(
+        "--lora-energy-head",
+        action="store_true",
+        help="lora also trains the layer-energy head in full (strategy.lora.energy_head; rows named "
+        "lora+head); needs --strategies lora",
     )
     p.add_argument("--targets", help=f"comma-separated subset of {','.join([HELD_OUT, *CUSTOM_DETECTORS])}")
     p.add_argument(

@@ -48,12 +48,15 @@ GATE_METRICS = ("fpd", "kpd", "auc_low", "auc_high")
 
 @dataclass(frozen=True)
 class LoraOptions:
-    """LoRA adapters (through peft) on the backbone's linear layers (``LORA_TARGETS`` suffixes)."""
+    """LoRA adapters (through peft) on the backbone's linear layers (``LORA_TARGETS`` suffixes).
+    ``energy_head``: the layer-energy head (a small network the adapters do not reach: its layers are not
+    ``LORA_TARGETS``) trains in full beside them, as peft's ``modules_to_save``, saved in the adapter."""
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = LORA_TARGETS
+    energy_head: bool = False
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -93,8 +96,10 @@ class StrategyConfig:
         if self.energy_head and self.kind != "embedding":
             raise ValueError(
                 f"strategy.energy_head only applies to kind 'embedding' (kind {self.kind!r} already decides "
-                "what of the head trains)"
+                "what of the head trains; for 'lora': strategy.lora.energy_head)"
             )
+        if self.lora.energy_head and self.kind != "lora":
+            raise ValueError(f"strategy.lora.energy_head applies to kind 'lora', not {self.kind!r}")
         if self.mesh_layers and self.kind not in ("bias", "embedding"):
             raise ValueError(
                 f"strategy.mesh_layers applies to kinds 'bias' and 'embedding' (kind {self.kind!r}: 'full' "

@@ -6,7 +6,8 @@ in its vocabulary (a spare "K+1" slot for a new detector, its own row for a know
 - ``full``: every weight (CaloDiT-2's adaptation: lower learning rate, EMA, warmup-stable-decay);
 - ``lora``: LoRA adapters through peft on the backbone's ``LORA_TARGETS`` (rank, alpha, dropout, targets from
   the config) plus the detector's embedding row as peft *trainable tokens* (so the adapter, saved in peft's
-  own format, carries the row); the bundle is the merged model;
+  own format, carries the row), and with ``lora.energy_head`` the whole layer-energy head (peft's
+  ``modules_to_save``); the bundle is the merged model;
 - ``bias``: biases and adaLN modulation (BitFit-style; reported competitive for cross-geometry calorimeter
   transfer) plus the detector's embedding row;
 - ``embedding``: the detector's embedding row only (and, with ``energy_head``, the layer-energy head's
@@ -131,12 +132,15 @@ def _lora(model: ShowerModel, row: int, config: StrategyConfig) -> Prepared:
     from peft import LoraConfig, get_peft_model
 
     options = config.lora
+    if options.energy_head and model.energy_head is None:
+        raise ValueError("strategy.lora.energy_head: the base model has no layer-energy head")
     lora = LoraConfig(
         r=options.rank,
         lora_alpha=options.alpha,
         lora_dropout=options.dropout,
         target_modules=list(options.targets),
         trainable_token_indices={"detector_embed": [row]},
+        modules_to_save=["energy_head"] if options.energy_head else None,
     )
     peft_model = get_peft_model(model, lora)
     selection = select(peft_model)  # peft leaves exactly the adapters and the token delta trainable

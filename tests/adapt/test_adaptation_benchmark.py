@@ -112,6 +112,12 @@ def test_plan_rejects_unknown_strategies_and_bad_budgets(bench) -> None:
     assert mesh.mesh_layers and bench.adapt_config(mesh, "embedding", 8, "x").strategy.mesh_layers
     plain = bench.make_plan(bench.parse_args(["--strategies", "embedding"]))
     assert not bench.adapt_config(plain, "embedding", 8, "x").strategy.mesh_layers
+    # --lora-energy-head: lora only; the recipe sets strategy.lora.energy_head
+    with pytest.raises(ValueError, match=r"--lora-energy-head applies to the strategy lora"):
+        bench.make_plan(bench.parse_args(["--lora-energy-head"]))
+    head = bench.make_plan(bench.parse_args(["--lora-energy-head", "--strategies", "lora"]))
+    assert bench.adapt_config(head, "lora", 8, "x").strategy.lora.energy_head
+    assert not bench.adapt_config(plain, "lora", 8, "x").strategy.lora.energy_head
 
 
 def test_an_empty_layer_mode_re_evaluates_cached_runs_without_retraining(

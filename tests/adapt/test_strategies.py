@@ -141,3 +141,33 @@ def test_lora_adapter_round_trips_through_peft_and_equals_the_merged_bundle(
     )
     loss = shower_loss_fn(merged)
     assert loss is not None and LossContext().step == 0
+
+
+def test_lora_with_the_energy_head_trains_the_whole_head_and_its_adapter_carries_it(
+    base_bundle, lar_pb_shards, tmp_path
+) -> None:
+    """``strategy.lora.energy_head``: the layer-energy head (no LoRA target inside it) trains in full as
+    peft's ``modules_to_save`` beside the adapters; the merged bundle has the trained head, the saved adapter
+    reproduces it, and the backbone outside the adapters stays the base's."""
+    from caloforge.adapt.config import LoraOptions
+
+    strategy = StrategyConfig(kind="lora", lora=LoraOptions(energy_head=True))
+    start, prepared, trainer = _trained(base_bundle, lar_pb_shards, strategy)
+    trained_module = trainer.backend.model
+    names = [n for n, p in trained_module.named_parameters() if p.requires_grad]
+    head = [n for n in names if "energy_head.modules_to_save" in n]
+    assert head and all("lora_" in n or "trainable_tokens_delta" in n or n in head for n in names)
+    head_size = sum(p.numel() for p in ShowerModel.load(base_bundle).energy_head.parameters())
+    plain = prepare_strategy(
+        ShowerModel.load(base_bundle).with_detector("lar-pb"), "lar-pb", StrategyConfig(kind="lora")
+    )
+    assert prepared.parameter_counts[0] == plain.parameter_counts[0] + head_size
+    merged = prepared.merged(trained_module)
+    changed = _changed(start, merged)
+    assert {n for n in changed if n.startswith("energy_head.")} and EMBED in changed
+    adapter = prepared.save_adapter(trained_module, tmp_path / "adapter")
+    reloaded = load_adapter(ShowerModel.load(base_bundle).with_detector("lar-pb"), adapter)
+    for (name, a), b in zip(merged.state_dict().items(), reloaded.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match=r"lora\.energy_head applies to kind 'lora'"):
+        StrategyConfig(kind="bias", lora=LoraOptions(energy_head=True))
