@@ -24,6 +24,7 @@ mask, no weight decay, EMA of the selected rows). Parameters outside the selecti
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,10 @@ def _lora(model: ShowerModel, row: int, config: StrategyConfig) -> Prepared:
     )
     peft_model = get_peft_model(model, lora)
     selection = select(peft_model)  # peft leaves exactly the adapters and the token delta trainable
+    # (and the copy of the head that trains); the head's frozen original stays in the wrapper until the merge
+    # drops it: the total counts the head once
+    kept = sum(p.numel() for n, p in peft_model.named_parameters() if ".original_module." in n)
+    selection = dataclasses.replace(selection, total=selection.total - kept)
     return Prepared("lora", peft_model, model, selection)
 
 
