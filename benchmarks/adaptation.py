@@ -434,7 +434,8 @@ def loop_config(plan: Plan, steps: int, optim: dict[str, Any], schedule: dict[st
 
 def adapt_config(plan: Plan, kind: str, steps: int, name: str) -> Any:
     """The shipped recipe ``configs/adapt/<kind>.yaml`` with the study's budget; registration off; the
-    pipeline's own evaluation reduced to its minimum (every run is evaluated on the fixed held-out set)."""
+    pipeline's own evaluation reduced to its minimum (every run is evaluated on the fixed held-out set).
+    ``lora`` trains the layer-energy head only with ``--lora-energy-head`` (rows ``lora+head``)."""
     from caloforge.adapt.config import AdaptConfig
     from caloforge.config import from_dict
 
@@ -463,8 +464,8 @@ def adapt_config(plan: Plan, kind: str, steps: int, name: str) -> Any:
     )
     if plan.mesh_layers:
         data["strategy"]["mesh_layers"] = True
-    if plan.lora_energy_head:
-        data["strategy"].setdefault("lora", {})["energy_head"] = True
+    if kind == "lora":  # the rows' names say it (lora, lora+head), whatever the recipe's default
+        data["strategy"].setdefault("lora", {})["energy_head"] = plan.lora_energy_head
     data["objective"] = recipe_training(plan)[1]  # the objective base and scratch train with
     return from_dict(AdaptConfig, data, str(path))
 
