@@ -139,9 +139,8 @@ class Plan:
     energy_gev: tuple[float, float] = (2.0, 100.0)
     seed: int = 0
     mesh_layers: bool = False  # bias / embedding also train the layers that read the mesh
-    lora_energy_head: bool = (
-        False  # lora also trains the layer-energy head in full (strategy.lora.energy_head)
-    )
+    # lora also trains the layer-energy head in full (strategy.lora.energy_head; rows lora+head)
+    lora_energy_head: bool = False
     pos_max_freq: float | None = None  # model.pos_max_freq of the base and scratch runs (None: backbone)
     pos_max_freq_r: float | None = None  # model.pos_max_freq_r (the radius features alone; None: backbone)
     # the training seed of every run (model initialisation, data order, noise draws); the data (pool, subsets,

@@ -102,6 +102,8 @@ TEACHER_KEY_FIELDS = (
     "seed",
 )
 
+TEACHER_SECTIONS = ("model", "objective", "loop")  # what ``--teacher-set`` may change
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -371,9 +373,6 @@ def model_config(plan: Plan) -> dict[str, Any]:
     if plan.layer_energy_steps is not None:
         model["layer_energy"] = {**model.get("layer_energy", {}), "num_steps": plan.layer_energy_steps}
     return apply_overrides({"model": model}, teacher_overrides(plan, "model"))["model"]
-
-
-TEACHER_SECTIONS = ("model", "objective", "loop")  # what ``--teacher-set`` may change
 
 
 def teacher_overrides(plan: Plan, section: str) -> list[str]:

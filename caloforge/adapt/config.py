@@ -49,7 +49,7 @@ GATE_METRICS = ("fpd", "kpd", "auc_low", "auc_high")
 @dataclass(frozen=True)
 class LoraOptions:
     """LoRA adapters (through peft) on the backbone's linear layers (``LORA_TARGETS`` suffixes).
-    ``energy_head``: the layer-energy head (a small network the adapters do not reach: its layers are not
+    ``energy_head``: the layer-energy head (which the adapters do not reach: its layers are not
     ``LORA_TARGETS``) trains in full beside them, as peft's ``modules_to_save``, saved in the adapter."""
 
     rank: int = 8
