@@ -22,7 +22,7 @@ import pytest
 import torch
 from adapt_helpers import tiny_config
 
-from caloforge.adapt.config import AdaptConfig, StrategyConfig
+from caloforge.adapt.config import AdaptConfig, LoraOptions, StrategyConfig
 from caloforge.adapt.distributed import train_on_ray
 from caloforge.adapt.pipeline import AdaptRequest, plan_adaptation, run_adaptation
 from caloforge.config import ConfigError, load_config
@@ -98,7 +98,9 @@ def test_lora_on_deepspeed_zero2_workers_saves_the_peft_adapter_equal_to_the_bun
     from caloforge.adapt.strategies import load_adapter
 
     engine = EngineConfig(backend="deepspeed", deepspeed=DeepSpeedOptions(zero_stage=2))
-    cfg = _ray_config(engine, strategy=StrategyConfig(kind="lora"))
+    # the recipe's LoRA (configs/adapt/lora.yaml): adapters, the detector's row and the layer-energy head
+    strategy = StrategyConfig(kind="lora", lora=LoraOptions(energy_head=True))
+    cfg = _ray_config(engine, strategy=strategy)
     request = AdaptRequest(str(base_bundle), "lar-pb", lar_pb_shards)
     run_dir = tmp_path / "run"
     result = run_adaptation(cfg, request, run_dir)
@@ -109,9 +111,18 @@ def test_lora_on_deepspeed_zero2_workers_saves_the_peft_adapter_equal_to_the_bun
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {
         p.name for p in result.adapter_dir.iterdir()
     }
-    assert 0 < result.trainable_parameters < 0.2 * result.total_parameters
     bundle = ShowerModel.load(result.model_dir)
     base = ShowerModel.load(base_bundle).with_detector("lar-pb")
+    head = sum(p.numel() for p in base.energy_head.parameters())
+    # trained: adapters, the row's delta and the head; the total counts the head once (not peft's frozen copy)
+    assert head < result.trainable_parameters < result.total_parameters
+    size = sum(p.numel() for p in base.parameters())
+    assert result.total_parameters == size + result.trainable_parameters - head
+    assert any(  # the head trained (its copy in peft's modules_to_save), and the adapter carries it
+        not torch.equal(v, base.state_dict()[k])
+        for k, v in bundle.state_dict().items()
+        if k.startswith("energy_head.")
+    )
     reloaded = load_adapter(base, result.adapter_dir)
     for name, value in bundle.state_dict().items():
         torch.testing.assert_close(value, reloaded.state_dict()[name], rtol=0, atol=1e-6, msg=name)
