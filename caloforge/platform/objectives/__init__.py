@@ -12,7 +12,8 @@ parametrisation has a native objective (``NATIVE_OBJECTIVES``), used when the jo
 
 - ``consistency_distillation``: consistency distillation of a frozen teacher (``LossContext.teacher``)
   with an EMA target network (``LossContext.target``) into a ``consistency`` / ``consistency_fm``
-  student (Song et al. 2023; CaloDiT-2). See ``consistency.py``.
+  student (Song et al. 2023; CaloDiT-2). See ``consistency.py``; its optional feature term (per-layer
+  centres, widths and soft occupancies, ``shower_features.py``) is the showers' perceptual distance.
 
 - ``shortcut``: shortcut models (Frans et al. 2025) as distillation of a flow-matching teacher into the
   step-conditioned ``shortcut`` parametrisation (the network also takes the step size): d = 0 regresses
@@ -49,6 +50,12 @@ from caloforge.platform.objectives.shortcut import (
     ShortcutConfig,
     ShortcutDistillation,
     shortcut_targets,
+)
+from caloforge.platform.objectives.shower_features import (
+    FEATURE_KINDS,
+    LayerFeatures,
+    SoftLayerFeatures,
+    feature_distance,
 )
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -125,6 +132,7 @@ def make_objective(
 
 __all__ = [
     "COUPLINGS",
+    "FEATURE_KINDS",
     "NATIVE_OBJECTIVES",
     "OBJECTIVES",
     "ConsistencyDistillation",
@@ -133,14 +141,17 @@ __all__ = [
     "EDMLossConfig",
     "FlowMatchingConfig",
     "FlowMatchingLoss",
+    "LayerFeatures",
     "LossContext",
     "Objective",
     "ObjectiveConfig",
     "ShortcutConfig",
     "ShortcutDistillation",
+    "SoftLayerFeatures",
     "check_objective_inputs",
     "condition_groups",
     "consistency_distillation_loss",
+    "feature_distance",
     "make_objective",
     "mean_pair_distance",
     "ot_couple",

@@ -17,11 +17,26 @@ sum over d dimensions is 0.00054 on the mean) — quadratic in a shower's error 
 it is large, so the showers far off (a teacher step through a sharp part of the flow) weigh less than
 under l2 (the distance is per shower: m is already the mean over its voxels).
 
+``feature_weight`` w > 0 adds w · d_feat(f_θ, f_θ⁻), the distance of the two showers' per-layer centres,
+widths and soft occupancies (``shower_features.feature_distance``, with a soft readout threshold of width
+``feature_tau`` in ln E): the shower analogue of the perceptual distance (LPIPS) with which Song et al.
+trained their best one-step consistency models. An L2 distance in ln-energy space lets a one-step map
+settle, where it is unsure whether a voxel is hit, below the threshold (too few hits, too narrow and too
+regular showers); the feature term weighs what the high-level classifier reads.
+
+``moment_weight`` w_m > 0 adds w_m · ``moment_distance`` of the student's *one-step samples*
+f_θ(prior(z'), t_N) for the batch's own conditions from the batch's data x_1: the per-layer means and
+standard deviations over the batch of the same features. The consistency loss can only carry the
+teacher's showers as far up the noise levels as the student can follow them (its target is itself one
+level down); this term compares what the one-step sampler makes with the data directly, so a bias that the
+chain of targets keeps (too narrow, too few hits) has a gradient against it. One more student call per
+batch. Both weights 0 (the default) is CaloDiT-2's recipe.
+
 f_θ is the student (the module being trained; a consistency parametrisation whose boundary condition
 f(x, t_1) = x makes the n = 1 target the teacher's step itself), f_θ⁻ the target network (an EMA of θ
 with decay μ, ``LossContext.target``: the job sets the Trainer's ``target_decay``, 0.95 in CaloDiT-2).
 The teacher and target calls run without gradients. Draw order from ``generator``: n (B integers), then z
-(B·Z·P·R normals).
+(B·Z·P·R normals), then, with ``moment_weight`` > 0, z' (B·Z·P·R normals).
 
 ``consistency_distillation_loss`` is the math on plain callables (a test checks it by hand and on a toy
 2-D problem); ``ConsistencyDistillation`` applies it to ``ShowerModel`` student, target and teacher.
@@ -29,6 +44,7 @@ The teacher and target calls run without gradients. Draw order from ``generator`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -44,6 +60,12 @@ from caloforge.platform.objectives.common import (
     check_objective_inputs,
     unwrap_shower_model,
 )
+from caloforge.platform.objectives.shower_features import (
+    LayerFeatures,
+    SoftLayerFeatures,
+    feature_distance,
+    moment_distance,
+)
 
 TEACHER_SOLVERS = ("heun", "euler")
 DISTANCES = ("l2", "pseudo_huber")
@@ -54,12 +76,18 @@ FnXT = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 class ConsistencyDistillationConfig:
     """Options of consistency distillation: ``num_scales`` N (noise levels; 32 in CaloDiT-2), the teacher's
     one-step ``teacher_solver`` (``heun``, or ``euler``), the ``distance`` (``l2`` as CaloDiT-2, or
-    ``pseudo_huber`` with constant ``huber_c`` on the per-voxel mean; see the module docstring)."""
+    ``pseudo_huber`` with constant ``huber_c`` on the per-voxel mean), and ``feature_weight`` of the
+    per-layer feature distance added to it (0: none; soft threshold width ``feature_tau``), and
+    ``moment_weight`` of the one-step samples' feature moments against the data (0: none); see the module
+    docstring."""
 
     num_scales: int = 32
     teacher_solver: Literal["heun", "euler"] = "heun"
     distance: Literal["l2", "pseudo_huber"] = "l2"
     huber_c: float = 0.00054
+    feature_weight: float = 0.0
+    feature_tau: float = 1.0
+    moment_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.num_scales, bool) or self.num_scales < 2:
@@ -79,6 +107,17 @@ class ConsistencyDistillationConfig:
         if isinstance(self.huber_c, bool) or not (isinstance(self.huber_c, int | float) and self.huber_c > 0):
             raise ValueError(
                 f"objective.consistency_distillation.huber_c must be a number > 0, got {self.huber_c!r}"
+            )
+        for key in ("feature_weight", "moment_weight"):
+            w = getattr(self, key)
+            if isinstance(w, bool) or not (isinstance(w, int | float) and math.isfinite(w) and w >= 0):
+                raise ValueError(
+                    f"objective.consistency_distillation.{key} must be a finite number >= 0, got {w!r}"
+                )
+        tau = self.feature_tau
+        if isinstance(tau, bool) or not (isinstance(tau, int | float) and math.isfinite(tau) and tau > 0):
+            raise ValueError(
+                f"objective.consistency_distillation.feature_tau must be a finite number > 0, got {tau!r}"
             )
 
 
@@ -113,10 +152,15 @@ def consistency_distillation_loss(
     teacher_solver: str = "heun",
     distance: str = "l2",
     huber_c: float = 0.00054,
+    features: Callable[[torch.Tensor], LayerFeatures] | None = None,
+    feature_weight: float = 0.0,
 ) -> torch.Tensor:
     """Per-sample loss (B,) d(f_θ(x_{n+1}, t_{n+1}), f_θ⁻(x̂_n, t_n)) for 0-based level indices
     ``n_B`` ∈ [0, N − 2] of ``levels_N`` (boundary first): ``l2`` the mean squared difference over the
-    non-batch dims m, ``pseudo_huber`` √(m + c²) − c (see the module docstring)."""
+    non-batch dims m, ``pseudo_huber`` √(m + c²) − c; plus ``feature_weight`` × ``feature_distance`` of
+    ``features`` of the two (required when the weight is > 0; see the module docstring)."""
+    if feature_weight > 0 and features is None:
+        raise ValueError("consistency_distillation_loss: feature_weight > 0 needs the features callable")
     if distance not in DISTANCES:
         raise ValueError(
             f"consistency_distillation_loss: distance must be one of {DISTANCES}, got {distance!r}"
@@ -129,9 +173,13 @@ def consistency_distillation_loss(
         wanted = target(x_lo, t_lo_B, cond).float()
     out = student(x_hi, t_hi_B, cond).float()
     mse_B = (out - wanted).pow(2).flatten(1).mean(dim=1)
-    if distance == "pseudo_huber":
-        return torch.sqrt(mse_B + huber_c**2) - huber_c
-    return mse_B
+    loss_B = torch.sqrt(mse_B + huber_c**2) - huber_c if distance == "pseudo_huber" else mse_B
+    if feature_weight > 0:
+        assert features is not None  # checked above
+        with torch.no_grad():
+            wanted_features = features(wanted)
+        loss_B = loss_B + feature_weight * feature_distance(features(out), wanted_features)
+    return loss_B
 
 
 class ConsistencyDistillation(Objective):
@@ -159,10 +207,16 @@ class ConsistencyDistillation(Objective):
         target = unwrap_shower_model(ctx.require_target(self.name))
         check_teacher(model, teacher)
         levels = model.denoiser.cd_levels(self.config.num_scales)
+        weight, moment_weight = float(self.config.feature_weight), float(self.config.moment_weight)
+        features = (
+            SoftLayerFeatures(model.transform, model.mesh, self.config.feature_tau)
+            if weight or moment_weight
+            else None
+        )
         b = x1_BZPR.shape[0]
         n_B = torch.randint(0, self.config.num_scales - 1, (b,), generator=generator, device=generator.device)
         noise = torch.randn(x1_BZPR.shape, generator=generator, device=generator.device)
-        return consistency_distillation_loss(
+        loss_B = consistency_distillation_loss(
             student=module,
             target=target,
             teacher_velocity=teacher.velocity,
@@ -175,7 +229,40 @@ class ConsistencyDistillation(Objective):
             teacher_solver=self.config.teacher_solver,
             distance=self.config.distance,
             huber_c=float(self.config.huber_c),
+            features=features,
+            feature_weight=weight,
         )
+        if moment_weight > 0:
+            assert features is not None
+            prior_noise = torch.randn(x1_BZPR.shape, generator=generator, device=generator.device)
+            loss_B = loss_B + moment_weight * one_step_moment_loss(
+                student=module,
+                prior=model.denoiser.prior,
+                t_start=float(model.denoiser.time_grid(1)[0]),
+                noise_BZPR=prior_noise.to(device=x1_BZPR.device, dtype=x1_BZPR.dtype),
+                x1_BZPR=x1_BZPR,
+                cond=cond,
+                features=features,
+            )
+        return loss_B
+
+
+def one_step_moment_loss(
+    student: FnXT,
+    prior: Callable[[torch.Tensor], torch.Tensor],
+    t_start: float,
+    noise_BZPR: torch.Tensor,
+    x1_BZPR: torch.Tensor,
+    cond: Any,
+    features: Callable[[torch.Tensor], LayerFeatures],
+) -> torch.Tensor:
+    """``moment_distance`` (a scalar) of the one-step samples f(prior(noise), t_start) for ``cond`` from the
+    batch ``x1_BZPR`` with the same conditions (see the module docstring)."""
+    t_B = torch.full((x1_BZPR.shape[0],), t_start, device=x1_BZPR.device, dtype=torch.float32)
+    samples = student(prior(noise_BZPR), t_B, cond).float()
+    with torch.no_grad():
+        data_features = features(x1_BZPR)
+    return moment_distance(features(samples), data_features)
 
 
 def check_teacher(student: Any, teacher: Any) -> None:
@@ -205,5 +292,6 @@ __all__ = [
     "ConsistencyDistillationConfig",
     "check_teacher",
     "consistency_distillation_loss",
+    "one_step_moment_loss",
     "teacher_step",
 ]
