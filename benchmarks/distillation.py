@@ -162,6 +162,9 @@ class Plan:
     # which stage may empty a layer when a row generates its evaluation sample and its graph
     # (``layer_energy.empty_layers``); None: each bundle's own. Part of the rows' keys only when set
     empty_layers: str | None = None
+    # seeds of each classifier in the rows' evaluation (the AUC is their mean, ± their spread); None: the
+    # evaluation's default (2 for n_eval >= 200). Part of the rows' keys only when set
+    classifier_seeds: int | None = None
 
     def key(self, *fields: str, **extra: Any) -> str:
         data = {f: getattr(self, f) for f in fields} | extra
@@ -279,6 +282,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     changes["shortcut_overrides"] = tuple(args.shortcut_overrides)
     changes["teacher_overrides"] = tuple(args.teacher_overrides)
     changes["empty_layers"] = args.empty_layers
+    changes["classifier_seeds"] = args.classifier_seeds
     plan = dataclasses.replace(plan, **changes)
     for text in plan.teacher_overrides:
         section = text.split("=", 1)[0].split(".", 1)[0]
@@ -286,6 +290,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
             raise ValueError(
                 f"--teacher-set {text!r}: expected KEY=VALUE with KEY under one of {list(TEACHER_SECTIONS)}"
             )
+    if plan.classifier_seeds is not None and plan.classifier_seeds < 1:
+        raise ValueError(f"--classifier-seeds must be >= 1, got {plan.classifier_seeds}")
     if plan.n_eval < 20 or plan.n_eval_adapted < 20 or min(plan.nfe) < 1 or plan.cd_steps < 1:
         raise ValueError("n_eval and n_eval_adapted must be >= 20, NFE >= 1, cd_steps >= 1")
     if not 0 <= plan.adapted_short_steps <= plan.adapted_cd_steps:
@@ -306,8 +312,9 @@ def cached(path: Path, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return record | {"cached": False}
 
 
-def eval_config(n: int) -> Any:
-    """The evaluation of every row (as ``configs/eval/ci.yaml``: small classifiers; no groups, no plots)."""
+def eval_config(n: int, classifier_seeds: int | None = None) -> Any:
+    """The evaluation of every row (as ``configs/eval/ci.yaml``: small classifiers; no groups, no plots);
+    ``classifier_seeds`` replaces the classifiers' default number of seeds."""
     from caloforge.config import from_dict
     from caloforge.evaluation.config import EvalConfig
 
@@ -325,7 +332,7 @@ def eval_config(n: int) -> Any:
                 "epochs": 8 if n >= 200 else 2,
                 "batch_size": 256,
                 "patience": 3,
-                "n_seeds": 2 if n >= 200 else 1,
+                "n_seeds": classifier_seeds or (2 if n >= 200 else 1),
             },
             "fpd": {
                 "min_samples": max(10, min(200, n // 4)),
@@ -634,8 +641,11 @@ def timed(fn: Callable[[], object], min_time_s: float, max_reps: int) -> tuple[f
 def row_key(plan: Plan, c: Candidate) -> str:
     """A row's cache key. Not ``threads``: the quality does not depend on the torch threads and the ONNX
     timing is one thread whatever they are, so a row measured once serves runs with any --threads;
-    ``empty_layers`` only when set (the rows measured before it keep their keys)."""
-    extra = {"empty_layers": plan.empty_layers} if plan.empty_layers is not None else {}
+    ``empty_layers`` and ``classifier_seeds`` only when set (the rows measured before them keep their
+    keys)."""
+    extra: dict[str, Any] = {"empty_layers": plan.empty_layers} if plan.empty_layers is not None else {}
+    if plan.classifier_seeds is not None:
+        extra["classifier_seeds"] = plan.classifier_seeds
     return plan.key(
         "n_eval",
         "batch",
@@ -661,7 +671,12 @@ def measure(c: Candidate, plan: Plan, heldout: Any, work: Path) -> dict[str, Any
     model = load_model(c.bundle, "cpu", plan.empty_layers)  # type: ignore[arg-type]
     t0 = time.perf_counter()
     report = evaluate_model(
-        model, heldout, None, eval_config(len(heldout)), sampler=c.sampler, num_steps=c.num_steps
+        model,
+        heldout,
+        None,
+        eval_config(len(heldout), plan.classifier_seeds),
+        sampler=c.sampler,
+        num_steps=c.num_steps,
     )
     metrics = {k: float(v) for k, v in report.metrics.items() if isinstance(v, int | float)}
     eval_s = time.perf_counter() - t0
@@ -1096,6 +1111,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=EMPTY_LAYER_MODES,
         help="which stage may empty a layer when a row generates its evaluation sample and its graph "
         "(layer_energy.empty_layers; default: each bundle's own); the trained students are reused",
+    )
+    p.add_argument(
+        "--classifier-seeds",
+        type=int,
+        help="seeds of each classifier in the rows' evaluation, whose mean is the AUC and spread its ± "
+        "(default: 2 for --n-eval >= 200); part of the rows' cache keys when given (the adapted runs keep 2)",
     )
     p.add_argument("--bns-iterations", type=int, help="Adam iterations per bespoke solver")
     p.add_argument("--adapted-cd-steps", type=int, help="distillation steps of the adapted runs")

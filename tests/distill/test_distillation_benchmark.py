@@ -4,6 +4,7 @@ distillations, the evaluation module, ONNX export and onnxruntime timings, the a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -207,6 +208,24 @@ def test_teacher_overrides_reach_the_teacher_and_key_every_piece(bench) -> None:
         bench.make_plan(bench.parse_args(["--teacher-set", "data.simulate.seed=3"]))
     with pytest.raises(ValueError, match="expected KEY=VALUE"):
         bench.make_plan(bench.parse_args(["--teacher-set", "model.layer_energy.space"]))
+
+
+def test_classifier_seeds_reach_the_evaluation_and_key_only_the_rows(bench) -> None:
+    """``--classifier-seeds``: the rows' classifiers train that many seeds; the rows' keys change, the
+    teacher's and students' do not; without it the rows keep their keys; 0 is refused."""
+    plain = bench.make_plan(bench.parse_args([]))
+    seeded = bench.make_plan(bench.parse_args(["--classifier-seeds", "6"]))
+    assert plain.classifier_seeds is None and seeded.classifier_seeds == 6
+    assert bench.eval_config(1000).classifier.n_seeds == 2
+    assert bench.eval_config(1000, seeded.classifier_seeds).classifier.n_seeds == 6
+    assert seeded.teacher_key() == plain.teacher_key() and seeded.cd_key() == plain.cd_key()
+    row = bench.Candidate("cd 1", "cd", "student", "x", "consistency", num_steps=1, nfe=1)
+    assert bench.row_key(seeded, row) != bench.row_key(plain, row)
+    before = plain.key("n_eval", "batch", "gpu_batches", c=dataclasses.asdict(row), t=plain.teacher_key(),
+                       timing=bench.TIMING)  # fmt: skip
+    assert bench.row_key(plain, row) == before
+    with pytest.raises(ValueError, match="--classifier-seeds must be >= 1"):
+        bench.make_plan(bench.parse_args(["--classifier-seeds", "0"]))
 
 
 @pytest.mark.slow
