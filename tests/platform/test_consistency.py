@@ -94,21 +94,26 @@ def test_consistency_distillation_loss_by_hand() -> None:
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_pseudo_huber_distance_by_hand() -> None:
-    """The same case with iCT's pseudo-Huber distance: √(m + c²) − c of the hand-computed means m."""
-    x1 = torch.tensor([1.0, -1.0, 0.5, 2.0]).view(2, 1, 1, 2)
-    z = torch.tensor([0.5, 0.0, -1.0, 1.0]).view(2, 1, 1, 2)
-    kwargs = dict(
+def hand_case() -> dict:
+    """The arguments of the hand-computed case of ``test_consistency_distillation_loss_by_hand`` (linear
+    teacher v = 0.5 x, student f = 2x + t, target f⁻ = x − t, EDM noising, levels 1, 2, 4, n = 0 and 1);
+    its per-sample L2 distances are (5.75² + 1.625²)/2 and (0.75² + 15²)/2."""
+    return dict(
         student=lambda x, t, c: 2 * x + t[:, None, None, None],
         target=lambda x, t, c: x - t[:, None, None, None],
         teacher_velocity=lambda x, t, c: 0.5 * x,
         noisy=lambda x, noise, t: x + t[:, None, None, None] * noise,
         levels_N=torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64),
-        x1_BZPR=x1,
+        x1_BZPR=torch.tensor([1.0, -1.0, 0.5, 2.0]).view(2, 1, 1, 2),
         n_B=torch.tensor([0, 1]),
-        noise_BZPR=z,
+        noise_BZPR=torch.tensor([0.5, 0.0, -1.0, 1.0]).view(2, 1, 1, 2),
         cond=None,
     )
+
+
+def test_pseudo_huber_distance_by_hand() -> None:
+    """The same case with iCT's pseudo-Huber distance: √(m + c²) − c of the hand-computed means m."""
+    kwargs = hand_case()
     m = torch.tensor([(5.75**2 + 1.625**2) / 2, (0.75**2 + 15.0**2) / 2])
     for c in (0.00054, 3.0):
         loss = consistency_distillation_loss(**kwargs, distance="pseudo_huber", huber_c=c)
@@ -131,19 +136,27 @@ def test_consistency_config_names_the_bad_value(overrides: dict, match: str) -> 
         ConsistencyDistillationConfig(**overrides)
 
 
-@pytest.mark.parametrize("distance", ["l2", "pseudo_huber"])
-def test_objective_passes_its_distance_on(distance: str) -> None:
+def fm_objective_case(config: ConsistencyDistillationConfig, n: int = 4) -> tuple:
+    """(teacher, student, target, x1, cond, loss, generator): a flow-matching teacher, its consistency_fm
+    student and target network (the teacher's weights), a batch of ``n``, the objective's loss with
+    ``config`` and generator seed 3, and a generator seeded 3 again to replay the objective's draws."""
     teacher = make_model("flow_matching")
     student = student_of(teacher, "consistency_fm")
     target = student_of(teacher, "consistency_fm")
-    x1, ct = batch(student)
-    config = ConsistencyDistillationConfig(num_scales=8, distance=distance, huber_c=0.01)
+    x1, ct = batch(student, n=n)
     objective = make_objective(
         ObjectiveConfig(name="consistency_distillation", consistency_distillation=config), "consistency_fm"
     )
-    ctx = LossContext(target=target, teacher=teacher)
-    loss = objective(student, x1, ct, torch.Generator().manual_seed(3), ctx)
-    gen = torch.Generator().manual_seed(3)
+    loss = objective(
+        student, x1, ct, torch.Generator().manual_seed(3), LossContext(target=target, teacher=teacher)
+    )
+    return teacher, student, target, x1, ct, loss, torch.Generator().manual_seed(3)
+
+
+@pytest.mark.parametrize("distance", ["l2", "pseudo_huber"])
+def test_objective_passes_its_distance_on(distance: str) -> None:
+    config = ConsistencyDistillationConfig(num_scales=8, distance=distance, huber_c=0.01)
+    teacher, student, target, x1, ct, loss, gen = fm_objective_case(config)
     n = torch.randint(0, 7, (x1.shape[0],), generator=gen)
     z = torch.randn(x1.shape, generator=gen)
     levels = student.denoiser.cd_levels(8)

@@ -6,17 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_consistency import batch, student_of
-from toy_models import make_model
+from test_consistency import fm_objective_case, hand_case
 
 from caloforge.evaluation.features import compute_features, voxel_log_edges
 from caloforge.platform.geometry import Mesh
 from caloforge.platform.objectives import (
     ConsistencyDistillationConfig,
-    LossContext,
-    ObjectiveConfig,
     consistency_distillation_loss,
-    make_objective,
 )
 from caloforge.platform.objectives.consistency import one_step_moment_loss
 from caloforge.platform.objectives.shower_features import (
@@ -118,24 +114,12 @@ def test_soft_features_name_bad_inputs() -> None:
 
 def test_consistency_loss_adds_the_weighted_feature_distance() -> None:
     """The hand case of test_consistency with a feature callable: loss = l2 + w · d(features)."""
-    x1 = torch.tensor([1.0, -1.0, 0.5, 2.0]).view(2, 1, 1, 2)
-    z = torch.tensor([0.5, 0.0, -1.0, 1.0]).view(2, 1, 1, 2)
 
     def features(x: torch.Tensor) -> LayerFeatures:
         values = {k: x.flatten(1)[:, :1] * (i + 1) for i, k in enumerate(FEATURE_KINDS)}
         return LayerFeatures(energy=torch.ones(x.shape[0], 1), values=values)
 
-    kwargs = dict(
-        student=lambda x, t, c: 2 * x + t[:, None, None, None],
-        target=lambda x, t, c: x - t[:, None, None, None],
-        teacher_velocity=lambda x, t, c: 0.5 * x,
-        noisy=lambda x, noise, t: x + t[:, None, None, None] * noise,
-        levels_N=torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64),
-        x1_BZPR=x1,
-        n_B=torch.tensor([0, 1]),
-        noise_BZPR=z,
-        cond=None,
-    )
+    kwargs = hand_case()
     l2 = torch.tensor([(5.75**2 + 1.625**2) / 2, (0.75**2 + 15.0**2) / 2])
     # first voxel: student (6, -3), target (0.25, -3.75); per kind k the values scale by (k + 1), so
     # Δ² / s² does not depend on k: s² = var of (0.25, -3.75) about its mean = 4
@@ -161,18 +145,8 @@ def test_feature_options_name_the_bad_value(overrides: dict, match: str) -> None
 
 
 def test_objective_passes_the_feature_term_on() -> None:
-    teacher = make_model("flow_matching")
-    student = student_of(teacher, "consistency_fm")
-    target = student_of(teacher, "consistency_fm")
-    x1, ct = batch(student, n=6)
     config = ConsistencyDistillationConfig(num_scales=8, feature_weight=0.2, feature_tau=0.5)
-    objective = make_objective(
-        ObjectiveConfig(name="consistency_distillation", consistency_distillation=config), "consistency_fm"
-    )
-    loss = objective(
-        student, x1, ct, torch.Generator().manual_seed(3), LossContext(target=target, teacher=teacher)
-    )
-    gen = torch.Generator().manual_seed(3)
+    teacher, student, target, x1, ct, loss, gen = fm_objective_case(config, n=6)
     n = torch.randint(0, 7, (x1.shape[0],), generator=gen)
     z = torch.randn(x1.shape, generator=gen)
     args = (
@@ -211,17 +185,8 @@ def test_moment_distance_by_hand() -> None:
 
 
 def test_objective_adds_the_one_step_moment_term_after_its_documented_draws() -> None:
-    teacher = make_model("flow_matching")
-    student = student_of(teacher, "consistency_fm")
-    target = student_of(teacher, "consistency_fm")
-    x1, ct = batch(student, n=6)
     config = ConsistencyDistillationConfig(num_scales=8, moment_weight=0.3)
-    objective = make_objective(
-        ObjectiveConfig(name="consistency_distillation", consistency_distillation=config), "consistency_fm"
-    )
-    ctx = LossContext(target=target, teacher=teacher)
-    loss = objective(student, x1, ct, torch.Generator().manual_seed(3), ctx)
-    gen = torch.Generator().manual_seed(3)
+    teacher, student, target, x1, ct, loss, gen = fm_objective_case(config, n=6)
     n = torch.randint(0, 7, (x1.shape[0],), generator=gen)
     z = torch.randn(x1.shape, generator=gen)
     z_prior = torch.randn(x1.shape, generator=gen)
