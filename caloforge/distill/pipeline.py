@@ -134,8 +134,14 @@ class DistillGateResult:
     checks: dict[str, dict[str, float | bool]] = field(default_factory=dict)
 
     def reasons(self) -> list[str]:
+        """Why each failed check failed: over its bound, or not measured (NaN: the evaluation's
+        ``eval.metrics`` did not compute what the check compares, for student or teacher)."""
         return [
-            f"{name} = {c['value']:.4g} > {c['bound']:.4g}" for name, c in self.checks.items() if not c["ok"]
+            f"{name} not measured (eval.metrics lacks what it compares)"
+            if math.isnan(float(c["value"]))
+            else f"{name} = {c['value']:.4g} > {c['bound']:.4g}"
+            for name, c in self.checks.items()
+            if not c["ok"]
         ]
 
 

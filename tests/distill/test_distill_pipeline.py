@@ -135,7 +135,13 @@ def test_gate_bounds_the_distance_from_the_teacher() -> None:
     teacher = {"auc_low": 0.6, "auc_high": 0.55, "fpd": 1.0}
     assert apply_gate(config, {"auc_low": 0.7, "auc_high": 0.6, "fpd": 3.0}, teacher).passed
     failed = apply_gate(config, {"auc_low": 1.2, "auc_high": 0.6, "fpd": 3.0}, teacher)
-    assert not failed.passed and failed.reasons()[0].startswith("auc_low_increase")
+    assert not failed.passed and failed.reasons() == ["auc_low_increase = 0.6 > 0.5"]
+    unmeasured = apply_gate(config, {"fpd": 3.0}, teacher)  # an evaluation without the classifiers
+    assert not unmeasured.passed
+    assert unmeasured.reasons() == [
+        "auc_low_increase not measured (eval.metrics lacks what it compares)",
+        "auc_high_increase not measured (eval.metrics lacks what it compares)",
+    ]
 
 
 @pytest.mark.slow
