@@ -143,16 +143,6 @@ class ShowerFeatures:
         return names
 
 
-def voxel_coordinates_mm(mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x_PR, y_PR, r_PR): bin-centre coordinates x = r_c cos φ_c, y = r_c sin φ_c, r = r_c, each (P, R)."""
-    r_c = mesh.r_centers_mm()
-    phi_c = mesh.phi_centers_rad()
-    x = np.cos(phi_c)[:, None] * r_c[None, :]
-    y = np.sin(phi_c)[:, None] * r_c[None, :]
-    r = np.broadcast_to(r_c[None, :], x.shape).copy()
-    return x, y, r
-
-
 def voxel_log_edges(low_mev: float, high_mev: float, n_bins: int) -> np.ndarray:
     """``n_bins`` log-spaced voxel-energy bins from ``low_mev`` to ``high_mev`` (official: ``np.logspace``,
     50 edges from the threshold to the reference's largest voxel)."""
@@ -213,7 +203,7 @@ def compute_features(
     edges = np.asarray(voxel_edges_mev, dtype=np.float64)
     n_bins = len(edges) - 1
 
-    x_pr, y_pr, r_pr = voxel_coordinates_mm(mesh)
+    x_pr, y_pr, r_pr = mesh.voxel_coordinates_mm()
     q = n_phi * n_r
     cx, cy, cr = x_pr.reshape(q), y_pr.reshape(q), r_pr.reshape(q)
 

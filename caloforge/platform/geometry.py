@@ -188,6 +188,16 @@ class Mesh:
         """Angular bin centres at −π + (j + ½)·2π/n_phi (CaloChallenge convention)."""
         return -math.pi + (np.arange(self.n_phi) + 0.5) * 2 * math.pi / self.n_phi
 
+    def voxel_coordinates_mm(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(x_PR, y_PR, r_PR): bin-centre coordinates x = r_c cos φ_c, y = r_c sin φ_c, r = r_c, each
+        (P, R) (the CaloChallenge convention of the centre-of-energy and width features)."""
+        r_c = self.r_centers_mm()
+        phi_c = self.phi_centers_rad()
+        x = np.cos(phi_c)[:, None] * r_c[None, :]
+        y = np.sin(phi_c)[:, None] * r_c[None, :]
+        r = np.broadcast_to(r_c[None, :], x.shape).copy()
+        return x, y, r
+
 
 @dataclass(frozen=True)
 class Layer:

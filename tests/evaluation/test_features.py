@@ -10,7 +10,6 @@ import pytest
 from caloforge.evaluation.features import (
     ShowerFeatures,
     compute_features,
-    voxel_coordinates_mm,
     voxel_log_edges,
 )
 from caloforge.platform.geometry import Mesh
@@ -126,7 +125,7 @@ def test_chunking_subset_concat_and_vector() -> None:
 
 
 def test_coordinates_match_the_calochallenge_convention() -> None:
-    x, y, r = voxel_coordinates_mm(MESH)
+    x, y, r = MESH.voxel_coordinates_mm()
     assert x.shape == (MESH.n_phi, MESH.n_r)
     np.testing.assert_allclose(np.hypot(x, y), r)
     np.testing.assert_allclose(

@@ -191,6 +191,14 @@ class ConsistencyDistillation(Objective):
 
     def __init__(self, config: ConsistencyDistillationConfig | None = None) -> None:
         self.config = config if config is not None else ConsistencyDistillationConfig()
+        self._features: SoftLayerFeatures | None = None  # built once per student (transform and mesh)
+
+    def features(self, model: Any) -> SoftLayerFeatures:
+        """The soft per-layer features of ``model``'s showers (``feature_tau``), built on first use."""
+        cached = self._features
+        if cached is None or cached.transform is not model.transform or cached.mesh != model.mesh:
+            cached = self._features = SoftLayerFeatures(model.transform, model.mesh, self.config.feature_tau)
+        return cached
 
     def __call__(
         self,
@@ -208,11 +216,7 @@ class ConsistencyDistillation(Objective):
         check_teacher(model, teacher)
         levels = model.denoiser.cd_levels(self.config.num_scales)
         weight, moment_weight = float(self.config.feature_weight), float(self.config.moment_weight)
-        features = (
-            SoftLayerFeatures(model.transform, model.mesh, self.config.feature_tau)
-            if weight or moment_weight
-            else None
-        )
+        features = self.features(model) if weight or moment_weight else None
         b = x1_BZPR.shape[0]
         n_B = torch.randint(0, self.config.num_scales - 1, (b,), generator=generator, device=generator.device)
         noise = torch.randn(x1_BZPR.shape, generator=generator, device=generator.device)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -58,14 +59,11 @@ class LayerFeatures:
     values: dict[str, torch.Tensor]
 
 
-class SoftLayerFeatures(nn.Module):
+class SoftLayerFeatures:
     """x̂ (B, Z, P, R) in model space → :class:`LayerFeatures` (module docstring), for ``transform`` (a
     ``_LogTransform``: ``log_energy``, ``log_max_Z``, ``log_eps``, ``threshold_mev``) on ``mesh``."""
 
-    coords_3Q: torch.Tensor
-
     def __init__(self, transform: nn.Module, mesh: Mesh, tau: float = 1.0) -> None:
-        super().__init__()
         if isinstance(tau, bool) or not (isinstance(tau, int | float) and math.isfinite(tau) and tau > 0):
             raise ValueError(f"SoftLayerFeatures: tau must be a finite number > 0, got {tau!r}")
         for attr in ("log_energy", "log_max_Z", "log_eps", "threshold_mev"):
@@ -77,14 +75,11 @@ class SoftLayerFeatures(nn.Module):
         self.transform = transform
         self.mesh = mesh
         self.tau = float(tau)
-        r_c = torch.as_tensor(mesh.r_centers_mm(), dtype=torch.float32)
-        phi_c = torch.as_tensor(mesh.phi_centers_rad(), dtype=torch.float32)
-        x = torch.cos(phi_c)[:, None] * r_c[None, :]
-        y = torch.sin(phi_c)[:, None] * r_c[None, :]
-        r = r_c[None, :].expand_as(x)
-        self.register_buffer("coords_3Q", torch.stack([x, y, r]).reshape(3, -1), persistent=False)
+        self.coords_3Q = torch.as_tensor(np.stack(mesh.voxel_coordinates_mm()), dtype=torch.float32).reshape(
+            3, -1
+        )
 
-    def forward(self, x_BZPR: torch.Tensor) -> LayerFeatures:
+    def __call__(self, x_BZPR: torch.Tensor) -> LayerFeatures:
         if x_BZPR.ndim != 4 or tuple(x_BZPR.shape[1:]) != self.mesh.shape:
             mesh = ", ".join(map(str, self.mesh.shape))
             raise ValueError(f"SoftLayerFeatures: expected (B, {mesh}), got {tuple(x_BZPR.shape)}")
