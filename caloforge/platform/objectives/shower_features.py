@@ -75,9 +75,8 @@ class SoftLayerFeatures:
         self.transform = transform
         self.mesh = mesh
         self.tau = float(tau)
-        self.coords_3Q = torch.as_tensor(np.stack(mesh.voxel_coordinates_mm()), dtype=torch.float32).reshape(
-            3, -1
-        )
+        coords_3Q = np.stack(mesh.voxel_coordinates_mm()).reshape(3, -1)  # x, y, r of each (φ, r) voxel
+        self.coords_3Q = torch.as_tensor(coords_3Q, dtype=torch.float32)
 
     def __call__(self, x_BZPR: torch.Tensor) -> LayerFeatures:
         if x_BZPR.ndim != 4 or tuple(x_BZPR.shape[1:]) != self.mesh.shape:
