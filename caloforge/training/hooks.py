@@ -80,7 +80,8 @@ def _format_eta(seconds: float) -> str:
 
 
 class ConsoleProgress(Hook):
-    """tqdm bar on rank 0 (step, loss, samples/s, ETA); one log line per log step when the bar is off.
+    """tqdm bar on rank 0 (step, loss, samples/s, ETA); one log line per log step when the bar is off (with
+    the loss's recorded parts, ``loss/<name>``).
 
     Args:
         enabled: show a bar (tqdm to stderr); when False, log lines only.
@@ -121,11 +122,13 @@ class ConsoleProgress(Hook):
                 loss=f"{metrics['loss']:.4g}", sps=f"{metrics['samples_per_s']:.0f}", refresh=False
             )
         else:
+            parts = ", ".join(f"{k[5:]} {v:.4g}" for k, v in metrics.items() if k.startswith("loss/"))
             log.info(
-                "step %d/%d loss %.4g lr %.3g samples/s %.0f eta %s",
+                "step %d/%d loss %.4g%s lr %.3g samples/s %.0f eta %s",
                 step,
                 self._total,
                 metrics["loss"],
+                f" ({parts})" if parts else "",
                 metrics["lr"],
                 metrics["samples_per_s"],
                 _format_eta(eta),

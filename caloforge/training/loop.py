@@ -9,6 +9,9 @@ rank (the global batch is ``config.batch_size``). Per micro-batch the loop re-se
 :class:`~caloforge.platform.objectives.LossContext` (step, device, target network, frozen teacher); so the
 noise of step ``s`` does not depend on how the run was split into resumed pieces. After each update it
 folds the weights into the EMA (and the target network, when the job keeps one) and calls the hooks.
+Log-step metrics: ``loss`` (the mean of the window's steps over the workers) and, for every part of the
+loss the objective recorded (``LossContext.record``: a distillation's consistency and feature terms, the
+layer-energy head's loss beside the voxel model's), ``loss/<name>`` (unweighted, averaged the same way).
 ``fit()`` first resumes from the checkpoint manager's latest checkpoint when there is one (a fresh run is a
 resume from nothing) and saves a checkpoint when it stops; the latest log-step metrics go to the manager
 with every save.
@@ -47,6 +50,13 @@ LossFn = Callable[[nn.Module, Any, torch.Generator, LossContext], torch.Tensor]
 """``loss_fn(module, batch, generator, ctx) -> loss_B``: per-sample losses of one micro-batch."""
 
 SEED_PURPOSE_LOSS = Purpose.LOSS  # the loss_fn's generator (noise levels, noise, couplings)
+
+
+def _term_mismatch(before: list[str], now: list[str], step: int) -> str:
+    return (
+        f"the loss recorded terms {now} at step {step + 1} after {before}: a loss records the same terms "
+        "(LossContext.record) on every call, or the workers' averages would not line up"
+    )
 
 
 @dataclass(frozen=True)
@@ -300,17 +310,19 @@ class Trainer:
         target = self.target.module if self.target is not None else None
         return LossContext(step=self.step, device=self.backend.device, target=target, teacher=self.teacher)
 
-    def _train_step(self) -> tuple[torch.Tensor, StepInfo]:
-        """One optimizer update; returns the mean micro-batch loss (a device scalar) and the StepInfo."""
+    def _train_step(self) -> tuple[torch.Tensor, StepInfo, dict[str, torch.Tensor]]:
+        """One optimizer update; returns the mean micro-batch loss (a device scalar), the StepInfo and the
+        mean of each term the loss recorded (``LossContext.record``; device scalars)."""
         backend = self.backend
-        ctx = self.loss_context()
         info: StepInfo | None = None
         loss_sum = torch.zeros((), device=backend.device)
+        terms: dict[str, torch.Tensor] = {}
         for micro in range(self.config.grad_accum):
             batch = self._next_batch()
             self.generator.manual_seed(
                 derive_seed(self.config.seed, SEED_PURPOSE_LOSS, backend.rank, self.step, micro)
             )
+            ctx = self.loss_context()
             with backend.autocast(), backend.accumulate():
                 loss_B = self.loss_fn(backend.module, batch, self.generator, ctx)
             if not isinstance(loss_B, torch.Tensor) or loss_B.shape != (self.micro_batch_size,):
@@ -322,9 +334,14 @@ class Trainer:
             backend.backward(loss)
             info = backend.step()
             loss_sum += loss.detach()
+            if micro and list(ctx.terms) != list(terms):
+                raise ValueError(_term_mismatch(list(terms), list(ctx.terms), self.step))
+            for name, value in ctx.terms.items():
+                terms[name] = terms.get(name, 0.0) + value
         if info is None:
             raise RuntimeError(f"{type(backend).__name__}.step() did not update at the accumulation boundary")
-        return loss_sum / self.config.grad_accum, info
+        n = self.config.grad_accum
+        return loss_sum / n, info, {name: value / n for name, value in terms.items()}
 
     def _is_log_step(self, step: int, target: int) -> bool:
         return step == 1 or step % self.config.log_every == 0 or step == target
@@ -347,12 +364,20 @@ class Trainer:
         history: list[dict] = []
         last: dict[str, float] = {}
         window_loss = torch.zeros((), device=backend.device)
+        window_terms: dict[str, torch.Tensor] = {}
+        term_names: list[str] | None = None  # what the loss records (the first step's; then checked)
         window_steps = 0
         window_time = 0.0  # seconds spent in training steps (hooks excluded) since the last log
         ema_decay = float("nan")
         while self.step < target:
             t0 = time.perf_counter()
-            step_loss, info = self._train_step()
+            step_loss, info, step_terms = self._train_step()
+            if term_names is None:
+                term_names = list(step_terms)  # in the order the loss records them
+            elif list(step_terms) != term_names:
+                raise ValueError(_term_mismatch(term_names, list(step_terms), self.step))
+            for name, value in step_terms.items():
+                window_terms[name] = window_terms.get(name, 0.0) + value
             self.step += 1
             self.samples_seen += self.config.batch_size
             self._skipped_pending.append(info.skipped)
@@ -378,7 +403,11 @@ class Trainer:
                     "skipped_updates": float(self.skipped_updates),
                     "ema_decay": ema_decay,
                 }
+                for name in term_names or ():  # the same names on every worker: the same collectives
+                    value = backend.all_reduce_mean(window_terms[name] / window_steps)
+                    metrics[f"loss/{name}"] = float(value)
                 window_loss = torch.zeros((), device=backend.device)
+                window_terms = {}
                 window_steps = 0
                 window_time = 0.0
             else:

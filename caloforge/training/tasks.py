@@ -80,7 +80,10 @@ def shower_loss_fn(model: ShowerModel, objective: Objective | ObjectiveConfig | 
             # still fire for its parameters (default find_unused_parameters=False; the pretraining config
             # refuses the other mode with the head), and DeepSpeed reduces every gradient.
             weight = shower_model.config.layer_energy.loss_weight
-            loss_B = loss_B + weight * shower_model.layer_energy_loss(layer_mev_BZ, cond, generator)
+            head_B = shower_model.layer_energy_loss(layer_mev_BZ, cond, generator)
+            ctx.record("voxel", loss_B)
+            ctx.record("layer_energy", head_B)
+            loss_B = loss_B + weight * head_B
         return loss_B
 
     loss_fn.objective = chosen  # type: ignore[attr-defined]  # what trained the weights (lineage)

@@ -156,7 +156,8 @@ def test_anchor_rows_regress_the_teachers_own_solve_of_the_whole_path() -> None:
     with torch.no_grad():
         loss = ShortcutDistillation(config)(student, x1, cond, torch.Generator().manual_seed(4), ctx)
         plain = ShortcutDistillation(dataclasses.replace(config, anchor_fraction=0.0))
-        before = plain(student, x1, cond, torch.Generator().manual_seed(4), ctx)
+        plain_ctx = LossContext(teacher=teacher)
+        before = plain(student, x1, cond, torch.Generator().manual_seed(4), plain_ctx)
         # by hand: the first draw is x_0; rows 2-3 (after the 2 bootstrap rows) are the anchors
         x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(4))
         rows = torch.tensor([2, 3])
@@ -172,6 +173,13 @@ def test_anchor_rows_regress_the_teachers_own_solve_of_the_whole_path() -> None:
     keep = torch.tensor([0, 1, 4, 5, 6, 7])
     torch.testing.assert_close(loss[keep], before[keep])  # bootstrap and flow rows as without anchors
     assert not torch.allclose(loss[rows], before[rows])
+    # the groups' means are recorded (loss/flow, loss/bootstrap, loss/anchor in the training log)
+    assert list(ctx.terms) == ["flow", "bootstrap", "anchor"] and list(plain_ctx.terms) == [
+        "flow",
+        "bootstrap",
+    ]
+    for name, group in (("bootstrap", [0, 1]), ("anchor", [2, 3]), ("flow", [4, 5, 6, 7])):
+        torch.testing.assert_close(ctx.terms[name], loss[group].mean())
     with pytest.raises(ValueError, match="anchor_fraction > 0 needs velocity_target: teacher"):
         ShortcutConfig(anchor_fraction=0.1)
     with pytest.raises(ValueError, match="bootstrap_fraction \\+ anchor_fraction must be <= 1"):

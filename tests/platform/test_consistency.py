@@ -137,9 +137,10 @@ def test_consistency_config_names_the_bad_value(overrides: dict, match: str) -> 
 
 
 def fm_objective_case(config: ConsistencyDistillationConfig, n: int = 4) -> tuple:
-    """(teacher, student, target, x1, cond, loss, generator): a flow-matching teacher, its consistency_fm
-    student and target network (the teacher's weights), a batch of ``n``, the objective's loss with
-    ``config`` and generator seed 3, and a generator seeded 3 again to replay the objective's draws."""
+    """(teacher, student, target, x1, cond, loss, generator, terms): a flow-matching teacher, its
+    consistency_fm student and target network (the teacher's weights), a batch of ``n``, the objective's
+    loss with ``config`` and generator seed 3, a generator seeded 3 again to replay the objective's draws,
+    and the terms the objective recorded (``LossContext.terms``)."""
     teacher = make_model("flow_matching")
     student = student_of(teacher, "consistency_fm")
     target = student_of(teacher, "consistency_fm")
@@ -147,22 +148,23 @@ def fm_objective_case(config: ConsistencyDistillationConfig, n: int = 4) -> tupl
     objective = make_objective(
         ObjectiveConfig(name="consistency_distillation", consistency_distillation=config), "consistency_fm"
     )
-    loss = objective(
-        student, x1, ct, torch.Generator().manual_seed(3), LossContext(target=target, teacher=teacher)
-    )
-    return teacher, student, target, x1, ct, loss, torch.Generator().manual_seed(3)
+    ctx = LossContext(target=target, teacher=teacher)
+    loss = objective(student, x1, ct, torch.Generator().manual_seed(3), ctx)
+    return teacher, student, target, x1, ct, loss, torch.Generator().manual_seed(3), ctx.terms
 
 
 @pytest.mark.parametrize("distance", ["l2", "pseudo_huber"])
 def test_objective_passes_its_distance_on(distance: str) -> None:
     config = ConsistencyDistillationConfig(num_scales=8, distance=distance, huber_c=0.01)
-    teacher, student, target, x1, ct, loss, gen = fm_objective_case(config)
+    teacher, student, target, x1, ct, loss, gen, terms = fm_objective_case(config)
     n = torch.randint(0, 7, (x1.shape[0],), generator=gen)
     z = torch.randn(x1.shape, generator=gen)
     levels = student.denoiser.cd_levels(8)
     args = (student, target, teacher.velocity, student.denoiser.noisy, levels, x1, n, z, ct)
     expected = consistency_distillation_loss(*args, distance=distance, huber_c=0.01)
     torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-6, atol=1e-7)
+    assert list(terms) == ["consistency"]  # the whole loss here
+    torch.testing.assert_close(terms["consistency"], loss.detach().mean())
     if distance == "pseudo_huber":
         mse = consistency_distillation_loss(*args)
         torch.testing.assert_close(loss.detach(), (mse + 1e-4).sqrt().detach() - 0.01, rtol=1e-5, atol=1e-7)

@@ -146,7 +146,7 @@ def test_feature_options_name_the_bad_value(overrides: dict, match: str) -> None
 
 def test_objective_passes_the_feature_term_on() -> None:
     config = ConsistencyDistillationConfig(num_scales=8, feature_weight=0.2, feature_tau=0.5)
-    teacher, student, target, x1, ct, loss, gen = fm_objective_case(config, n=6)
+    teacher, student, target, x1, ct, loss, gen, terms = fm_objective_case(config, n=6)
     n = torch.randint(0, 7, (x1.shape[0],), generator=gen)
     z = torch.randn(x1.shape, generator=gen)
     args = (
@@ -165,6 +165,10 @@ def test_objective_passes_the_feature_term_on() -> None:
     torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-6, atol=1e-7)
     plain = consistency_distillation_loss(*args)
     assert bool((loss.detach() > plain.detach()).any())
+    # the recorded parts, unweighted: the total is consistency + 0.2 × features
+    assert list(terms) == ["consistency", "features"]
+    torch.testing.assert_close(terms["consistency"], plain.detach().mean())
+    torch.testing.assert_close(terms["consistency"] + 0.2 * terms["features"], loss.detach().mean())
     loss.mean().backward()
     assert student.network.final_layer.linear.weight.grad is not None
 
@@ -186,7 +190,7 @@ def test_moment_distance_by_hand() -> None:
 
 def test_objective_adds_the_one_step_moment_term_after_its_documented_draws() -> None:
     config = ConsistencyDistillationConfig(num_scales=8, moment_weight=0.3)
-    teacher, student, target, x1, ct, loss, gen = fm_objective_case(config, n=6)
+    teacher, student, target, x1, ct, loss, gen, terms = fm_objective_case(config, n=6)
     n = torch.randint(0, 7, (x1.shape[0],), generator=gen)
     z = torch.randn(x1.shape, generator=gen)
     z_prior = torch.randn(x1.shape, generator=gen)
@@ -201,5 +205,7 @@ def test_objective_adds_the_one_step_moment_term_after_its_documented_draws() ->
     torch.testing.assert_close(moment, moment_distance(features(samples), features(x1)))
     assert moment.item() > 0
     torch.testing.assert_close(loss.detach(), (plain + 0.3 * moment).detach(), rtol=1e-6, atol=1e-7)
+    assert list(terms) == ["consistency", "moments"]
+    torch.testing.assert_close(terms["moments"], moment.detach())
     loss.mean().backward()
     assert student.network.final_layer.linear.weight.grad is not None

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import torch
 from train_helpers import InMemoryStream, TinyDenoiser, denoise_loss, deterministic_loss, make_showers
 
 from caloforge.training.config import EMAConfig, LoopConfig, OptimConfig, ScheduleConfig
-from caloforge.training.hooks import Hook, MetricsWriter, PeriodicEval, read_metrics
+from caloforge.training.hooks import ConsoleProgress, Hook, MetricsWriter, PeriodicEval, read_metrics
 from caloforge.training.loop import Trainer, derive_seed
 from caloforge.training.state import CheckpointManager
 from caloforge.training.torch_backend import TorchBackend
@@ -331,3 +333,66 @@ def test_consecutive_skipped_updates_stop_the_run_with_a_clear_error(tmp_path) -
     assert trainer.step == 6 and trainer.skipped_updates == 4
     with pytest.raises(ValueError, match="max_consecutive_skipped"):
         dataclasses.replace(cfg, max_consecutive_skipped=-1)
+
+
+def test_recorded_loss_terms_are_logged_as_window_means(tmp_path, caplog) -> None:
+    """What a loss records (``LossContext.record``) reaches the metrics as ``loss/<name>``: the mean over the
+    micro-batches and the log window's steps, unweighted, beside the total; the log line names them."""
+    cfg = _config(steps=4, grad_accum=2, log_every=2)
+
+    def with_terms(module, batch, generator, ctx):
+        loss_B = denoise_loss(module, batch, generator, ctx)
+        ctx.record("fit", loss_B)
+        ctx.record("clock", torch.full_like(loss_B, float(ctx.step)))  # 0, 1, 2, 3 by update
+        ctx.record("scalar", torch.tensor(2.0))
+        return loss_B + 0.0 * loss_B.detach()
+
+    writer = MetricsWriter(tmp_path / "metrics.jsonl")
+    trainer = _trainer(cfg, hooks=[writer, ConsoleProgress(enabled=False)], loss=with_terms, dropout=0.0)
+    with caplog.at_level(logging.INFO, logger="caloforge.training"):
+        result = trainer.fit()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert rows == result.history and [r["step"] for r in rows] == [1, 2, 4]
+    assert re.search(r"step 4/4 loss \S+ \(fit \S+, clock 2\.5, scalar 2\) lr", caplog.text), caplog.text
+    # step 1 alone (update 0); steps 2 (update 1) alone after the first log; steps 3-4 (updates 2, 3)
+    assert [r["loss/clock"] for r in rows] == pytest.approx([0.0, 1.0, 2.5])
+    assert all(r["loss/scalar"] == pytest.approx(2.0) for r in rows)
+    for r in rows:
+        assert r["loss/fit"] == pytest.approx(r["loss"], rel=1e-6)  # the only part of the total
+
+    plain = _trainer(cfg, loss=denoise_loss, dropout=0.0).fit()
+    assert not any(k.startswith("loss/") for r in plain.history for k in r)
+
+
+def test_loss_terms_must_be_the_same_every_call(tmp_path) -> None:
+    cfg = _config(steps=4, grad_accum=1, log_every=1)
+
+    def flaky(module, batch, generator, ctx):
+        loss_B = denoise_loss(module, batch, generator, ctx)
+        if ctx.step != 2:
+            ctx.record("fit", loss_B)
+        return loss_B
+
+    with pytest.raises(ValueError, match=r"recorded terms \[\] at step 3 after \['fit'\]"):
+        _trainer(cfg, loss=flaky, dropout=0.0).fit()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "match"),
+    [
+        ("Loss", torch.zeros(3), "lower-case"),
+        ("a/b", torch.zeros(3), "lower-case"),
+        ("ok", torch.zeros(3, 2), r"\(B,\) or scalar"),
+        ("ok", 1.0, r"\(B,\) or scalar"),
+    ],
+)
+def test_loss_context_record_names_bad_input(name, value, match) -> None:
+    from caloforge.platform.objectives import LossContext
+
+    ctx = LossContext()
+    with pytest.raises(ValueError, match=match):
+        ctx.record(name, value)
+    ctx.record("ok_1", torch.tensor([1.0, 3.0], requires_grad=True))
+    assert ctx.terms["ok_1"].item() == 2.0 and not ctx.terms["ok_1"].requires_grad
+    with pytest.raises(ValueError, match="twice"):
+        ctx.record("ok_1", torch.zeros(2))

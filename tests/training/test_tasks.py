@@ -53,7 +53,8 @@ def test_loss_fn_is_the_objective_plus_the_weighted_head_loss(objective: str) ->
     showers, cond = _data(8, seed=1)
     batch = ShowerBatch.from_numpy(showers, cond)
     loss_fn = shower_loss_fn(model)
-    loss_B = loss_fn(model, batch, torch.Generator().manual_seed(3), LossContext())
+    ctx = LossContext()
+    loss_B = loss_fn(model, batch, torch.Generator().manual_seed(3), ctx)
     assert loss_B.shape == (8,) and loss_B.dtype == torch.float32 and torch.isfinite(loss_B).all()
     # One generator, in order: the objective's draws, then the head's (y₀ then t, ``energy_flow_loss``).
     gen = torch.Generator().manual_seed(3)
@@ -63,6 +64,9 @@ def test_loss_fn_is_the_objective_plus_the_weighted_head_loss(objective: str) ->
     head_B = model.energy_loss(torch.from_numpy(showers), ct, gen)
     torch.testing.assert_close(loss_B, objective_B + 0.25 * head_B, rtol=0, atol=0)
     assert (head_B > 0).all()
+    assert list(ctx.terms) == ["voxel", "layer_energy"]  # logged as loss/voxel, loss/layer_energy
+    torch.testing.assert_close(ctx.terms["voxel"], objective_B.detach().mean())
+    torch.testing.assert_close(ctx.terms["layer_energy"], head_B.detach().mean())
     # The head's draws come after the objective's: drawing them from a fresh generator gives another loss.
     fresh_B = model.energy_loss(torch.from_numpy(showers), ct, torch.Generator().manual_seed(3))
     assert not torch.allclose(fresh_B, head_B)
@@ -81,7 +85,9 @@ def test_loss_fn_without_the_head_is_the_objective_on_transformed_inputs(objecti
     model = _model(objective, layer_energy=LayerEnergyConfig(enabled=False))
     showers, cond = _data(8, seed=1)
     batch = ShowerBatch.from_numpy(showers, cond)
-    loss_B = shower_loss_fn(model)(model, batch, torch.Generator().manual_seed(3), LossContext())
+    ctx = LossContext()
+    loss_B = shower_loss_fn(model)(model, batch, torch.Generator().manual_seed(3), ctx)
+    assert ctx.terms == {}  # one part: the total says it all
     x1 = model.transform(torch.from_numpy(showers))
     expected = make_objective(objective)(
         model, x1, model.vocab.encode(cond), torch.Generator().manual_seed(3)

@@ -17,6 +17,7 @@ Wrappers are unwrapped through their public handles: ``.module`` (DDP, FSDP, Dee
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from caloforge.platform.shower_model import ShowerModel
 
 _MAX_WRAP_DEPTH = 8
+TERM_NAME = re.compile(r"[a-z0-9_]+")  # ``LossContext.record``: logged as ``loss/<name>``
 
 
 @dataclass(frozen=True)
@@ -38,17 +40,33 @@ class LossContext:
     ``step``: optimizer updates done before this one (0-based index of the update being computed);
     ``device``: the backend's device; ``target``: the loop's target network (an EMA of the trained
     weights with its own decay, frozen; ``None`` unless the job asks for one: consistency training's θ⁻);
-    ``teacher``: a frozen model on ``device`` (``None`` unless the job has one: distillation).
+    ``teacher``: a frozen model on ``device`` (``None`` unless the job has one: distillation);
+    ``terms``: the parts of the loss the objective recorded (``record``), which the loop logs beside
+    the total as ``loss/<name>``.
     """
 
     step: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     target: nn.Module | None = None
     teacher: nn.Module | None = None
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.step < 0:
             raise ValueError(f"LossContext.step must be >= 0, got {self.step}")
+
+    def record(self, name: str, value: torch.Tensor) -> None:
+        """Record one part of the loss, unweighted: ``value`` per sample (B,) or a batch scalar; ``terms``
+        keeps its mean, detached (no gradient, no host sync). A loss records the same names on every call
+        (the loop averages them over the log window and across workers); a name twice is an error."""
+        if not isinstance(name, str) or not TERM_NAME.fullmatch(name):
+            raise ValueError(f"LossContext.record: a term name is lower-case [a-z0-9_]+, got {name!r}")
+        if name in self.terms:
+            raise ValueError(f"LossContext.record: term {name!r} recorded twice for one micro-batch")
+        if not isinstance(value, torch.Tensor) or value.ndim > 1:
+            shape = getattr(value, "shape", type(value).__name__)
+            raise ValueError(f"LossContext.record({name!r}): expected a (B,) or scalar tensor, got {shape}")
+        self.terms[name] = value.detach().float().mean()
 
     def require_target(self, who: str) -> nn.Module:
         if self.target is None:

@@ -154,11 +154,13 @@ def consistency_distillation_loss(
     huber_c: float = 0.00054,
     features: Callable[[torch.Tensor], LayerFeatures] | None = None,
     feature_weight: float = 0.0,
+    ctx: LossContext | None = None,
 ) -> torch.Tensor:
     """Per-sample loss (B,) d(f_θ(x_{n+1}, t_{n+1}), f_θ⁻(x̂_n, t_n)) for 0-based level indices
     ``n_B`` ∈ [0, N − 2] of ``levels_N`` (boundary first): ``l2`` the mean squared difference over the
     non-batch dims m, ``pseudo_huber`` √(m + c²) − c; plus ``feature_weight`` × ``feature_distance`` of
-    ``features`` of the two (required when the weight is > 0; see the module docstring)."""
+    ``features`` of the two (required when the weight is > 0; see the module docstring). With ``ctx`` the
+    parts are recorded: ``consistency`` (d) and, with the feature term, ``features`` (unweighted)."""
     if feature_weight > 0 and features is None:
         raise ValueError("consistency_distillation_loss: feature_weight > 0 needs the features callable")
     if distance not in DISTANCES:
@@ -174,11 +176,16 @@ def consistency_distillation_loss(
     out = student(x_hi, t_hi_B, cond).float()
     mse_B = (out - wanted).pow(2).flatten(1).mean(dim=1)
     loss_B = torch.sqrt(mse_B + huber_c**2) - huber_c if distance == "pseudo_huber" else mse_B
+    if ctx is not None:
+        ctx.record("consistency", loss_B)
     if feature_weight > 0:
         assert features is not None  # checked above
         with torch.no_grad():
             wanted_features = features(wanted)
-        loss_B = loss_B + feature_weight * feature_distance(features(out), wanted_features)
+        feature_B = feature_distance(features(out), wanted_features)
+        if ctx is not None:
+            ctx.record("features", feature_B)
+        loss_B = loss_B + feature_weight * feature_B
     return loss_B
 
 
@@ -235,11 +242,12 @@ class ConsistencyDistillation(Objective):
             huber_c=float(self.config.huber_c),
             features=features,
             feature_weight=weight,
+            ctx=ctx,
         )
         if moment_weight > 0:
             assert features is not None
             prior_noise = torch.randn(x1_BZPR.shape, generator=generator, device=generator.device)
-            loss_B = loss_B + moment_weight * one_step_moment_loss(
+            moments = one_step_moment_loss(
                 student=module,
                 prior=model.denoiser.prior,
                 t_start=float(model.denoiser.time_grid(1)[0]),
@@ -248,6 +256,8 @@ class ConsistencyDistillation(Objective):
                 cond=cond,
                 features=features,
             )
+            ctx.record("moments", moments)
+            loss_B = loss_B + moment_weight * moments
         return loss_B
 
 

@@ -199,7 +199,17 @@ class ShortcutDistillation(Objective):
                 teacher, x_t[anchor], cond.index(anchor), opts.anchor_sampler, opts.anchor_steps
             )
         out = module(x_t, t_B, cond, d_B).float()
-        return (out - wanted).pow(2).flatten(1).mean(dim=1)
+        loss_B = (out - wanted).pow(2).flatten(1).mean(dim=1)
+        # The groups' sizes follow from the options and the batch size alone: the same terms every call.
+        groups = (
+            ("flow", flow, b - n_boot - n_anchor),
+            ("bootstrap", boot, n_boot),
+            ("anchor", anchor, n_anchor),
+        )
+        for name, rows_B, count in groups:
+            if count:
+                ctx.record(name, loss_B[rows_B])
+        return loss_B
 
 
 def check_step_teacher(student: Any, teacher: Any) -> None:
