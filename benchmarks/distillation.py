@@ -42,7 +42,8 @@ and the JSON record (default ``benchmarks/results/distillation.json``; ``--quick
 ``distillation_quick.json``: a tiny teacher with a 2-step default sampler and layer-energy head, one step
 count per student and solver route, no short adapted run). Finished pieces (teacher, distillations, rows)
 are cached in the work directory (``--work-dir``, default
-``$CALOFORGE_HOME/bench/distillation-<backbone>[_quick]``).
+``$CALOFORGE_HOME/bench/distillation-<backbone>[_quick]``); a cached distillation trained with another
+config than the rerun's (an edited ``configs/distill/*.yaml``) is refused, not reused.
 
     .venv/bin/python benchmarks/distillation.py --quick          # the smoke run (tests): about a minute
     nice .venv/bin/python benchmarks/distillation.py             # the CPU study (debug backbone, ~24 min)
@@ -502,10 +503,43 @@ def distill_config(
     return from_dict(DistillConfig, data, str(path))
 
 
+# What a cached student's config may differ in from a rerun's (how it ran, not what it learned).
+CACHE_NEUTRAL_KEYS = ("name", "progress", "torch_threads")
+
+
+def check_cached_config(run_dir: Path, config: Any) -> None:
+    """ValueError when the cached run ``run_dir`` was trained with another config than ``config`` (a
+    changed ``configs/distill/<method>.yaml`` or default: the cache key holds the study's settings only).
+    Keys the recorded config lacks (added later) count at their defaults."""
+    from caloforge.config import from_dict, to_dict
+    from caloforge.registry.tracking import flatten_params
+
+    request = run_dir / "request.json"
+    if not request.is_file():
+        return  # the run never started: nothing cached to compare
+    recorded = json.loads(request.read_text())["config"]
+    was = flatten_params(to_dict(from_dict(type(config), recorded, str(request))))
+    now = flatten_params(to_dict(config))
+    differ = sorted(
+        k
+        for k in set(was) | set(now)
+        if was.get(k) != now.get(k) and k.split(".")[0] not in CACHE_NEUTRAL_KEYS
+    )
+    if differ:
+        shown = ", ".join(f"{k}: {was.get(k)} → {now.get(k)}" for k in differ[:8])
+        more = f" (and {len(differ) - 8} more)" if len(differ) > 8 else ""
+        raise ValueError(
+            f"{run_dir}: the cached student was trained with another config ({shown}{more}); delete "
+            f"{run_dir} and {run_dir}.json to train it again, or use another --work-dir"
+        )
+
+
 def distil(plan: Plan, work: Path, teacher: dict, method: str, key: str) -> dict[str, Any]:
     from caloforge.distill.pipeline import DistillRequest, run_distillation
 
     run_dir = work / f"{method}-{key}"
+    if (work / f"{method}-{key}.json").is_file():
+        check_cached_config(run_dir, distill_config(plan, method, f"bench-{method}"))
 
     def run() -> dict[str, Any]:
         if run_dir.exists():

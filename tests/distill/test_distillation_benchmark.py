@@ -304,3 +304,28 @@ def test_the_study_runs_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
     assert adapted["initial_probe"]["from_teacher"] == adapted["runs"][1]["curve"][0]["probe"]
     png = Path(record["plot"])
     assert png.is_file() and png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_cached_student_trained_with_another_config_is_refused(bench, tmp_path: Path) -> None:
+    """The cd key holds the study's settings, not configs/distill/cd.yaml: a cached student whose recorded
+    config differs from what the rerun would train is refused with the keys named; how it ran (threads,
+    progress) does not count, nor keys added since (at their defaults)."""
+    from caloforge.config import to_dict
+
+    plan = bench.make_plan(bench.parse_args([]))
+    config = bench.distill_config(plan, "cd", "bench-cd")
+    run_dir = tmp_path / "cd-0123456789"
+    run_dir.mkdir()
+    recorded = to_dict(config)
+    recorded["torch_threads"] = 7
+    del recorded["objective"]["consistency_distillation"]["moment_weight"]  # from before the option
+    (run_dir / "request.json").write_text(json.dumps({"config": recorded}))
+    bench.check_cached_config(run_dir, config)
+    bench.check_cached_config(tmp_path / "never-started", config)
+    other = bench.distill_config(
+        dataclasses.replace(plan, cd_overrides=("objective.consistency_distillation.feature_weight=2",)),
+        "cd",
+        "bench-cd",
+    )
+    with pytest.raises(ValueError, match=r"cd-0123456789.*feature_weight: 0\.0 → 2\.0.*delete"):
+        bench.check_cached_config(run_dir, other)
