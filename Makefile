@@ -28,7 +28,7 @@ quickstart: $(STAMP)
 	$(VENV)/bin/caloforge quickstart
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
