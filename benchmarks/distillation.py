@@ -24,7 +24,9 @@ Protocol (docs/distillation.md explains the numbers):
 4. **Speed** of every row: the row's graph exported to ONNX (``caloforge.registry.export.export_onnx``,
    plain fp32, parity-checked against PyTorch) and run in onnxruntime on ONE CPU thread (the ``grid`` session
    profile) at batch 1 and ``--batch`` (default 100): ms per shower (wall). With CUDA present, also eager
-   PyTorch on the GPU at batch 100 and 1000.
+   PyTorch on the GPU at batch 100 and 1000. A row timed while other work shared the cores is timed again
+   alone with ``--retime LABEL[,LABEL]`` (or ``all``; the cached quality is kept, the row marked
+   ``retimed``).
 5. **Adapted models distil like the base** (``--no-adapted`` skips it): the teacher adapted to the held-out
    ``lar-pb`` (``caloforge adapt``, full fine-tuning, ``configs/adapt/full.yaml``) is distilled (a) from the
    base's distilled student (``cd.student_init``, CaloDiT-2's workflow) and (b) from its own weights, with
@@ -306,11 +308,16 @@ def cached(path: Path, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     if path.is_file():
         return json.loads(path.read_text()) | {"cached": True}
     record = fn()
+    write_record(path, record)
+    return record | {"cached": False}
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    """``record`` as ``path`` (JSON), whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
-    return record | {"cached": False}
 
 
 def eval_config(n: int, classifier_seeds: int | None = None) -> Any:
@@ -692,15 +699,8 @@ def row_key(plan: Plan, c: Candidate) -> str:
 
 
 def measure(c: Candidate, plan: Plan, heldout: Any, work: Path) -> dict[str, Any]:
-    """Quality on the held-out set and ms per shower (ONNX on one CPU thread; CUDA when present)."""
-    import numpy as np
-    import torch
-
+    """Quality on the held-out set and ms per shower (``measure_speed``)."""
     from caloforge.evaluation.api import evaluate_model, load_model
-    from caloforge.platform.shower_model import derive_seeds
-    from caloforge.registry.export import export_onnx
-    from caloforge.registry.onnx_graph import SamplerGraph, seeded_noise
-    from caloforge.registry.onnx_runtime import onnx_feeds, ort_session
 
     model = load_model(c.bundle, "cpu", plan.empty_layers)  # type: ignore[arg-type]
     t0 = time.perf_counter()
@@ -714,6 +714,31 @@ def measure(c: Candidate, plan: Plan, heldout: Any, work: Path) -> dict[str, Any
     )
     metrics = {k: float(v) for k, v in report.metrics.items() if isinstance(v, int | float)}
     eval_s = time.perf_counter() - t0
+    return {
+        **dataclasses.asdict(c),
+        "metrics": {
+            k: metrics[k]
+            for k in sorted(metrics)
+            if k.startswith(("auc", "fpd", "kpd", "floor/", "response"))
+        },
+        "eval_s": eval_s,
+        **measure_speed(c, plan, heldout, work),
+    }
+
+
+def measure_speed(c: Candidate, plan: Plan, heldout: Any, work: Path) -> dict[str, Any]:
+    """``ms_per_shower`` (ONNX on one CPU thread; CUDA when present) and ``onnx`` (size, export, parity) of
+    the row's graph; ``--retime`` runs this alone on cached rows."""
+    import numpy as np
+    import torch
+
+    from caloforge.evaluation.api import load_model
+    from caloforge.platform.shower_model import derive_seeds
+    from caloforge.registry.export import export_onnx
+    from caloforge.registry.onnx_graph import SamplerGraph, seeded_noise
+    from caloforge.registry.onnx_runtime import onnx_feeds, ort_session
+
+    model = load_model(c.bundle, "cpu", plan.empty_layers)  # type: ignore[arg-type]
     onnx_dir = work / "onnx"
     onnx_dir.mkdir(parents=True, exist_ok=True)
     path = onnx_dir / f"{c.label.replace(' ', '-')}.onnx"
@@ -765,13 +790,6 @@ def measure(c: Candidate, plan: Plan, heldout: Any, work: Path) -> dict[str, Any
             ms[f"cuda_b{batch}_median"] = 1e3 * median / batch
         del gpu, graph
     return {
-        **dataclasses.asdict(c),
-        "metrics": {
-            k: metrics[k]
-            for k in sorted(metrics)
-            if k.startswith(("auc", "fpd", "kpd", "floor/", "response"))
-        },
-        "eval_s": eval_s,
         "ms_per_shower": ms,
         "onnx": {"mb": mb, "export_s": info.export_seconds, "parity_max_rel_err": info.parity.max_rel_err},
     }
@@ -1152,6 +1170,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seeds of each classifier in the rows' evaluation, whose mean is the AUC and spread its ± "
         "(default: 2 for --n-eval >= 200); part of the rows' cache keys when given (the adapted runs keep 2)",
     )
+    p.add_argument(
+        "--retime",
+        default="",
+        help="comma-separated row labels (e.g. 'cd 1,heun 8'), or 'all': time those cached rows again "
+        "(export and ONNX timing only, the quality kept; for a row first timed on a busy machine)",
+    )
     p.add_argument("--bns-iterations", type=int, help="Adam iterations per bespoke solver")
     p.add_argument("--adapted-cd-steps", type=int, help="distillation steps of the adapted runs")
     p.add_argument("--threads", type=int, help="torch threads (0: torch's default); ONNX timing is 1 thread")
@@ -1162,6 +1186,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--out", type=Path, help="results JSON (default benchmarks/results/distillation[_quick].json)"
     )
     args = p.parse_args(argv)
+    args.retime_labels = frozenset(r.strip() for r in args.retime.split(",") if r.strip())
     args.route_list = tuple(r.strip() for r in args.routes.split(",") if r.strip())
     unknown = sorted(set(args.route_list) - set(ROUTES))
     if unknown or not args.route_list:
@@ -1210,10 +1235,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for name in args.route_list:
         for c in ROUTES[name](ctx):
-            row = cached(
-                work / "rows" / f"{c.label.replace(' ', '-')}-{row_key(plan, c)}.json",
-                lambda c=c: measure(c, plan, heldout, work),
-            )
+            path = work / "rows" / f"{c.label.replace(' ', '-')}-{row_key(plan, c)}.json"
+            if path.is_file() and ({"all", c.label} & args.retime_labels):
+                record = json.loads(path.read_text())
+                stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+                write_record(path, record | measure_speed(c, plan, heldout, work) | {"retimed": stamp})
+                print(f"  {c.label}: timed again", flush=True)
+            row = cached(path, lambda c=c: measure(c, plan, heldout, work))
             rows.append(row)
             m, t = row["metrics"], row["ms_per_shower"]
             print(
@@ -1223,6 +1251,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{fmt(t[f'onnx_cpu1_b{plan.batch}'], '.2f')} ms (b={plan.batch})",
                 flush=True,
             )
+    unknown_retime = sorted(args.retime_labels - {"all"} - {r["label"] for r in rows})
+    if unknown_retime:
+        raise ValueError(f"--retime: no row labelled {unknown_retime} (rows: {[r['label'] for r in rows]})")
     front = pareto_front(rows)
     front_fpd = pareto_front(rows, quality="fpd")
     goal = goal_check(rows)

@@ -257,6 +257,21 @@ def test_the_study_runs_end_to_end_on_a_tiny_budget(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Pareto front" in proc.stdout and "goal 1" in proc.stdout and "goal 2" in proc.stdout
     record = json.loads(out.read_text())
+    # --retime: the cached row's timing again, its quality kept; a label no row has is named
+    argv = proc.args
+    again = subprocess.run(
+        [*argv, "--routes", "cd", "--retime", "cd 1"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "cd 1: timed again" in again.stdout
+    (retimed,) = json.loads(out.read_text())["rows"]
+    (first,) = [r for r in record["rows"] if r["label"] == "cd 1"]
+    assert retimed["metrics"] == first["metrics"] and "retimed" in retimed
+    assert retimed["ms_per_shower"]["onnx_cpu1_b1"] > 0
+    typo = subprocess.run(
+        [*argv, "--routes", "cd", "--retime", "cd 3"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert typo.returncode != 0 and "--retime: no row labelled ['cd 3']" in typo.stderr
     rows = record["rows"]
     labels = [r["label"] for r in rows]
     assert labels == ["midpoint 2", "cd 1", "shortcut 1", "bns 2"]
