@@ -312,6 +312,13 @@ def cached(path: Path, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return record | {"cached": False}
 
 
+def check_retime_labels(labels: frozenset[str], rows: list[dict]) -> None:
+    """ValueError naming the ``--retime`` labels no row has (a typo would silently time nothing)."""
+    unknown = sorted(labels - {"all"} - {r["label"] for r in rows})
+    if unknown:
+        raise ValueError(f"--retime: no row labelled {unknown} (rows: {[r['label'] for r in rows]})")
+
+
 def write_record(path: Path, record: dict[str, Any]) -> None:
     """``record`` as ``path`` (JSON), whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1251,9 +1258,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{fmt(t[f'onnx_cpu1_b{plan.batch}'], '.2f')} ms (b={plan.batch})",
                 flush=True,
             )
-    unknown_retime = sorted(args.retime_labels - {"all"} - {r["label"] for r in rows})
-    if unknown_retime:
-        raise ValueError(f"--retime: no row labelled {unknown_retime} (rows: {[r['label'] for r in rows]})")
+    check_retime_labels(args.retime_labels, rows)
     front = pareto_front(rows)
     front_fpd = pareto_front(rows, quality="fpd")
     goal = goal_check(rows)
