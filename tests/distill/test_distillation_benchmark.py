@@ -56,6 +56,12 @@ def test_front_and_goals_follow_their_definitions(bench) -> None:
     # equal quality: the fastest teacher row at least as good as 0.64 is heun 16 (euler 32 ties but is slower)
     assert goal["equal_quality_teacher"] == "heun 16" and goal["speedup"] == pytest.approx(16.0 / 1.2)
     assert goal["speedup_goal_met"] and not goal["speedup_lower_bound"]
+    assert goal["teacher_samplers"] == ["euler", "heun", "midpoint"] and "solver_speedup" not in goal
+    # a learned solver of the teacher as good as the student is shown beside the goal, not in it
+    with_bns = [*rows, _row("bns 4", "solver", 4, 4.0, 0.63), _row("bns 2", "solver", 2, 2.0, 0.8)]
+    goal = bench.goal_check(with_bns)
+    assert goal["equal_quality_teacher"] == "heun 16" and goal["speedup"] == pytest.approx(16.0 / 1.2)
+    assert goal["equal_quality_solver"] == "bns 4" and goal["solver_speedup"] == pytest.approx(4.0 / 1.2)
     # a student better than every teacher row: the speed-up against the best teacher row is a lower bound
     rows[5]["metrics"]["auc_high"] = 0.55
     goal = bench.goal_check(rows)
