@@ -28,10 +28,10 @@ quickstart: $(STAMP)
 	$(VENV)/bin/caloforge quickstart
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=20
+	CALOFORGE_PYTEST_HARD_EXIT=1 $(PY) -m pytest -q --durations=20
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	CALOFORGE_PYTEST_HARD_EXIT=1 $(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check caloforge tests benchmarks
