@@ -731,13 +731,16 @@ def measure(c: Candidate, plan: Plan, heldout: Any, work: Path) -> dict[str, Any
             if k.startswith(("auc", "fpd", "kpd", "floor/", "response"))
         },
         "eval_s": eval_s,
-        **measure_speed(c, plan, heldout, work),
+        **measure_speed(c, plan, heldout, work, model),
     }
 
 
-def measure_speed(c: Candidate, plan: Plan, heldout: Any, work: Path) -> dict[str, Any]:
+def measure_speed(
+    c: Candidate, plan: Plan, heldout: Any, work: Path, model: Any | None = None
+) -> dict[str, Any]:
     """``ms_per_shower`` (ONNX on one CPU thread; CUDA when present) and ``onnx`` (size, export, parity) of
-    the row's graph; ``--retime`` runs this alone on cached rows."""
+    the row's graph; ``model``: the row's bundle already loaded on the CPU (else loaded here: ``--retime``
+    runs this alone on cached rows)."""
     import numpy as np
     import torch
 
@@ -747,7 +750,8 @@ def measure_speed(c: Candidate, plan: Plan, heldout: Any, work: Path) -> dict[st
     from caloforge.registry.onnx_graph import SamplerGraph, seeded_noise
     from caloforge.registry.onnx_runtime import onnx_feeds, ort_session
 
-    model = load_model(c.bundle, "cpu", plan.empty_layers)  # type: ignore[arg-type]
+    if model is None:
+        model = load_model(c.bundle, "cpu", plan.empty_layers)  # type: ignore[arg-type]
     onnx_dir = work / "onnx"
     onnx_dir.mkdir(parents=True, exist_ok=True)
     path = onnx_dir / f"{c.label.replace(' ', '-')}.onnx"
